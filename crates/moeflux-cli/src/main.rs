@@ -1,0 +1,33 @@
+//! The `moeflux` command.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+/// Run Mixture-of-Experts language models larger than your RAM: dense
+/// weights stay resident, routed experts stream from disk through a
+/// budgeted cache.
+#[derive(Parser)]
+#[command(name = "moeflux", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model: architecture, shapes, bytes per quant type, dense
+    /// vs routed-expert bytes, and the memory plan for a budget.
+    Inspect(cmd::inspect::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

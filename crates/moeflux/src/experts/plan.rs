@@ -1,0 +1,286 @@
+//! The memory plan: how many expert slots fit beside the dense weights, the
+//! KV cache and scratch space inside the user's budget.
+//!
+//! The plan is computed before anything is loaded and printed on start, so a
+//! budget that cannot work is refused with the numbers instead of failing
+//! halfway through a load (or being killed by the OOM killer).
+
+use serde::Serialize;
+
+/// Page size assumed for direct I/O windows and slot alignment.
+pub const SLOT_ALIGN: u64 = 4096;
+
+/// What the user allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "bytes")]
+pub enum Budget {
+    /// `--mem SIZE`: everything moeflux allocates (dense weights, KV cache,
+    /// scratch and expert slots) stays under this.
+    Total(u64),
+    /// `--expert-cache SIZE`: the expert arena alone.
+    ExpertCache(u64),
+    /// `--expert-cache min`: the smallest arena that works (one layer's top-k).
+    ExpertCacheMin,
+    /// No flag: the machine's available memory less a safety margin.
+    Auto { available: u64 },
+}
+
+/// The sizes the plan is made from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct PlanInput {
+    /// Bytes of everything that is not a routed expert.
+    pub dense_bytes: u64,
+    /// Bytes of one slot: the largest single expert, with room for aligned
+    /// read windows (see [`slot_bytes`]).
+    pub slot_bytes: u64,
+    /// Routed experts in the whole model (layers × experts per layer).
+    pub total_experts: u64,
+    /// Experts each token uses per layer.
+    pub top_k: u64,
+    /// KV cache and recurrent state for the planned context.
+    pub kv_bytes: u64,
+    /// Activations and other working memory.
+    pub scratch_bytes: u64,
+}
+
+/// The outcome: how the budget is spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MemoryPlan {
+    pub budget: Budget,
+    pub input: PlanInput,
+    /// Expert slots in the arena.
+    pub slots: u64,
+}
+
+/// Why no plan fits.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PlanError {
+    #[error(
+        "a budget of {} cannot hold the dense weights ({}), the KV cache ({}), scratch ({}) and one layer's top-{} experts ({}): at least {} is needed",
+        fmt_bytes(*budget), fmt_bytes(*dense), fmt_bytes(*kv), fmt_bytes(*scratch), top_k, fmt_bytes(*min_experts), fmt_bytes(*needed)
+    )]
+    TooSmall {
+        budget: u64,
+        dense: u64,
+        kv: u64,
+        scratch: u64,
+        top_k: u64,
+        min_experts: u64,
+        needed: u64,
+    },
+}
+
+/// Bytes one slot needs for an expert stored as the given part lengths
+/// (gate, up, down; or their MLX weight/scales/biases): each part is read
+/// into its own page-aligned window, which may start up to a page before
+/// the payload.
+pub fn slot_bytes(part_lens: impl IntoIterator<Item = u64>) -> u64 {
+    part_lens
+        .into_iter()
+        .map(|len| len.div_ceil(SLOT_ALIGN) * SLOT_ALIGN + SLOT_ALIGN)
+        .sum()
+}
+
+/// The budget used when the user gives none: what the machine has
+/// available, less 10 % (at least 1 GiB) for the OS and other programs.
+pub fn auto_budget(available: u64) -> u64 {
+    let margin = (available / 10).max(1 << 30);
+    available.saturating_sub(margin)
+}
+
+impl MemoryPlan {
+    pub fn new(budget: Budget, input: PlanInput) -> Result<MemoryPlan, PlanError> {
+        let fixed = input.dense_bytes + input.kv_bytes + input.scratch_bytes;
+        let min_slots = input.top_k.min(input.total_experts);
+        let min_experts = min_slots * input.slot_bytes;
+        let too_small = |budget: u64| PlanError::TooSmall {
+            budget,
+            dense: input.dense_bytes,
+            kv: input.kv_bytes,
+            scratch: input.scratch_bytes,
+            top_k: input.top_k,
+            min_experts,
+            needed: fixed + min_experts,
+        };
+        let slots = match budget {
+            Budget::ExpertCacheMin => min_slots,
+            Budget::ExpertCache(bytes) => {
+                let slots = bytes / input.slot_bytes.max(1);
+                if slots < min_slots {
+                    return Err(too_small(bytes + fixed));
+                }
+                slots
+            }
+            Budget::Total(bytes) | Budget::Auto { available: bytes } => {
+                let bytes = match budget {
+                    Budget::Auto { .. } => auto_budget(bytes),
+                    _ => bytes,
+                };
+                let room = bytes.checked_sub(fixed).ok_or_else(|| too_small(bytes))?;
+                let slots = room / input.slot_bytes.max(1);
+                if slots < min_slots {
+                    return Err(too_small(bytes));
+                }
+                slots
+            }
+        };
+        Ok(MemoryPlan {
+            budget,
+            input,
+            slots: slots.min(input.total_experts),
+        })
+    }
+
+    /// Bytes of the expert arena.
+    pub fn arena_bytes(&self) -> u64 {
+        self.slots * self.input.slot_bytes
+    }
+
+    /// Everything the plan accounts for.
+    pub fn total_bytes(&self) -> u64 {
+        self.input.dense_bytes + self.input.kv_bytes + self.input.scratch_bytes + self.arena_bytes()
+    }
+
+    /// Whether every routed expert fits in the arena at once.
+    pub fn all_resident(&self) -> bool {
+        self.slots >= self.input.total_experts
+    }
+
+    /// The one-line summary printed when a model is opened.
+    pub fn summary(&self) -> String {
+        let budget = match self.budget {
+            Budget::Total(b) => format!("--mem {}", fmt_bytes(b)),
+            Budget::ExpertCache(b) => format!("--expert-cache {}", fmt_bytes(b)),
+            Budget::ExpertCacheMin => "--expert-cache min".to_string(),
+            Budget::Auto { available } => format!("auto ({} available)", fmt_bytes(available)),
+        };
+        let pct = 100.0 * self.slots as f64 / self.input.total_experts.max(1) as f64;
+        format!(
+            "plan: {budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts resident)",
+            fmt_bytes(self.input.dense_bytes),
+            fmt_bytes(self.input.kv_bytes),
+            fmt_bytes(self.input.scratch_bytes),
+            self.slots,
+            fmt_bytes(self.input.slot_bytes),
+            fmt_bytes(self.total_bytes()),
+            self.input.total_experts,
+        )
+    }
+}
+
+/// Formats a byte count in binary units (`1.5 GiB`).
+pub fn fmt_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// Parses a size like `512M`, `4G`, `1.5GiB`, `4096` (bytes). Units are
+/// binary (K = 1024), as in llama.cpp and most memory settings.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit, like 512M or 4G"))?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        "t" | "tb" | "tib" => 1 << 40,
+        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use K, M, G or T)")),
+    };
+    let bytes = value * mult as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size {s:?}"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Working memory for activations when prefilling `ubatch` tokens at once:
+/// hidden states, attention projections, the selected experts' intermediate
+/// activations, and one row of logits. An estimate, kept deliberately
+/// generous; the budget tests measure the real peak.
+pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
+    let per_token = 4 * (6 * cfg.hidden as u64
+        + 3 * (cfg.n_heads * cfg.head_dim.max(cfg.v_head_dim)) as u64
+        + 3 * (cfg.n_experts_used * cfg.expert_ff + cfg.shared_ff + cfg.dense_ff) as u64
+        + cfg.n_experts as u64);
+    (16 << 20) + ubatch * per_token + 4 * cfg.vocab as u64
+}
+
+/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input() -> PlanInput {
+        PlanInput {
+            dense_bytes: 1000 << 20,
+            slot_bytes: 2 << 20,
+            total_experts: 48 * 128,
+            top_k: 8,
+            kv_bytes: 100 << 20,
+            scratch_bytes: 50 << 20,
+        }
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn total_budget_fills_slots() {
+        let p = MemoryPlan::new(Budget::Total(2 << 30), input()).unwrap();
+        assert_eq!(p.slots, ((2 << 30) - (1150 << 20)) / (2 << 20));
+        assert!(p.total_bytes() <= 2 << 30);
+        assert!(!p.all_resident());
+    }
+
+    #[test]
+    fn too_small_is_refused_with_numbers() {
+        let e = MemoryPlan::new(Budget::Total(1100 << 20), input()).unwrap_err();
+        let PlanError::TooSmall { needed, .. } = e.clone();
+        assert_eq!(needed, (1150 << 20) + 16 * (1 << 20));
+        assert!(e.to_string().contains("top-8"));
+    }
+
+    #[test]
+    fn min_and_capped() {
+        assert_eq!(MemoryPlan::new(Budget::ExpertCacheMin, input()).unwrap().slots, 8);
+        let all = MemoryPlan::new(Budget::Total(1 << 40), input()).unwrap();
+        assert_eq!(all.slots, 48 * 128);
+        assert!(all.all_resident());
+    }
+
+    #[test]
+    fn slot_bytes_leave_room_for_alignment() {
+        assert_eq!(slot_bytes([4096, 1]), 4096 * 2 + 4096 * 2);
+    }
+}
