@@ -42,7 +42,10 @@ ggml_tests! {
 /// The list of GGUF types must all be covered by vectors.
 #[test]
 fn every_reference_type_has_vectors() {
-    for ty in GgmlType::ALL.into_iter().filter(|t| t.has_reference_dequant()) {
+    for ty in GgmlType::ALL
+        .into_iter()
+        .filter(|t| t.has_reference_dequant())
+    {
         let p = common::data(&format!("quant/{}.blocks.npy", ty.name()));
         assert!(p.is_file(), "no gguf-py vectors for {ty}");
     }
@@ -55,11 +58,19 @@ fn check_mlx(bits: u8, group: u32) {
     let b = common::npy(&common::data(&format!("{base}.biases.npy")));
     let e = common::npy(&common::data(&format!("{base}.expected.npy")));
     let expected = e.to_f32().unwrap();
-    let m = MlxAffine { bits, group_size: group, scale_type: ScaleType::BF16 };
+    let m = MlxAffine {
+        bits,
+        group_size: group,
+        scale_type: ScaleType::BF16,
+    };
     let mut out = vec![0f32; expected.len()];
     m.dequantize(&w.data, &s.data, &b.data, &mut out).unwrap();
     for (i, (x, y)) in out.iter().zip(&expected).enumerate() {
-        assert_eq!(x.to_bits(), y.to_bits(), "MLX q{bits} g{group}: element {i}: {x} vs {y}");
+        assert_eq!(
+            x.to_bits(),
+            y.to_bits(),
+            "MLX q{bits} g{group}: element {i}: {x} vs {y}"
+        );
     }
 }
 

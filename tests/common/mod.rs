@@ -29,7 +29,10 @@ pub fn npy(path: &Path) -> NpyArray {
 /// Largest absolute difference between two equally long slices.
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Cosine similarity of two vectors (in f64).
@@ -53,4 +56,38 @@ pub fn argmax(v: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// One tensor to write with [`safetensors_bytes`]: name, dtype string,
+/// shape, raw little-endian data.
+pub type StTensor<'a> = (&'a str, &'a str, Vec<u64>, Vec<u8>);
+
+/// Serializes a safetensors file (header JSON, then the data in order).
+pub fn safetensors_bytes(tensors: &[StTensor<'_>]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for (name, dtype, shape, data) in tensors {
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + data.len()]}),
+        );
+        offset += data.len();
+    }
+    let mut text = serde_json::Value::Object(header).to_string();
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    for (_, _, _, data) in tensors {
+        out.extend_from_slice(data);
+    }
+    out
+}
+
+/// A deterministic byte pattern of length `n` seeded by `seed`.
+pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }

@@ -129,7 +129,12 @@ pub fn expert_layers(files: &ModelFiles) -> Vec<ExpertLayer> {
 }
 
 /// The plan inputs for a model, or `None` if it has no routed experts.
-pub fn plan_input(cfg: &ModelConfig, layers: &[ExpertLayer], dense_bytes: u64, req: &PlanRequest) -> Option<PlanInput> {
+pub fn plan_input(
+    cfg: &ModelConfig,
+    layers: &[ExpertLayer],
+    dense_bytes: u64,
+    req: &PlanRequest,
+) -> Option<PlanInput> {
     let biggest = layers.iter().max_by_key(|l| l.one_expert_bytes)?;
     Some(PlanInput {
         dense_bytes,
@@ -168,9 +173,14 @@ pub fn inspect(files: &ModelFiles, req: &PlanRequest) -> InspectReport {
     };
     let (architecture, config) = match &files.metadata {
         ModelMetadata::Gguf(meta) => {
-            let vocab_hint = files.tensor("token_embd.weight").and_then(|t| t.shape.first()).map(|&v| v as usize);
+            let vocab_hint = files
+                .tensor("token_embd.weight")
+                .and_then(|t| t.shape.first())
+                .map(|&v| v as usize);
             (
-                meta.get_str("general.architecture").unwrap_or("(none)").to_string(),
+                meta.get_str("general.architecture")
+                    .unwrap_or("(none)")
+                    .to_string(),
                 ModelConfig::from_gguf(meta, vocab_hint),
             )
         }

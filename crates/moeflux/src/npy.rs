@@ -121,9 +121,18 @@ impl NpyArray {
     pub fn to_i64(&self) -> Result<Vec<i64>, NpyError> {
         let d = &self.data;
         Ok(match self.dtype {
-            NpyDtype::I64 => d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect(),
-            NpyDtype::I32 => d.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
-            NpyDtype::U32 => d.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect(),
+            NpyDtype::I64 => d
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                .collect(),
+            NpyDtype::I32 => d
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
+            NpyDtype::U32 => d
+                .chunks_exact(4)
+                .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64)
+                .collect(),
             NpyDtype::U8 => d.iter().map(|&b| b as i64).collect(),
             other => {
                 return Err(NpyError::Dtype {
@@ -146,7 +155,10 @@ impl NpyArray {
                 if bytes.len() < 12 {
                     return Err(bad("truncated header"));
                 }
-                (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12)
+                (
+                    u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+                    12,
+                )
             }
             v => return Err(NpyError::Format(format!("unsupported version {v}"))),
         };
@@ -156,7 +168,9 @@ impl NpyArray {
         let header = std::str::from_utf8(header).map_err(|_| bad("header is not text"))?;
         let field = |name: &str| -> Result<&str, NpyError> {
             let key = format!("'{name}':");
-            let at = header.find(&key).ok_or_else(|| NpyError::Format(format!("no {name} in header")))?;
+            let at = header
+                .find(&key)
+                .ok_or_else(|| NpyError::Format(format!("no {name} in header")))?;
             Ok(header[at + key.len()..].trim_start())
         };
         let descr = field("descr")?;
@@ -164,7 +178,8 @@ impl NpyArray {
             .strip_prefix('\'')
             .and_then(|d| d.split('\'').next())
             .ok_or_else(|| bad("bad descr"))?;
-        let dtype = NpyDtype::from_descr(descr).ok_or_else(|| NpyError::Format(format!("unsupported dtype {descr}")))?;
+        let dtype = NpyDtype::from_descr(descr)
+            .ok_or_else(|| NpyError::Format(format!("unsupported dtype {descr}")))?;
         if field("fortran_order")?.starts_with("True") {
             return Err(bad("Fortran-ordered arrays are not supported"));
         }
@@ -208,7 +223,13 @@ impl NpyArray {
 pub fn encode(dtype: NpyDtype, shape: &[usize], data: &[u8]) -> Vec<u8> {
     let shape_text = match shape {
         [one] => format!("({one},)"),
-        dims => format!("({})", dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        dims => format!(
+            "({})",
+            dims.iter()
+                .map(|d| d.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     };
     let mut header = format!(
         "{{'descr': '{}', 'fortran_order': False, 'shape': {shape_text}, }}",

@@ -29,7 +29,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let files = ModelFiles::open(&args.path).with_context(|| format!("cannot open {}", args.path.display()))?;
+    let files = ModelFiles::open(&args.path)
+        .with_context(|| format!("cannot open {}", args.path.display()))?;
     let req = PlanRequest {
         budget: args.mem.budget()?,
         ctx: args.mem.ctx,
@@ -89,10 +90,19 @@ fn render(r: &InspectReport, verbose: bool) -> String {
     match (&r.config, &r.unsupported) {
         (Some(c), _) => {
             let _ = writeln!(s, "arch        {}", r.architecture);
-            let _ = writeln!(s, "layers      {}: {}", c.n_layers, layer_summary(&c.layers));
+            let _ = writeln!(
+                s,
+                "layers      {}: {}",
+                c.n_layers,
+                layer_summary(&c.layers)
+            );
             let dense = c.moe_layers.iter().filter(|&&m| !m).count();
             if dense > 0 {
-                let _ = writeln!(s, "            {dense} dense-FFN layer(s) (ff {})", c.dense_ff);
+                let _ = writeln!(
+                    s,
+                    "            {dense} dense-FFN layer(s) (ff {})",
+                    c.dense_ff
+                );
             }
             let _ = writeln!(
                 s,
@@ -101,7 +111,9 @@ fn render(r: &InspectReport, verbose: bool) -> String {
                 c.n_heads,
                 c.n_kv_heads,
                 c.head_dim,
-                c.sliding_window.map(|w| format!(", window {w}")).unwrap_or_default()
+                c.sliding_window
+                    .map(|w| format!(", window {w}"))
+                    .unwrap_or_default()
             );
             if let Some(l) = c.linear {
                 let _ = writeln!(
@@ -128,15 +140,27 @@ fn render(r: &InspectReport, verbose: bool) -> String {
                 c.n_experts_used,
                 c.n_shared_experts,
                 c.expert_ff,
-                if c.shared_ff > 0 { format!(", shared ff {}", c.shared_ff) } else { String::new() }
+                if c.shared_ff > 0 {
+                    format!(", shared ff {}", c.shared_ff)
+                } else {
+                    String::new()
+                }
             );
-            let _ = writeln!(s, "context     {} tokens, vocab {}", c.context_length, c.vocab);
+            let _ = writeln!(
+                s,
+                "context     {} tokens, vocab {}",
+                c.context_length, c.vocab
+            );
             for d in &c.defaults_used {
                 let _ = writeln!(s, "default     {d} (key absent)");
             }
         }
         (None, Some(why)) => {
-            let _ = writeln!(s, "arch        {} — not supported yet: {why}", r.architecture);
+            let _ = writeln!(
+                s,
+                "arch        {} — not supported yet: {why}",
+                r.architecture
+            );
         }
         (None, None) => {}
     }
@@ -157,10 +181,9 @@ fn render(r: &InspectReport, verbose: bool) -> String {
         pct(r.expert_bytes, total)
     );
     if let (Some(first), Some(last)) = (r.expert_layers.first(), r.expert_layers.last()) {
-        let same = r
-            .expert_layers
-            .iter()
-            .all(|l| l.one_expert_bytes == first.one_expert_bytes && l.n_experts == first.n_experts);
+        let same = r.expert_layers.iter().all(|l| {
+            l.one_expert_bytes == first.one_expert_bytes && l.n_experts == first.n_experts
+        });
         if same {
             let _ = writeln!(
                 s,
@@ -185,7 +208,7 @@ fn render(r: &InspectReport, verbose: bool) -> String {
     }
     match (&r.plan, &r.plan_error) {
         (Some(p), _) => {
-            let _ = writeln!(s, "{} [ctx {}]", p.summary(), r.plan_ctx);
+            let _ = writeln!(s, "plan        {} [ctx {}]", p.summary(), r.plan_ctx);
         }
         (None, Some(e)) => {
             let _ = writeln!(s, "plan        refused: {e}");

@@ -17,7 +17,13 @@ pub struct MemArgs {
     pub expert_cache: Option<String>,
 
     /// Context length (tokens) the KV cache is planned for.
-    #[arg(short = 'c', long = "ctx-size", alias = "ctx", value_name = "N", default_value_t = 4096)]
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        alias = "ctx",
+        value_name = "N",
+        default_value_t = 4096
+    )]
     pub ctx: u64,
 }
 
@@ -25,12 +31,16 @@ impl MemArgs {
     /// The budget the flags describe; `None` means the automatic plan.
     pub fn budget(&self) -> anyhow::Result<Option<Budget>> {
         if let Some(m) = &self.mem {
-            return Ok(Some(Budget::Total(parse_size(m).map_err(anyhow::Error::msg)?)));
+            return Ok(Some(Budget::Total(
+                parse_size(m).map_err(anyhow::Error::msg)?,
+            )));
         }
         match self.expert_cache.as_deref() {
             None => Ok(None),
             Some("min") => Ok(Some(Budget::ExpertCacheMin)),
-            Some(s) => Ok(Some(Budget::ExpertCache(parse_size(s).map_err(anyhow::Error::msg)?))),
+            Some(s) => Ok(Some(Budget::ExpertCache(
+                parse_size(s).map_err(anyhow::Error::msg)?,
+            ))),
         }
     }
 }

@@ -156,7 +156,7 @@ impl MemoryPlan {
         };
         let pct = 100.0 * self.slots as f64 / self.input.total_experts.max(1) as f64;
         format!(
-            "plan: {budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts resident)",
+            "{budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts resident)",
             fmt_bytes(self.input.dense_bytes),
             fmt_bytes(self.input.kv_bytes),
             fmt_bytes(self.input.scratch_bytes),
@@ -192,16 +192,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected a number with an optional unit, like 512M or 4G"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid size {s:?}: expected a number with an optional unit, like 512M or 4G")
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("invalid size {s:?}: unknown unit {other:?} (use K, M, G or T)")),
+        other => {
+            return Err(format!(
+                "invalid size {s:?}: unknown unit {other:?} (use K, M, G or T)"
+            ))
+        }
     };
     let bytes = value * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
@@ -215,10 +219,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// activations, and one row of logits. An estimate, kept deliberately
 /// generous; the budget tests measure the real peak.
 pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
-    let per_token = 4 * (6 * cfg.hidden as u64
-        + 3 * (cfg.n_heads * cfg.head_dim.max(cfg.v_head_dim)) as u64
-        + 3 * (cfg.n_experts_used * cfg.expert_ff + cfg.shared_ff + cfg.dense_ff) as u64
-        + cfg.n_experts as u64);
+    let per_token = 4
+        * (6 * cfg.hidden as u64
+            + 3 * (cfg.n_heads * cfg.head_dim.max(cfg.v_head_dim)) as u64
+            + 3 * (cfg.n_experts_used * cfg.expert_ff + cfg.shared_ff + cfg.dense_ff) as u64
+            + cfg.n_experts as u64);
     (16 << 20) + ubatch * per_token + 4 * cfg.vocab as u64
 }
 
@@ -273,7 +278,12 @@ mod tests {
 
     #[test]
     fn min_and_capped() {
-        assert_eq!(MemoryPlan::new(Budget::ExpertCacheMin, input()).unwrap().slots, 8);
+        assert_eq!(
+            MemoryPlan::new(Budget::ExpertCacheMin, input())
+                .unwrap()
+                .slots,
+            8
+        );
         let all = MemoryPlan::new(Budget::Total(1 << 40), input()).unwrap();
         assert_eq!(all.slots, 48 * 128);
         assert!(all.all_resident());

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 use serde_json::Value;
 
+pub use self::safetensors::SafetensorsError;
 use crate::quant::TensorType;
 use gguf::{GgufError, GgufHeader, Metadata};
-pub use self::safetensors::SafetensorsError;
 
 /// Any failure to open or understand a model's files.
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +185,10 @@ impl ModelFiles {
         if !path.exists() {
             return Err(FormatError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or directory"),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no such file or directory",
+                ),
             });
         }
         let first = MappedFile::open(path)?;
@@ -285,11 +288,15 @@ fn open_gguf(path: &Path, first: MappedFile) -> Result<ModelFiles, FormatError> 
                 ))
             })?;
             if !shard.is_file() {
-                return Err(GgufError::Split(format!("shard {} is missing", shard.display())).into());
+                return Err(
+                    GgufError::Split(format!("shard {} is missing", shard.display())).into(),
+                );
             }
             let f = MappedFile::open(&shard)?;
             let h = gguf::parse_header(f.bytes())?;
-            if h.metadata.get_u64("split.no") != Some(no) || h.metadata.get_u64("split.count") != Some(count) {
+            if h.metadata.get_u64("split.no") != Some(no)
+                || h.metadata.get_u64("split.count") != Some(count)
+            {
                 return Err(GgufError::Split(format!(
                     "{} does not say it is shard {} of {count}",
                     shard.display(),
@@ -364,10 +371,21 @@ mod tests {
             name: "blk.0.ffn_up_exps.weight".into(),
             ty: TensorType::Ggml(crate::quant::GgmlType::Q8_0),
             shape: vec![4, 8, 32],
-            parts: vec![Span { file: 0, offset: 1024, len: 4 * 8 * 34 }],
+            parts: vec![Span {
+                file: 0,
+                offset: 1024,
+                len: 4 * 8 * 34,
+            }],
         };
         let s = t.outer_slice(2).unwrap();
-        assert_eq!(s, vec![Span { file: 0, offset: 1024 + 2 * 272, len: 272 }]);
+        assert_eq!(
+            s,
+            vec![Span {
+                file: 0,
+                offset: 1024 + 2 * 272,
+                len: 272
+            }]
+        );
         assert!(t.outer_slice(4).is_none());
     }
 }

@@ -170,7 +170,10 @@ fn shard_paths(dir: &Path) -> Result<Vec<PathBuf>, FormatError> {
         .collect();
     paths.sort();
     if paths.is_empty() {
-        return Err(SafetensorsError::NoWeights { dir: dir.to_path_buf() }.into());
+        return Err(SafetensorsError::NoWeights {
+            dir: dir.to_path_buf(),
+        }
+        .into());
     }
     Ok(paths)
 }
@@ -219,6 +222,17 @@ pub fn open(path: &Path) -> Result<Checkpoint, FormatError> {
     })
 }
 
+/// Parses one safetensors file held in memory and groups its tensors the
+/// way [`open`] does, with `config` as its `config.json`. (The entry point
+/// for fuzzing and for tests that build files in memory.)
+pub fn tensors_from_bytes(file: &[u8], config: &Value) -> Result<Vec<TensorEntry>, FormatError> {
+    let raw = parse_header(file).map_err(|source| SafetensorsError::Header {
+        path: PathBuf::from("<memory>"),
+        source,
+    })?;
+    Ok(group_tensors(raw.into_iter().map(|t| (0, t)).collect(), config)?.0)
+}
+
 /// The MLX quantization settings in `config.json`, if any.
 struct MlxConfig<'a> {
     entry: &'a serde_json::Map<String, Value>,
@@ -243,7 +257,10 @@ impl<'a> MlxConfig<'a> {
     /// `.weight`): a per-module override if present, else the global values.
     fn params_for(&self, base: &str) -> Option<(u64, u64)> {
         let over = self.entry.get(base).and_then(Value::as_object);
-        let bits = over.and_then(|o| o.get("bits")).and_then(Value::as_u64).or(self.bits)?;
+        let bits = over
+            .and_then(|o| o.get("bits"))
+            .and_then(Value::as_u64)
+            .or(self.bits)?;
         let gs = over
             .and_then(|o| o.get("group_size"))
             .and_then(Value::as_u64)
@@ -281,7 +298,11 @@ fn group_tensors(
     // weight's entry rather than listed on their own.
     let mut triples: HashMap<usize, (usize, usize)> = HashMap::new();
     for (i, (_, t)) in raw.iter().enumerate() {
-        let Some(base) = t.name.strip_suffix(".weight").filter(|_| t.dtype == Dtype::U32) else {
+        let Some(base) = t
+            .name
+            .strip_suffix(".weight")
+            .filter(|_| t.dtype == Dtype::U32)
+        else {
             continue;
         };
         let s = by_name.get(format!("{base}.scales").as_str());
@@ -327,7 +348,10 @@ fn group_tensors(
             ));
         }
         let (bits, gs) = cfg.params_for(base).ok_or_else(|| {
-            mlx_err(&t.name, "config.json \"quantization\" gives no bits/group_size".into())
+            mlx_err(
+                &t.name,
+                "config.json \"quantization\" gives no bits/group_size".into(),
+            )
         })?;
         let (sf, s) = &raw[si];
         let (bf, b) = &raw[bi];
@@ -335,17 +359,27 @@ fn group_tensors(
             Dtype::BF16 => ScaleType::BF16,
             Dtype::F16 => ScaleType::F16,
             Dtype::F32 => ScaleType::F32,
-            other => return Err(mlx_err(&t.name, format!("scales have unsupported dtype {other:?}"))),
+            other => {
+                return Err(mlx_err(
+                    &t.name,
+                    format!("scales have unsupported dtype {other:?}"),
+                ))
+            }
         };
         if b.dtype != s.dtype || b.shape != s.shape {
-            return Err(mlx_err(&t.name, "biases do not match scales in dtype or shape".into()));
+            return Err(mlx_err(
+                &t.name,
+                "biases do not match scales in dtype or shape".into(),
+            ));
         }
         let affine = MlxAffine {
             bits: u8::try_from(bits).unwrap_or(0),
             group_size: u32::try_from(gs).unwrap_or(0),
             scale_type,
         };
-        affine.validate().map_err(|e| mlx_err(&t.name, e.to_string()))?;
+        affine
+            .validate()
+            .map_err(|e| mlx_err(&t.name, e.to_string()))?;
         let Some((&packed, outer)) = t.shape.split_last() else {
             return Err(mlx_err(&t.name, "packed weight is a scalar".into()));
         };

@@ -218,7 +218,10 @@ impl ModelConfig {
 
     /// Reads the configuration from GGUF metadata. `vocab_hint` is the row
     /// count of the token embedding, used when the vocabulary is not listed.
-    pub fn from_gguf(meta: &Metadata, vocab_hint: Option<usize>) -> Result<ModelConfig, ConfigError> {
+    pub fn from_gguf(
+        meta: &Metadata,
+        vocab_hint: Option<usize>,
+    ) -> Result<ModelConfig, ConfigError> {
         let arch_name = meta
             .get_str("general.architecture")
             .ok_or(ConfigError::NoArchitecture("general.architecture"))?;
@@ -235,21 +238,26 @@ impl ModelConfig {
         let hidden = g.req("embedding_length")?;
         let n_heads = g.req("attention.head_count")?;
         let n_kv_heads = g.opt("attention.head_count_kv")?.unwrap_or(n_heads);
-        let vocab = match meta.get_array("tokenizer.ggml.tokens") {
-            Some(t) => t.len(),
+        let vocab = match meta.get_array("tokenizer.ggml.tokens").map(|a| a.len()) {
+            Some(n) => n,
             None => match g.opt("vocab_size")? {
                 Some(v) => v,
-                None => vocab_hint.ok_or_else(|| ConfigError::Missing("tokenizer.ggml.tokens".into()))?,
+                None => vocab_hint
+                    .ok_or_else(|| ConfigError::Missing("tokenizer.ggml.tokens".into()))?,
             },
         };
         let context_length = g.req("context_length")?;
         let n_experts = g.req("expert_count")?;
         let n_experts_used = g.req("expert_used_count")?;
-        let expert_ff = g.opt("expert_feed_forward_length")?.map_or_else(|| g.req("feed_forward_length"), Ok)?;
+        let expert_ff = g
+            .opt("expert_feed_forward_length")?
+            .map_or_else(|| g.req("feed_forward_length"), Ok)?;
         let rms_eps = g.req_f("attention.layer_norm_rms_epsilon")? as f32;
         let rope_theta = g.f_or("rope.freq_base", 10_000.0)? as f32;
 
-        let mut head_dim = g.opt("attention.key_length")?.unwrap_or(hidden / n_heads.max(1));
+        let mut head_dim = g
+            .opt("attention.key_length")?
+            .unwrap_or(hidden / n_heads.max(1));
         let mut v_head_dim = g.opt("attention.value_length")?.unwrap_or(head_dim);
         let mut layers = vec![LayerKind::FullAttention; n_layers];
         let mut moe_layers = vec![true; n_layers];
@@ -263,12 +271,18 @@ impl ModelConfig {
         match arch {
             Architecture::Qwen3Moe | Architecture::Mixtral => {}
             Architecture::Qwen35Moe | Architecture::Qwen3Next => {
-                layers = match meta.get_array(&format!("{arch_name}.attention.recurrent_layers")) {
+                let flags = meta
+                    .get_array(&format!("{arch_name}.attention.recurrent_layers"))
+                    .and_then(|a| a.to_i64s());
+                layers = match flags {
                     Some(flags) if flags.len() == n_layers => flags
                         .iter()
-                        .map(|f| match f.as_bool().or_else(|| f.as_u64().map(|v| v != 0)) {
-                            Some(true) => LayerKind::LinearAttention,
-                            _ => LayerKind::FullAttention,
+                        .map(|&f| {
+                            if f != 0 {
+                                LayerKind::LinearAttention
+                            } else {
+                                LayerKind::FullAttention
+                            }
                         })
                         .collect(),
                     _ => {
@@ -418,7 +432,12 @@ impl ModelConfig {
                 let mlp_only: Vec<usize> = c
                     .get("mlp_only_layers")
                     .and_then(Value::as_array)
-                    .map(|a| a.iter().filter_map(Value::as_u64).map(|v| v as usize).collect())
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_u64)
+                            .map(|v| v as usize)
+                            .collect()
+                    })
                     .unwrap_or_default();
                 for (i, m) in moe_layers.iter_mut().enumerate() {
                     *m = !mlp_only.contains(&i) && (i + 1) % step == 0;
@@ -525,7 +544,10 @@ fn layer_types(c: &Value, n_layers: usize) -> Result<Option<Vec<LayerKind>>, Con
         message,
     };
     if list.len() != n_layers {
-        return Err(invalid(format!("{} entries for {n_layers} layers", list.len())));
+        return Err(invalid(format!(
+            "{} entries for {n_layers} layers",
+            list.len()
+        )));
     }
     list.iter()
         .map(|v| match v.as_str() {
@@ -556,7 +578,10 @@ impl Gguf<'_> {
             None => Ok(None),
             // Some converters write per-layer arrays (e.g. head counts);
             // the largest entry is the one that sizes buffers.
-            Some(MetaValue::Array(_, items)) => Ok(items.iter().filter_map(MetaValue::as_u64).max().map(|v| v as usize)),
+            Some(MetaValue::Array(a)) => Ok(a
+                .to_i64s()
+                .and_then(|v| v.into_iter().max())
+                .and_then(|v| usize::try_from(v).ok())),
             Some(v) => v
                 .as_u64()
                 .and_then(|v| usize::try_from(v).ok())
@@ -569,12 +594,15 @@ impl Gguf<'_> {
     }
 
     fn req(&self, k: &str) -> Result<usize, ConfigError> {
-        self.opt(k)?.ok_or_else(|| ConfigError::Missing(self.key(k)))
+        self.opt(k)?
+            .ok_or_else(|| ConfigError::Missing(self.key(k)))
     }
 
     fn or(&self, k: &str, default: usize) -> Result<usize, ConfigError> {
         Ok(self.opt(k)?.unwrap_or_else(|| {
-            self.defaults.borrow_mut().push(format!("{} = {default}", self.key(k)));
+            self.defaults
+                .borrow_mut()
+                .push(format!("{} = {default}", self.key(k)));
             default
         }))
     }
@@ -591,12 +619,15 @@ impl Gguf<'_> {
     }
 
     fn req_f(&self, k: &str) -> Result<f64, ConfigError> {
-        self.opt_f(k)?.ok_or_else(|| ConfigError::Missing(self.key(k)))
+        self.opt_f(k)?
+            .ok_or_else(|| ConfigError::Missing(self.key(k)))
     }
 
     fn f_or(&self, k: &str, default: f64) -> Result<f64, ConfigError> {
         Ok(self.opt_f(k)?.unwrap_or_else(|| {
-            self.defaults.borrow_mut().push(format!("{} = {default}", self.key(k)));
+            self.defaults
+                .borrow_mut()
+                .push(format!("{} = {default}", self.key(k)));
             default
         }))
     }
@@ -684,7 +715,10 @@ mod tests {
         });
         let m = ModelConfig::from_hf(&c).unwrap();
         assert_eq!(m.arch, Architecture::Qwen3Moe);
-        assert_eq!((m.n_layers, m.head_dim, m.n_experts, m.n_experts_used), (48, 128, 128, 8));
+        assert_eq!(
+            (m.n_layers, m.head_dim, m.n_experts, m.n_experts_used),
+            (48, 128, 128, 8)
+        );
         assert!(m.moe_layers.iter().all(|&x| x));
         // 48 layers × 4 kv heads × (128 + 128) × 2 bytes per token.
         assert_eq!(m.kv_bytes(1, 2), 48 * 4 * 256 * 2);

@@ -33,7 +33,10 @@ pub fn routed_expert(name: &str) -> Option<RoutedExpertTensor> {
     let rest = &parts[li + 2..];
     for (i, p) in rest.iter().enumerate() {
         if p.ends_with("_exps") {
-            return Some(RoutedExpertTensor { layer, expert: None });
+            return Some(RoutedExpertTensor {
+                layer,
+                expert: None,
+            });
         }
         if *p == "experts" || *p == "switch_mlp" {
             let expert = rest.get(i + 1).and_then(|e| e.parse().ok());
@@ -56,18 +59,32 @@ mod tests {
 
     #[test]
     fn recognises_every_layout() {
-        let stacked = |layer| Some(RoutedExpertTensor { layer, expert: None });
+        let stacked = |layer| {
+            Some(RoutedExpertTensor {
+                layer,
+                expert: None,
+            })
+        };
         assert_eq!(routed_expert("blk.3.ffn_down_exps.weight"), stacked(3));
         assert_eq!(routed_expert("blk.0.ffn_gate_up_exps.bias"), stacked(0));
         assert_eq!(
             routed_expert("model.layers.12.mlp.experts.7.up_proj.weight"),
-            Some(RoutedExpertTensor { layer: 12, expert: Some(7) })
+            Some(RoutedExpertTensor {
+                layer: 12,
+                expert: Some(7)
+            })
         );
         assert_eq!(
             routed_expert("model.layers.1.block_sparse_moe.experts.0.w1.weight"),
-            Some(RoutedExpertTensor { layer: 1, expert: Some(0) })
+            Some(RoutedExpertTensor {
+                layer: 1,
+                expert: Some(0)
+            })
         );
-        assert_eq!(routed_expert("model.layers.2.mlp.experts.gate_up_proj"), stacked(2));
+        assert_eq!(
+            routed_expert("model.layers.2.mlp.experts.gate_up_proj"),
+            stacked(2)
+        );
         assert_eq!(
             routed_expert("language_model.model.layers.5.mlp.switch_mlp.down_proj.scales"),
             stacked(5)

@@ -31,8 +31,12 @@ impl ScaleType {
     #[inline]
     fn read(self, bytes: &[u8], index: usize) -> f32 {
         match self {
-            ScaleType::BF16 => bf16_to_f32(u16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]])),
-            ScaleType::F16 => half::f16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]).to_f32(),
+            ScaleType::BF16 => {
+                bf16_to_f32(u16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]))
+            }
+            ScaleType::F16 => {
+                half::f16::from_le_bytes([bytes[2 * index], bytes[2 * index + 1]]).to_f32()
+            }
             ScaleType::F32 => {
                 let at = 4 * index;
                 f32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
@@ -148,7 +152,11 @@ mod tests {
 
     #[test]
     fn four_bit_nibble_order() {
-        let m = MlxAffine { bits: 4, group_size: 32, scale_type: ScaleType::F32 };
+        let m = MlxAffine {
+            bits: 4,
+            group_size: 32,
+            scale_type: ScaleType::F32,
+        };
         // 32 elements = 4 words; word 0 holds columns 0..8, nibble j = column j.
         let mut weight = vec![0u8; 16];
         weight[0..4].copy_from_slice(&0x8765_4321u32.to_le_bytes());
@@ -162,9 +170,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters_and_lengths() {
-        let bad = MlxAffine { bits: 3, group_size: 64, scale_type: ScaleType::BF16 };
+        let bad = MlxAffine {
+            bits: 3,
+            group_size: 64,
+            scale_type: ScaleType::BF16,
+        };
         assert_eq!(bad.validate(), Err(MlxError::UnsupportedBits(3)));
-        let m = MlxAffine { bits: 8, group_size: 64, scale_type: ScaleType::BF16 };
+        let m = MlxAffine {
+            bits: 8,
+            group_size: 64,
+            scale_type: ScaleType::BF16,
+        };
         let mut y = vec![0.0; 64];
         assert!(matches!(
             m.dequantize(&[0; 63], &[0; 2], &[0; 2], &mut y),

@@ -90,8 +90,8 @@ pub enum MetaValue {
     /// GGUF strings are UTF-8 by specification; invalid sequences (seen in
     /// some converted vocabularies) are replaced rather than rejected.
     String(String),
-    /// A homogeneous array; arrays may nest.
-    Array(MetaType, Vec<MetaValue>),
+    /// A homogeneous array, stored compactly by element type; arrays may nest.
+    Array(MetaArray),
     U64(u64),
     I64(i64),
     F64(f64),
@@ -109,7 +109,7 @@ impl MetaValue {
             MetaValue::F32(_) => MetaType::F32,
             MetaValue::Bool(_) => MetaType::Bool,
             MetaValue::String(_) => MetaType::String,
-            MetaValue::Array(..) => MetaType::Array,
+            MetaValue::Array(_) => MetaType::Array,
             MetaValue::U64(_) => MetaType::U64,
             MetaValue::I64(_) => MetaType::I64,
             MetaValue::F64(_) => MetaType::F64,
@@ -166,9 +166,9 @@ impl MetaValue {
         }
     }
 
-    pub fn as_array(&self) -> Option<&[MetaValue]> {
+    pub fn as_array(&self) -> Option<&MetaArray> {
         match self {
-            MetaValue::Array(_, items) => Some(items),
+            MetaValue::Array(a) => Some(a),
             _ => None,
         }
     }
@@ -186,10 +186,157 @@ impl fmt::Display for MetaValue {
             MetaValue::F32(v) => write!(f, "{v}"),
             MetaValue::Bool(v) => write!(f, "{v}"),
             MetaValue::String(s) => write!(f, "{s:?}"),
-            MetaValue::Array(t, items) => write!(f, "[{t:?}; {}]", items.len()),
+            MetaValue::Array(a) => write!(f, "[{:?}; {}]", a.elem_type(), a.len()),
             MetaValue::U64(v) => write!(f, "{v}"),
             MetaValue::I64(v) => write!(f, "{v}"),
             MetaValue::F64(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Many strings in one buffer: a vocabulary of 150k tokens is two
+/// allocations, not 150k.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StringArray {
+    data: String,
+    /// End offset in `data` of each string.
+    ends: Vec<usize>,
+}
+
+impl StringArray {
+    /// An empty array with room for `count` strings of `bytes` in total.
+    pub fn with_capacity(count: usize, bytes: usize) -> Self {
+        StringArray {
+            data: String::with_capacity(bytes),
+            ends: Vec::with_capacity(count),
+        }
+    }
+
+    pub fn push(&mut self, s: &str) {
+        self.data.push_str(s);
+        self.ends.push(self.data.len());
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn get(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        Some(&self.data[start..end])
+    }
+
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+        (0..self.len()).map(move |i| self.get(i).unwrap_or_default())
+    }
+}
+
+impl<'a> FromIterator<&'a str> for StringArray {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(iter: I) -> Self {
+        let mut a = StringArray::default();
+        for s in iter {
+            a.push(s);
+        }
+        a
+    }
+}
+
+/// A metadata array, typed by its element type.
+#[derive(Clone, Debug, PartialEq)]
+pub enum MetaArray {
+    U8(Vec<u8>),
+    I8(Vec<i8>),
+    U16(Vec<u16>),
+    I16(Vec<i16>),
+    U32(Vec<u32>),
+    I32(Vec<i32>),
+    F32(Vec<f32>),
+    Bool(Vec<bool>),
+    String(StringArray),
+    /// Arrays of arrays; boxed so the outer vector is 8 bytes per element.
+    Array(Vec<Box<MetaArray>>),
+    U64(Vec<u64>),
+    I64(Vec<i64>),
+    F64(Vec<f64>),
+}
+
+impl MetaArray {
+    pub fn elem_type(&self) -> MetaType {
+        match self {
+            MetaArray::U8(_) => MetaType::U8,
+            MetaArray::I8(_) => MetaType::I8,
+            MetaArray::U16(_) => MetaType::U16,
+            MetaArray::I16(_) => MetaType::I16,
+            MetaArray::U32(_) => MetaType::U32,
+            MetaArray::I32(_) => MetaType::I32,
+            MetaArray::F32(_) => MetaType::F32,
+            MetaArray::Bool(_) => MetaType::Bool,
+            MetaArray::String(_) => MetaType::String,
+            MetaArray::Array(_) => MetaType::Array,
+            MetaArray::U64(_) => MetaType::U64,
+            MetaArray::I64(_) => MetaType::I64,
+            MetaArray::F64(_) => MetaType::F64,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            MetaArray::U8(v) => v.len(),
+            MetaArray::I8(v) => v.len(),
+            MetaArray::U16(v) => v.len(),
+            MetaArray::I16(v) => v.len(),
+            MetaArray::U32(v) => v.len(),
+            MetaArray::I32(v) => v.len(),
+            MetaArray::F32(v) => v.len(),
+            MetaArray::Bool(v) => v.len(),
+            MetaArray::String(v) => v.len(),
+            MetaArray::Array(v) => v.len(),
+            MetaArray::U64(v) => v.len(),
+            MetaArray::I64(v) => v.len(),
+            MetaArray::F64(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The elements as signed integers, if this is an integer or bool array.
+    pub fn to_i64s(&self) -> Option<Vec<i64>> {
+        Some(match self {
+            MetaArray::U8(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::I8(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::U16(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::I16(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::U32(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::I32(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::U64(v) => v.iter().map(|&x| x as i64).collect(),
+            MetaArray::I64(v) => v.clone(),
+            MetaArray::Bool(v) => v.iter().map(|&x| x as i64).collect(),
+            _ => return None,
+        })
+    }
+
+    /// The elements as floats, if this is a numeric array.
+    pub fn to_f32s(&self) -> Option<Vec<f32>> {
+        match self {
+            MetaArray::F32(v) => Some(v.clone()),
+            MetaArray::F64(v) => Some(v.iter().map(|&x| x as f32).collect()),
+            other => other
+                .to_i64s()
+                .map(|v| v.into_iter().map(|x| x as f32).collect()),
+        }
+    }
+
+    pub fn as_strings(&self) -> Option<&StringArray> {
+        match self {
+            MetaArray::String(s) => Some(s),
+            _ => None,
         }
     }
 }
@@ -232,7 +379,7 @@ impl Metadata {
         self.get(key).and_then(MetaValue::as_bool)
     }
 
-    pub fn get_array(&self, key: &str) -> Option<&[MetaValue]> {
+    pub fn get_array(&self, key: &str) -> Option<&MetaArray> {
         self.get(key).and_then(MetaValue::as_array)
     }
 

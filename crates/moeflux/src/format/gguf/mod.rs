@@ -22,7 +22,7 @@ mod metadata;
 mod reader;
 mod writer;
 
-pub use metadata::{MetaType, MetaValue, Metadata};
+pub use metadata::{MetaArray, MetaType, MetaValue, Metadata, StringArray};
 pub use reader::{parse_header, GgufHeader, GgufTensorInfo};
 pub use writer::{GgufWriter, TensorPlan};
 
@@ -79,7 +79,9 @@ pub enum GgufError {
     TooManyDims { tensor: String, n_dims: u32 },
     #[error("tensor {tensor:?}: dimensions {ne:?} overflow")]
     DimensionOverflow { tensor: String, ne: Vec<u64> },
-    #[error("tensor {tensor:?}: row length {row} is not a multiple of the {ty} block size {block}")]
+    #[error(
+        "tensor {tensor:?}: row length {row} is not a multiple of the {ty} block size {block}"
+    )]
     PartialBlock {
         tensor: String,
         ty: GgmlType,

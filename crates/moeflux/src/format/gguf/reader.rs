@@ -2,7 +2,7 @@
 
 use std::collections::HashSet;
 
-use super::metadata::{MetaType, MetaValue, Metadata};
+use super::metadata::{MetaArray, MetaType, MetaValue, Metadata, StringArray};
 use super::{GgufError, DEFAULT_ALIGNMENT, MAX_DIMS};
 use crate::quant::GgmlType;
 
@@ -66,7 +66,10 @@ impl<'a> Cursor<'a> {
         Ok(&self.buf[start..self.pos])
     }
 
-    fn array<const N: usize>(&mut self, what: impl FnOnce() -> String) -> Result<[u8; N], GgufError> {
+    fn array<const N: usize>(
+        &mut self,
+        what: impl FnOnce() -> String,
+    ) -> Result<[u8; N], GgufError> {
         let bytes = self.take(N as u64, what)?;
         let mut out = [0u8; N];
         out.copy_from_slice(bytes);
@@ -87,7 +90,10 @@ impl<'a> Cursor<'a> {
         let offset = self.pos as u64;
         let count = self.u64(&what)?;
         let remaining = self.remaining();
-        if count.checked_mul(min_size).is_none_or(|need| need > remaining) {
+        if count
+            .checked_mul(min_size)
+            .is_none_or(|need| need > remaining)
+        {
             return Err(GgufError::CountExceedsFile {
                 what: what(),
                 count,
@@ -125,26 +131,80 @@ fn read_value(
         MetaType::U64 => MetaValue::U64(u64::from_le_bytes(cur.array(what)?)),
         MetaType::I64 => MetaValue::I64(i64::from_le_bytes(cur.array(what)?)),
         MetaType::F64 => MetaValue::F64(f64::from_le_bytes(cur.array(what)?)),
-        MetaType::Array => {
-            if depth >= MAX_ARRAY_NESTING {
-                return Err(GgufError::NestingTooDeep {
-                    key: key.to_string(),
-                    max: MAX_ARRAY_NESTING,
-                });
+        MetaType::Array => MetaValue::Array(read_array(cur, key, depth)?),
+    })
+}
+
+/// Reads a fixed-size element array: `count` values decoded by `f` from
+/// `N` bytes each. The count was checked against the bytes left, so the
+/// allocation is bounded by the file size.
+fn fixed<T, const N: usize>(
+    cur: &mut Cursor<'_>,
+    count: u64,
+    key: &str,
+    f: impl Fn([u8; N]) -> T,
+) -> Result<Vec<T>, GgufError> {
+    let bytes = cur.take(count * N as u64, || format!("array {key:?}"))?;
+    Ok(bytes
+        .chunks_exact(N)
+        .map(|c| {
+            let mut a = [0u8; N];
+            a.copy_from_slice(c);
+            f(a)
+        })
+        .collect())
+}
+
+fn read_array(cur: &mut Cursor<'_>, key: &str, depth: usize) -> Result<MetaArray, GgufError> {
+    if depth >= MAX_ARRAY_NESTING {
+        return Err(GgufError::NestingTooDeep {
+            key: key.to_string(),
+            max: MAX_ARRAY_NESTING,
+        });
+    }
+    let type_id = cur.u32(|| format!("element type of {key:?}"))?;
+    let elem = MetaType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
+        key: key.to_string(),
+        type_id,
+    })?;
+    let count = cur.count(elem.min_encoded_size(), || format!("array {key:?}"))?;
+    Ok(match elem {
+        MetaType::U8 => MetaArray::U8(fixed(cur, count, key, |[b]: [u8; 1]| b)?),
+        MetaType::I8 => MetaArray::I8(fixed(cur, count, key, |[b]: [u8; 1]| b as i8)?),
+        MetaType::Bool => MetaArray::Bool(fixed(cur, count, key, |[b]: [u8; 1]| b != 0)?),
+        MetaType::U16 => MetaArray::U16(fixed(cur, count, key, u16::from_le_bytes)?),
+        MetaType::I16 => MetaArray::I16(fixed(cur, count, key, i16::from_le_bytes)?),
+        MetaType::U32 => MetaArray::U32(fixed(cur, count, key, u32::from_le_bytes)?),
+        MetaType::I32 => MetaArray::I32(fixed(cur, count, key, i32::from_le_bytes)?),
+        MetaType::F32 => MetaArray::F32(fixed(cur, count, key, f32::from_le_bytes)?),
+        MetaType::U64 => MetaArray::U64(fixed(cur, count, key, u64::from_le_bytes)?),
+        MetaType::I64 => MetaArray::I64(fixed(cur, count, key, i64::from_le_bytes)?),
+        MetaType::F64 => MetaArray::F64(fixed(cur, count, key, f64::from_le_bytes)?),
+        MetaType::String => {
+            // Two passes: sum the lengths first (each checked against the
+            // file), so the text buffer is allocated once at its exact size.
+            let start = cur.pos;
+            let mut total = 0u64;
+            for _ in 0..count {
+                let len = cur.count(1, || format!("string in array {key:?}"))?;
+                cur.take(len, || format!("string in array {key:?}"))?;
+                total += len;
             }
-            let type_id = cur.u32(what)?;
-            let elem = MetaType::from_id(type_id).ok_or_else(|| GgufError::UnknownValueType {
-                key: key.to_string(),
-                type_id,
-            })?;
-            let count = cur.count(elem.min_encoded_size(), || format!("array {key:?}"))?;
-            // `count` fits in the remaining bytes (checked above), so this
-            // allocation is bounded by the file size.
+            cur.pos = start;
+            let mut strings = StringArray::with_capacity(count as usize, total as usize);
+            for _ in 0..count {
+                let len = cur.u64(|| format!("string in array {key:?}"))?;
+                let bytes = cur.take(len, || format!("string in array {key:?}"))?;
+                strings.push(&String::from_utf8_lossy(bytes));
+            }
+            MetaArray::String(strings)
+        }
+        MetaType::Array => {
             let mut items = Vec::with_capacity(count as usize);
             for _ in 0..count {
-                items.push(read_value(cur, key, elem, depth + 1)?);
+                items.push(Box::new(read_array(cur, key, depth + 1)?));
             }
-            MetaValue::Array(elem, items)
+            MetaArray::Array(items)
         }
     })
 }
@@ -210,7 +270,10 @@ pub fn parse_header(file: &[u8]) -> Result<GgufHeader, GgufError> {
         let name = cur.string(|| format!("tensor #{i} name"))?;
         let n_dims = cur.u32(|| format!("rank of tensor {name:?}"))?;
         if n_dims > MAX_DIMS {
-            return Err(GgufError::TooManyDims { tensor: name, n_dims });
+            return Err(GgufError::TooManyDims {
+                tensor: name,
+                n_dims,
+            });
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         for d in 0..n_dims {
@@ -233,7 +296,12 @@ pub fn parse_header(file: &[u8]) -> Result<GgufHeader, GgufError> {
         let row = ne.first().copied().unwrap_or(1);
         let block = ty.block_size();
         if row % block as u64 != 0 {
-            return Err(GgufError::PartialBlock { tensor: name, ty, row, block });
+            return Err(GgufError::PartialBlock {
+                tensor: name,
+                ty,
+                row,
+                block,
+            });
         }
         let size = match (n_elements / block as u64).checked_mul(ty.type_size() as u64) {
             Some(s) => s,
@@ -250,7 +318,13 @@ pub fn parse_header(file: &[u8]) -> Result<GgufHeader, GgufError> {
             return Err(GgufError::DuplicateTensor(name));
         }
         ne.reverse();
-        raw.push(Raw { name, ty, shape: ne, rel_offset, size });
+        raw.push(Raw {
+            name,
+            ty,
+            shape: ne,
+            rel_offset,
+            size,
+        });
     }
 
     let header_end = cur.pos as u64;
@@ -267,7 +341,10 @@ pub fn parse_header(file: &[u8]) -> Result<GgufHeader, GgufError> {
     }
 
     for t in &raw {
-        if t.rel_offset.checked_add(t.size).is_none_or(|end| end > data_len) {
+        if t.rel_offset
+            .checked_add(t.size)
+            .is_none_or(|end| end > data_len)
+        {
             return Err(GgufError::TensorOutOfBounds {
                 tensor: t.name.clone(),
                 offset: t.rel_offset,

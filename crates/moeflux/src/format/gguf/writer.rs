@@ -2,7 +2,7 @@
 
 use std::io::{self, Write};
 
-use super::metadata::MetaValue;
+use super::metadata::{MetaArray, MetaValue};
 use super::DEFAULT_ALIGNMENT;
 use crate::quant::GgmlType;
 
@@ -71,16 +71,50 @@ fn put_value(out: &mut Vec<u8>, v: &MetaValue) {
         MetaValue::F32(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::Bool(x) => out.push(*x as u8),
         MetaValue::String(s) => put_string(out, s),
-        MetaValue::Array(t, items) => {
-            out.extend_from_slice(&t.id().to_le_bytes());
-            out.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for item in items {
-                put_value(out, item);
-            }
-        }
+        MetaValue::Array(a) => put_array(out, a),
         MetaValue::U64(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::I64(x) => out.extend_from_slice(&x.to_le_bytes()),
         MetaValue::F64(x) => out.extend_from_slice(&x.to_le_bytes()),
+    }
+}
+
+fn put_array(out: &mut Vec<u8>, a: &MetaArray) {
+    out.extend_from_slice(&a.elem_type().id().to_le_bytes());
+    out.extend_from_slice(&(a.len() as u64).to_le_bytes());
+    match a {
+        MetaArray::U8(v) => out.extend_from_slice(v),
+        MetaArray::I8(v) => out.extend(v.iter().map(|&x| x as u8)),
+        MetaArray::Bool(v) => out.extend(v.iter().map(|&x| x as u8)),
+        MetaArray::U16(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::I16(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::U32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::I32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::F32(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::U64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::I64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::F64(v) => v
+            .iter()
+            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        MetaArray::String(v) => v.iter().for_each(|s| put_string(out, s)),
+        MetaArray::Array(v) => {
+            // The element type of an array of arrays is Array; each inner
+            // array carries its own type and count.
+            v.iter().for_each(|inner| put_array(out, inner))
+        }
     }
 }
 
@@ -95,7 +129,10 @@ impl GgufWriter {
 
     /// Sets `general.alignment` (a power of two).
     pub fn set_alignment(&mut self, alignment: u64) {
-        assert!(alignment.is_power_of_two(), "alignment must be a power of two");
+        assert!(
+            alignment.is_power_of_two(),
+            "alignment must be a power of two"
+        );
         self.alignment = alignment;
         self.add("general.alignment", MetaValue::U32(alignment as u32));
     }
@@ -112,7 +149,12 @@ impl GgufWriter {
 
     /// Adds a tensor; its data is supplied to [`GgufWriter::write`] in the
     /// order tensors were added.
-    pub fn add_tensor(&mut self, name: impl Into<String>, ty: GgmlType, shape: &[u64]) -> io::Result<()> {
+    pub fn add_tensor(
+        &mut self,
+        name: impl Into<String>,
+        ty: GgmlType,
+        shape: &[u64],
+    ) -> io::Result<()> {
         let plan = TensorPlan {
             name: name.into(),
             ty,
@@ -121,7 +163,10 @@ impl GgufWriter {
         if plan.size().is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("tensor {}: shape {:?} is not whole {} blocks", plan.name, plan.shape, ty),
+                format!(
+                    "tensor {}: shape {:?} is not whole {} blocks",
+                    plan.name, plan.shape, ty
+                ),
             ));
         }
         self.tensors.push(plan);
@@ -189,12 +234,18 @@ impl GgufWriter {
         let zeros = vec![0u8; self.alignment as usize];
         for (i, t) in self.tensors.iter().enumerate() {
             let size = t.size().unwrap_or(0);
-            let mut c = Counting { inner: w, written: 0 };
+            let mut c = Counting {
+                inner: w,
+                written: 0,
+            };
             fill(i, t, &mut c)?;
             if c.written != size {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("tensor {}: wrote {} bytes, expected {}", t.name, c.written, size),
+                    format!(
+                        "tensor {}: wrote {} bytes, expected {}",
+                        t.name, c.written, size
+                    ),
                 ));
             }
             w.write_all(&zeros[..self.pad(size) as usize])?;
