@@ -21,7 +21,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "tests", "data")
 
 HIDDEN, FF, N_EXP, TOP_K, LAYERS, HEADS, KV_HEADS, HEAD_DIM = 256, 256, 8, 2, 2, 4, 2, 64
-TOKENS = [f"<0x{b:02X}>" for b in range(256)] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def byte_level_alphabet():
+    """GPT-2's byte-to-unicode map: the 256 single-byte tokens of a
+    byte-level BPE vocabulary, in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return [out[b] for b in range(256)]
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a")]
+TOKENS = byte_level_alphabet() + ["".join(m) for m in MERGES] + ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = len(TOKENS) + 5  # padded rows, as real vocabularies often are
 
 
@@ -74,9 +91,9 @@ def build(path, split_max_tensors=0):
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("qwen2")
     w.add_token_list(TOKENS)
-    w.add_token_types([1] * 256 + [3, 3, 3])
-    w.add_token_merges([])
-    w.add_eos_token_id(258)
+    w.add_token_types([1] * (256 + len(MERGES)) + [3, 3, 3])
+    w.add_token_merges([" ".join(m) for m in MERGES])
+    w.add_eos_token_id(len(TOKENS) - 1)
     add(w, rng, "token_embd.weight", (VOCAB, HIDDEN), T.Q8_0)
     for l in range(LAYERS):
         p = f"blk.{l}."
@@ -123,7 +140,8 @@ def totals(paths):
         "n_layers": LAYERS,
         "n_experts": N_EXP,
         "top_k": TOP_K,
-        "vocab": len(TOKENS),
+        "vocab": VOCAB,
+        "tokenizer_tokens": len(TOKENS),
         "gguf": __import__("importlib.metadata").metadata.version("gguf"),
     }
 

@@ -19,12 +19,24 @@ enum Command {
     /// Describe a model: architecture, shapes, bytes per quant type, dense
     /// vs routed-expert bytes, and the memory plan for a budget.
     Inspect(cmd::inspect::Args),
+    /// Generate text from one prompt, streamed to stdout; a stats line
+    /// (prompt and generation tok/s) goes to stderr.
+    Run(cmd::run::Args),
+    /// Chat interactively; the conversation's KV cache is kept between
+    /// turns. /reset starts over, /exit quits.
+    Chat(cmd::chat::Args),
+    /// Write the logits of every position of a token sequence to a .npy
+    /// file (for comparing engines).
+    Logits(cmd::logits::Args),
 }
 
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Run(args) => cmd::run::run(args),
+        Command::Chat(args) => cmd::chat::run(args),
+        Command::Logits(args) => cmd::logits::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

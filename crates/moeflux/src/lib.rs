@@ -12,9 +12,19 @@
 //! - [`inspect`]: the report behind `moeflux inspect`;
 //! - [`npy`]: `.npy` arrays, for reference data and `moeflux logits`.
 
+pub mod backend;
+pub mod chat;
+pub mod engine;
+pub mod error;
 pub mod experts;
 pub mod format;
 pub mod inspect;
 pub mod model;
 pub mod npy;
 pub mod quant;
+pub mod sampling;
+pub mod state;
+pub mod tokenizer;
+
+pub use engine::{Engine, EngineOptions, Generation, Session, StopReason};
+pub use error::{Error, Result};

@@ -1,4 +1,8 @@
 //! One module per subcommand.
 
+pub mod chat;
 pub mod inspect;
+pub mod logits;
 pub mod mem;
+pub mod model_args;
+pub mod run;

@@ -3,5 +3,7 @@
 //! read on demand into a fixed arena of equal slots sized by the plan.
 
 pub mod plan;
+pub mod store;
 
 pub use plan::{Budget, MemoryPlan, PlanError, PlanInput};
+pub use store::{ExpertRef, ExpertStore, ExpertView};

@@ -217,7 +217,7 @@ impl ModelConfig {
     }
 
     /// Reads the configuration from GGUF metadata. `vocab_hint` is the row
-    /// count of the token embedding, used when the vocabulary is not listed.
+    /// count of the token embedding (the vocabulary size when known).
     pub fn from_gguf(
         meta: &Metadata,
         vocab_hint: Option<usize>,
@@ -238,13 +238,17 @@ impl ModelConfig {
         let hidden = g.req("embedding_length")?;
         let n_heads = g.req("attention.head_count")?;
         let n_kv_heads = g.opt("attention.head_count_kv")?.unwrap_or(n_heads);
-        let vocab = match meta.get_array("tokenizer.ggml.tokens").map(|a| a.len()) {
-            Some(n) => n,
-            None => match g.opt("vocab_size")? {
-                Some(v) => v,
-                None => vocab_hint
-                    .ok_or_else(|| ConfigError::Missing("tokenizer.ggml.tokens".into()))?,
-            },
+        // The embedding's row count is the vocabulary the model computes
+        // with; token lists may be shorter (padded vocabularies).
+        let vocab = match (
+            vocab_hint,
+            meta.get_array("tokenizer.ggml.tokens").map(|a| a.len()),
+        ) {
+            (Some(rows), _) => rows,
+            (None, Some(n)) => n,
+            (None, None) => g
+                .opt("vocab_size")?
+                .ok_or_else(|| ConfigError::Missing("tokenizer.ggml.tokens".into()))?,
         };
         let context_length = g.req("context_length")?;
         let n_experts = g.req("expert_count")?;

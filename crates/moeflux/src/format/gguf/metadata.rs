@@ -231,7 +231,7 @@ impl StringArray {
         Some(&self.data[start..end])
     }
 
-    pub fn iter(&self) -> impl ExactSizeIterator<Item = &str> + '_ {
+    pub fn iter(&self) -> impl DoubleEndedIterator<Item = &str> + ExactSizeIterator + '_ {
         (0..self.len()).map(move |i| self.get(i).unwrap_or_default())
     }
 }

@@ -1,0 +1,117 @@
+//! Flags shared by the commands that run a model.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use moeflux::sampling::SamplingParams;
+use moeflux::{Engine, EngineOptions};
+
+/// Which model, and how to size its session.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// The model: a .gguf file (first shard of a split one) or a Hugging
+    /// Face / MLX checkpoint directory.
+    #[arg(short = 'm', long = "model", value_name = "PATH")]
+    pub model: PathBuf,
+
+    /// Context size in tokens (0: the model's, capped at 4096).
+    #[arg(short = 'c', long = "ctx-size", value_name = "N", default_value_t = 0)]
+    pub ctx: usize,
+
+    /// Prompt tokens processed per forward pass.
+    #[arg(long, value_name = "N", default_value_t = 512)]
+    pub ubatch: usize,
+}
+
+impl ModelArgs {
+    pub fn open(&self) -> anyhow::Result<Engine> {
+        Engine::open(
+            &self.model,
+            EngineOptions {
+                ctx: self.ctx,
+                ubatch: self.ubatch,
+            },
+        )
+        .with_context(|| format!("cannot load {}", self.model.display()))
+    }
+}
+
+/// Sampling flags, named as llama.cpp names them.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Tokens to generate at most.
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        value_name = "N",
+        default_value_t = 256
+    )]
+    pub n_predict: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, value_name = "T", default_value_t = 0.8)]
+    pub temp: f32,
+    /// Keep the K most likely tokens (0: all).
+    #[arg(long, value_name = "K", default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling: keep tokens up to cumulative probability P (1: all).
+    #[arg(long, value_name = "P", default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than M × the most likely one (0: none).
+    #[arg(long, value_name = "M", default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalise repeats of the last --repeat-last-n tokens (1: off).
+    #[arg(long, value_name = "R", default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Subtracted from the logit of any token already present (0: off).
+    #[arg(long, value_name = "P", default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of a token already present (0: off).
+    #[arg(long, value_name = "F", default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Random seed (default: a fresh one, printed with the stats).
+    #[arg(short = 's', long, value_name = "S")]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (may be repeated).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        let seed = self.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+        });
+        SamplingParams {
+            temperature: self.temp,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repeat_penalty: self.repeat_penalty,
+            repeat_last_n: self.repeat_last_n,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            seed,
+            max_tokens: self.n_predict,
+            stop: self.stop.clone(),
+        }
+    }
+}
+
+/// The stats line printed to stderr after generating.
+pub fn stats_line(g: &moeflux::Generation, seed: u64) -> String {
+    let rate = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    format!(
+        "prompt: {} tokens, {:.2} tok/s | generated: {} tokens, {:.2} tok/s | stop: {:?} | seed {}",
+        g.prompt_tokens,
+        rate(g.prompt_tokens, g.prompt_secs),
+        g.tokens.len(),
+        rate(g.tokens.len(), g.gen_secs),
+        g.stop,
+        seed
+    )
+}

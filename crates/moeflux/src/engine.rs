@@ -1,0 +1,433 @@
+//! The public API: [`Engine`] (a loaded model) and [`Session`] (one
+//! conversation's state).
+//!
+//! ```no_run
+//! use moeflux::engine::{Engine, EngineOptions};
+//! use moeflux::sampling::SamplingParams;
+//!
+//! let engine = Engine::open("model.gguf".as_ref(), EngineOptions::default())?;
+//! let mut session = engine.new_session();
+//! let tokenizer = engine.tokenizer()?;
+//! let prompt = tokenizer.encode("The capital of France is", false, true)?;
+//! let out = session.generate(&prompt, &SamplingParams::greedy(16), |text| {
+//!     print!("{text}");
+//!     true // keep going
+//! })?;
+//! println!("\n{} tokens", out.tokens.len());
+//! # Ok::<(), moeflux::Error>(())
+//! ```
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use crate::chat::ChatTemplate;
+use crate::error::{Error, Result};
+use crate::experts::ExpertStore;
+use crate::format::{ModelFiles, ModelMetadata};
+use crate::model::{self, Logits, Model, ModelConfig};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::state::KvCache;
+use crate::tokenizer::{TokenId, Tokenizer};
+
+/// How to open a model.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Context length in tokens; 0 means the model's own, capped at 4096
+    /// (the KV cache is sized for it).
+    pub ctx: usize,
+    /// Prompt tokens processed per forward pass.
+    pub ubatch: usize,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            ctx: 0,
+            ubatch: 512,
+        }
+    }
+}
+
+struct Inner {
+    files: ModelFiles,
+    model: Model,
+    store: Mutex<ExpertStore>,
+    tokenizer: std::result::Result<Tokenizer, String>,
+    template: Option<std::result::Result<ChatTemplate, String>>,
+    ctx: usize,
+    ubatch: usize,
+}
+
+/// A loaded model: weights, tokenizer and chat template. Cheap to clone
+/// (shared); every [`Session`] holds one.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("path", &self.inner.files.path)
+            .field("arch", &self.inner.model.cfg.arch)
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Opens a GGUF file or a Hugging Face / MLX checkpoint directory.
+    pub fn open(path: &Path, opts: EngineOptions) -> Result<Engine> {
+        let files = ModelFiles::open(path)?;
+        let cfg = match &files.metadata {
+            ModelMetadata::Gguf(meta) => {
+                let vocab_hint = files
+                    .tensor("token_embd.weight")
+                    .and_then(|t| t.shape.first())
+                    .map(|&v| v as usize);
+                ModelConfig::from_gguf(meta, vocab_hint)?
+            }
+            ModelMetadata::Hf(c) => ModelConfig::from_hf(c)?,
+        };
+        let ctx = match opts.ctx {
+            0 => cfg.context_length.min(4096),
+            n => n,
+        };
+        let (model, experts) = model::load(&files, cfg)?;
+
+        let tokenizer = match &files.metadata {
+            ModelMetadata::Gguf(meta) => Tokenizer::from_gguf(meta),
+            ModelMetadata::Hf(c) => {
+                let dir = if path.is_dir() {
+                    path
+                } else {
+                    path.parent().unwrap_or(Path::new("."))
+                };
+                Tokenizer::from_hf_dir(dir, c)
+            }
+        }
+        .map_err(|e| e.to_string());
+        let token_str = |id: Option<TokenId>| -> String {
+            match (&tokenizer, id) {
+                (Ok(t), Some(id)) => t.token(id).unwrap_or_default(),
+                _ => String::new(),
+            }
+        };
+        let (bos, eos) = match &tokenizer {
+            Ok(t) => (
+                token_str(t.special.bos),
+                token_str(t.special.eos.first().copied()),
+            ),
+            Err(_) => (String::new(), String::new()),
+        };
+        let template = match &files.metadata {
+            ModelMetadata::Gguf(meta) => ChatTemplate::from_gguf(meta, bos, eos),
+            ModelMetadata::Hf(_) => {
+                let dir = if path.is_dir() {
+                    path
+                } else {
+                    path.parent().unwrap_or(Path::new("."))
+                };
+                ChatTemplate::from_hf_dir(dir, bos, eos)
+            }
+        }
+        .map(|r| r.map_err(|e| e.to_string()));
+
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                files,
+                model,
+                store: Mutex::new(ExpertStore::new(experts)),
+                tokenizer,
+                template,
+                ctx,
+                ubatch: opts.ubatch.max(1),
+            }),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.inner.model.cfg
+    }
+
+    /// The context length sessions are sized for.
+    pub fn ctx(&self) -> usize {
+        self.inner.ctx
+    }
+
+    /// Vocabulary size (rows of the LM head).
+    pub fn vocab(&self) -> usize {
+        self.inner.model.lm_head.rows
+    }
+
+    /// The tokenizer, or why there is none.
+    pub fn tokenizer(&self) -> Result<&Tokenizer> {
+        self.inner
+            .tokenizer
+            .as_ref()
+            .map_err(|e| Error::NoTokenizer(e.clone()))
+    }
+
+    /// The chat template, or why there is none.
+    pub fn chat_template(&self) -> Result<&ChatTemplate> {
+        match &self.inner.template {
+            Some(Ok(t)) => Ok(t),
+            Some(Err(e)) => Err(crate::chat::ChatError::Compile(e.clone()).into()),
+            None => Err(crate::chat::ChatError::NoTemplate.into()),
+        }
+    }
+
+    /// A new, empty session.
+    pub fn new_session(&self) -> Session {
+        Session {
+            engine: self.clone(),
+            kv: KvCache::new(&self.inner.model.kv_dims(), self.inner.ctx),
+            tokens: Vec::new(),
+            logits: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// A stop string appeared (it is not part of the text).
+    StopString,
+    /// The callback asked to stop.
+    Cancelled,
+    /// The context is full.
+    ContextFull,
+}
+
+/// What [`Session::generate`] produced.
+#[derive(Clone, Debug)]
+pub struct Generation {
+    /// Generated tokens (EOS excluded).
+    pub tokens: Vec<TokenId>,
+    /// Their text, cut before any stop string.
+    pub text: String,
+    pub stop: StopReason,
+    pub prompt_tokens: usize,
+    pub prompt_secs: f64,
+    pub gen_secs: f64,
+}
+
+/// One conversation: the tokens seen so far and their KV cache.
+pub struct Session {
+    engine: Engine,
+    kv: KvCache,
+    tokens: Vec<TokenId>,
+    /// Logits after the last evaluated token (empty when unknown).
+    logits: Vec<f32>,
+}
+
+impl Session {
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Tokens evaluated so far.
+    pub fn tokens(&self) -> &[TokenId] {
+        &self.tokens
+    }
+
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+
+    /// Forgets everything.
+    pub fn reset(&mut self) {
+        self.truncate(0);
+    }
+
+    /// Keeps the first `n` tokens and forgets the rest; the next `eval`
+    /// continues from position `n`.
+    pub fn truncate(&mut self, n: usize) {
+        if n < self.tokens.len() {
+            self.tokens.truncate(n);
+            self.kv.truncate(n);
+            self.logits.clear();
+        }
+    }
+
+    fn check(&self, tokens: &[TokenId]) -> Result<()> {
+        let inner = &self.engine.inner;
+        let vocab = inner.model.lm_head.rows;
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::TokenOutOfRange { token: bad, vocab });
+        }
+        if self.tokens.len() + tokens.len() > inner.ctx {
+            return Err(Error::ContextFull {
+                ctx: inner.ctx,
+                have: self.tokens.len(),
+                adding: tokens.len(),
+                model_max: inner.model.cfg.context_length,
+            });
+        }
+        Ok(())
+    }
+
+    fn run(&mut self, tokens: &[TokenId], which: Logits) -> Vec<f32> {
+        let inner = &self.engine.inner;
+        let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all = Vec::new();
+        let mut last = Vec::new();
+        for chunk in tokens.chunks(inner.ubatch) {
+            let out = inner
+                .model
+                .forward(&inner.files, &mut store, &mut self.kv, chunk, which);
+            self.tokens.extend_from_slice(chunk);
+            match which {
+                Logits::All => all.extend_from_slice(&out),
+                Logits::Last => last = out,
+            }
+        }
+        match which {
+            Logits::All => {
+                let vocab = inner.model.lm_head.rows;
+                if all.len() >= vocab {
+                    self.logits = all[all.len() - vocab..].to_vec();
+                }
+                all
+            }
+            Logits::Last => {
+                self.logits = last.clone();
+                last
+            }
+        }
+    }
+
+    /// Evaluates `tokens` after those already held; returns the logits of
+    /// the last one.
+    pub fn eval(&mut self, tokens: &[TokenId]) -> Result<Vec<f32>> {
+        if tokens.is_empty() {
+            return if self.logits.is_empty() {
+                Err(Error::EmptyPrompt)
+            } else {
+                Ok(self.logits.clone())
+            };
+        }
+        self.check(tokens)?;
+        Ok(self.run(tokens, Logits::Last))
+    }
+
+    /// Evaluates `tokens`; returns the logits of every one (`n × vocab`).
+    pub fn eval_all(&mut self, tokens: &[TokenId]) -> Result<Vec<f32>> {
+        self.check(tokens)?;
+        Ok(self.run(tokens, Logits::All))
+    }
+
+    /// Evaluates `prompt`, then samples up to `params.max_tokens` tokens,
+    /// calling `on_text` with each piece of text as it is decided (text that
+    /// could begin a stop string is held back until it cannot). `on_text`
+    /// returns `false` to stop.
+    pub fn generate(
+        &mut self,
+        prompt: &[TokenId],
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation> {
+        let engine = self.engine.clone();
+        let tok = engine.tokenizer()?;
+        let t0 = Instant::now();
+        let mut logits = self.eval(prompt)?;
+        let prompt_secs = t0.elapsed().as_secs_f64();
+
+        let t1 = Instant::now();
+        let mut sampler = Sampler::new(params.clone());
+        let mut stream = tok.stream(false);
+        let mut out = Vec::new();
+        let mut text = String::new();
+        let mut emitted = 0;
+        let mut stop = StopReason::MaxTokens;
+        let mut history = self.tokens.clone();
+        while out.len() < params.max_tokens {
+            let next = sampler.sample(&logits, &history);
+            if tok.is_eos(next) {
+                stop = StopReason::Eos;
+                break;
+            }
+            out.push(next);
+            history.push(next);
+            if let Some(piece) = tok.step(&mut stream, next) {
+                text.push_str(&piece);
+            }
+            if let Some(at) = params
+                .stop
+                .iter()
+                .filter_map(|s| text.find(s.as_str()))
+                .min()
+            {
+                text.truncate(at);
+                stop = StopReason::StopString;
+                break;
+            }
+            let safe = text.len() - held_back(&text, &params.stop);
+            if safe > emitted {
+                let keep_going = on_text(&text[emitted..safe]);
+                emitted = safe;
+                if !keep_going {
+                    stop = StopReason::Cancelled;
+                    break;
+                }
+            }
+            if out.len() == params.max_tokens {
+                break;
+            }
+            if self.tokens.len() + 1 > engine.inner.ctx {
+                stop = StopReason::ContextFull;
+                break;
+            }
+            logits = self.eval(&[next])?;
+        }
+        if text.len() > emitted && stop != StopReason::Cancelled {
+            on_text(&text[emitted..]);
+        }
+        Ok(Generation {
+            tokens: out,
+            text,
+            stop,
+            prompt_tokens: prompt.len(),
+            prompt_secs,
+            gen_secs: t1.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Bytes at the end of `text` that could be the start of a stop string.
+fn held_back(text: &str, stops: &[String]) -> usize {
+    let mut hold = 0;
+    for s in stops {
+        for len in (1..s.len().min(text.len() + 1)).rev() {
+            if s.is_char_boundary(len)
+                && text.is_char_boundary(text.len() - len)
+                && text.ends_with(&s[..len])
+            {
+                hold = hold.max(len);
+                break;
+            }
+        }
+    }
+    hold
+}
+
+#[cfg(test)]
+mod tests {
+    use super::held_back;
+
+    #[test]
+    fn holds_back_possible_stop_prefixes() {
+        let stops = vec!["</end>".to_string()];
+        assert_eq!(held_back("hello </e", &stops), 4);
+        assert_eq!(held_back("hello", &stops), 0);
+        assert_eq!(held_back("x<", &stops), 1);
+    }
+}

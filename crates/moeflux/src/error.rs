@@ -1,0 +1,39 @@
+//! The library's top-level error.
+
+use crate::chat::ChatError;
+use crate::experts::PlanError;
+use crate::format::FormatError;
+use crate::model::{ConfigError, LoadError};
+use crate::tokenizer::{TokenId, TokenizerError};
+
+/// Anything that can go wrong opening or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("model configuration: {0}")]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Chat(#[from] ChatError),
+    #[error("the model has no usable tokenizer ({0})")]
+    NoTokenizer(String),
+    #[error("the context is full: {have} tokens held + {adding} new > context size {ctx}; raise --ctx-size (the model allows up to {model_max}) or shorten the prompt")]
+    ContextFull {
+        ctx: usize,
+        have: usize,
+        adding: usize,
+        model_max: usize,
+    },
+    #[error("token id {token} is out of range: the vocabulary has {vocab} entries")]
+    TokenOutOfRange { token: TokenId, vocab: usize },
+    #[error("nothing to generate from: the session is empty and the prompt has no tokens")]
+    EmptyPrompt,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

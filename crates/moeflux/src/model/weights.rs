@@ -1,0 +1,200 @@
+//! Resolving a family's tensor names to weights, with the checks that turn
+//! a wrong or incomplete file into a clear error at load time (never a
+//! panic or garbage at compute time).
+
+use crate::backend::cpu::Matrix;
+use crate::format::{Container, ModelFiles, Span, TensorEntry};
+use crate::quant::dequant::dequantize;
+use crate::quant::TensorType;
+
+/// Why a model's tensors cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WeightError {
+    #[error("tensor {0:?} is missing from the model file")]
+    Missing(String),
+    #[error("tensor {name:?} has shape {found:?}, expected {expected:?}")]
+    Shape {
+        name: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
+    #[error("tensor {name:?}: {message}")]
+    Unsupported { name: String, message: String },
+}
+
+/// A weight matrix located in the model's files: `rows × cols` in `ty`.
+/// Cheap to keep; [`WeightRef::view`] gives the bytes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WeightRef {
+    pub ty: TensorType,
+    pub rows: usize,
+    pub cols: usize,
+    /// One span (ggml) or three (MLX weight, scales, biases).
+    pub parts: Vec<Span>,
+}
+
+impl WeightRef {
+    /// Makes a matrix view over the given part bytes (in `parts` order).
+    /// Sizes and types were checked when the reference was made.
+    pub fn matrix<'a>(&self, bytes: &[&'a [u8]]) -> Matrix<'a> {
+        let m = match self.ty {
+            TensorType::Ggml(t) => Matrix::ggml(t, self.rows, self.cols, bytes[0]),
+            TensorType::Mlx(q) => {
+                Matrix::mlx(q, self.rows, self.cols, bytes[0], bytes[1], bytes[2])
+            }
+            TensorType::Raw(_) => {
+                unreachable!("raw dtypes are rejected when the reference is made")
+            }
+        };
+        match m {
+            Ok(m) => m,
+            Err(e) => unreachable!("weight checked at load: {e}"),
+        }
+    }
+
+    /// The matrix, read zero-copy from the memory map.
+    pub fn view<'a>(&self, files: &'a ModelFiles) -> Matrix<'a> {
+        match self.parts.as_slice() {
+            [one] => self.matrix(&[files.bytes(one)]),
+            [w, s, b] => self.matrix(&[files.bytes(w), files.bytes(s), files.bytes(b)]),
+            _ => unreachable!("a weight has one or three parts"),
+        }
+    }
+
+    /// Bytes of storage.
+    pub fn bytes(&self) -> u64 {
+        self.parts.iter().map(|p| p.len).sum()
+    }
+}
+
+/// Checks that `ty` can be computed with, building a throwaway view over
+/// the real bytes.
+fn check_matrix(files: &ModelFiles, name: &str, w: &WeightRef) -> Result<(), WeightError> {
+    let unsupported = |message: String| WeightError::Unsupported {
+        name: name.to_string(),
+        message,
+    };
+    let parts: Vec<&[u8]> = w.parts.iter().map(|p| files.bytes(p)).collect();
+    let r = match w.ty {
+        TensorType::Ggml(t) => Matrix::ggml(t, w.rows, w.cols, parts[0]).map(|_| ()),
+        TensorType::Mlx(q) if parts.len() == 3 => {
+            Matrix::mlx(q, w.rows, w.cols, parts[0], parts[1], parts[2]).map(|_| ())
+        }
+        other => {
+            return Err(unsupported(format!(
+                "tensor type {other} cannot be used as a weight"
+            )))
+        }
+    };
+    r.map_err(|e| unsupported(e.to_string()))
+}
+
+/// Looks tensors up by name for one model, with its naming prefix.
+pub struct Loader<'a> {
+    pub files: &'a ModelFiles,
+}
+
+impl<'a> Loader<'a> {
+    pub fn new(files: &'a ModelFiles) -> Loader<'a> {
+        Loader { files }
+    }
+
+    pub fn is_gguf(&self) -> bool {
+        matches!(self.files.container, Container::Gguf { .. })
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&'a TensorEntry, WeightError> {
+        self.files
+            .tensor(name)
+            .ok_or_else(|| WeightError::Missing(name.to_string()))
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        self.files.tensor(name).is_some()
+    }
+
+    /// A 2-D weight of shape `[rows, cols]`.
+    pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightRef, WeightError> {
+        let e = self.entry(name)?;
+        let expected = vec![rows as u64, cols as u64];
+        if e.shape != expected {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                expected,
+                found: e.shape.clone(),
+            });
+        }
+        let w = WeightRef {
+            ty: e.ty,
+            rows,
+            cols,
+            parts: e.parts.clone(),
+        };
+        check_matrix(self.files, name, &w)?;
+        Ok(w)
+    }
+
+    /// Expert `index` of a stacked `[n, rows, cols]` tensor.
+    pub fn stacked_matrix(
+        &self,
+        name: &str,
+        index: usize,
+        n: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<WeightRef, WeightError> {
+        let e = self.entry(name)?;
+        let expected = vec![n as u64, rows as u64, cols as u64];
+        if e.shape != expected {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                expected,
+                found: e.shape.clone(),
+            });
+        }
+        let parts = e
+            .outer_slice(index as u64)
+            .ok_or_else(|| WeightError::Unsupported {
+                name: name.into(),
+                message: "its parts do not split evenly by expert".into(),
+            })?;
+        let w = WeightRef {
+            ty: e.ty,
+            rows,
+            cols,
+            parts,
+        };
+        check_matrix(self.files, name, &w)?;
+        Ok(w)
+    }
+
+    /// A 1-D tensor of `len` values, decoded to f32.
+    pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, WeightError> {
+        let e = self.entry(name)?;
+        if e.n_elements() != len as u64 || e.shape.len() > 2 {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                expected: vec![len as u64],
+                found: e.shape.clone(),
+            });
+        }
+        let mut out = vec![0f32; len];
+        match e.ty {
+            TensorType::Ggml(t) => {
+                dequantize(t, self.files.bytes(&e.parts[0]), &mut out).map_err(|err| {
+                    WeightError::Unsupported {
+                        name: name.into(),
+                        message: err.to_string(),
+                    }
+                })?
+            }
+            other => {
+                return Err(WeightError::Unsupported {
+                    name: name.into(),
+                    message: format!("a 1-D tensor of type {other} cannot be read"),
+                })
+            }
+        }
+        Ok(out)
+    }
+}
