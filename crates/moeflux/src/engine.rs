@@ -426,7 +426,7 @@ mod tests {
     #[test]
     fn holds_back_possible_stop_prefixes() {
         let stops = vec!["</end>".to_string()];
-        assert_eq!(held_back("hello </e", &stops), 4);
+        assert_eq!(held_back("hello </e", &stops), 3);
         assert_eq!(held_back("hello", &stops), 0);
         assert_eq!(held_back("x<", &stops), 1);
     }
