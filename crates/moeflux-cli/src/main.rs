@@ -28,6 +28,9 @@ enum Command {
     /// Write the logits of every position of a token sequence to a .npy
     /// file (for comparing engines).
     Logits(cmd::logits::Args),
+    /// Write a random-weight model at a real shape (GGUF that llama.cpp
+    /// also loads), for benchmarks.
+    Synth(cmd::synth::Args),
 }
 
 fn main() {
@@ -37,6 +40,7 @@ fn main() {
         Command::Run(args) => cmd::run::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Logits(args) => cmd::logits::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

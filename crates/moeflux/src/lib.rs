@@ -24,6 +24,7 @@ pub mod npy;
 pub mod quant;
 pub mod sampling;
 pub mod state;
+pub mod synth;
 pub mod tokenizer;
 
 pub use engine::{Engine, EngineOptions, Generation, Session, StopReason};

@@ -6,3 +6,4 @@ pub mod logits;
 pub mod mem;
 pub mod model_args;
 pub mod run;
+pub mod synth;

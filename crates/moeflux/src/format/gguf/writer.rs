@@ -39,12 +39,12 @@ impl Default for GgufWriter {
 }
 
 /// Counts bytes so a data callback can be checked to write exactly its tensor.
-struct Counting<'a, W: Write> {
+struct Counting<'a, W: Write + ?Sized> {
     inner: &'a mut W,
     written: u64,
 }
 
-impl<W: Write> Write for Counting<'_, W> {
+impl<W: Write + ?Sized> Write for Counting<'_, W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = self.inner.write(buf)?;
         self.written += n as u64;
@@ -225,7 +225,7 @@ impl GgufWriter {
 
     /// Writes the file. `fill(i, tensor, w)` must write exactly the bytes of
     /// tensor `i`; padding between tensors is added here.
-    pub fn write<W: Write>(
+    pub fn write<W: Write + ?Sized>(
         &self,
         w: &mut W,
         mut fill: impl FnMut(usize, &TensorPlan, &mut dyn Write) -> io::Result<()>,
