@@ -28,6 +28,8 @@ enum Command {
     /// Write the logits of every position of a token sequence to a .npy
     /// file (for comparing engines).
     Logits(cmd::logits::Args),
+    /// Measure prompt and decode speed (tok/s) on a model.
+    Bench(cmd::bench::Args),
     /// Write a random-weight model at a real shape (GGUF that llama.cpp
     /// also loads), for benchmarks.
     Synth(cmd::synth::Args),
@@ -41,6 +43,7 @@ fn main() {
         Command::Chat(args) => cmd::chat::run(args),
         Command::Logits(args) => cmd::logits::run(args),
         Command::Synth(args) => cmd::synth::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

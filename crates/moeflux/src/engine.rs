@@ -21,13 +21,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use crate::backend::cpu::kernels::Level;
+use crate::backend::cpu::workspace::Workspace;
+use crate::backend::cpu::Cpu;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::experts::ExpertStore;
 use crate::format::{ModelFiles, ModelMetadata};
-use crate::model::{self, Logits, Model, ModelConfig};
+use crate::model::{self, Context, Logits, Model, ModelConfig};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::state::KvCache;
+use crate::state::{KvCache, KvType};
 use crate::tokenizer::{TokenId, Tokenizer};
 
 /// How to open a model.
@@ -38,6 +41,13 @@ pub struct EngineOptions {
     pub ctx: usize,
     /// Prompt tokens processed per forward pass.
     pub ubatch: usize,
+    /// Compute threads; 0 means one per physical core.
+    pub threads: usize,
+    /// Element type of the KV cache.
+    pub kv_type: KvType,
+    /// Force a CPU kernel level (None: the best the CPU supports, or
+    /// `MOEFLUX_CPU`). A level the CPU cannot run is refused.
+    pub cpu_level: Option<Level>,
 }
 
 impl Default for EngineOptions {
@@ -45,6 +55,9 @@ impl Default for EngineOptions {
         EngineOptions {
             ctx: 0,
             ubatch: 512,
+            threads: 0,
+            kv_type: KvType::F16,
+            cpu_level: None,
         }
     }
 }
@@ -55,8 +68,10 @@ struct Inner {
     store: Mutex<ExpertStore>,
     tokenizer: std::result::Result<Tokenizer, String>,
     template: Option<std::result::Result<ChatTemplate, String>>,
+    cpu: Cpu,
     ctx: usize,
     ubatch: usize,
+    kv_type: KvType,
 }
 
 /// A loaded model: weights, tokenizer and chat template. Cheap to clone
@@ -140,8 +155,10 @@ impl Engine {
                 store: Mutex::new(ExpertStore::new(experts)),
                 tokenizer,
                 template,
+                cpu: Cpu::new(opts.threads, opts.cpu_level)?,
                 ctx,
                 ubatch: opts.ubatch.max(1),
+                kv_type: opts.kv_type,
             }),
         })
     }
@@ -177,11 +194,26 @@ impl Engine {
         }
     }
 
+    /// Compute threads in use.
+    pub fn threads(&self) -> usize {
+        self.inner.cpu.pool.n_threads()
+    }
+
+    /// The CPU kernel level in use.
+    pub fn cpu_level(&self) -> crate::backend::cpu::kernels::Level {
+        self.inner.cpu.level
+    }
+
     /// A new, empty session.
     pub fn new_session(&self) -> Session {
         Session {
             engine: self.clone(),
-            kv: KvCache::new(&self.inner.model.kv_dims(), self.inner.ctx),
+            kv: KvCache::new(
+                &self.inner.model.kv_dims(),
+                self.inner.ctx,
+                self.inner.kv_type,
+            ),
+            ws: Workspace::new(self.inner.cpu.pool.n_threads()),
             tokens: Vec::new(),
             logits: Vec::new(),
         }
@@ -220,6 +252,7 @@ pub struct Generation {
 pub struct Session {
     engine: Engine,
     kv: KvCache,
+    ws: Workspace,
     tokens: Vec<TokenId>,
     /// Logits after the last evaluated token (empty when unknown).
     logits: Vec<f32>,
@@ -279,29 +312,33 @@ impl Session {
         let inner = &self.engine.inner;
         let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = Vec::new();
-        let mut last = Vec::new();
         for chunk in tokens.chunks(inner.ubatch) {
+            let cx = Context {
+                files: &inner.files,
+                cpu: &inner.cpu,
+            };
             let out = inner
                 .model
-                .forward(&inner.files, &mut store, &mut self.kv, chunk, which);
+                .forward(cx, &mut store, &mut self.kv, &mut self.ws, chunk, which);
             self.tokens.extend_from_slice(chunk);
             match which {
-                Logits::All => all.extend_from_slice(&out),
-                Logits::Last => last = out,
+                Logits::All => all.extend_from_slice(out),
+                Logits::Last => {
+                    self.logits.clear();
+                    self.logits.extend_from_slice(out);
+                }
             }
         }
         match which {
             Logits::All => {
                 let vocab = inner.model.lm_head.rows;
                 if all.len() >= vocab {
-                    self.logits = all[all.len() - vocab..].to_vec();
+                    self.logits.clear();
+                    self.logits.extend_from_slice(&all[all.len() - vocab..]);
                 }
                 all
             }
-            Logits::Last => {
-                self.logits = last.clone();
-                last
-            }
+            Logits::Last => self.logits.clone(),
         }
     }
 

@@ -34,6 +34,8 @@ pub enum Error {
     TokenOutOfRange { token: TokenId, vocab: usize },
     #[error("nothing to generate from: the session is empty and the prompt has no tokens")]
     EmptyPrompt,
+    #[error("this CPU cannot run the {0} kernels")]
+    CpuLevel(&'static str),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

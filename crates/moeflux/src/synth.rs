@@ -591,7 +591,7 @@ pub const CHAT_TEMPLATE: &str = "{% for message in messages %}<|im_start|>{{ mes
 
 /// Rows of `QK_K` elements a K-quant needs; synth shapes are multiples.
 pub const fn k_quant_ok(cols: usize) -> bool {
-    cols % QK_K == 0
+    cols.is_multiple_of(QK_K)
 }
 
 #[cfg(test)]

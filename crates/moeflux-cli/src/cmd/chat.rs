@@ -1,9 +1,8 @@
 //! `moeflux chat`: an interactive multi-turn conversation.
 //!
 //! Each turn renders the whole conversation with the chat template and
-//! evaluates only what the session does not already hold (the longest
-//! common prefix of tokens is kept), so the KV cache carries over between
-//! turns.
+//! evaluates only what the session does not already hold, so the KV cache
+//! carries over between turns.
 
 use std::io::{BufRead, Write};
 
@@ -60,17 +59,29 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         messages.push(json!({"role": "user", "content": text}));
         let prompt = template.render(&Value::Array(messages.clone()), None, true, None)?;
-        let ids = tok.encode(&prompt, true, false)?;
-        let keep = session
-            .tokens()
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            // At least one token must be evaluated to get fresh logits.
-            .min(ids.len().saturating_sub(1));
-        session.truncate(keep);
-        let g = session.generate(&ids[keep..], &params, |piece| {
+        // Evaluate only what the session does not hold yet: when the text of
+        // its tokens is a prefix of the new rendering (the usual case), the
+        // rest is tokenized on its own, like llama.cpp's chat does; the
+        // generated tokens stay in the cache exactly as they were sampled.
+        let held = tok.decode(session.tokens(), false);
+        let new_ids = if !held.is_empty() && prompt.starts_with(&held) && prompt.len() > held.len()
+        {
+            tok.encode(&prompt[held.len()..], true, false)?
+        } else {
+            // The template rewrote history (e.g. dropped reasoning): keep
+            // the longest common token prefix and evaluate the rest.
+            let ids = tok.encode(&prompt, true, false)?;
+            let keep = session
+                .tokens()
+                .iter()
+                .zip(&ids)
+                .take_while(|(a, b)| a == b)
+                .count()
+                .min(ids.len().saturating_sub(1));
+            session.truncate(keep);
+            ids[keep..].to_vec()
+        };
+        let g = session.generate(&new_ids, &params, |piece| {
             let _ = out.write_all(piece.as_bytes());
             let _ = out.flush();
             true

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use moeflux::sampling::SamplingParams;
+use moeflux::state::KvType;
 use moeflux::{Engine, EngineOptions};
 
 /// Which model, and how to size its session.
@@ -21,6 +22,14 @@ pub struct ModelArgs {
     /// Prompt tokens processed per forward pass.
     #[arg(long, value_name = "N", default_value_t = 512)]
     pub ubatch: usize,
+
+    /// Compute threads (default: one per physical core).
+    #[arg(short = 't', long, value_name = "N", default_value_t = 0)]
+    pub threads: usize,
+
+    /// Element type of the KV cache: f16 (half the memory) or f32.
+    #[arg(long, value_name = "TYPE", default_value = "f16", value_parser = ["f16", "f32"])]
+    pub kv_type: String,
 }
 
 impl ModelArgs {
@@ -30,6 +39,9 @@ impl ModelArgs {
             EngineOptions {
                 ctx: self.ctx,
                 ubatch: self.ubatch,
+                threads: self.threads,
+                kv_type: KvType::from_name(&self.kv_type).unwrap_or_default(),
+                cpu_level: None,
             },
         )
         .with_context(|| format!("cannot load {}", self.model.display()))

@@ -2,8 +2,11 @@
 //! rotary position embedding: the token mixer of Qwen3-MoE's layers.
 
 use super::weights::WeightRef;
+use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::matrix::dot;
 use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, softmax};
-use crate::backend::cpu::{matmul, matrix::dot};
+use crate::backend::cpu::workspace::{sized, Workspace};
+use crate::backend::cpu::Cpu;
 use crate::format::ModelFiles;
 use crate::state::kv::LayerKv;
 
@@ -32,31 +35,87 @@ pub struct Attention {
     pub rope: Rope,
 }
 
+/// A raw pointer to the attention output, written by head tasks.
+#[derive(Clone, Copy)]
+struct Heads(*mut f32);
+
+impl Heads {
+    /// The `len` outputs from `at`.
+    ///
+    /// # Safety
+    /// The range must be inside the output and written by one task only.
+    unsafe fn slice<'a>(self, at: usize, len: usize) -> &'a mut [f32] {
+        // SAFETY: per the contract above.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+// SAFETY: each (token, head) task writes its own `head_dim` values only, and
+// `pool.run` returns after all tasks are done.
+unsafe impl Send for Heads {}
+unsafe impl Sync for Heads {}
+
 impl Attention {
     /// Runs the layer for `n` tokens at positions `pos0..pos0 + n`, whose
-    /// normalised hidden states are `x` (`n × hidden`). Appends their keys
-    /// and values to `kv` and writes the output projection to `out`.
+    /// normalised hidden states are `ws.h` (`n × hidden`). Appends their keys
+    /// and values to `kv`; the output projection goes to `ws.o`.
     pub fn forward(
         &self,
         files: &ModelFiles,
+        cpu: &Cpu,
+        ws: &mut Workspace,
         kv: &mut LayerKv,
-        x: &[f32],
         n: usize,
         pos0: usize,
-        out: &mut [f32],
     ) {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let mut q = vec![0f32; n * nh * hd];
-        let mut k = vec![0f32; n * nkv * hd];
-        let mut v = vec![0f32; n * nkv * hd];
-        matmul(&self.wq.view(files), x, n, &mut q);
-        matmul(&self.wk.view(files), x, n, &mut k);
-        matmul(&self.wv.view(files), x, n, &mut v);
+        let hidden = self.wq.cols;
+        let level = cpu.level;
+        let Workspace {
+            h,
+            o,
+            q,
+            k,
+            v,
+            attn,
+            acts,
+            per_thread,
+            ..
+        } = ws;
+        let (wq, wk, wv, wo) = (
+            self.wq.view(files),
+            self.wk.view(files),
+            self.wv.view(files),
+            self.wo.view(files),
+        );
+        let q = sized(q, n * nh * hd);
+        let k = sized(k, n * nkv * hd);
+        let v = sized(v, n * nkv * hd);
+        {
+            let input = prepare(&h[..n * hidden], hidden, &[&wq, &wk, &wv], acts, level);
+            let jobs = [
+                MatJob {
+                    w: wq,
+                    input,
+                    y: OutPtr::new(q),
+                },
+                MatJob {
+                    w: wk,
+                    input,
+                    y: OutPtr::new(k),
+                },
+                MatJob {
+                    w: wv,
+                    input,
+                    y: OutPtr::new(v),
+                },
+            ];
+            run_jobs(&cpu.pool, &jobs, level);
+        }
         if let Some(w) = &self.q_norm {
-            rms_norm_chunks(&mut q, hd, w, self.norm_eps);
+            rms_norm_chunks(q, hd, w, self.norm_eps);
         }
         if let Some(w) = &self.k_norm {
-            rms_norm_chunks(&mut k, hd, w, self.norm_eps);
+            rms_norm_chunks(k, hd, w, self.norm_eps);
         }
         for t in 0..n {
             rope_neox(
@@ -72,31 +131,52 @@ impl Attention {
                 &self.rope.inv_freq,
             );
         }
-        debug_assert_eq!(kv.k.len(), pos0 * kv.k_dim);
-        kv.k.extend_from_slice(&k);
-        kv.v.extend_from_slice(&v);
+        debug_assert_eq!(kv.len(), pos0);
+        kv.push(k, v);
 
         let scale = 1.0 / (hd as f32).sqrt();
         let group = nh / nkv;
-        let mut attn = vec![0f32; n * nh * hd];
-        let mut scores = Vec::with_capacity(pos0 + n);
-        for t in 0..n {
+        let attn = sized(attn, n * nh * hd);
+        let out = Heads(attn.as_mut_ptr());
+        let q = &*q;
+        let kv = &*kv;
+        cpu.pool.run(n * nh, &|task, thread| {
+            let (t, hh) = (task / nh, task % nh);
             let p = pos0 + t;
-            for h in 0..nh {
-                let g = h / group;
-                let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                scores.clear();
-                scores.extend((0..=p).map(|j| dot(qh, &kv.key(j)[g * hd..(g + 1) * hd]) * scale));
-                softmax(&mut scores);
-                let o = &mut attn[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                for (j, &s) in scores.iter().enumerate() {
-                    let vj = &kv.value(j)[g * hd..(g + 1) * hd];
-                    for (a, &b) in o.iter_mut().zip(vj) {
-                        *a += s * b;
-                    }
+            let g = hh / group;
+            let qh = &q[(t * nh + hh) * hd..(t * nh + hh + 1) * hd];
+            let mut scratch = per_thread[thread].lock().unwrap_or_else(|e| e.into_inner());
+            let need = p + 1 + hd;
+            if scratch.len() < need {
+                scratch.resize(need, 0.0);
+            }
+            let (scores, row) = scratch.split_at_mut(p + 1);
+            let row = &mut row[..hd];
+            for (j, s) in scores.iter_mut().enumerate() {
+                kv.k.read(j * kv.k_dim + g * hd, row);
+                *s = dot(qh, row) * scale;
+            }
+            softmax(scores);
+            // SAFETY: task (t, hh) owns these `hd` outputs.
+            let o = unsafe { out.slice((t * nh + hh) * hd, hd) };
+            o.fill(0.0);
+            for (j, &s) in scores.iter().enumerate() {
+                kv.v.read(j * kv.v_dim + g * hd, row);
+                for (a, &b) in o.iter_mut().zip(row.iter()) {
+                    *a += s * b;
                 }
             }
-        }
-        matmul(&self.wo.view(files), &attn, n, out);
+        });
+        let o = sized(o, n * hidden);
+        let input = prepare(attn, nh * hd, &[&wo], acts, level);
+        run_jobs(
+            &cpu.pool,
+            &[MatJob {
+                w: wo,
+                input,
+                y: OutPtr::new(o),
+            }],
+            level,
+        );
     }
 }

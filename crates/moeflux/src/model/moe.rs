@@ -1,12 +1,17 @@
 //! The routed-expert FFN: router, top-k selection and the experts' SwiGLU,
 //! computed through the expert store.
 //!
-//! Each token's expert outputs are combined in router-rank order, so the
-//! result never depends on which expert's weights arrived first.
+//! The tokens of a chunk are grouped by expert, so each chosen expert's
+//! weights are read once per chunk, and all experts' gate and up
+//! projections run as one parallel job, then all down projections as
+//! another. Each token's expert outputs are combined in router-rank order,
+//! so the result never depends on which expert's weights arrived first.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::matmul;
+use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::ops::{silu, softmax};
+use crate::backend::cpu::workspace::{recycle, sized, Workspace};
+use crate::backend::cpu::Cpu;
 use crate::experts::ExpertStore;
 use crate::format::ModelFiles;
 
@@ -16,6 +21,14 @@ pub enum Routing {
     /// Softmax over all experts, the `k` largest kept, renormalised to sum
     /// to 1 when `norm` (Qwen3-MoE's `norm_topk_prob`).
     SoftmaxTopK { k: usize, norm: bool },
+}
+
+impl Routing {
+    pub fn k(&self) -> usize {
+        match *self {
+            Routing::SoftmaxTopK { k, .. } => k,
+        }
+    }
 }
 
 /// One MoE layer.
@@ -30,95 +43,187 @@ pub struct Moe {
     pub expert_ff: usize,
 }
 
-/// The experts chosen for one token, best first, with their weights.
-pub type Choice = Vec<(u32, f32)>;
-
 impl Moe {
-    /// Picks each token's experts from its router logits.
-    pub fn route(&self, logits: &mut [f32]) -> Choice {
+    /// Picks a token's experts from its router logits (in place: they become
+    /// probabilities), best first, into `out` (`k` entries).
+    pub fn route(&self, logits: &mut [f32], out: &mut [(u32, f32)]) {
         match self.routing {
             Routing::SoftmaxTopK { k, norm } => {
                 softmax(logits);
-                let mut order: Vec<u32> = (0..logits.len() as u32).collect();
-                // Descending probability; lower expert id first on ties.
-                order.sort_by(|&a, &b| {
-                    logits[b as usize]
-                        .total_cmp(&logits[a as usize])
-                        .then(a.cmp(&b))
-                });
-                let mut choice: Choice = order[..k]
-                    .iter()
-                    .map(|&e| (e, logits[e as usize]))
-                    .collect();
-                if norm {
-                    let sum: f32 = choice.iter().map(|c| c.1).sum();
-                    choice.iter_mut().for_each(|c| c.1 /= sum);
+                // Partial selection: the k best, descending probability,
+                // lower expert id first on ties.
+                for slot in 0..k {
+                    let mut best: Option<usize> = None;
+                    for (e, &p) in logits.iter().enumerate() {
+                        if out[..slot].iter().any(|c| c.0 as usize == e) {
+                            continue;
+                        }
+                        if best.is_none_or(|b| p > logits[b]) {
+                            best = Some(e);
+                        }
+                    }
+                    let e = best.unwrap_or(0);
+                    out[slot] = (e as u32, logits[e]);
                 }
-                choice
+                if norm {
+                    let sum: f32 = out.iter().map(|c| c.1).sum();
+                    out.iter_mut().for_each(|c| c.1 /= sum);
+                }
             }
         }
     }
 
-    /// The layer for `n` tokens of normalised hidden state `x`; the weighted
-    /// sum of the chosen experts goes to `out` (`n × hidden`).
+    /// The layer for `n` tokens of normalised hidden state `ws.h`; the
+    /// weighted sum of the chosen experts goes to `ws.o` (`n × hidden`).
     pub fn forward(
         &self,
         files: &ModelFiles,
+        cpu: &Cpu,
         store: &mut ExpertStore,
-        x: &[f32],
+        ws: &mut Workspace,
         n: usize,
-        hidden: usize,
-        out: &mut [f32],
     ) {
-        let mut logits = vec![0f32; n * self.n_experts];
-        matmul(&self.router.view(files), x, n, &mut logits);
-        let choices: Vec<Choice> = logits
-            .chunks_exact_mut(self.n_experts)
-            .map(|l| self.route(l))
-            .collect();
-        let k = choices.first().map_or(0, Vec::len);
+        let hidden = self.router.cols;
+        let (ne, ff, k) = (self.n_experts, self.expert_ff, self.routing.k());
+        let level = cpu.level;
+        let Workspace {
+            h,
+            o,
+            router,
+            moe_in,
+            gate,
+            up,
+            down,
+            y,
+            acts,
+            acts2,
+            choice,
+            by_expert,
+            expert_start,
+            jobs,
+            ..
+        } = ws;
+        let h = &h[..n * hidden];
 
-        // Group (token, rank) pairs by expert, so each expert's weights are
-        // used once for all the tokens that chose it.
-        let mut by_expert: Vec<Vec<(usize, usize)>> = vec![Vec::new(); self.n_experts];
-        for (t, c) in choices.iter().enumerate() {
-            for (r, &(e, _)) in c.iter().enumerate() {
-                by_expert[e as usize].push((t, r));
+        // Route.
+        let wr = self.router.view(files);
+        let logits = sized(router, n * ne);
+        {
+            let input = prepare(h, hidden, &[&wr], acts, level);
+            run_jobs(
+                &cpu.pool,
+                &[MatJob {
+                    w: wr,
+                    input,
+                    y: OutPtr::new(logits),
+                }],
+                level,
+            );
+        }
+        choice.resize(n * k, (0, 0.0));
+        for t in 0..n {
+            self.route(
+                &mut logits[t * ne..(t + 1) * ne],
+                &mut choice[t * k..(t + 1) * k],
+            );
+        }
+
+        // Group (token, rank) pairs by expert (a counting sort).
+        expert_start.clear();
+        expert_start.resize(ne + 1, 0);
+        for &(e, _) in choice.iter() {
+            expert_start[e as usize + 1] += 1;
+        }
+        for e in 0..ne {
+            expert_start[e + 1] += expert_start[e];
+        }
+        by_expert.resize(n * k, (0, 0));
+        {
+            let mut fill = expert_start.clone();
+            for t in 0..n {
+                for r in 0..k {
+                    let e = choice[t * k + r].0 as usize;
+                    by_expert[fill[e]] = (t as u32, r as u32);
+                    fill[e] += 1;
+                }
             }
         }
-        let ff = self.expert_ff;
-        // One output row per (token, rank).
-        let mut y = vec![0f32; n * k * hidden];
-        for (e, users) in by_expert.iter().enumerate() {
-            if users.is_empty() {
-                continue;
-            }
-            let m = users.len();
-            let mut xs = Vec::with_capacity(m * hidden);
-            for &(t, _) in users {
-                xs.extend_from_slice(&x[t * hidden..(t + 1) * hidden]);
-            }
-            let w = store.view(files, self.layer, e);
-            let mut gate = vec![0f32; m * ff];
-            let mut up = vec![0f32; m * ff];
-            matmul(&w.gate, &xs, m, &mut gate);
-            matmul(&w.up, &xs, m, &mut up);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = silu(*g) * u;
-            }
-            let mut down = vec![0f32; m * hidden];
-            matmul(&w.down, &gate, m, &mut down);
-            for (i, &(t, r)) in users.iter().enumerate() {
-                y[(t * k + r) * hidden..(t * k + r + 1) * hidden]
-                    .copy_from_slice(&down[i * hidden..(i + 1) * hidden]);
-            }
+        let m_total = n * k;
+        let xs = sized(moe_in, m_total * hidden);
+        for (i, &(t, _)) in by_expert.iter().enumerate() {
+            xs[i * hidden..(i + 1) * hidden]
+                .copy_from_slice(&h[t as usize * hidden..(t as usize + 1) * hidden]);
         }
-        for (t, c) in choices.iter().enumerate() {
-            let o = &mut out[t * hidden..(t + 1) * hidden];
-            o.fill(0.0);
-            for (r, &(_, weight)) in c.iter().enumerate() {
-                let yr = &y[(t * k + r) * hidden..(t * k + r + 1) * hidden];
-                for (a, &b) in o.iter_mut().zip(yr) {
+
+        // The chosen experts' weights, from the store.
+        let used: Vec<usize> = (0..ne)
+            .filter(|&e| expert_start[e + 1] > expert_start[e])
+            .collect();
+        let views: Vec<_> = used
+            .iter()
+            .map(|&e| store.view(files, self.layer, e))
+            .collect();
+
+        // Gate and up projections of every used expert: one job.
+        let gate = sized(gate, m_total * ff);
+        let up = sized(up, m_total * ff);
+        {
+            let weights: Vec<_> = views.iter().flat_map(|v| [&v.gate, &v.up]).collect();
+            let input = prepare(xs, hidden, &weights, acts, level);
+            let mut list: Vec<MatJob<'_>> = recycle(std::mem::take(jobs));
+            for (v, &e) in views.iter().zip(&used) {
+                let (s, m) = (expert_start[e], expert_start[e + 1] - expert_start[e]);
+                let rows = input.rows(s, m);
+                list.push(MatJob {
+                    w: v.gate,
+                    input: rows,
+                    y: OutPtr::new(&mut gate[s * ff..(s + m) * ff]),
+                });
+                list.push(MatJob {
+                    w: v.up,
+                    input: rows,
+                    y: OutPtr::new(&mut up[s * ff..(s + m) * ff]),
+                });
+            }
+            run_jobs(&cpu.pool, &list, level);
+            *jobs = recycle(list);
+        }
+        for (g, u) in gate.iter_mut().zip(up.iter()) {
+            *g = silu(*g) * u;
+        }
+
+        // Down projections: a second job.
+        let down = sized(down, m_total * hidden);
+        {
+            let weights: Vec<_> = views.iter().map(|v| &v.down).collect();
+            let input = prepare(gate, ff, &weights, acts2, level);
+            let mut list: Vec<MatJob<'_>> = recycle(std::mem::take(jobs));
+            for (v, &e) in views.iter().zip(&used) {
+                let (s, m) = (expert_start[e], expert_start[e + 1] - expert_start[e]);
+                list.push(MatJob {
+                    w: v.down,
+                    input: input.rows(s, m),
+                    y: OutPtr::new(&mut down[s * hidden..(s + m) * hidden]),
+                });
+            }
+            run_jobs(&cpu.pool, &list, level);
+            *jobs = recycle(list);
+        }
+
+        // Weighted combination in rank order.
+        let ysum = sized(y, n * k * hidden);
+        for (i, &(t, r)) in by_expert.iter().enumerate() {
+            let at = (t as usize * k + r as usize) * hidden;
+            ysum[at..at + hidden].copy_from_slice(&down[i * hidden..(i + 1) * hidden]);
+        }
+        let o = sized(o, n * hidden);
+        for t in 0..n {
+            let ot = &mut o[t * hidden..(t + 1) * hidden];
+            ot.fill(0.0);
+            for r in 0..k {
+                let weight = choice[t * k + r].1;
+                let yr = &ysum[(t * k + r) * hidden..(t * k + r + 1) * hidden];
+                for (a, &b) in ot.iter_mut().zip(yr) {
                     *a += weight * b;
                 }
             }

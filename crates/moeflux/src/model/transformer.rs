@@ -6,8 +6,10 @@ use super::attention::Attention;
 use super::moe::Moe;
 use super::weights::WeightRef;
 use super::ModelConfig;
-use crate::backend::cpu::matmul;
+use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::ops::{rms_norm, silu};
+use crate::backend::cpu::workspace::{sized, Workspace};
+use crate::backend::cpu::Cpu;
 use crate::experts::ExpertStore;
 use crate::format::ModelFiles;
 use crate::state::KvCache;
@@ -22,16 +24,55 @@ pub struct DenseFfn {
 }
 
 impl DenseFfn {
-    pub fn forward(&self, files: &ModelFiles, x: &[f32], n: usize, out: &mut [f32]) {
-        let ff = self.gate.rows;
-        let mut g = vec![0f32; n * ff];
-        let mut u = vec![0f32; n * ff];
-        matmul(&self.gate.view(files), x, n, &mut g);
-        matmul(&self.up.view(files), x, n, &mut u);
-        for (a, b) in g.iter_mut().zip(&u) {
+    /// `ws.h` (`n × hidden`) → `ws.o`.
+    pub fn forward(&self, files: &ModelFiles, cpu: &Cpu, ws: &mut Workspace, n: usize) {
+        let (ff, hidden) = (self.gate.rows, self.gate.cols);
+        let level = cpu.level;
+        let Workspace {
+            h,
+            o,
+            gate,
+            up,
+            acts,
+            ..
+        } = ws;
+        let (wg, wu, wd) = (
+            self.gate.view(files),
+            self.up.view(files),
+            self.down.view(files),
+        );
+        let g = sized(gate, n * ff);
+        let u = sized(up, n * ff);
+        {
+            let input = prepare(&h[..n * hidden], hidden, &[&wg, &wu], acts, level);
+            let jobs = [
+                MatJob {
+                    w: wg,
+                    input,
+                    y: OutPtr::new(g),
+                },
+                MatJob {
+                    w: wu,
+                    input,
+                    y: OutPtr::new(u),
+                },
+            ];
+            run_jobs(&cpu.pool, &jobs, level);
+        }
+        for (a, b) in g.iter_mut().zip(u.iter()) {
             *a = silu(*a) * b;
         }
-        matmul(&self.down.view(files), &g, n, out);
+        let o = sized(o, n * hidden);
+        let input = prepare(g, ff, &[&wd], acts, level);
+        run_jobs(
+            &cpu.pool,
+            &[MatJob {
+                w: wd,
+                input,
+                y: OutPtr::new(o),
+            }],
+            level,
+        );
     }
 }
 
@@ -64,6 +105,13 @@ pub struct Model {
     pub lm_head: WeightRef,
 }
 
+/// What a forward pass computes with: the model's files and the CPU backend.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub files: &'a ModelFiles,
+    pub cpu: &'a Cpu,
+}
+
 /// Which positions' logits a forward pass returns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Logits {
@@ -85,75 +133,95 @@ impl Model {
 
     /// Runs `tokens` (at positions `kv.len..`) through the model, appending
     /// to the KV cache; returns the logits of the last position or of all
-    /// (`n × vocab`). Token ids must be below the vocabulary size (checked
-    /// by the caller).
-    pub fn forward(
+    /// (`n × vocab`), in `ws.logits`. Token ids must be below the vocabulary
+    /// size (checked by the caller).
+    pub fn forward<'w>(
         &self,
-        files: &ModelFiles,
+        cx: Context<'_>,
         store: &mut ExpertStore,
         kv: &mut KvCache,
+        ws: &'w mut Workspace,
         tokens: &[TokenId],
         which: Logits,
-    ) -> Vec<f32> {
+    ) -> &'w [f32] {
+        let Context { files, cpu } = cx;
         let n = tokens.len();
         let hidden = self.cfg.hidden;
         let eps = self.cfg.rms_eps;
         let pos0 = kv.len;
 
         let embed = self.embed.view(files);
-        let mut x = vec![0f32; n * hidden];
-        for (t, &id) in tokens.iter().enumerate() {
-            embed.row(id as usize, &mut x[t * hidden..(t + 1) * hidden]);
-        }
-
-        let mut h = vec![0f32; n * hidden];
-        let mut o = vec![0f32; n * hidden];
-        for (l, layer) in self.layers.iter().enumerate() {
-            for t in 0..n {
-                rms_norm(
-                    &x[t * hidden..(t + 1) * hidden],
-                    &layer.attn_norm,
-                    eps,
-                    &mut h[t * hidden..(t + 1) * hidden],
-                );
+        {
+            let x = sized(&mut ws.x, n * hidden);
+            for (t, &id) in tokens.iter().enumerate() {
+                embed.row(id as usize, &mut x[t * hidden..(t + 1) * hidden]);
             }
+        }
+        for (l, layer) in self.layers.iter().enumerate() {
+            norm_rows(
+                &ws.x,
+                &layer.attn_norm,
+                eps,
+                hidden,
+                sized(&mut ws.h, n * hidden),
+            );
             layer
                 .attn
-                .forward(files, &mut kv.layers[l], &h, n, pos0, &mut o);
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+                .forward(files, cpu, ws, &mut kv.layers[l], n, pos0);
+            add(&mut ws.x, &ws.o);
 
-            for t in 0..n {
-                rms_norm(
-                    &x[t * hidden..(t + 1) * hidden],
-                    &layer.ffn_norm,
-                    eps,
-                    &mut h[t * hidden..(t + 1) * hidden],
-                );
-            }
+            norm_rows(
+                &ws.x,
+                &layer.ffn_norm,
+                eps,
+                hidden,
+                sized(&mut ws.h, n * hidden),
+            );
             match &layer.ffn {
-                Ffn::Moe(m) => m.forward(files, store, &h, n, hidden, &mut o),
-                Ffn::Dense(d) => d.forward(files, &h, n, &mut o),
+                Ffn::Moe(m) => m.forward(files, cpu, store, ws, n),
+                Ffn::Dense(d) => d.forward(files, cpu, ws, n),
             }
-            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            add(&mut ws.x, &ws.o);
         }
         kv.len = pos0 + n;
 
-        let rows: Vec<usize> = match which {
-            Logits::Last => vec![n - 1],
-            Logits::All => (0..n).collect(),
+        let (first, rows) = match which {
+            Logits::Last => (n - 1, 1),
+            Logits::All => (0, n),
         };
-        let mut normed = vec![0f32; rows.len() * hidden];
-        for (i, &t) in rows.iter().enumerate() {
-            rms_norm(
-                &x[t * hidden..(t + 1) * hidden],
-                &self.output_norm,
-                eps,
-                &mut normed[i * hidden..(i + 1) * hidden],
-            );
-        }
+        let x = &ws.x[first * hidden..(first + rows) * hidden];
+        norm_rows(
+            x,
+            &self.output_norm,
+            eps,
+            hidden,
+            sized(&mut ws.h, rows * hidden),
+        );
         let vocab = self.lm_head.rows;
-        let mut logits = vec![0f32; rows.len() * vocab];
-        matmul(&self.lm_head.view(files), &normed, rows.len(), &mut logits);
-        logits
+        let head = self.lm_head.view(files);
+        let logits = sized(&mut ws.logits, rows * vocab);
+        let input = prepare(&ws.h, hidden, &[&head], &mut ws.acts, cpu.level);
+        run_jobs(
+            &cpu.pool,
+            &[MatJob {
+                w: head,
+                input,
+                y: OutPtr::new(logits),
+            }],
+            cpu.level,
+        );
+        &ws.logits[..rows * vocab]
     }
+}
+
+/// RMSNorm of each `hidden`-sized row of `x` into `out`.
+fn norm_rows(x: &[f32], weight: &[f32], eps: f32, hidden: usize, out: &mut [f32]) {
+    for (xi, oi) in x.chunks_exact(hidden).zip(out.chunks_exact_mut(hidden)) {
+        rms_norm(xi, weight, eps, oi);
+    }
+}
+
+/// `x += o`.
+fn add(x: &mut [f32], o: &[f32]) {
+    x.iter_mut().zip(o).for_each(|(a, b)| *a += b);
 }

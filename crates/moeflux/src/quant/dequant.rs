@@ -33,7 +33,7 @@ pub enum DequantError {
 /// matching number of elements.
 pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), DequantError> {
     let (bs, ts) = ty.block_layout();
-    if src.len() % ts != 0 || src.len() / ts * bs != dst.len() {
+    if !src.len().is_multiple_of(ts) || src.len() / ts * bs != dst.len() {
         return Err(DequantError::Length {
             ty,
             src_bytes: src.len(),

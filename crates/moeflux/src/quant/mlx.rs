@@ -77,7 +77,7 @@ impl MlxAffine {
         if !matches!(self.bits, 4 | 8) {
             return Err(MlxError::UnsupportedBits(self.bits));
         }
-        if self.group_size == 0 || self.group_size % 32 != 0 {
+        if self.group_size == 0 || !self.group_size.is_multiple_of(32) {
             return Err(MlxError::UnsupportedGroupSize(self.group_size));
         }
         Ok(())
@@ -105,7 +105,7 @@ impl MlxAffine {
         self.validate()?;
         let n = dst.len();
         let gs = self.group_size as usize;
-        if n % gs != 0
+        if !n.is_multiple_of(gs)
             || weight.len() as u64 != self.weight_bytes(n as u64)
             || scales.len() as u64 != self.scale_bytes(n as u64)
             || biases.len() != scales.len()

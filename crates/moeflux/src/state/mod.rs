@@ -3,4 +3,4 @@
 
 pub mod kv;
 
-pub use kv::KvCache;
+pub use kv::{KvCache, KvType};

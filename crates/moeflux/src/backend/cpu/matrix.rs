@@ -1,8 +1,8 @@
 //! Weight matrices in their storage format, and products with activations.
 //!
 //! A [`Matrix`] is a borrowed view of a `rows × cols` weight, row-major, in
-//! one of the formats of [`crate::quant`]. Products dequantize one row at a
-//! time with the reference decoders and accumulate in f32.
+//! one of the formats of [`crate::quant`]; [`Matrix::row`] decodes a row with
+//! the reference decoders. Products are in [`super::kernels`].
 
 use crate::quant::dequant::dequantize;
 use crate::quant::{GgmlType, MlxAffine};
@@ -86,7 +86,7 @@ impl<'a> Matrix<'a> {
         q.validate()
             .map_err(|e| MatrixError::Unsupported(e.to_string()))?;
         let n = (rows * cols) as u64;
-        let ok = cols % q.group_size as usize == 0
+        let ok = cols.is_multiple_of(q.group_size as usize)
             && weight.len() as u64 == q.weight_bytes(n)
             && scales.len() as u64 == q.scale_bytes(n)
             && biases.len() == scales.len();
@@ -156,23 +156,4 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
-}
-
-/// `y = W x` for one vector.
-pub fn matvec(w: &Matrix<'_>, x: &[f32], y: &mut [f32]) {
-    matmul(w, x, 1, y)
-}
-
-/// `Y = X Wᵀ` for `n` row vectors: `x` is `n × cols`, `y` is `n × rows`.
-/// Each weight row is decoded once for all `n` inputs.
-pub fn matmul(w: &Matrix<'_>, x: &[f32], n: usize, y: &mut [f32]) {
-    debug_assert_eq!(x.len(), n * w.cols);
-    debug_assert_eq!(y.len(), n * w.rows);
-    let mut row = vec![0f32; w.cols];
-    for r in 0..w.rows {
-        w.row(r, &mut row);
-        for t in 0..n {
-            y[t * w.rows + r] = dot(&row, &x[t * w.cols..(t + 1) * w.cols]);
-        }
-    }
 }

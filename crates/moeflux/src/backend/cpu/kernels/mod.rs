@@ -1,0 +1,468 @@
+//! Quantized matrix products with runtime CPU-feature dispatch.
+//!
+//! [`Level`] picks the instruction set: AVX-512 (with VNNI), AVX2 + FMA,
+//! the portable integer kernels, or the reference path (dequantize each
+//! row, f32 dot). It is detected once; `MOEFLUX_CPU=reference|scalar|avx2|
+//! avx512` forces a level (tests run every level this way).
+//!
+//! Which activation format a weight type is multiplied with:
+//! - Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K and MLX affine (bf16 scales):
+//!   activations quantized to 8 bits in blocks of 32 ([`Q8Acts`]);
+//! - F32, F16, BF16: f32 activations;
+//! - other types: the reference path.
+
+pub mod scalar;
+#[cfg(target_arch = "x86_64")]
+pub mod x86;
+
+use std::sync::OnceLock;
+
+use super::matrix::{dot as f32_dot, Matrix, MatrixData};
+use super::pool::ThreadPool;
+use super::quantize::{Q8Acts, Q8Row};
+use crate::quant::mlx::ScaleType;
+use crate::quant::GgmlType;
+
+/// An instruction-set level for the kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Dequantize rows to f32, f32 dot: the reference every level is checked against.
+    Reference,
+    /// Portable integer kernels.
+    Scalar,
+    /// x86-64 AVX2 + FMA + F16C.
+    Avx2,
+    /// x86-64 AVX-512 F/BW/VL with VNNI.
+    Avx512,
+}
+
+impl Level {
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Reference => "reference",
+            Level::Scalar => "scalar",
+            Level::Avx2 => "avx2",
+            Level::Avx512 => "avx512",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Level> {
+        Some(match s {
+            "reference" => Level::Reference,
+            "scalar" => Level::Scalar,
+            "avx2" => Level::Avx2,
+            "avx512" => Level::Avx512,
+            _ => return None,
+        })
+    }
+
+    /// The best level this CPU supports.
+    pub fn detect() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Level::Avx512;
+            }
+            if is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Level::Avx2;
+            }
+        }
+        Level::Scalar
+    }
+
+    /// Whether this CPU can run the level.
+    pub fn supported(self) -> bool {
+        self <= Level::detect()
+    }
+}
+
+/// The level in use: `MOEFLUX_CPU` if set (and supported), else detected.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        let detected = Level::detect();
+        match std::env::var("MOEFLUX_CPU")
+            .ok()
+            .as_deref()
+            .and_then(Level::from_name)
+        {
+            Some(l) if l <= detected => l,
+            _ => detected,
+        }
+    })
+}
+
+/// The activation format a weight type is computed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActKind {
+    Q8,
+    F32,
+    /// No integer kernel: the reference path.
+    Reference,
+}
+
+pub fn act_kind(m: &Matrix<'_>, level: Level) -> ActKind {
+    if level == Level::Reference {
+        return ActKind::Reference;
+    }
+    match m.data {
+        MatrixData::Ggml { ty, .. } => match ty {
+            GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::MXFP4 => ActKind::Q8,
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActKind::Q8,
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActKind::F32,
+            _ => ActKind::Reference,
+        },
+        MatrixData::Mlx { q, .. } if q.scale_type == ScaleType::BF16 => ActKind::Q8,
+        MatrixData::Mlx { .. } => ActKind::Reference,
+    }
+}
+
+/// Scratch space for quantized activations, reused between products (it
+/// grows to the largest input and then no longer allocates).
+#[derive(Debug, Default)]
+pub struct Acts {
+    pub q8: Q8Acts,
+}
+
+/// The input of one or more products: `n` rows of `cols` activations from
+/// row `row0` of `x` (and of `q8`, when quantized).
+#[derive(Clone, Copy)]
+pub struct Input<'a> {
+    pub x: &'a [f32],
+    pub cols: usize,
+    pub q8: Option<&'a Q8Acts>,
+    pub row0: usize,
+    pub n: usize,
+}
+
+impl<'a> Input<'a> {
+    /// Rows `row0..row0 + n` of the same activations.
+    pub fn rows(&self, row0: usize, n: usize) -> Input<'a> {
+        Input {
+            row0: self.row0 + row0,
+            n,
+            ..*self
+        }
+    }
+}
+
+/// Whether a weight is a k-quant (its kernels need power-of-two
+/// activation block scales).
+fn is_k_quant(w: &Matrix<'_>) -> bool {
+    matches!(
+        w.data,
+        MatrixData::Ggml {
+            ty: GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K,
+            ..
+        }
+    )
+}
+
+/// Quantizes `x` (`n × cols`) into `acts` if any of `weights` needs 8-bit
+/// activations, and returns the input for products with them.
+pub fn prepare<'a>(
+    x: &'a [f32],
+    cols: usize,
+    weights: &[&Matrix<'_>],
+    acts: &'a mut Acts,
+    level: Level,
+) -> Input<'a> {
+    let n = x.len() / cols.max(1);
+    let needs_q8 = weights.iter().any(|w| act_kind(w, level) == ActKind::Q8);
+    if needs_q8 {
+        if weights.iter().any(|w| is_k_quant(w)) {
+            acts.q8.quantize_pow2(x, cols);
+        } else {
+            acts.q8.quantize(x, cols);
+        }
+    }
+    Input {
+        x,
+        cols,
+        q8: needs_q8.then_some(&acts.q8),
+        row0: 0,
+        n,
+    }
+}
+
+/// A raw pointer to an output, shared by tasks that write disjoint rows.
+#[derive(Clone, Copy, Debug)]
+pub struct OutPtr(*mut f32, usize);
+
+// SAFETY: tasks write disjoint elements (distinct weight rows of every
+// input row), and `run_jobs` returns only after all tasks have finished.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// An output of `len` values. The slice must outlive the product.
+    pub fn new(y: &mut [f32]) -> OutPtr {
+        OutPtr(y.as_mut_ptr(), y.len())
+    }
+}
+
+/// One product: `Y = X Wᵀ`, written to `y` as `input.n × w.rows`.
+pub struct MatJob<'a> {
+    pub w: Matrix<'a>,
+    pub input: Input<'a>,
+    pub y: OutPtr,
+}
+
+/// A row kernel with 8-bit activations: `(weight row, activations) → dot`.
+pub type Q8Kernel = unsafe fn(&[u8], Q8Row<'_>) -> f32;
+/// An MLX affine row kernel: `(bits, group, weights, scales, biases, activations)`.
+pub type MlxKernel = unsafe fn(u32, usize, &[u8], &[u8], &[u8], Q8Row<'_>) -> f32;
+/// A float-weight row kernel with f32 activations.
+pub type FKernel = unsafe fn(GgmlType, &[u8], &[f32]) -> f32;
+
+/// A kernel resolved for one weight matrix at one level: chosen once per
+/// task, then called per row.
+#[derive(Clone, Copy)]
+enum RowKernel {
+    Q8(Q8Kernel),
+    Mlx(MlxKernel),
+    F(FKernel),
+    Reference,
+}
+
+fn resolve(w: &Matrix<'_>, input: &Input<'_>, level: Level) -> RowKernel {
+    let kind = act_kind(w, level);
+    if kind == ActKind::Reference || (kind == ActKind::Q8 && input.q8.is_none()) {
+        return RowKernel::Reference;
+    }
+    match (kind, w.data) {
+        (ActKind::Q8, MatrixData::Ggml { ty, .. }) => RowKernel::Q8(q8_kernel(ty, level)),
+        (ActKind::Q8, MatrixData::Mlx { .. }) => RowKernel::Mlx(mlx_kernel(level)),
+        _ => RowKernel::F(f_kernel(level)),
+    }
+}
+
+fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        return x86::q8_kernel(ty, level);
+    }
+    let _ = level;
+    match ty {
+        GgmlType::Q4_0 => scalar::dot_q4_0,
+        GgmlType::Q8_0 => scalar::dot_q8_0,
+        GgmlType::MXFP4 => scalar::dot_mxfp4,
+        GgmlType::Q4_K => scalar::dot_q4_k,
+        GgmlType::Q5_K => scalar::dot_q5_k,
+        GgmlType::Q6_K => scalar::dot_q6_k,
+        _ => unreachable!("not an 8-bit-activation type"),
+    }
+}
+
+fn mlx_kernel(level: Level) -> MlxKernel {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        return x86::mlx_kernel(level);
+    }
+    let _ = level;
+    scalar::dot_mlx
+}
+
+fn scalar_f(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    match ty {
+        GgmlType::F32 => scalar::dot_f32(w, x),
+        GgmlType::F16 => scalar::dot_f16(w, x),
+        GgmlType::BF16 => scalar::dot_bf16(w, x),
+        _ => unreachable!("not a float type"),
+    }
+}
+
+fn f_kernel(level: Level) -> FKernel {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        return x86::f_kernel(level);
+    }
+    let _ = level;
+    scalar_f
+}
+
+/// Rows per task: about 16 KiB of weights (a few microseconds of work), so
+/// that the threads finish a job together — a decode step runs hundreds of
+/// jobs, and the wait for the slowest thread at the end of each one adds up.
+fn rows_per_task(w: &Matrix<'_>, n: usize) -> usize {
+    let row_bytes = match w.data {
+        MatrixData::Ggml { bytes, .. } => bytes.len() / w.rows.max(1),
+        MatrixData::Mlx { weight, .. } => weight.len() / w.rows.max(1),
+    };
+    (16_384 / (row_bytes * n.max(1)).max(1)).clamp(1, w.rows.max(1))
+}
+
+/// Runs several products as one parallel job (for example the gate and up
+/// projections of every selected expert), so the threads are handed work
+/// once.
+pub fn run_jobs(pool: &ThreadPool, jobs: &[MatJob<'_>], level: Level) {
+    // Where each job's tasks start, on the stack: a layer has at most a few
+    // hundred products (every expert's gate and up projections).
+    const MAX_JOBS: usize = 512;
+    if jobs.len() > MAX_JOBS {
+        for chunk in jobs.chunks(MAX_JOBS) {
+            run_jobs(pool, chunk, level);
+        }
+        return;
+    }
+    let mut start = [0usize; MAX_JOBS + 1];
+    let mut chunks = [0usize; MAX_JOBS];
+    for (i, j) in jobs.iter().enumerate() {
+        assert!(j.y.1 >= j.input.n * j.w.rows, "output too small");
+        assert!(
+            j.input.x.len() >= (j.input.row0 + j.input.n) * j.w.cols,
+            "input too small"
+        );
+        chunks[i] = rows_per_task(&j.w, j.input.n);
+        start[i + 1] = start[i] + j.w.rows.div_ceil(chunks[i]);
+    }
+    let total = start[jobs.len()];
+    let (start, chunks) = (&start, &chunks);
+    pool.run(total, &|task, _thread| {
+        // The job holding this task: the last whose start is ≤ task.
+        let ji = start[1..=jobs.len()].partition_point(|&s| s <= task);
+        let job = &jobs[ji];
+        let task = task - start[ji];
+        let c = chunks[ji];
+        let (w, input) = (&job.w, &job.input);
+        let (r0, r1) = (task * c, (task * c + c).min(w.rows));
+        let out = job.y;
+        let (rows, cols) = (w.rows, w.cols);
+        let put = |t: usize, r: usize, v: f32| {
+            // SAFETY: element (t, r) is written by this task only and lies
+            // inside the output (checked above).
+            unsafe { *out.0.add(t * rows + r) = v };
+        };
+        let x_row = |t: usize| &input.x[(input.row0 + t) * cols..(input.row0 + t + 1) * cols];
+        // Token blocks keep a block's activations in cache while the rows
+        // stream past.
+        const TOKENS: usize = 16;
+        match (resolve(w, input, level), w.data) {
+            (RowKernel::Q8(f), MatrixData::Ggml { bytes, .. }) => {
+                let Some(q8) = input.q8 else {
+                    unreachable!("resolved for quantized input")
+                };
+                let rb = bytes.len() / rows;
+                if input.n == 1 {
+                    let a = q8.row(input.row0);
+                    for r in r0..r1 {
+                        // SAFETY: the kernel was resolved for this CPU's level.
+                        put(0, r, unsafe { f(&bytes[r * rb..(r + 1) * rb], a) });
+                    }
+                    return;
+                }
+                for t0 in (0..input.n).step_by(TOKENS) {
+                    let tn = (t0 + TOKENS).min(input.n);
+                    let mut acts = [q8.row(input.row0 + t0); TOKENS];
+                    for (i, a) in acts.iter_mut().enumerate().take(tn - t0).skip(1) {
+                        *a = q8.row(input.row0 + t0 + i);
+                    }
+                    for r in r0..r1 {
+                        let wr = &bytes[r * rb..(r + 1) * rb];
+                        for (i, a) in acts.iter().enumerate().take(tn - t0) {
+                            // SAFETY: the kernel was resolved for this CPU's level.
+                            put(t0 + i, r, unsafe { f(wr, *a) });
+                        }
+                    }
+                }
+            }
+            (
+                RowKernel::Mlx(f),
+                MatrixData::Mlx {
+                    q,
+                    weight,
+                    scales,
+                    biases,
+                },
+            ) => {
+                let Some(q8) = input.q8 else {
+                    unreachable!("resolved for quantized input")
+                };
+                let (wb, sb) = (weight.len() / rows, scales.len() / rows);
+                for r in r0..r1 {
+                    for t in 0..input.n {
+                        // SAFETY: as above.
+                        let v = unsafe {
+                            f(
+                                q.bits as u32,
+                                q.group_size as usize,
+                                &weight[r * wb..(r + 1) * wb],
+                                &scales[r * sb..(r + 1) * sb],
+                                &biases[r * sb..(r + 1) * sb],
+                                q8.row(input.row0 + t),
+                            )
+                        };
+                        put(t, r, v);
+                    }
+                }
+            }
+            (RowKernel::F(f), MatrixData::Ggml { ty, bytes }) => {
+                let rb = bytes.len() / rows;
+                for t0 in (0..input.n).step_by(TOKENS) {
+                    for r in r0..r1 {
+                        for t in t0..(t0 + TOKENS).min(input.n) {
+                            // SAFETY: as above.
+                            let v = unsafe { f(ty, &bytes[r * rb..(r + 1) * rb], x_row(t)) };
+                            put(t, r, v);
+                        }
+                    }
+                }
+            }
+            _ => {
+                let mut row = vec![0f32; cols];
+                for r in r0..r1 {
+                    w.row(r, &mut row);
+                    for t in 0..input.n {
+                        put(t, r, f32_dot(&row, x_row(t)));
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `Y = X Wᵀ` for `n` activation rows `x` (`n × cols`) into `y`
+/// (`n × rows`), on `pool`, at the detected (or forced) level.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Matrix<'_>,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    acts: &mut Acts,
+) {
+    matmul_at(pool, w, x, n, y, acts, level())
+}
+
+/// [`matmul`] at a given level (which must be supported).
+pub fn matmul_at(
+    pool: &ThreadPool,
+    w: &Matrix<'_>,
+    x: &[f32],
+    n: usize,
+    y: &mut [f32],
+    acts: &mut Acts,
+    level: Level,
+) {
+    assert_eq!(x.len(), n * w.cols);
+    assert_eq!(y.len(), n * w.rows);
+    let input = prepare(x, w.cols, &[w], acts, level);
+    let job = MatJob {
+        w: *w,
+        input,
+        y: OutPtr::new(y),
+    };
+    run_jobs(pool, &[job], level);
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,893 @@
+//! x86-64 kernels: AVX2 + FMA (`maddubs`/`madd` integer dots) and AVX-512
+//! with VNNI (`vpdpbusd`, two blocks of 32 per register).
+//!
+//! Every function follows the math of its [`super::scalar`] twin: exact
+//! integer sums per block, scales applied in f32 once per block. Unsigned ×
+//! signed products are what both instruction sets multiply natively; signed
+//! weights are made unsigned with an offset that is subtracted again through
+//! the activation block sums (`Σ (w + c)·a = Σ w·a + c·Σ a`).
+//!
+//! # Safety
+//! Every function here requires the CPU features of its level; callers
+//! check [`super::Level`] first.
+
+#![allow(clippy::missing_safety_doc)]
+
+use std::arch::x86_64::*;
+
+use super::scalar::{f16_at, k_scales};
+use super::Level;
+use crate::backend::cpu::quantize::Q8Row;
+use crate::quant::dequant::{bf16_to_f32, e8m0_to_f32_half, MXFP4_VALUES};
+use crate::quant::{GgmlType, QK_K};
+
+// ---------------------------------------------------------------- helpers
+
+/// An f16 stored at `p` (unaligned), converted with F16C.
+#[inline]
+#[target_feature(enable = "f16c")]
+unsafe fn h2f(p: &[u8]) -> f32 {
+    let bits = u16::from_le_bytes([p[0], p[1]]);
+    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+}
+
+/// The integer sub-block scales of a Q4_K/Q5_K block with the activation
+/// shifts folded in, and the same for the mins.
+#[inline]
+fn k_scales_shifted(sc: &[u8], shift: &[u8]) -> ([i16; 8], [i32; 8]) {
+    let (s, m) = k_scales(sc);
+    (
+        std::array::from_fn(|i| ((s[i] as i32) << shift[i]) as i16),
+        std::array::from_fn(|i| (m[i] as i32) << shift[i]),
+    )
+}
+
+/// `2^shift` for shifts 0..=4, as bytes (a `pshufb` table).
+const POW2: [u8; 16] = [1, 2, 4, 8, 16, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// Unpacks the 12 scale bytes of a Q4_K/Q5_K block at `sc` into 8 scales
+/// and 8 mins as bytes `[scales | mins]`, in registers (no trip through
+/// memory, which would stall on store forwarding). Reads 16 bytes; the
+/// caller guarantees 4 readable bytes past the 12 (the codes follow).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k_unpack(sc: *const u8) -> __m128i {
+    // As u32 words u0, u1, u2 (u3 unused), the layout wants:
+    //   scales 0..4 = u0 & 0x3f..      scales 4..8 = (u2 & 0x0f..) | ((u0 >> 6) & 3..) << 4
+    //   mins   0..4 = u1 & 0x3f..      mins   4..8 = ((u2 >> 4) & 0x0f..) | ((u1 >> 6) & 3..) << 4
+    let u = _mm_loadu_si128(sc as *const __m128i);
+    let a = _mm_shuffle_epi32::<0b10_01_10_00>(u); // [u0, u2, u1, u2]
+    let b = _mm_shuffle_epi32::<0b01_01_00_00>(u); // [u0, u0, u1, u1]
+    let low = _mm_and_si128(
+        _mm_srlv_epi32(a, _mm_setr_epi32(0, 0, 0, 4)),
+        _mm_setr_epi32(0x3f3f_3f3f, 0x0f0f_0f0f, 0x3f3f_3f3f, 0x0f0f_0f0f),
+    );
+    let high = _mm_slli_epi32::<4>(_mm_and_si128(
+        _mm_srli_epi32::<6>(b),
+        _mm_set1_epi32(0x0303_0303),
+    ));
+    _mm_or_si128(low, _mm_and_si128(high, _mm_setr_epi32(0, -1, 0, -1)))
+}
+
+/// `2^shift` of the 8 activation blocks at `shift`, as 16 i16 lanes
+/// repeated for `[scales | mins]`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn pow2_16(shift: *const u8) -> __m256i {
+    let pw = _mm_shuffle_epi8(
+        _mm_loadu_si128(POW2.as_ptr() as *const __m128i),
+        _mm_loadl_epi64(shift as *const __m128i),
+    );
+    _mm256_cvtepu8_epi16(_mm_unpacklo_epi64(pw, pw))
+}
+
+/// The scales and mins of a Q4_K/Q5_K block as 16 i16 lanes
+/// (`[scales | mins]`), each multiplied by `2^shift` of its activation
+/// block (so integer sums come out in units of the super-block's base
+/// activation scale). At most 63·16: fits i16.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k_scales_mins(sc: *const u8, shift: *const u8) -> __m256i {
+    _mm256_mullo_epi16(_mm256_cvtepu8_epi16(k_unpack(sc)), pow2_16(shift))
+}
+
+/// `pshufb` masks broadcasting i16 lane `s` (0..8) of a 128-bit register.
+const BCAST16: [[u8; 32]; 8] = {
+    let mut m = [[0u8; 32]; 8];
+    let mut s = 0;
+    while s < 8 {
+        let mut i = 0;
+        while i < 32 {
+            m[s][i] = (2 * s + (i % 2)) as u8;
+            i += 1;
+        }
+        s += 1;
+    }
+    m
+};
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn bcast16(v: __m256i, s: usize) -> __m256i {
+    _mm256_shuffle_epi8(v, _mm256_loadu_si256(BCAST16[s].as_ptr() as *const __m256i))
+}
+
+/// Σ mins·sums for one super-block: the mins are lanes 8..16 of
+/// `scales_mins`, the activation code sums of its 8 blocks are at `sum`.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn k_mins(scales_mins: __m256i, sum: *const i32) -> __m128i {
+    let sums = _mm_packs_epi32(
+        _mm_loadu_si128(sum as *const __m128i),
+        _mm_loadu_si128(sum.add(4) as *const __m128i),
+    );
+    _mm_madd_epi16(_mm256_extracti128_si256::<1>(scales_mins), sums)
+}
+
+/// `d` and `dmin` of a k-quant block (two f16 at `p`) as lanes 0 and 1.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn d_dmin(p: *const u8) -> __m128 {
+    _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn hsum256(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps::<0x55>(s, s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load256(p: &[u8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    _mm256_loadu_si256(p.as_ptr() as *const __m256i)
+}
+
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn load256i8(p: &[i8]) -> __m256i {
+    debug_assert!(p.len() >= 32);
+    _mm256_loadu_si256(p.as_ptr() as *const __m256i)
+}
+
+/// 16 bytes of packed nibbles → 32 codes: the low nibbles, then the high.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn nibbles_split(p: &[u8]) -> __m256i {
+    let v = _mm_loadu_si128(p.as_ptr() as *const __m128i);
+    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(v), v);
+    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+}
+
+/// Σ of 8 i32 lanes of `u8 × i8` products, summed in pairs of 16 bits then
+/// pairs of 32 (no overflow while `u ≤ 127` or the pair sums stay in i16).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn mul_u8_i8(u: __m256i, s: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1))
+}
+
+/// `i8 × i8` products in i32 lanes (llama.cpp's sign trick: |a| · sign(b, a)).
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn mul_i8_i8(a: __m256i, b: __m256i) -> __m256i {
+    mul_u8_i8(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a))
+}
+
+// ------------------------------------------------------------------- AVX2
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut off = 0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let s = h2f(blk) * a.d[b];
+        let p = mul_u8_i8(nibbles_split(&blk[2..]), load256i8(&a.qs[b * 32..]));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc);
+        off += s * a.sum[b] as f32;
+    }
+    hsum256(acc) - 8.0 * off
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        let s = h2f(blk) * a.d[b];
+        let p = mul_i8_i8(load256(&blk[2..]), load256i8(&a.qs[b * 32..]));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum256(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mxfp4_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let table =
+        _mm256_broadcastsi128_si256(_mm_loadu_si128(MXFP4_VALUES.as_ptr() as *const __m128i));
+    let mut acc = _mm256_setzero_ps();
+    for (b, blk) in w.chunks_exact(17).enumerate() {
+        let s = e8m0_to_f32_half(blk[0]) * a.d[b];
+        let v = _mm256_shuffle_epi8(table, nibbles_split(&blk[1..]));
+        let p = mul_i8_i8(v, load256i8(&a.qs[b * 32..]));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc);
+    }
+    hsum256(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 144;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum.len() >= 8 * nb
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = _mm_setzero_ps();
+    let (wp, qp) = (w.as_ptr(), a.qs.as_ptr());
+    for b in 0..nb {
+        // SAFETY (pointer arithmetic below): the lengths were checked above;
+        // block b spans w[144b..144b+144] and activations [256b..256b+256].
+        let blk = wp.add(144 * b);
+        let qa = qp.add(QK_K * b);
+        let sm = k_scales_mins(blk.add(4), a.shift.as_ptr().add(8 * b));
+        let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
+        let mut isum = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            let plo =
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256(qa.add(64 * c) as *const __m256i));
+            let phi = _mm256_maddubs_epi16(
+                hi,
+                _mm256_loadu_si256(qa.add(64 * c + 32) as *const __m256i),
+            );
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, bcast16(scales, 2 * c)));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, bcast16(scales, 2 * c + 1)));
+        }
+        let dd = _mm_mul_ps(d_dmin(blk), _mm_set1_ps(a.base[b]));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(isum), acc);
+        let imin = _mm_cvtepi32_ps(k_mins(sm, a.sum.as_ptr().add(8 * b)));
+        mins = _mm_fmadd_ps(_mm_shuffle_ps::<0x55>(dd, dd), imin, mins);
+    }
+    let m = _mm_add_ps(mins, _mm_movehl_ps(mins, mins));
+    let m = _mm_add_ss(m, _mm_shuffle_ps::<0x55>(m, m));
+    hsum256(acc) - _mm_cvtss_f32(m)
+}
+
+/// Bit `k` of every byte of `qh`, moved to bit 4.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn fifth_bit(qh: __m256i, one: __m256i, k: i32) -> __m256i {
+    let bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(k)), one);
+    _mm256_slli_epi16::<4>(bit)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 176;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum.len() >= 8 * nb
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut mins = _mm_setzero_ps();
+    let (wp, qp) = (w.as_ptr(), a.qs.as_ptr());
+    for b in 0..nb {
+        // SAFETY: as in q4_k_avx2 (176-byte blocks).
+        let blk = wp.add(176 * b);
+        let qa = qp.add(QK_K * b);
+        let sm = k_scales_mins(blk.add(4), a.shift.as_ptr().add(8 * b));
+        let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
+        let qh = _mm256_loadu_si256(blk.add(16) as *const __m256i);
+        let mut isum = _mm256_setzero_si256();
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(blk.add(48 + 32 * c) as *const __m256i);
+            let lo = _mm256_or_si256(_mm256_and_si256(q, mask), fifth_bit(qh, one, 2 * c as i32));
+            let hi = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                fifth_bit(qh, one, 2 * c as i32 + 1),
+            );
+            let plo =
+                _mm256_maddubs_epi16(lo, _mm256_loadu_si256(qa.add(64 * c) as *const __m256i));
+            let phi = _mm256_maddubs_epi16(
+                hi,
+                _mm256_loadu_si256(qa.add(64 * c + 32) as *const __m256i),
+            );
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(plo, bcast16(scales, 2 * c)));
+            isum = _mm256_add_epi32(isum, _mm256_madd_epi16(phi, bcast16(scales, 2 * c + 1)));
+        }
+        let dd = _mm_mul_ps(d_dmin(blk), _mm_set1_ps(a.base[b]));
+        acc = _mm256_fmadd_ps(_mm256_broadcastss_ps(dd), _mm256_cvtepi32_ps(isum), acc);
+        let imin = _mm_cvtepi32_ps(k_mins(sm, a.sum.as_ptr().add(8 * b)));
+        mins = _mm_fmadd_ps(_mm_shuffle_ps::<0x55>(dd, dd), imin, mins);
+    }
+    let m = _mm_add_ps(mins, _mm_movehl_ps(mins, mins));
+    let m = _mm_add_ss(m, _mm_shuffle_ps::<0x55>(m, m));
+    hsum256(acc) - _mm_cvtss_f32(m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 210;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum16.len() >= 16 * nb
+    );
+    let mask = _mm256_set1_epi8(0x0F);
+    let three = _mm256_set1_epi8(3);
+    let pow2 = _mm_loadu_si128(POW2.as_ptr() as *const __m128i);
+    // Group g of 16 values lies in activation block g / 2.
+    let pairs = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    let mut acc = _mm256_setzero_ps();
+    let (wp, qp) = (w.as_ptr(), a.qs.as_ptr());
+    for b in 0..nb {
+        // SAFETY: as in q4_k_avx2 (210-byte blocks).
+        let blk = wp.add(210 * b);
+        let qa = qp.add(QK_K * b);
+        // The 16 group scales times 2^shift of their activation block.
+        let pw = _mm_shuffle_epi8(
+            pow2,
+            _mm_loadl_epi64(a.shift.as_ptr().add(8 * b) as *const __m128i),
+        );
+        let pw16 = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(pw, pairs));
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const __m128i));
+        let scl = _mm256_mullo_epi16(sc16, pw16);
+        let mut isum = _mm256_setzero_si256();
+        for h in 0..2 {
+            let qh = _mm256_loadu_si256(blk.add(128 + 32 * h) as *const __m256i);
+            // Groups 8h..8h+8 in both 128-bit halves, for the broadcasts.
+            let sh = if h == 0 {
+                _mm256_permute2x128_si256::<0x00>(scl, scl)
+            } else {
+                _mm256_permute2x128_si256::<0x11>(scl, scl)
+            };
+            for j in 0..4 {
+                let ql = _mm256_loadu_si256(blk.add(64 * h + 32 * (j % 2)) as *const __m256i);
+                let lo = if j < 2 {
+                    _mm256_and_si256(ql, mask)
+                } else {
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql), mask)
+                };
+                let hi =
+                    _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j as i32)), three);
+                let q = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(hi));
+                let p = _mm256_maddubs_epi16(
+                    q,
+                    _mm256_loadu_si256(qa.add(128 * h + 32 * j) as *const __m256i),
+                );
+                // Low half: group 2j, high half: group 2j + 1 (of this 128).
+                let sv = _mm256_blend_epi32::<0xF0>(bcast16(sh, 2 * j), bcast16(sh, 2 * j + 1));
+                isum = _mm256_add_epi32(isum, _mm256_madd_epi16(p, sv));
+            }
+        }
+        // The −32 offset of the codes: 32 · Σ scale·(Σ x per group).
+        let sums = _mm256_loadu_si256(a.sum16.as_ptr().add(16 * b) as *const __m256i);
+        let off = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scl, sums));
+        let f = a.base[b] * h2f(std::slice::from_raw_parts(blk.add(208), 2));
+        acc = _mm256_fmadd_ps(
+            _mm256_set1_ps(f),
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(isum, off)),
+            acc,
+        );
+    }
+    hsum256(acc)
+}
+
+/// MLX 4-bit: 16 bytes of words → 32 codes in element order (nibble j of a
+/// word is element j, low nibble first), as unsigned bytes.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn mlx4_codes(p: &[u8]) -> __m256i {
+    let v = _mm_loadu_si128(p.as_ptr() as *const __m128i);
+    let m = _mm_set1_epi8(0x0F);
+    let lo = _mm_and_si128(v, m);
+    let hi = _mm_and_si128(_mm_srli_epi16::<4>(v), m);
+    _mm256_set_m128i(_mm_unpackhi_epi8(lo, hi), _mm_unpacklo_epi8(lo, hi))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn mlx_avx2(bits: u32, group: usize, w: &[u8], s: &[u8], bi: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut bias_acc = 0f32;
+    let bytes_per_block = 4 * bits as usize; // 32 codes
+    for b in 0..a.d.len() {
+        let g = b * 32 / group;
+        let scale = bf16_to_f32(u16::from_le_bytes([s[2 * g], s[2 * g + 1]]));
+        let bias = bf16_to_f32(u16::from_le_bytes([bi[2 * g], bi[2 * g + 1]]));
+        let wb = &w[b * bytes_per_block..];
+        let x = load256i8(&a.qs[b * 32..]);
+        let p = if bits == 4 {
+            mul_u8_i8(mlx4_codes(wb), x)
+        } else {
+            // 8-bit codes reach 255: multiply in 16 bits to avoid the
+            // saturation of maddubs.
+            let q = load256(wb);
+            let ql = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(q));
+            let qh = _mm256_cvtepu8_epi16(_mm256_extracti128_si256::<1>(q));
+            let xl = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(x));
+            let xh = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(x));
+            _mm256_add_epi32(_mm256_madd_epi16(ql, xl), _mm256_madd_epi16(qh, xh))
+        };
+        let d = a.d[b];
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scale * d), _mm256_cvtepi32_ps(p), acc);
+        bias_acc += bias * d * a.sum[b] as f32;
+    }
+    hsum256(acc) + bias_acc
+}
+
+/// Eight weights from element `i` as f32.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn load8(ty: GgmlType, w: &[u8], i: usize) -> __m256 {
+    match ty {
+        GgmlType::F32 => _mm256_loadu_ps(w.as_ptr().add(4 * i) as *const f32),
+        GgmlType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i)),
+        _ => {
+            let h = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let full = n / 32 * 32;
+    for i in (0..full).step_by(32) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(
+                load8(ty, w, i + 8 * k),
+                _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)),
+                *a,
+            );
+        }
+    }
+    let mut tail = 0f32;
+    for i in full..n {
+        let wv = match ty {
+            GgmlType::F32 => {
+                f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]])
+            }
+            GgmlType::F16 => f16_at(w, 2 * i),
+            _ => bf16_to_f32(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])),
+        };
+        tail += wv * x[i];
+    }
+    hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    )) + tail
+}
+
+// ----------------------------------------------------------------- AVX-512
+
+/// `[lo; 8] ++ [hi; 8]` as 16 f32 lanes.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn halves(lo: f32, hi: f32) -> __m512 {
+    _mm512_insertf32x8::<1>(_mm512_set1_ps(lo), _mm256_set1_ps(hi))
+}
+
+/// Two 256-bit halves as one 512-bit register.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn join(lo: __m256i, hi: __m256i) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
+}
+
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn load512i8(p: &[i8]) -> __m512i {
+    debug_assert!(p.len() >= 64);
+    _mm512_loadu_si512(p.as_ptr() as *const __m512i)
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_0_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = a.d.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut off = 0f32;
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (b0, b1) = (&w[18 * b..], &w[18 * (b + 1)..]);
+        let q = join(nibbles_split(&b0[2..]), nibbles_split(&b1[2..]));
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, load512i8(&a.qs[32 * b..]));
+        let (s0, s1) = (h2f(b0) * a.d[b], h2f(b1) * a.d[b + 1]);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), halves(s0, s1), acc);
+        off += s0 * a.sum[b] as f32 + s1 * a.sum[b + 1] as f32;
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        let rest = a.from_block(b);
+        tail = q4_0_avx2(&w[18 * b..], rest);
+    }
+    _mm512_reduce_add_ps(acc) - 8.0 * off + tail
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q8_0_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = a.d.len();
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = _mm512_setzero_ps();
+    let mut off = 0f32;
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (b0, b1) = (&w[34 * b..], &w[34 * (b + 1)..]);
+        // w + 128 is unsigned; the extra 128·Σa is subtracted below.
+        let q = _mm512_xor_si512(join(load256(&b0[2..]), load256(&b1[2..])), flip);
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, load512i8(&a.qs[32 * b..]));
+        let (s0, s1) = (h2f(b0) * a.d[b], h2f(b1) * a.d[b + 1]);
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), halves(s0, s1), acc);
+        off += s0 * a.sum[b] as f32 + s1 * a.sum[b + 1] as f32;
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        let rest = a.from_block(b);
+        tail = q8_0_avx2(&w[34 * b..], rest);
+    }
+    _mm512_reduce_add_ps(acc) - 128.0 * off + tail
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn mxfp4_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    // Table of code + 12 (unsigned); 12·Σa is subtracted after.
+    let mut shifted = [0u8; 16];
+    for (s, &v) in shifted.iter_mut().zip(&MXFP4_VALUES) {
+        *s = (v + 12) as u8;
+    }
+    let table = _mm256_broadcastsi128_si256(_mm_loadu_si128(shifted.as_ptr() as *const __m128i));
+    let nb = a.d.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut off = 0f32;
+    let mut b = 0;
+    while b + 2 <= nb {
+        let (b0, b1) = (&w[17 * b..], &w[17 * (b + 1)..]);
+        let v0 = _mm256_shuffle_epi8(table, nibbles_split(&b0[1..]));
+        let v1 = _mm256_shuffle_epi8(table, nibbles_split(&b1[1..]));
+        let p = _mm512_dpbusd_epi32(
+            _mm512_setzero_si512(),
+            join(v0, v1),
+            load512i8(&a.qs[32 * b..]),
+        );
+        let s0 = e8m0_to_f32_half(b0[0]) * a.d[b];
+        let s1 = e8m0_to_f32_half(b1[0]) * a.d[b + 1];
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), halves(s0, s1), acc);
+        off += s0 * a.sum[b] as f32 + s1 * a.sum[b + 1] as f32;
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        let rest = a.from_block(b);
+        tail = mxfp4_avx2(&w[17 * b..], rest);
+    }
+    _mm512_reduce_add_ps(acc) - 12.0 * off + tail
+}
+
+/// `[lo; 16] ++ [hi; 16]` as 32 i16 lanes.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn halves16(lo: i16, hi: i16) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_set1_epi16(lo), _mm256_set1_epi16(hi))
+}
+
+/// Two activation pieces of 32 at offsets `i` and `j` as one register.
+#[inline]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn acts2(qa: &[i8], i: usize, j: usize) -> __m512i {
+    join(load256i8(&qa[i..]), load256i8(&qa[j..]))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q4_k_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 144;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum.len() >= 8 * nb
+    );
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut acc = _mm512_setzero_ps();
+    let mut mins = 0f32;
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let (sc, m) = k_scales_shifted(&blk[4..16], &a.shift[8 * b..8 * b + 8]);
+        let qa = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let mut isum = _mm512_setzero_si512();
+        for c in 0..2 {
+            // Bytes 64c..64c+64: low nibbles are sub-blocks 4c and 4c+2,
+            // high nibbles 4c+1 and 4c+3.
+            let q = _mm512_loadu_si512(blk[16 + 64 * c..].as_ptr() as *const __m512i);
+            let lo = _mm512_and_si512(q, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), mask);
+            let s = 4 * c;
+            let plo = _mm512_maddubs_epi16(lo, acts2(qa, 32 * s, 32 * (s + 2)));
+            let phi = _mm512_maddubs_epi16(hi, acts2(qa, 32 * (s + 1), 32 * (s + 3)));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(plo, halves16(sc[s], sc[s + 2])));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(phi, halves16(sc[s + 1], sc[s + 3])));
+        }
+        let imin: i32 = (0..8).map(|s| m[s] * a.sum[8 * b + s]).sum();
+        let base = a.base[b];
+        acc = _mm512_fmadd_ps(
+            _mm512_set1_ps(base * h2f(blk)),
+            _mm512_cvtepi32_ps(isum),
+            acc,
+        );
+        mins += base * h2f(&blk[2..]) * imin as f32;
+    }
+    _mm512_reduce_add_ps(acc) - mins
+}
+
+/// Bit `k0` (low 256 bits) / `k1` (high 256 bits) of every byte of `qh`,
+/// moved to bit 4.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn fifth_bits512(qh: __m512i, one: __m512i, k0: u64, k1: u64) -> __m512i {
+    let (k0, k1) = (k0 as i64, k1 as i64);
+    let counts = _mm512_set_epi64(k1, k1, k1, k1, k0, k0, k0, k0);
+    _mm512_slli_epi16::<4>(_mm512_and_si512(_mm512_srlv_epi64(qh, counts), one))
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q5_k_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 176;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum.len() >= 8 * nb
+    );
+    let mask = _mm512_set1_epi8(0x0F);
+    let one = _mm512_set1_epi8(1);
+    let mut acc = _mm512_setzero_ps();
+    let mut mins = 0f32;
+    for (b, blk) in w.chunks_exact(176).enumerate() {
+        let (sc, m) = k_scales_shifted(&blk[4..16], &a.shift[8 * b..8 * b + 8]);
+        let qh = _mm512_broadcast_i64x4(load256(&blk[16..]));
+        let qa = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let mut isum = _mm512_setzero_si512();
+        for c in 0..2 {
+            let q = _mm512_loadu_si512(blk[48 + 64 * c..].as_ptr() as *const __m512i);
+            let s = 4 * c;
+            // Fifth bit of sub-block k is bit k of qh: the low 256 bits of
+            // the register hold sub-block s (or s+1), the high s+2 (or s+3).
+            let lo = _mm512_or_si512(
+                _mm512_and_si512(q, mask),
+                fifth_bits512(qh, one, s as u64, s as u64 + 2),
+            );
+            let hi = _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi16::<4>(q), mask),
+                fifth_bits512(qh, one, s as u64 + 1, s as u64 + 3),
+            );
+            let plo = _mm512_maddubs_epi16(lo, acts2(qa, 32 * s, 32 * (s + 2)));
+            let phi = _mm512_maddubs_epi16(hi, acts2(qa, 32 * (s + 1), 32 * (s + 3)));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(plo, halves16(sc[s], sc[s + 2])));
+            isum = _mm512_add_epi32(isum, _mm512_madd_epi16(phi, halves16(sc[s + 1], sc[s + 3])));
+        }
+        let imin: i32 = (0..8).map(|s| m[s] * a.sum[8 * b + s]).sum();
+        let base = a.base[b];
+        acc = _mm512_fmadd_ps(
+            _mm512_set1_ps(base * h2f(blk)),
+            _mm512_cvtepi32_ps(isum),
+            acc,
+        );
+        mins += base * h2f(&blk[2..]) * imin as f32;
+    }
+    _mm512_reduce_add_ps(acc) - mins
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn q6_k_avx512(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = w.len() / 210;
+    assert!(
+        a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum16.len() >= 16 * nb
+    );
+    let mask = _mm512_set1_epi8(0x0F);
+    let three = _mm512_set1_epi8(3);
+    let mut acc = _mm512_setzero_ps();
+    let mut offset = 0f32;
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let scales = &blk[192..208];
+        let sh = &a.shift[8 * b..8 * b + 8];
+        let scl: [i16; 16] =
+            std::array::from_fn(|g| (((scales[g] as i8) as i32) << sh[g / 2]) as i16);
+        let qa = &a.qs[b * QK_K..(b + 1) * QK_K];
+        let mut isum = _mm512_setzero_si512();
+        for h in 0..2 {
+            let ql = _mm512_loadu_si512(blk[64 * h..].as_ptr() as *const __m512i);
+            let qh = _mm512_broadcast_i64x4(load256(&blk[128 + 32 * h..]));
+            for half in 0..2 {
+                // 32-groups j = 2·half and 2·half + 1 of this 128.
+                let lo = if half == 0 {
+                    _mm512_and_si512(ql, mask)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(ql), mask)
+                };
+                let (k0, k1) = (4 * half as i64, 4 * half as i64 + 2);
+                let counts = _mm512_set_epi64(k1, k1, k1, k1, k0, k0, k0, k0);
+                let hi = _mm512_and_si512(_mm512_srlv_epi64(qh, counts), three);
+                let q = _mm512_or_si512(lo, _mm512_slli_epi16::<4>(hi));
+                let p = _mm512_maddubs_epi16(q, load512i8(&qa[128 * h + 64 * half..]));
+                // 128-bit lanes cover 16 values: groups g..g+4.
+                let g = 8 * h + 4 * half;
+                let sv = _mm512_inserti64x4::<1>(
+                    _mm512_castsi256_si512(_mm256_set_m128i(
+                        _mm_set1_epi16(scl[g + 1]),
+                        _mm_set1_epi16(scl[g]),
+                    )),
+                    _mm256_set_m128i(_mm_set1_epi16(scl[g + 3]), _mm_set1_epi16(scl[g + 2])),
+                );
+                isum = _mm512_add_epi32(isum, _mm512_madd_epi16(p, sv));
+            }
+        }
+        let ioff: i32 = (0..16)
+            .map(|g| scl[g] as i32 * a.sum16[16 * b + g] as i32)
+            .sum();
+        let f = a.base[b] * h2f(&blk[208..]);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(f), _mm512_cvtepi32_ps(isum), acc);
+        offset += f * (32 * ioff) as f32;
+    }
+    _mm512_reduce_add_ps(acc) - offset
+}
+
+/// Σ code · activation over one block of 32 MLX codes.
+fn mlx_block_isum(bits: u32, w: &[u8], qa: &[i8]) -> i32 {
+    let per_word = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    qa.iter()
+        .enumerate()
+        .map(|(k, &x)| {
+            let wi = k / per_word;
+            let word = u32::from_le_bytes([w[4 * wi], w[4 * wi + 1], w[4 * wi + 2], w[4 * wi + 3]]);
+            ((word >> ((k % per_word) as u32 * bits)) & mask) as i32 * x as i32
+        })
+        .sum()
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+unsafe fn mlx_avx512(bits: u32, group: usize, w: &[u8], s: &[u8], bi: &[u8], a: Q8Row<'_>) -> f32 {
+    let nb = a.d.len();
+    let mut acc = _mm512_setzero_ps();
+    let mut bias_acc = 0f32;
+    let bytes_per_block = 4 * bits as usize;
+    let scale_of = |b: usize| {
+        let g = b * 32 / group;
+        (
+            bf16_to_f32(u16::from_le_bytes([s[2 * g], s[2 * g + 1]])),
+            bf16_to_f32(u16::from_le_bytes([bi[2 * g], bi[2 * g + 1]])),
+        )
+    };
+    let mut b = 0;
+    while b + 2 <= nb {
+        let wb = &w[b * bytes_per_block..];
+        let q = if bits == 4 {
+            // 32 bytes → 64 codes: as 16-bit lanes, byte k becomes
+            // (low nibble, high nibble) = elements 2k, 2k+1.
+            let x16 = _mm512_cvtepu8_epi16(load256(wb));
+            _mm512_or_si512(
+                _mm512_and_si512(x16, _mm512_set1_epi16(0x0F)),
+                _mm512_and_si512(_mm512_slli_epi16::<4>(x16), _mm512_set1_epi16(0x0F00)),
+            )
+        } else {
+            _mm512_loadu_si512(wb.as_ptr() as *const __m512i)
+        };
+        let p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, load512i8(&a.qs[32 * b..]));
+        let ((s0, b0), (s1, b1)) = (scale_of(b), scale_of(b + 1));
+        acc = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(p),
+            halves(s0 * a.d[b], s1 * a.d[b + 1]),
+            acc,
+        );
+        bias_acc += b0 * a.d[b] * a.sum[b] as f32 + b1 * a.d[b + 1] * a.sum[b + 1] as f32;
+        b += 2;
+    }
+    let mut tail = 0f32;
+    if b < nb {
+        // An odd trailing block, in scalar code.
+        let (scale, bias) = scale_of(b);
+        let isum = mlx_block_isum(bits, &w[b * bytes_per_block..], &a.qs[32 * b..32 * b + 32]);
+        tail = a.d[b] * (scale * isum as f32 + bias * a.sum[b] as f32);
+    }
+    _mm512_reduce_add_ps(acc) + bias_acc + tail
+}
+
+/// Sixteen weights from element `i` as f32.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn load16(ty: GgmlType, w: &[u8], i: usize) -> __m512 {
+    match ty {
+        GgmlType::F32 => _mm512_loadu_ps(w.as_ptr().add(4 * i) as *const f32),
+        GgmlType::F16 => {
+            _mm512_cvtph_ps(_mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i))
+        }
+        _ => {
+            let h = _mm256_loadu_si256(w.as_ptr().add(2 * i) as *const __m256i);
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+unsafe fn f_avx512(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    let n = x.len();
+    let mut acc = [_mm512_setzero_ps(); 4];
+    let full = n / 64 * 64;
+    for i in (0..full).step_by(64) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            *a = _mm512_fmadd_ps(
+                load16(ty, w, i + 16 * k),
+                _mm512_loadu_ps(x.as_ptr().add(i + 16 * k)),
+                *a,
+            );
+        }
+    }
+    let rest = if full < n {
+        let bytes = match ty {
+            GgmlType::F32 => 4,
+            _ => 2,
+        };
+        f_avx2(ty, &w[bytes * full..], &x[full..])
+    } else {
+        0.0
+    };
+    _mm512_reduce_add_ps(_mm512_add_ps(
+        _mm512_add_ps(acc[0], acc[1]),
+        _mm512_add_ps(acc[2], acc[3]),
+    )) + rest
+}
+
+// --------------------------------------------------------------- dispatch
+
+/// The kernel for 8-bit activations of a type at a level.
+pub fn q8_kernel(ty: GgmlType, level: Level) -> super::Q8Kernel {
+    match (ty, level) {
+        (GgmlType::Q4_0, Level::Avx512) => q4_0_avx512,
+        (GgmlType::Q8_0, Level::Avx512) => q8_0_avx512,
+        (GgmlType::MXFP4, Level::Avx512) => mxfp4_avx512,
+        (GgmlType::Q4_K, Level::Avx512) => q4_k_avx512,
+        (GgmlType::Q5_K, Level::Avx512) => q5_k_avx512,
+        (GgmlType::Q6_K, Level::Avx512) => q6_k_avx512,
+        (GgmlType::Q4_0, _) => q4_0_avx2,
+        (GgmlType::Q8_0, _) => q8_0_avx2,
+        (GgmlType::MXFP4, _) => mxfp4_avx2,
+        (GgmlType::Q4_K, _) => q4_k_avx2,
+        (GgmlType::Q5_K, _) => q5_k_avx2,
+        (GgmlType::Q6_K, _) => q6_k_avx2,
+        _ => unreachable!("not an 8-bit-activation type"),
+    }
+}
+
+/// The MLX affine kernel at a level.
+pub fn mlx_kernel(level: Level) -> super::MlxKernel {
+    match level {
+        Level::Avx512 => mlx_avx512,
+        _ => mlx_avx2,
+    }
+}
+
+/// The float-weight kernel at a level.
+pub fn f_kernel(level: Level) -> super::FKernel {
+    match level {
+        Level::Avx512 => f_avx512,
+        _ => f_avx2,
+    }
+}

@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Time llama.cpp (through the llama-cpp-python PyPI package) on a GGUF:
+prompt processing and decode tok/s, the way `moeflux bench` measures them.
+
+Prints one JSON object. Usage:
+  python3 scripts/bench/llama_cpp_bench.py -m model.gguf -p 512 -n 64 -t 2 [--no-mmap]
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import llama_cpp
+from llama_cpp import Llama
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-m", "--model", required=True)
+    ap.add_argument("-p", "--prompt", type=int, default=512)
+    ap.add_argument("-n", "--n-gen", type=int, default=64)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--ctx", type=int, default=0)
+    ap.add_argument("--no-mmap", action="store_true")
+    ap.add_argument("--seed", type=int, default=1)
+    a = ap.parse_args()
+
+    t0 = time.time()
+    llm = Llama(
+        model_path=a.model,
+        n_ctx=a.ctx or (a.prompt + a.n_gen + 16),
+        n_batch=512,
+        n_ubatch=512,
+        n_threads=a.threads,
+        n_threads_batch=a.threads,
+        use_mmap=not a.no_mmap,
+        logits_all=False,
+        verbose=False,
+    )
+    load_s = time.time() - t0
+    vocab = llm.n_vocab()
+    rng = np.random.default_rng(a.seed)
+    prompt = [int(x) for x in rng.integers(300, min(vocab, 100000), size=a.prompt)]
+
+    t = time.time()
+    llm.eval(prompt)
+    prompt_s = time.time() - t
+
+    t = time.time()
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for _ in range(a.n_gen):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    gen_s = time.time() - t
+    print(json.dumps({
+        "engine": "llama.cpp",
+        "llama_cpp_python": llama_cpp.__version__,
+        "model": a.model,
+        "threads": a.threads,
+        "mmap": not a.no_mmap,
+        "load_s": round(load_s, 3),
+        "prompt_tokens": a.prompt,
+        "prompt_tok_s": round(a.prompt / prompt_s, 3),
+        "gen_tokens": a.n_gen,
+        "decode_tok_s": round(a.n_gen / gen_s, 3),
+    }))
+
+
+if __name__ == "__main__":
+    main()
