@@ -6,9 +6,13 @@ use std::path::{Path, PathBuf};
 
 use moeflux::npy::NpyArray;
 
-/// The repository's `tests/` directory.
+/// The repository's `tests/` directory (`MOEFLUX_TESTS_DIR` overrides it,
+/// for test binaries run on another machine).
 pub fn tests_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests")
+    match std::env::var_os("MOEFLUX_TESTS_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests"),
+    }
 }
 
 /// A file under `tests/data/`.
