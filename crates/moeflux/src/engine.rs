@@ -26,15 +26,16 @@ use crate::backend::cpu::workspace::Workspace;
 use crate::backend::cpu::Cpu;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
-use crate::experts::ExpertStore;
+use crate::experts::plan::{self, Budget, MemoryPlan, PlanInput};
+use crate::experts::{ExpertStore, IoMode, StoreOptions, StoreStats};
 use crate::format::{ModelFiles, ModelMetadata};
-use crate::model::{self, Context, Logits, Model, ModelConfig};
+use crate::model::{self, Context, Logits, Model, ModelConfig, Prefetch};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::state::{KvCache, KvType};
 use crate::tokenizer::{TokenId, Tokenizer};
 
 /// How to open a model.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct EngineOptions {
     /// Context length in tokens; 0 means the model's own, capped at 4096
     /// (the KV cache is sized for it).
@@ -48,6 +49,30 @@ pub struct EngineOptions {
     /// Force a CPU kernel level (None: the best the CPU supports, or
     /// `MOEFLUX_CPU`). A level the CPU cannot run is refused.
     pub cpu_level: Option<Level>,
+    /// The memory budget (None: the automatic plan from available memory).
+    pub budget: Option<Budget>,
+    /// How experts are read.
+    pub io: IoMode,
+    /// Reader threads (several reads in flight keep an SSD busy).
+    pub io_threads: usize,
+    pub prefetch: Prefetch,
+    /// Called while the dense weights are read: `(done, total)` bytes.
+    pub on_load_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+}
+
+impl std::fmt::Debug for EngineOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineOptions")
+            .field("ctx", &self.ctx)
+            .field("ubatch", &self.ubatch)
+            .field("threads", &self.threads)
+            .field("kv_type", &self.kv_type)
+            .field("cpu_level", &self.cpu_level)
+            .field("budget", &self.budget)
+            .field("io", &self.io)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for EngineOptions {
@@ -58,6 +83,11 @@ impl Default for EngineOptions {
             threads: 0,
             kv_type: KvType::F16,
             cpu_level: None,
+            budget: None,
+            io: IoMode::Direct,
+            io_threads: 4,
+            prefetch: Prefetch::Lookahead,
+            on_load_progress: None,
         }
     }
 }
@@ -69,6 +99,8 @@ struct Inner {
     tokenizer: std::result::Result<Tokenizer, String>,
     template: Option<std::result::Result<ChatTemplate, String>>,
     cpu: Cpu,
+    plan: MemoryPlan,
+    prefetch: Prefetch,
     ctx: usize,
     ubatch: usize,
     kv_type: KvType,
@@ -109,6 +141,47 @@ impl Engine {
             n => n,
         };
         let (model, experts) = model::load(&files, cfg)?;
+
+        // The memory plan, before anything large is allocated.
+        let mut files = files;
+        let dense_spans = model.dense_spans();
+        let dense_bytes: u64 = {
+            let mut sorted = dense_spans.clone();
+            sorted.sort_by_key(|s| (s.file, s.offset));
+            sorted.dedup();
+            sorted.iter().map(|s| s.len).sum()
+        };
+        let cfg = &model.cfg;
+        let per_layer: Vec<u64> = experts.iter().map(|e| e.len() as u64).collect();
+        let input = PlanInput {
+            dense_bytes,
+            slot_bytes: crate::experts::store::slot_bytes_for(&experts),
+            total_experts: per_layer.iter().sum(),
+            top_k: cfg.n_experts_used as u64,
+            kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type.bytes()),
+            scratch_bytes: plan::scratch_bytes(cfg, opts.ubatch.max(1) as u64),
+        };
+        let budget = opts.budget.unwrap_or(Budget::Auto {
+            available: plan::available_memory().unwrap_or(8 << 30),
+        });
+        let plan = MemoryPlan::new(budget, input)?;
+
+        // Dense weights resident in memory; experts through the store.
+        let progress = opts.on_load_progress.clone();
+        files.make_resident(&dense_spans, &mut |done, total| {
+            if let Some(p) = &progress {
+                p(done, total);
+            }
+        })?;
+        let store = ExpertStore::new(
+            &files,
+            experts,
+            StoreOptions {
+                slots: plan.slots as usize,
+                io: opts.io,
+                io_threads: opts.io_threads,
+            },
+        )?;
 
         let tokenizer = match &files.metadata {
             ModelMetadata::Gguf(meta) => Tokenizer::from_gguf(meta),
@@ -152,7 +225,9 @@ impl Engine {
             inner: Arc::new(Inner {
                 files,
                 model,
-                store: Mutex::new(ExpertStore::new(experts)),
+                store: Mutex::new(store),
+                plan,
+                prefetch: opts.prefetch,
                 tokenizer,
                 template,
                 cpu: Cpu::new(opts.threads, opts.cpu_level)?,
@@ -192,6 +267,29 @@ impl Engine {
             Some(Err(e)) => Err(crate::chat::ChatError::Compile(e.clone()).into()),
             None => Err(crate::chat::ChatError::NoTemplate.into()),
         }
+    }
+
+    /// The memory plan the engine runs under.
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.inner.plan
+    }
+
+    /// The expert store's counters so far.
+    pub fn store_stats(&self) -> StoreStats {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stats()
+    }
+
+    /// The I/O mode in effect (direct reads may have fallen back).
+    pub fn io_mode(&self) -> IoMode {
+        self.inner
+            .store
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .io_mode()
     }
 
     /// Compute threads in use.
@@ -308,7 +406,7 @@ impl Session {
         Ok(())
     }
 
-    fn run(&mut self, tokens: &[TokenId], which: Logits) -> Vec<f32> {
+    fn run(&mut self, tokens: &[TokenId], which: Logits) -> Result<Vec<f32>> {
         let inner = &self.engine.inner;
         let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = Vec::new();
@@ -316,10 +414,22 @@ impl Session {
             let cx = Context {
                 files: &inner.files,
                 cpu: &inner.cpu,
+                prefetch: inner.prefetch,
             };
-            let out = inner
-                .model
-                .forward(cx, &mut store, &mut self.kv, &mut self.ws, chunk, which);
+            let out =
+                match inner
+                    .model
+                    .forward(cx, &mut store, &mut self.kv, &mut self.ws, chunk, which)
+                {
+                    Ok(out) => out,
+                    Err(e) => {
+                        // The chunk is lost; so is anything the cache held past
+                        // the tokens already accepted.
+                        self.kv.truncate(self.tokens.len());
+                        self.logits.clear();
+                        return Err(e.into());
+                    }
+                };
             self.tokens.extend_from_slice(chunk);
             match which {
                 Logits::All => all.extend_from_slice(out),
@@ -336,9 +446,9 @@ impl Session {
                     self.logits.clear();
                     self.logits.extend_from_slice(&all[all.len() - vocab..]);
                 }
-                all
+                Ok(all)
             }
-            Logits::Last => self.logits.clone(),
+            Logits::Last => Ok(self.logits.clone()),
         }
     }
 
@@ -353,13 +463,13 @@ impl Session {
             };
         }
         self.check(tokens)?;
-        Ok(self.run(tokens, Logits::Last))
+        self.run(tokens, Logits::Last)
     }
 
     /// Evaluates `tokens`; returns the logits of every one (`n × vocab`).
     pub fn eval_all(&mut self, tokens: &[TokenId]) -> Result<Vec<f32>> {
         self.check(tokens)?;
-        Ok(self.run(tokens, Logits::All))
+        self.run(tokens, Logits::All)
     }
 
     /// Evaluates `prompt`, then samples up to `params.max_tokens` tokens,

@@ -1,7 +1,7 @@
 //! The library's top-level error.
 
 use crate::chat::ChatError;
-use crate::experts::PlanError;
+use crate::experts::{PlanError, StoreError};
 use crate::format::FormatError;
 use crate::model::{ConfigError, LoadError};
 use crate::tokenizer::{TokenId, TokenizerError};
@@ -17,6 +17,8 @@ pub enum Error {
     Load(#[from] LoadError),
     #[error(transparent)]
     Plan(#[from] PlanError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]

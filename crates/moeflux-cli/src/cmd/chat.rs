@@ -19,10 +19,6 @@ pub struct Args {
     #[arg(long, value_name = "TEXT")]
     pub system: Option<String>,
 
-    /// Print the stats line after every answer.
-    #[arg(short, long)]
-    pub verbose: bool,
-
     #[command(flatten)]
     pub sampling: SamplingArgs,
 }
@@ -87,7 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             true
         })?;
         let _ = writeln!(out);
-        if args.verbose {
+        if args.model.verbose {
             eprintln!("{}", stats_line(&g, params.seed));
         }
         messages.push(json!({"role": "assistant", "content": g.text}));

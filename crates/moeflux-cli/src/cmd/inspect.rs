@@ -19,6 +19,16 @@ pub struct Args {
     #[command(flatten)]
     pub mem: MemArgs,
 
+    /// Context length (tokens) the KV cache is planned for.
+    #[arg(
+        short = 'c',
+        long = "ctx-size",
+        alias = "ctx",
+        value_name = "N",
+        default_value_t = 4096
+    )]
+    pub ctx: u64,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -33,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open {}", args.path.display()))?;
     let req = PlanRequest {
         budget: args.mem.budget()?,
-        ctx: args.mem.ctx,
+        ctx: args.ctx,
         ..PlanRequest::default()
     };
     let report = inspect(&files, &req);

@@ -2,7 +2,7 @@
 
 use moeflux::experts::plan::{parse_size, Budget};
 
-/// `--mem` / `--expert-cache` / `--ctx`.
+/// `--mem` / `--expert-cache`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct MemArgs {
     /// Total memory moeflux may use: dense weights, KV cache, scratch and
@@ -15,16 +15,6 @@ pub struct MemArgs {
     /// that works (one layer's top-k experts).
     #[arg(long, value_name = "SIZE|min")]
     pub expert_cache: Option<String>,
-
-    /// Context length (tokens) the KV cache is planned for.
-    #[arg(
-        short = 'c',
-        long = "ctx-size",
-        alias = "ctx",
-        value_name = "N",
-        default_value_t = 4096
-    )]
-    pub ctx: u64,
 }
 
 impl MemArgs {

@@ -2,9 +2,17 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use indicatif::{ProgressBar, ProgressStyle};
+use moeflux::experts::plan::fmt_bytes;
+use moeflux::experts::IoMode;
+use moeflux::model::Prefetch;
 use moeflux::sampling::SamplingParams;
 use moeflux::state::KvType;
+
+use super::mem::MemArgs;
 use moeflux::{Engine, EngineOptions};
 
 /// Which model, and how to size its session.
@@ -30,11 +38,39 @@ pub struct ModelArgs {
     /// Element type of the KV cache: f16 (half the memory) or f32.
     #[arg(long, value_name = "TYPE", default_value = "f16", value_parser = ["f16", "f32"])]
     pub kv_type: String,
+
+    #[command(flatten)]
+    pub mem: MemArgs,
+
+    /// How experts are read: `direct` (O_DIRECT into the cache slots, no
+    /// second copy in the page cache) or `buffered` (through the page cache).
+    #[arg(long, value_name = "MODE", default_value = "direct", value_parser = ["direct", "buffered"])]
+    pub io: String,
+
+    /// Expert prefetch: `lookahead` (apply the next layer's router early and
+    /// read what it picks) or `off`.
+    #[arg(long, value_name = "MODE", default_value = "lookahead", value_parser = ["lookahead", "off"])]
+    pub prefetch: String,
+
+    /// Print the memory plan in detail.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
 }
 
 impl ModelArgs {
+    /// Opens the model, with a progress bar while large dense weights are
+    /// read, and prints the memory plan (one line; in detail with `-v`).
     pub fn open(&self) -> anyhow::Result<Engine> {
-        Engine::open(
+        let bar = ProgressBar::hidden();
+        bar.set_style(
+            ProgressStyle::with_template(
+                "loading dense weights [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        let progress_bar = bar.clone();
+        let engine = Engine::open(
             &self.model,
             EngineOptions {
                 ctx: self.ctx,
@@ -42,9 +78,44 @@ impl ModelArgs {
                 threads: self.threads,
                 kv_type: KvType::from_name(&self.kv_type).unwrap_or_default(),
                 cpu_level: None,
+                budget: self.mem.budget()?,
+                io: IoMode::from_name(&self.io).unwrap_or(IoMode::Direct),
+                io_threads: 4,
+                prefetch: Prefetch::from_name(&self.prefetch).unwrap_or_default(),
+                on_load_progress: Some(Arc::new(move |done, total| {
+                    if total >= 256 << 20 && progress_bar.is_hidden() {
+                        progress_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                    }
+                    progress_bar.set_length(total);
+                    progress_bar.set_position(done);
+                })),
             },
         )
-        .with_context(|| format!("cannot load {}", self.model.display()))
+        .with_context(|| format!("cannot load {}", self.model.display()))?;
+        bar.finish_and_clear();
+        let plan = engine.plan();
+        eprintln!("plan: {}", plan.summary());
+        if self.verbose {
+            let i = &plan.input;
+            eprintln!(
+                "      dense {} resident; {} experts of up to {} ({} per slot); KV {} for {} tokens ({}); scratch {}; io {}{}; {} threads ({})",
+                fmt_bytes(i.dense_bytes),
+                i.total_experts,
+                fmt_bytes(i.slot_bytes),
+                fmt_bytes(i.slot_bytes),
+                fmt_bytes(i.kv_bytes),
+                engine.ctx(),
+                self.kv_type,
+                fmt_bytes(i.scratch_bytes),
+                engine.io_mode().name(),
+                if engine.io_mode().name() != self.io { " (direct reads refused by the file system)" } else { "" },
+                engine.threads(),
+                engine.cpu_level().name(),
+            );
+        } else if engine.io_mode().name() != self.io {
+            eprintln!("note: the file system refused direct reads; using buffered reads");
+        }
+        Ok(engine)
     }
 }
 

@@ -214,17 +214,20 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok(bytes as u64)
 }
 
-/// Working memory for activations when prefilling `ubatch` tokens at once:
-/// hidden states, attention projections, the selected experts' intermediate
-/// activations, and one row of logits. An estimate, kept deliberately
-/// generous; the budget tests measure the real peak.
+/// Working memory for a forward pass over `ubatch` tokens: the buffers of
+/// the CPU workspace (hidden states, attention projections, each token's
+/// expert inputs and outputs, router logits, one row of logits) plus a
+/// quarter again for their 8-bit copies. The budget test measures the real
+/// peak against the plan.
 pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
-    let per_token = 4
-        * (6 * cfg.hidden as u64
-            + 3 * (cfg.n_heads * cfg.head_dim.max(cfg.v_head_dim)) as u64
-            + 3 * (cfg.n_experts_used * cfg.expert_ff + cfg.shared_ff + cfg.dense_ff) as u64
-            + cfg.n_experts as u64);
-    (16 << 20) + ubatch * per_token + 4 * cfg.vocab as u64
+    let h = cfg.hidden as u64;
+    let q = (cfg.n_heads * cfg.head_dim.max(cfg.v_head_dim)) as u64;
+    let kv = (cfg.n_kv_heads * (cfg.head_dim + cfg.v_head_dim)) as u64;
+    let k = cfg.n_experts_used as u64;
+    let ff = cfg.expert_ff.max(cfg.shared_ff).max(cfg.dense_ff) as u64;
+    let floats_per_token = 3 * h + 2 * q + kv + cfg.n_experts as u64 + 3 * k * h + 2 * k * ff;
+    let floats = ubatch * floats_per_token + cfg.vocab as u64;
+    (16 << 20) + floats * 4 * 5 / 4
 }
 
 /// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.

@@ -166,6 +166,17 @@ pub struct ModelFiles {
     pub tensors: Vec<TensorEntry>,
     pub metadata: ModelMetadata,
     by_name: HashMap<String, usize>,
+    resident: Resident,
+}
+
+/// Byte ranges of the model files copied into memory (the dense weights),
+/// so they stay resident whatever the page cache does.
+#[derive(Default)]
+struct Resident {
+    /// `(file, start, end, at)`, sorted: file bytes `start..end` are at
+    /// `data[at..]`.
+    ranges: Vec<(u32, u64, u64, usize)>,
+    data: Vec<u8>,
 }
 
 impl ModelFiles {
@@ -232,7 +243,72 @@ impl ModelFiles {
             tensors,
             metadata,
             by_name,
+            resident: Resident::default(),
         }
+    }
+
+    /// Copies the bytes of `spans` into memory (merging neighbours) with
+    /// positioned reads; [`ModelFiles::bytes`] serves them from there
+    /// afterwards. `progress(done, total)` is called as bytes are read.
+    pub fn make_resident(
+        &mut self,
+        spans: &[Span],
+        progress: &mut dyn FnMut(u64, u64),
+    ) -> Result<u64, FormatError> {
+        let mut sorted: Vec<Span> = spans.iter().filter(|s| s.len > 0).copied().collect();
+        sorted.sort_by_key(|s| (s.file, s.offset));
+        let mut merged: Vec<(u32, u64, u64)> = Vec::new();
+        for s in sorted {
+            match merged.last_mut() {
+                Some((f, _, end)) if *f == s.file && s.offset <= *end => {
+                    *end = (*end).max(s.offset + s.len)
+                }
+                _ => merged.push((s.file, s.offset, s.offset + s.len)),
+            }
+        }
+        let total: u64 = merged.iter().map(|(_, a, b)| b - a).sum();
+        let mut data = Vec::new();
+        data.try_reserve_exact(total as usize)
+            .map_err(|_| FormatError::Io {
+                path: self.path.clone(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::OutOfMemory,
+                    format!("cannot allocate {total} bytes for the dense weights"),
+                ),
+            })?;
+        let mut ranges = Vec::with_capacity(merged.len());
+        for (file, start, end) in merged {
+            let at = data.len();
+            let f = &self.files[file as usize];
+            data.resize(at + (end - start) as usize, 0);
+            let mut done = 0usize;
+            // Read in pieces so the progress callback moves.
+            while done < (end - start) as usize {
+                let piece = ((end - start) as usize - done).min(64 << 20);
+                read_exact_at(
+                    f.file(),
+                    &mut data[at + done..at + done + piece],
+                    start + done as u64,
+                )
+                .map_err(|source| FormatError::Io {
+                    path: f.path.clone(),
+                    source,
+                })?;
+                done += piece;
+                progress(
+                    data.len() as u64 - ((end - start) as usize - done) as u64,
+                    total,
+                );
+            }
+            ranges.push((file, start, end, at));
+        }
+        self.resident = Resident { ranges, data };
+        Ok(total)
+    }
+
+    /// Bytes held in memory by [`ModelFiles::make_resident`].
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident.data.len() as u64
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
@@ -244,6 +320,15 @@ impl ModelFiles {
     /// Spans come from this model's own tensor entries, which were checked
     /// against the file sizes when the files were opened.
     pub fn bytes(&self, span: &Span) -> &[u8] {
+        let r = &self.resident.ranges;
+        let i = r.partition_point(|&(f, start, _, _)| (f, start) <= (span.file, span.offset));
+        if i > 0 {
+            let (f, start, end, at) = r[i - 1];
+            if f == span.file && span.offset >= start && span.offset + span.len <= end {
+                let from = at + (span.offset - start) as usize;
+                return &self.resident.data[from..from + span.len as usize];
+            }
+        }
         let start = span.offset as usize;
         &self.files[span.file as usize].bytes()[start..start + span.len as usize]
     }
@@ -251,6 +336,28 @@ impl ModelFiles {
     /// Total size of all files.
     pub fn file_bytes(&self) -> u64 {
         self.files.iter().map(MappedFile::len).sum()
+    }
+}
+
+/// Reads exactly `buf.len()` bytes at `offset`.
+fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileExt;
+        file.read_exact_at(buf, offset)
+    }
+    #[cfg(windows)]
+    {
+        use std::os::windows::fs::FileExt;
+        let mut done = 0;
+        while done < buf.len() {
+            let n = file.seek_read(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            done += n;
+        }
+        Ok(())
     }
 }
 

@@ -11,7 +11,7 @@ pub mod transformer;
 pub mod weights;
 
 pub use config::{Architecture, ConfigError, LayerKind, LinearAttention, Mla, ModelConfig};
-pub use transformer::{Context, Logits, Model};
+pub use transformer::{Context, Logits, Model, Prefetch};
 pub use weights::WeightError;
 
 use crate::experts::ExpertRef;

@@ -2,17 +2,20 @@
 //! computed through the expert store.
 //!
 //! The tokens of a chunk are grouped by expert, so each chosen expert's
-//! weights are read once per chunk, and all experts' gate and up
-//! projections run as one parallel job, then all down projections as
-//! another. Each token's expert outputs are combined in router-rank order,
-//! so the result never depends on which expert's weights arrived first.
+//! weights are read once per chunk. Experts are computed in waves, as the
+//! store can hold them: in each wave the resident experts are computed
+//! first while the missing ones are read, then each batch of arrivals
+//! (gate and up projections of the batch as one parallel job, then the down
+//! projections as another). Each token's expert outputs are combined in
+//! router-rank order, so the result never depends on which expert's weights
+//! arrived first, how many slots there are, or how many threads computed.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::kernels::{input_from, input_needs, prepare, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::ops::{silu, softmax};
 use crate::backend::cpu::workspace::{recycle, sized, Workspace};
 use crate::backend::cpu::Cpu;
-use crate::experts::ExpertStore;
+use crate::experts::{ExpertStore, StoreError};
 use crate::format::ModelFiles;
 
 /// How router logits become expert choices and weights.
@@ -73,6 +76,29 @@ impl Moe {
         }
     }
 
+    /// Router logits for `n` rows of normalised hidden state `h` into
+    /// `logits` (`n × n_experts`).
+    pub fn router_logits(
+        &self,
+        files: &ModelFiles,
+        cpu: &Cpu,
+        ws_acts: &mut crate::backend::cpu::kernels::Acts,
+        h: &[f32],
+        logits: &mut [f32],
+    ) {
+        let wr = self.router.view(files);
+        let input = prepare(h, self.router.cols, &[&wr], ws_acts, cpu.level);
+        run_jobs(
+            &cpu.pool,
+            &[MatJob {
+                w: wr,
+                input,
+                y: OutPtr::new(logits),
+            }],
+            cpu.level,
+        );
+    }
+
     /// The layer for `n` tokens of normalised hidden state `ws.h`; the
     /// weighted sum of the chosen experts goes to `ws.o` (`n × hidden`).
     pub fn forward(
@@ -82,10 +108,11 @@ impl Moe {
         store: &mut ExpertStore,
         ws: &mut Workspace,
         n: usize,
-    ) {
+    ) -> Result<(), StoreError> {
         let hidden = self.router.cols;
         let (ne, ff, k) = (self.n_experts, self.expert_ff, self.routing.k());
         let level = cpu.level;
+        let layer = self.layer;
         let Workspace {
             h,
             o,
@@ -101,25 +128,17 @@ impl Moe {
             by_expert,
             expert_start,
             jobs,
+            experts_used,
+            experts_granted,
+            experts_todo,
+            experts_ready,
             ..
         } = ws;
         let h = &h[..n * hidden];
 
         // Route.
-        let wr = self.router.view(files);
         let logits = sized(router, n * ne);
-        {
-            let input = prepare(h, hidden, &[&wr], acts, level);
-            run_jobs(
-                &cpu.pool,
-                &[MatJob {
-                    w: wr,
-                    input,
-                    y: OutPtr::new(logits),
-                }],
-                level,
-            );
-        }
+        self.router_logits(files, cpu, acts, h, logits);
         choice.resize(n * k, (0, 0.0));
         for t in 0..n {
             self.route(
@@ -130,22 +149,21 @@ impl Moe {
 
         // Group (token, rank) pairs by expert (a counting sort).
         expert_start.clear();
-        expert_start.resize(ne + 1, 0);
+        expert_start.resize(ne + 2, 0);
         for &(e, _) in choice.iter() {
-            expert_start[e as usize + 1] += 1;
+            expert_start[e as usize + 2] += 1;
         }
         for e in 0..ne {
-            expert_start[e + 1] += expert_start[e];
+            expert_start[e + 2] += expert_start[e + 1];
         }
+        // expert_start[e + 1] is now where expert e's pairs go; filling
+        // advances it to expert e's end, leaving expert_start[e] its start.
         by_expert.resize(n * k, (0, 0));
-        {
-            let mut fill = expert_start.clone();
-            for t in 0..n {
-                for r in 0..k {
-                    let e = choice[t * k + r].0 as usize;
-                    by_expert[fill[e]] = (t as u32, r as u32);
-                    fill[e] += 1;
-                }
+        for t in 0..n {
+            for r in 0..k {
+                let e = choice[t * k + r].0 as usize;
+                by_expert[expert_start[e + 1]] = (t as u32, r as u32);
+                expert_start[e + 1] += 1;
             }
         }
         let m_total = n * k;
@@ -155,59 +173,102 @@ impl Moe {
                 .copy_from_slice(&h[t as usize * hidden..(t as usize + 1) * hidden]);
         }
 
-        // The chosen experts' weights, from the store.
-        let used: Vec<usize> = (0..ne)
-            .filter(|&e| expert_start[e + 1] > expert_start[e])
-            .collect();
-        let views: Vec<_> = used
-            .iter()
-            .map(|&e| store.view(files, self.layer, e))
-            .collect();
-
-        // Gate and up projections of every used expert: one job.
+        // Inputs, quantized once for all experts (row by row, so in waves
+        // or not the numbers are the same).
+        let first = &store.experts(layer)[0];
+        let (q8_in, pow2_in) = input_needs(&[first.gate.ty, first.up.ty], level);
+        let (q8_mid, pow2_mid) = input_needs(&[first.down.ty], level);
+        if q8_in {
+            acts.q8.reserve_rows(m_total, hidden, pow2_in);
+            acts.q8.quantize_rows(xs, 0, m_total);
+        }
+        if q8_mid {
+            acts2.q8.reserve_rows(m_total, ff, pow2_mid);
+        }
         let gate = sized(gate, m_total * ff);
         let up = sized(up, m_total * ff);
-        {
-            let weights: Vec<_> = views.iter().flat_map(|v| [&v.gate, &v.up]).collect();
-            let input = prepare(xs, hidden, &weights, acts, level);
-            let mut list: Vec<MatJob<'_>> = recycle(std::mem::take(jobs));
-            for (v, &e) in views.iter().zip(&used) {
-                let (s, m) = (expert_start[e], expert_start[e + 1] - expert_start[e]);
-                let rows = input.rows(s, m);
-                list.push(MatJob {
-                    w: v.gate,
-                    input: rows,
-                    y: OutPtr::new(&mut gate[s * ff..(s + m) * ff]),
-                });
-                list.push(MatJob {
-                    w: v.up,
-                    input: rows,
-                    y: OutPtr::new(&mut up[s * ff..(s + m) * ff]),
-                });
-            }
-            run_jobs(&cpu.pool, &list, level);
-            *jobs = recycle(list);
-        }
-        for (g, u) in gate.iter_mut().zip(up.iter()) {
-            *g = silu(*g) * u;
-        }
-
-        // Down projections: a second job.
         let down = sized(down, m_total * hidden);
-        {
-            let weights: Vec<_> = views.iter().map(|v| &v.down).collect();
-            let input = prepare(gate, ff, &weights, acts2, level);
-            let mut list: Vec<MatJob<'_>> = recycle(std::mem::take(jobs));
-            for (v, &e) in views.iter().zip(&used) {
-                let (s, m) = (expert_start[e], expert_start[e + 1] - expert_start[e]);
-                list.push(MatJob {
-                    w: v.down,
-                    input: input.rows(s, m),
-                    y: OutPtr::new(&mut down[s * hidden..(s + m) * hidden]),
-                });
+        let range = |e: u32| {
+            let e = e as usize;
+            (expert_start[e], expert_start[e + 1] - expert_start[e])
+        };
+
+        experts_used.clear();
+        experts_used.extend((0..ne as u32).filter(|&e| range(e).1 > 0));
+        while !experts_used.is_empty() {
+            experts_granted.clear();
+            store.acquire(layer, experts_used, experts_granted)?;
+            if experts_granted.is_empty() {
+                return Err(StoreError::Setup(
+                    "no expert slot is free: the arena is smaller than one layer's experts".into(),
+                ));
             }
-            run_jobs(&cpu.pool, &list, level);
-            *jobs = recycle(list);
+            experts_todo.clear();
+            experts_todo.extend_from_slice(experts_granted);
+            while !experts_todo.is_empty() {
+                experts_ready.clear();
+                for &e in experts_todo.iter() {
+                    if store.ready(layer, e)? {
+                        experts_ready.push(e);
+                    }
+                }
+                if experts_ready.is_empty() {
+                    store.wait_any(layer, experts_todo);
+                    continue;
+                }
+                {
+                    let views: Vec<_> = experts_ready
+                        .iter()
+                        .map(|&e| store.view(layer, e))
+                        .collect();
+                    // Gate and up projections of the batch: one job.
+                    let input = input_from(xs, hidden, q8_in.then_some(&*acts));
+                    let mut list: Vec<MatJob<'_>> = recycle(std::mem::take(jobs));
+                    for (v, &e) in views.iter().zip(experts_ready.iter()) {
+                        let (s, m) = range(e);
+                        let rows = input.rows(s, m);
+                        list.push(MatJob {
+                            w: v.gate,
+                            input: rows,
+                            y: OutPtr::new(&mut gate[s * ff..(s + m) * ff]),
+                        });
+                        list.push(MatJob {
+                            w: v.up,
+                            input: rows,
+                            y: OutPtr::new(&mut up[s * ff..(s + m) * ff]),
+                        });
+                    }
+                    run_jobs(&cpu.pool, &list, level);
+                    list.clear();
+                    for &e in experts_ready.iter() {
+                        let (s, m) = range(e);
+                        for (g, u) in gate[s * ff..(s + m) * ff]
+                            .iter_mut()
+                            .zip(&up[s * ff..(s + m) * ff])
+                        {
+                            *g = silu(*g) * u;
+                        }
+                        if q8_mid {
+                            acts2.q8.quantize_rows(gate, s, s + m);
+                        }
+                    }
+                    // Down projections: a second job.
+                    let input = input_from(gate, ff, q8_mid.then_some(&*acts2));
+                    for (v, &e) in views.iter().zip(experts_ready.iter()) {
+                        let (s, m) = range(e);
+                        list.push(MatJob {
+                            w: v.down,
+                            input: input.rows(s, m),
+                            y: OutPtr::new(&mut down[s * hidden..(s + m) * hidden]),
+                        });
+                    }
+                    run_jobs(&cpu.pool, &list, level);
+                    *jobs = recycle(list);
+                }
+                store.release(layer, experts_ready);
+                experts_todo.retain(|e| !experts_ready.contains(e));
+            }
+            experts_used.retain(|e| !experts_granted.contains(e));
         }
 
         // Weighted combination in rank order.
@@ -228,5 +289,6 @@ impl Moe {
                 }
             }
         }
+        Ok(())
     }
 }

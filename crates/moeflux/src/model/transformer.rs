@@ -10,7 +10,7 @@ use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::ops::{rms_norm, silu};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
-use crate::experts::ExpertStore;
+use crate::experts::{ExpertStore, StoreError};
 use crate::format::ModelFiles;
 use crate::state::KvCache;
 use crate::tokenizer::TokenId;
@@ -105,11 +105,34 @@ pub struct Model {
     pub lm_head: WeightRef,
 }
 
-/// What a forward pass computes with: the model's files and the CPU backend.
+/// What a forward pass computes with: the model's files, the CPU backend,
+/// and whether to prefetch the next layer's predicted experts.
 #[derive(Clone, Copy)]
 pub struct Context<'a> {
     pub files: &'a ModelFiles,
     pub cpu: &'a Cpu,
+    pub prefetch: Prefetch,
+}
+
+/// Expert prefetch policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Prefetch {
+    /// Read experts only when a layer asks for them.
+    Off,
+    /// Router lookahead: as soon as a layer's output exists, apply the next
+    /// layer's router to it and read the experts it picks.
+    #[default]
+    Lookahead,
+}
+
+impl Prefetch {
+    pub fn from_name(s: &str) -> Option<Prefetch> {
+        match s {
+            "off" => Some(Prefetch::Off),
+            "lookahead" => Some(Prefetch::Lookahead),
+            _ => None,
+        }
+    }
 }
 
 /// Which positions' logits a forward pass returns.
@@ -120,6 +143,29 @@ pub enum Logits {
 }
 
 impl Model {
+    /// The file spans of every dense weight matrix (what stays resident).
+    pub fn dense_spans(&self) -> Vec<crate::format::Span> {
+        let mut spans = Vec::new();
+        let mut add = |w: &WeightRef| spans.extend_from_slice(&w.parts);
+        add(&self.embed);
+        add(&self.lm_head);
+        for l in &self.layers {
+            let a = &l.attn;
+            for w in [&a.wq, &a.wk, &a.wv, &a.wo] {
+                add(w);
+            }
+            match &l.ffn {
+                Ffn::Moe(m) => add(&m.router),
+                Ffn::Dense(d) => {
+                    for w in [&d.gate, &d.up, &d.down] {
+                        add(w);
+                    }
+                }
+            }
+        }
+        spans
+    }
+
     /// KV dimensions per layer, for [`KvCache::new`].
     pub fn kv_dims(&self) -> Vec<Option<(usize, usize)>> {
         self.layers
@@ -143,12 +189,17 @@ impl Model {
         ws: &'w mut Workspace,
         tokens: &[TokenId],
         which: Logits,
-    ) -> &'w [f32] {
-        let Context { files, cpu } = cx;
+    ) -> Result<&'w [f32], StoreError> {
+        let Context {
+            files,
+            cpu,
+            prefetch,
+        } = cx;
         let n = tokens.len();
         let hidden = self.cfg.hidden;
         let eps = self.cfg.rms_eps;
         let pos0 = kv.len;
+        store.begin_step();
 
         let embed = self.embed.view(files);
         {
@@ -178,10 +229,15 @@ impl Model {
                 sized(&mut ws.h, n * hidden),
             );
             match &layer.ffn {
-                Ffn::Moe(m) => m.forward(files, cpu, store, ws, n),
+                Ffn::Moe(m) => m.forward(files, cpu, store, ws, n)?,
                 Ffn::Dense(d) => d.forward(files, cpu, ws, n),
             }
             add(&mut ws.x, &ws.o);
+            if prefetch == Prefetch::Lookahead {
+                if let Some(next) = self.layers.get(l + 1) {
+                    self.prefetch_for(files, cpu, store, ws, l, next, n);
+                }
+            }
         }
         kv.len = pos0 + n;
 
@@ -210,7 +266,51 @@ impl Model {
             }],
             cpu.level,
         );
-        &ws.logits[..rows * vocab]
+        Ok(&ws.logits[..rows * vocab])
+    }
+
+    /// Router lookahead: the next layer's router applied to the current
+    /// hidden state `ws.x` (after layer `l`), and reads started for the
+    /// experts it picks. At most `k` per token and never more than a
+    /// quarter of the arena, so a prefetch cannot flush the cache.
+    #[allow(clippy::too_many_arguments)]
+    fn prefetch_for(
+        &self,
+        files: &ModelFiles,
+        cpu: &Cpu,
+        store: &mut ExpertStore,
+        ws: &mut Workspace,
+        l: usize,
+        next: &Layer,
+        n: usize,
+    ) {
+        let Ffn::Moe(m) = &next.ffn else {
+            return;
+        };
+        let hidden = self.cfg.hidden;
+        norm_rows(
+            &ws.x,
+            &next.ffn_norm,
+            self.cfg.rms_eps,
+            hidden,
+            sized(&mut ws.h, n * hidden),
+        );
+        let (ne, k) = (m.n_experts, m.routing.k());
+        let logits = sized(&mut ws.router, n * ne);
+        m.router_logits(files, cpu, &mut ws.acts, &ws.h[..n * hidden], logits);
+        ws.choice.resize(k, (0, 0.0));
+        ws.experts_used.clear();
+        for t in 0..n {
+            m.route(&mut logits[t * ne..(t + 1) * ne], &mut ws.choice[..k]);
+            for &(e, _) in &ws.choice[..k] {
+                if !ws.experts_used.contains(&e) {
+                    ws.experts_used.push(e);
+                }
+            }
+        }
+        let cap = (store.n_slots() / 4).max(k);
+        ws.experts_used.truncate(cap);
+        store.prefetch(m.layer, &ws.experts_used, Some(l));
     }
 }
 

@@ -91,18 +91,42 @@ impl Q8Acts {
     }
 
     fn quantize_with(&mut self, x: &[f32], cols: usize, pow2: bool) {
+        let n = x.len() / cols.max(1);
+        self.reserve_rows(n, cols, pow2);
+        self.quantize_rows(x, 0, n);
+    }
+
+    /// Sizes the buffers for `n` rows of `cols` values (with power-of-two
+    /// block scales when `pow2`), for [`Q8Acts::quantize_rows`].
+    pub fn reserve_rows(&mut self, n: usize, cols: usize, pow2: bool) {
         debug_assert_eq!(cols % if pow2 { 256 } else { 32 }, 0);
-        let nb = x.len() / 32;
+        let nb = n * cols / 32;
         self.cols = cols;
         self.d.resize(nb, 0.0);
         self.sum.resize(nb, 0);
         self.sum16.resize(2 * nb, 0);
-        self.qs.resize(x.len(), 0);
-        let amax = |block: &[f32]| block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        self.qs.resize(n * cols, 0);
         if pow2 {
             self.shift.resize(nb, 0);
             self.base.resize(nb / 8, 0.0);
-            for (sb, sup) in x.chunks_exact(256).enumerate() {
+        } else {
+            self.shift.clear();
+            self.base.clear();
+        }
+    }
+
+    /// Quantizes rows `r0..r1` of `x` (all rows, `rows × cols`) into the
+    /// buffers sized by [`Q8Acts::reserve_rows`]; other rows are left as
+    /// they are. Each row is quantized on its own, so the result does not
+    /// depend on which rows are quantized together.
+    pub fn quantize_rows(&mut self, x: &[f32], r0: usize, r1: usize) {
+        let cols = self.cols;
+        let x = &x[r0 * cols..r1 * cols];
+        let b0 = r0 * cols / 32;
+        let amax = |block: &[f32]| block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        if !self.shift.is_empty() {
+            for (i, sup) in x.chunks_exact(256).enumerate() {
+                let sb = b0 / 8 + i;
                 let maxes: [f32; 8] = std::array::from_fn(|i| amax(&sup[32 * i..32 * i + 32]));
                 let top = maxes.iter().fold(0f32, |m, &v| m.max(v));
                 // d = top/127 · 2^-e with e the largest in 0..=MAX_SHIFT
@@ -120,15 +144,14 @@ impl Q8Acts {
                 }
             }
         } else {
-            self.shift.clear();
-            self.base.clear();
-            for (b, block) in x.chunks_exact(32).enumerate() {
-                self.d[b] = amax(block) / 127.0;
+            for (i, block) in x.chunks_exact(32).enumerate() {
+                self.d[b0 + i] = amax(block) / 127.0;
             }
         }
         #[cfg(target_arch = "x86_64")]
         let avx2 = is_x86_feature_detected!("avx2");
-        for (b, block) in x.chunks_exact(32).enumerate() {
+        for (i, block) in x.chunks_exact(32).enumerate() {
+            let b = b0 + i;
             let d = self.d[b];
             let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
             let qs = &mut self.qs[b * 32..(b + 1) * 32];

@@ -36,6 +36,12 @@ pub struct Workspace {
     pub expert_start: Vec<usize>,
     /// The allocation of a job list, kept between layers.
     pub jobs: Vec<MatJob<'static>>,
+    /// Expert lists of the MoE loop: used by the chunk, granted by the
+    /// store in this wave, still to compute, ready now.
+    pub experts_used: Vec<u32>,
+    pub experts_granted: Vec<u32>,
+    pub experts_todo: Vec<u32>,
+    pub experts_ready: Vec<u32>,
 }
 
 /// Reuses a vector's allocation for elements of another lifetime (the

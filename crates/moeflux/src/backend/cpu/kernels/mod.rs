@@ -21,7 +21,7 @@ use super::matrix::{dot as f32_dot, Matrix, MatrixData};
 use super::pool::ThreadPool;
 use super::quantize::{Q8Acts, Q8Row};
 use crate::quant::mlx::ScaleType;
-use crate::quant::GgmlType;
+use crate::quant::{GgmlType, TensorType};
 
 /// An instruction-set level for the kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -111,18 +111,29 @@ pub enum ActKind {
 }
 
 pub fn act_kind(m: &Matrix<'_>, level: Level) -> ActKind {
+    act_kind_of(
+        match m.data {
+            MatrixData::Ggml { ty, .. } => TensorType::Ggml(ty),
+            MatrixData::Mlx { q, .. } => TensorType::Mlx(q),
+        },
+        level,
+    )
+}
+
+/// [`act_kind`] from the weight's type alone.
+pub fn act_kind_of(ty: TensorType, level: Level) -> ActKind {
     if level == Level::Reference {
         return ActKind::Reference;
     }
-    match m.data {
-        MatrixData::Ggml { ty, .. } => match ty {
+    match ty {
+        TensorType::Ggml(ty) => match ty {
             GgmlType::Q4_0 | GgmlType::Q8_0 | GgmlType::MXFP4 => ActKind::Q8,
             GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => ActKind::Q8,
             GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => ActKind::F32,
             _ => ActKind::Reference,
         },
-        MatrixData::Mlx { q, .. } if q.scale_type == ScaleType::BF16 => ActKind::Q8,
-        MatrixData::Mlx { .. } => ActKind::Reference,
+        TensorType::Mlx(q) if q.scale_type == ScaleType::BF16 => ActKind::Q8,
+        _ => ActKind::Reference,
     }
 }
 
@@ -165,6 +176,33 @@ fn is_k_quant(w: &Matrix<'_>) -> bool {
             ..
         }
     )
+}
+
+/// How inputs must be prepared for products with weights of `types`:
+/// whether they need 8-bit activations, and whether with power-of-two block
+/// scales (k-quants).
+pub fn input_needs(types: &[TensorType], level: Level) -> (bool, bool) {
+    let q8 = types.iter().any(|&t| act_kind_of(t, level) == ActKind::Q8);
+    let k = types.iter().any(|t| {
+        matches!(
+            t,
+            TensorType::Ggml(GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K)
+        )
+    });
+    (q8, q8 && k)
+}
+
+/// The input for products over rows of `x` that were quantized (if `q8`)
+/// into `acts` beforehand with [`Q8Acts::reserve_rows`] and
+/// [`Q8Acts::quantize_rows`].
+pub fn input_from<'a>(x: &'a [f32], cols: usize, acts: Option<&'a Acts>) -> Input<'a> {
+    Input {
+        x,
+        cols,
+        q8: acts.map(|a| &a.q8),
+        row0: 0,
+        n: x.len() / cols.max(1),
+    }
 }
 
 /// Quantizes `x` (`n × cols`) into `acts` if any of `weights` needs 8-bit

@@ -1,0 +1,103 @@
+//! What the expert store did: hits, misses, prefetch accuracy, bytes read,
+//! read bandwidth and time spent waiting, per layer and in total.
+
+use serde::Serialize;
+
+/// Counters of one layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LayerStats {
+    /// Requests served from a slot that was already loaded.
+    pub hits: u64,
+    /// Requests that had to read the expert.
+    pub misses: u64,
+    /// Requests served by a prefetched expert (loaded or in flight).
+    pub prefetch_hits: u64,
+    /// Experts read ahead by prefetch.
+    pub prefetched: u64,
+    /// Bytes of prefetched experts evicted before any request used them.
+    pub prefetch_wasted_bytes: u64,
+    /// Bytes read from the model file for this layer's experts.
+    pub bytes_read: u64,
+    /// Time the computation waited for this layer's experts, ns.
+    pub stall_ns: u64,
+}
+
+impl LayerStats {
+    pub fn add(&mut self, o: &LayerStats) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.prefetch_hits += o.prefetch_hits;
+        self.prefetched += o.prefetched;
+        self.prefetch_wasted_bytes += o.prefetch_wasted_bytes;
+        self.bytes_read += o.bytes_read;
+        self.stall_ns += o.stall_ns;
+    }
+
+    /// Requests of any kind.
+    pub fn requests(&self) -> u64 {
+        self.hits + self.misses + self.prefetch_hits
+    }
+
+    /// Fraction of requests that did not wait for a read they started.
+    pub fn hit_rate(&self) -> f64 {
+        (self.hits + self.prefetch_hits) as f64 / self.requests().max(1) as f64
+    }
+}
+
+/// A snapshot of the store's counters.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct StoreStats {
+    pub layers: Vec<LayerStats>,
+    pub total: LayerStats,
+    /// Slots in the arena and experts they hold now.
+    pub slots: usize,
+    pub resident: usize,
+    /// Read calls and time the reader threads spent in them (summed).
+    pub reads: u64,
+    pub read_busy_s: f64,
+    /// `--io` mode in effect.
+    pub io: &'static str,
+}
+
+impl StoreStats {
+    /// Bytes per second the readers achieved while reading.
+    pub fn read_gbps(&self, wall_s: f64) -> f64 {
+        if wall_s <= 0.0 {
+            return 0.0;
+        }
+        self.total.bytes_read as f64 / wall_s / 1e9
+    }
+
+    /// The counters accumulated since `before`.
+    pub fn since(&self, before: &StoreStats) -> StoreStats {
+        let sub = |a: &LayerStats, b: &LayerStats| LayerStats {
+            hits: a.hits - b.hits,
+            misses: a.misses - b.misses,
+            prefetch_hits: a.prefetch_hits - b.prefetch_hits,
+            prefetched: a.prefetched - b.prefetched,
+            prefetch_wasted_bytes: a.prefetch_wasted_bytes - b.prefetch_wasted_bytes,
+            bytes_read: a.bytes_read - b.bytes_read,
+            stall_ns: a.stall_ns - b.stall_ns,
+        };
+        let layers: Vec<LayerStats> = self
+            .layers
+            .iter()
+            .zip(
+                before
+                    .layers
+                    .iter()
+                    .chain(std::iter::repeat(&LayerStats::default())),
+            )
+            .map(|(a, b)| sub(a, b))
+            .collect();
+        StoreStats {
+            total: sub(&self.total, &before.total),
+            layers,
+            slots: self.slots,
+            resident: self.resident,
+            reads: self.reads - before.reads,
+            read_busy_s: self.read_busy_s - before.read_busy_s,
+            io: self.io,
+        }
+    }
+}

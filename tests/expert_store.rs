@@ -1,0 +1,221 @@
+//! The streaming expert store: output never depends on the memory plan.
+//! Logits and greedy output must be bit-identical whatever the expert cache
+//! size (from one layer's top-k to every expert), the I/O mode, the
+//! prefetch policy and the thread count — and the counters must show the
+//! store actually streamed.
+
+mod common;
+
+use common::{fixture, fixture_tokens};
+use moeflux::experts::{Budget, IoMode};
+use moeflux::model::Prefetch;
+use moeflux::sampling::argmax;
+use moeflux::{Engine, EngineOptions};
+
+fn opts(budget: Budget, io: IoMode, prefetch: Prefetch, threads: usize) -> EngineOptions {
+    EngineOptions {
+        budget: Some(budget),
+        io,
+        prefetch,
+        threads,
+        ..Default::default()
+    }
+}
+
+/// All logits of the prompt, then 8 greedy steps' logits, as raw bits.
+fn run(rel: &str, o: EngineOptions) -> (Vec<u32>, Engine) {
+    run_path(&fixture(rel), o)
+}
+
+fn run_path(path: &std::path::Path, o: EngineOptions) -> (Vec<u32>, Engine) {
+    let rel = path.display();
+    let engine = Engine::open(path, o).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    let tokens = fixture_tokens("qwen3_moe");
+    let mut s = engine.new_session();
+    let mut bits: Vec<u32> = s
+        .eval_all(&tokens)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let mut last = s.eval(&[]).unwrap();
+    for _ in 0..8 {
+        let t = argmax(&last);
+        last = s.eval(&[t]).unwrap();
+        bits.extend(last.iter().map(|v| v.to_bits()));
+    }
+    (bits, engine)
+}
+
+fn check_family(rel: &str) {
+    check_path(&fixture(rel));
+}
+
+fn check_path(path: &std::path::Path) {
+    let rel = path.display().to_string();
+    let rel = rel.as_str();
+    let all = Budget::Total(1 << 30);
+    let (baseline, engine) = run_path(path, opts(all, IoMode::Direct, Prefetch::Off, 2));
+    let total = engine.plan().input.total_experts;
+    let slot = engine.plan().input.slot_bytes;
+    assert!(engine.plan().all_resident());
+    let variants = [
+        (
+            "min cache",
+            Budget::ExpertCacheMin,
+            IoMode::Direct,
+            Prefetch::Off,
+            2,
+        ),
+        (
+            "min cache, lookahead",
+            Budget::ExpertCacheMin,
+            IoMode::Direct,
+            Prefetch::Lookahead,
+            2,
+        ),
+        (
+            "min cache, buffered",
+            Budget::ExpertCacheMin,
+            IoMode::Buffered,
+            Prefetch::Off,
+            1,
+        ),
+        (
+            "a third of the experts",
+            Budget::ExpertCache(slot * total / 3),
+            IoMode::Direct,
+            Prefetch::Lookahead,
+            1,
+        ),
+        (
+            "half, buffered",
+            Budget::ExpertCache(slot * total / 2),
+            IoMode::Buffered,
+            Prefetch::Lookahead,
+            2,
+        ),
+        (
+            "everything, lookahead, 1 thread",
+            all,
+            IoMode::Direct,
+            Prefetch::Lookahead,
+            1,
+        ),
+    ];
+    for (name, budget, io, prefetch, threads) in variants {
+        let (bits, engine) = run_path(path, opts(budget, io, prefetch, threads));
+        let first_diff = bits.iter().zip(&baseline).position(|(a, b)| a != b);
+        assert!(
+            first_diff.is_none(),
+            "{rel}, {name}: output differs at value {first_diff:?}"
+        );
+        let st = engine.store_stats();
+        assert!(
+            st.total.misses > 0 && st.total.bytes_read > 0,
+            "{rel}, {name}: nothing was read: {st:?}"
+        );
+        if matches!(budget, Budget::ExpertCacheMin) {
+            assert_eq!(st.slots as u64, engine.config().n_experts_used as u64);
+            // With only top-k slots, almost every request misses.
+            assert!(
+                st.total.misses > st.total.hits,
+                "{rel}, {name}: {:?}",
+                st.total
+            );
+        }
+    }
+}
+
+#[test]
+fn hf_checkpoint_is_plan_independent() {
+    check_family("qwen3_moe/hf");
+}
+
+#[test]
+fn gguf_k_quants_are_plan_independent() {
+    check_family("qwen3_moe_k/gguf/qwen3_moe_k-Q4_K.gguf");
+}
+
+#[test]
+fn mlx_checkpoint_is_plan_independent() {
+    check_family("qwen3_moe/mlx");
+}
+
+#[test]
+fn a_budget_that_cannot_hold_one_layer_is_refused_with_numbers() {
+    let o = opts(Budget::Total(1 << 20), IoMode::Direct, Prefetch::Off, 1);
+    let e = Engine::open(&fixture("qwen3_moe/hf"), o).expect_err("refused");
+    let msg = e.to_string();
+    assert!(msg.contains("cannot hold the dense weights"), "{msg}");
+    assert!(msg.contains("at least"), "{msg}");
+}
+
+#[test]
+fn a_full_cache_stops_reading() {
+    let (_, engine) = run(
+        "qwen3_moe/hf",
+        opts(Budget::Total(1 << 30), IoMode::Direct, Prefetch::Off, 2),
+    );
+    let st = engine.store_stats();
+    // Each expert is read at most once when everything fits.
+    assert!(
+        st.total.misses <= engine.plan().input.total_experts,
+        "{:?}",
+        st.total
+    );
+    assert!(st.total.hits > 0);
+}
+
+/// A synthetic model with more layers than the fixtures (so lookahead has
+/// layers to read ahead for), written by `moeflux synth`'s library code.
+fn synth_model(dir: &std::path::Path, skew: Option<f64>) -> std::path::PathBuf {
+    let spec = moeflux::synth::SynthSpec {
+        preset: moeflux::synth::preset("tiny-qwen3moe").unwrap(),
+        layers: None,
+        quant: moeflux::quant::GgmlType::Q4_K,
+        skew,
+        seed: 3,
+    };
+    let path = dir.join("synth.gguf");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
+    std::io::Write::flush(&mut f).unwrap();
+    path
+}
+
+#[test]
+fn synthetic_model_is_plan_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    check_path(&synth_model(dir.path(), None));
+}
+
+#[test]
+fn lookahead_prefetch_reads_ahead_and_is_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = synth_model(dir.path(), Some(1.0));
+    let probe = Engine::open(
+        &path,
+        opts(Budget::Total(1 << 30), IoMode::Direct, Prefetch::Off, 2),
+    )
+    .unwrap();
+    let (slot, total) = (
+        probe.plan().input.slot_bytes,
+        probe.plan().input.total_experts,
+    );
+    drop(probe);
+    let half = Budget::ExpertCache(slot * total / 2);
+    let (off_bits, off) = run_path(&path, opts(half, IoMode::Direct, Prefetch::Off, 2));
+    let (on_bits, on) = run_path(&path, opts(half, IoMode::Direct, Prefetch::Lookahead, 2));
+    assert_eq!(off_bits, on_bits, "prefetch changed the output");
+    let (a, b) = (off.store_stats().total, on.store_stats().total);
+    assert_eq!(a.prefetched, 0);
+    assert!(b.prefetched > 0, "{b:?}");
+    // Requests served by a prefetch are ones that would otherwise miss.
+    assert!(b.prefetch_hits > 0, "{b:?}");
+    assert_eq!(a.requests(), b.requests(), "the same requests were made");
+    assert!(
+        b.misses < a.misses,
+        "prefetch saved no miss: off {a:?}, on {b:?}"
+    );
+}
