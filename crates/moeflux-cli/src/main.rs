@@ -16,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Stream a model larger than its memory budget, with nothing to
+    /// download: synthesizes a Qwen3-30B-A3B-shaped model cut to a few
+    /// layers (once), then generates text and prints the expert traffic.
+    Demo(cmd::demo::Args),
     /// Describe a model: architecture, shapes, bytes per quant type, dense
     /// vs routed-expert bytes, and the memory plan for a budget.
     Inspect(cmd::inspect::Args),
@@ -39,6 +43,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Demo(args) => cmd::demo::run(args),
         Command::Run(args) => cmd::run::run(args),
         Command::Chat(args) => cmd::chat::run(args),
         Command::Logits(args) => cmd::logits::run(args),

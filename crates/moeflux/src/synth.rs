@@ -70,7 +70,22 @@ pub fn presets() -> Vec<Preset> {
             context: 40_960,
             rope_theta: 1_000_000.0,
         },
-        // Small shapes for tests and the demo.
+        // Small shapes for tests.
+        Preset {
+            name: "test-stream",
+            arch: "qwen3moe",
+            hidden: 512,
+            layers: 8,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 64,
+            experts: 64,
+            top_k: 4,
+            expert_ff: 512,
+            vocab: 2048,
+            context: 4096,
+            rope_theta: 1_000_000.0,
+        },
         Preset {
             name: "tiny-qwen3moe",
             arch: "qwen3moe",

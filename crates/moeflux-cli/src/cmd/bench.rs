@@ -1,11 +1,15 @@
-//! `moeflux bench`: prompt and decode speed on a model.
+//! `moeflux bench`: prompt and decode speed on a model, with the expert
+//! store's traffic and the physical floor of the run.
 
 use std::time::Instant;
 
+use moeflux::experts::io::{evict_from_page_cache, measure_read_bandwidth};
+use moeflux::experts::plan::fmt_bytes;
 use moeflux::sampling::argmax;
 use serde_json::json;
 
 use super::model_args::ModelArgs;
+use super::report::{peak_rss, store_report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -29,6 +33,19 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 
+    /// Drop the model file from the page cache before starting (a cold run).
+    #[arg(long)]
+    pub cold: bool,
+
+    /// Disk read bandwidth in GB/s for the I/O floor (default: measured on
+    /// the model file with direct reads).
+    #[arg(long, value_name = "GB/S")]
+    pub disk_gbps: Option<f64>,
+
+    /// Print per-layer expert statistics.
+    #[arg(long)]
+    pub stats: bool,
+
     /// Print the results as JSON.
     #[arg(long)]
     pub json: bool,
@@ -37,6 +54,13 @@ pub struct Args {
 pub fn run(mut args: Args) -> anyhow::Result<()> {
     if args.model.ctx == 0 {
         args.model.ctx = args.n_prompt + args.n_gen + 1;
+    }
+    let disk_gbps = match args.disk_gbps {
+        Some(g) => g,
+        None => measure_read_bandwidth(&args.model.model, 1 << 30).unwrap_or(0.0) / 1e9,
+    };
+    if args.cold {
+        evict_from_page_cache(&args.model.model)?;
     }
     let t0 = Instant::now();
     let engine = args.model.open()?;
@@ -51,40 +75,93 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let t = Instant::now();
     let mut logits = session.eval(&prompt)?;
     let prompt_s = t.elapsed().as_secs_f64();
+    let after_prompt = engine.store_stats();
     let t = Instant::now();
     for _ in 0..args.n_gen {
         let next = argmax(&logits);
         logits = session.eval(&[next])?;
     }
     let gen_s = t.elapsed().as_secs_f64();
+    let decode = engine.store_stats().since(&after_prompt);
     let prompt_tps = args.n_prompt as f64 / prompt_s;
     let gen_tps = args.n_gen as f64 / gen_s;
+    let miss_bytes_per_token = decode.total.bytes_read as f64 / args.n_gen.max(1) as f64;
+    // The I/O floor: decode can go no faster than the disk delivers the
+    // experts it had to read.
+    let io_floor = if miss_bytes_per_token > 0.0 && disk_gbps > 0.0 {
+        disk_gbps * 1e9 / miss_bytes_per_token
+    } else {
+        f64::INFINITY
+    };
+    let rss = peak_rss().unwrap_or(0);
+    let plan = engine.plan();
     let report = json!({
         "model": args.model.model.display().to_string(),
         "threads": engine.threads(),
         "cpu_level": engine.cpu_level().name(),
+        "io": engine.io_mode().name(),
+        "prefetch": args.model.prefetch,
+        "cold": args.cold,
+        "plan": plan,
+        "plan_total_bytes": plan.total_bytes(),
         "load_s": load_s,
         "prompt_tokens": args.n_prompt,
         "prompt_tok_s": prompt_tps,
         "ttft_s": prompt_s,
         "gen_tokens": args.n_gen,
         "decode_tok_s": gen_tps,
+        "decode_hit_rate": decode.total.hit_rate(),
+        "decode_bytes_read_per_token": miss_bytes_per_token,
+        "decode_read_gbps": decode.read_gbps(gen_s),
+        "decode_stall_ms_per_token": decode.total.stall_ns as f64 / 1e6 / args.n_gen.max(1) as f64,
+        "prefetched": decode.total.prefetched,
+        "prefetch_hits": decode.total.prefetch_hits,
+        "prefetch_wasted_bytes": decode.total.prefetch_wasted_bytes,
+        "disk_gbps": disk_gbps,
+        "io_floor_tok_s": if io_floor.is_finite() { json!(io_floor) } else { json!(null) },
+        "peak_rss_bytes": rss,
+        "store_prompt": after_prompt,
+        "store_decode": decode,
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
-        println!(
-            "{}: {} threads ({}), load {:.1} s\nprompt  {:>5} tokens  {:>8.2} tok/s  (time to first token {:.2} s)\ndecode  {:>5} tokens  {:>8.2} tok/s",
-            args.model.model.display(),
-            engine.threads(),
-            engine.cpu_level().name(),
-            load_s,
-            args.n_prompt,
-            prompt_tps,
-            prompt_s,
-            args.n_gen,
-            gen_tps
-        );
+        return Ok(());
     }
+    println!(
+        "{}: {} threads ({}), io {}, prefetch {}, load {:.1} s{}",
+        args.model.model.display(),
+        engine.threads(),
+        engine.cpu_level().name(),
+        engine.io_mode().name(),
+        args.model.prefetch,
+        load_s,
+        if args.cold { ", cold" } else { "" }
+    );
+    println!(
+        "prompt  {:>5} tokens  {:>8.2} tok/s  (time to first token {:.2} s)",
+        args.n_prompt, prompt_tps, prompt_s
+    );
+    println!("decode  {:>5} tokens  {:>8.2} tok/s", args.n_gen, gen_tps);
+    print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
+    println!(
+        "floor   disk {:.2} GB/s, {}/token read → I/O floor {} tok/s ({:.0}% reached)",
+        disk_gbps,
+        fmt_bytes(miss_bytes_per_token as u64),
+        if io_floor.is_finite() {
+            format!("{io_floor:.2}")
+        } else {
+            "∞".into()
+        },
+        if io_floor.is_finite() {
+            100.0 * gen_tps / io_floor
+        } else {
+            0.0
+        }
+    );
+    println!(
+        "memory  peak RSS {} (plan {})",
+        fmt_bytes(rss),
+        fmt_bytes(plan.total_bytes())
+    );
     Ok(())
 }

@@ -31,6 +31,10 @@ pub struct Args {
 
     #[command(flatten)]
     pub sampling: SamplingArgs,
+
+    /// Print the expert store's statistics after the run.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -60,5 +64,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let _ = writeln!(stdout);
     eprintln!("{}", stats_line(&g, params.seed));
+    if args.stats {
+        let tokens = g.prompt_tokens + g.tokens.len();
+        eprint!(
+            "{}",
+            super::report::store_report(
+                &engine.store_stats(),
+                g.prompt_secs + g.gen_secs,
+                tokens,
+                args.model.verbose
+            )
+        );
+    }
     Ok(())
 }
