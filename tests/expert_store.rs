@@ -142,6 +142,20 @@ fn mlx_checkpoint_is_plan_independent() {
     check_family("qwen3_moe/mlx");
 }
 
+// The hybrids: recurrent state and shared experts beside the store.
+#[test]
+fn hybrid_checkpoints_are_plan_independent() {
+    check_family("qwen3_5_moe/hf");
+    check_family("qwen3_5_moe/mlx");
+    check_family("qwen3_next/gguf/qwen3_next-Q8_0.gguf");
+}
+
+#[test]
+fn synthetic_hybrid_is_plan_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    check_path(&synth_preset(dir.path(), "tiny-qwen35moe", None));
+}
+
 #[test]
 fn a_budget_that_cannot_hold_one_layer_is_refused_with_numbers() {
     let o = opts(Budget::Total(1 << 20), IoMode::Direct, Prefetch::Off, 1);
@@ -170,14 +184,18 @@ fn a_full_cache_stops_reading() {
 /// A synthetic model with more layers than the fixtures (so lookahead has
 /// layers to read ahead for), written by `moeflux synth`'s library code.
 fn synth_model(dir: &std::path::Path, skew: Option<f64>) -> std::path::PathBuf {
+    synth_preset(dir, "tiny-qwen3moe", skew)
+}
+
+fn synth_preset(dir: &std::path::Path, preset: &str, skew: Option<f64>) -> std::path::PathBuf {
     let spec = moeflux::synth::SynthSpec {
-        preset: moeflux::synth::preset("tiny-qwen3moe").unwrap(),
+        preset: moeflux::synth::preset(preset).unwrap(),
         layers: None,
         quant: moeflux::quant::GgmlType::Q4_K,
         skew,
         seed: 3,
     };
-    let path = dir.join("synth.gguf");
+    let path = dir.join(format!("{preset}.gguf"));
     let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
     moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
     std::io::Write::flush(&mut f).unwrap();

@@ -15,16 +15,12 @@
 mod common;
 
 use common::{
-    assert_logits, fixture_json, fixture_ref, fixture_tokens, greedy, levels, open_at, ref_ids,
+    assert_logits, check_gguf, fixture_json, fixture_ref, fixture_tokens, greedy, levels, open_at,
+    ref_ids, F32_REL,
 };
 use moeflux::backend::cpu::kernels::Level;
 
-/// The f32 tolerance of DESIGN.md: max|Δ| ≤ 1e-3 · max|ref|, identical argmax.
-const F32_REL: f32 = 1e-3;
-
-fn logits(engine: &moeflux::Engine, tokens: &[u32]) -> Vec<f32> {
-    engine.new_session().eval_all(tokens).unwrap()
-}
+use common::all_logits as logits;
 
 #[test]
 fn hf_checkpoint_matches_transformers() {
@@ -80,69 +76,6 @@ fn gguf_f32_matches_llama_cpp_and_transformers() {
             1.0,
         );
         assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
-    }
-}
-
-/// A GGUF whose weights are `ty`, at every level.
-fn check_gguf(family: &str, ty: &str) {
-    let tokens = fixture_tokens(family);
-    let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
-        .to_f32()
-        .unwrap();
-    let llama = fixture_ref(family, &format!("gguf_{ty}_logits"))
-        .to_f32()
-        .unwrap();
-    let stats = &fixture_json(family)["gguf"]["stats"][ty];
-    let measured = stats["quantized_vs_dequant"]["max_rel"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("{family} {ty}: no measured llama.cpp bound"));
-    let llama_agree = stats["quantized_vs_dequant"]["argmax_agree"]
-        .as_f64()
-        .unwrap_or(1.0);
-    let bound = (1.5 * measured).max(F32_REL as f64) as f32;
-    // Weight types computed with f32 activations at every level.
-    let float_weights = matches!(ty, "F32" | "F16" | "BF16");
-    for level in levels() {
-        let engine = open_at(&format!("{family}/gguf/{family}-{ty}.gguf"), level);
-        let v = engine.vocab();
-        let ours = logits(&engine, &tokens);
-        let what = format!("{family} {ty} at {}", level.name());
-        if level == Level::Reference || float_weights {
-            assert_logits(
-                &format!("{what} vs dequantized reference"),
-                &ours,
-                &dequant,
-                v,
-                F32_REL,
-                1.0,
-            );
-            let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
-            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
-        } else {
-            // 8-bit activations: within what llama.cpp's own activation
-            // quantization costs on this file, and as often on the same
-            // argmax as llama.cpp is.
-            let min_agree = (llama_agree - 0.051).max(0.9);
-            assert_logits(
-                &format!("{what} vs dequantized reference"),
-                &ours,
-                &dequant,
-                v,
-                bound,
-                min_agree,
-            );
-        }
-        // And against llama.cpp itself: both sides quantize activations
-        // (or not), so allow both errors.
-        let llama_bound = if float_weights { bound } else { 2.0 * bound };
-        assert_logits(
-            &format!("{what} vs llama.cpp"),
-            &ours,
-            &llama,
-            v,
-            llama_bound,
-            0.95,
-        );
     }
 }
 

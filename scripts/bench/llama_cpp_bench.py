@@ -3,7 +3,7 @@
 prompt processing and decode tok/s, the way `moeflux bench` measures them.
 
 Prints one JSON object. Usage:
-  python3 scripts/bench/llama_cpp_bench.py -m model.gguf -p 512 -n 64 -t 2 [--no-mmap]
+  python3 scripts/bench/llama_cpp_bench.py -m model.gguf -p 512 -n 64 -t 2 [--no-mmap] [--repack 0]
 """
 import argparse
 import json
@@ -23,7 +23,22 @@ def main():
     ap.add_argument("--ctx", type=int, default=0)
     ap.add_argument("--no-mmap", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--repack", type=int, default=1, help="llama.cpp's weight repacking (extra buffer types); 1 is its default")
     a = ap.parse_args()
+
+    if not a.repack:
+        # llama-cpp-python has no argument for it: patch the default model
+        # parameters the constructor starts from.
+        # (llama.py calls it through the inner llama_cpp.llama_cpp module.)
+        inner = llama_cpp.llama_cpp
+        default = inner.llama_model_default_params
+
+        def no_repack():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+
+        inner.llama_model_default_params = no_repack
 
     t0 = time.time()
     llm = Llama(
@@ -46,11 +61,11 @@ def main():
     llm.eval(prompt)
     prompt_s = time.time() - t
 
+    # Like llama-bench, feed random tokens while generating (greedy decoding
+    # of a random-weight model repeats one token and routes identically).
     t = time.time()
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    for _ in range(a.n_gen):
-        llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    for tok in rng.integers(300, min(vocab, 100000), size=a.n_gen):
+        llm.eval([int(tok)])
     gen_s = time.time() - t
     print(json.dumps({
         "engine": "llama.cpp",
@@ -58,6 +73,7 @@ def main():
         "model": a.model,
         "threads": a.threads,
         "mmap": not a.no_mmap,
+        "repack": bool(a.repack),
         "load_s": round(load_s, 3),
         "prompt_tokens": a.prompt,
         "prompt_tok_s": round(a.prompt / prompt_s, 3),

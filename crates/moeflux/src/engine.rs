@@ -31,7 +31,7 @@ use crate::experts::{ExpertStore, IoMode, StoreOptions, StoreStats};
 use crate::format::{ModelFiles, ModelMetadata};
 use crate::model::{self, Context, Logits, Model, ModelConfig, Prefetch};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::state::{KvCache, KvType};
+use crate::state::{Checkpoint, KvType, SessionState, Snapshot, SnapshotError};
 use crate::tokenizer::{TokenId, Tokenizer};
 
 /// How to open a model.
@@ -56,6 +56,9 @@ pub struct EngineOptions {
     /// Reader threads (several reads in flight keep an SSD busy).
     pub io_threads: usize,
     pub prefetch: Prefetch,
+    /// Most recurrent-state checkpoints a session keeps (hybrid models:
+    /// `truncate` resumes from the newest one at or before the cut).
+    pub checkpoints: usize,
     /// Called while the dense weights are read: `(done, total)` bytes.
     pub on_load_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
 }
@@ -71,6 +74,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("budget", &self.budget)
             .field("io", &self.io)
             .field("prefetch", &self.prefetch)
+            .field("checkpoints", &self.checkpoints)
             .finish_non_exhaustive()
     }
 }
@@ -87,6 +91,7 @@ impl Default for EngineOptions {
             io: IoMode::Direct,
             io_threads: 4,
             prefetch: Prefetch::Lookahead,
+            checkpoints: 4,
             on_load_progress: None,
         }
     }
@@ -104,6 +109,9 @@ struct Inner {
     ctx: usize,
     ubatch: usize,
     kv_type: KvType,
+    max_checkpoints: usize,
+    /// Identifies the model in saved sessions.
+    fingerprint: u64,
 }
 
 /// A loaded model: weights, tokenizer and chat template. Cheap to clone
@@ -158,7 +166,10 @@ impl Engine {
             slot_bytes: crate::experts::store::slot_bytes_for(&experts),
             total_experts: per_layer.iter().sum(),
             top_k: cfg.n_experts_used as u64,
-            kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type.bytes()),
+            // The KV cache and recurrent state, plus the checkpoints' copies
+            // of the recurrent state.
+            kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type.bytes())
+                + opts.checkpoints as u64 * cfg.kv_bytes(0, 0),
             scratch_bytes: plan::scratch_bytes(cfg, opts.ubatch.max(1) as u64),
         };
         let budget = opts.budget.unwrap_or(Budget::Auto {
@@ -221,8 +232,11 @@ impl Engine {
         }
         .map(|r| r.map_err(|e| e.to_string()));
 
+        let fingerprint = fingerprint(&files, &model.cfg);
         Ok(Engine {
             inner: Arc::new(Inner {
+                fingerprint,
+                max_checkpoints: opts.checkpoints,
                 files,
                 model,
                 store: Mutex::new(store),
@@ -306,16 +320,51 @@ impl Engine {
     pub fn new_session(&self) -> Session {
         Session {
             engine: self.clone(),
-            kv: KvCache::new(
-                &self.inner.model.kv_dims(),
-                self.inner.ctx,
-                self.inner.kv_type,
-            ),
+            state: self.empty_state(),
             ws: Workspace::new(self.inner.cpu.pool.n_threads()),
             tokens: Vec::new(),
             logits: Vec::new(),
+            checkpoints: Vec::new(),
         }
     }
+
+    fn empty_state(&self) -> SessionState {
+        self.inner
+            .model
+            .new_state(self.inner.ctx, self.inner.kv_type)
+    }
+
+    /// Identifies the model (its configuration and tensor table) in saved
+    /// sessions.
+    pub fn fingerprint(&self) -> u64 {
+        self.inner.fingerprint
+    }
+}
+
+/// FNV-1a over the configuration and the tensor table: names, shapes,
+/// types and byte spans. Two files give the same value when they hold the
+/// same tensors in the same layout.
+fn fingerprint(files: &ModelFiles, cfg: &ModelConfig) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |bytes: &[u8]| {
+        for &b in bytes {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    };
+    eat(serde_json::to_string(cfg).unwrap_or_default().as_bytes());
+    for t in &files.tensors {
+        eat(t.name.as_bytes());
+        eat(t.ty.to_string().as_bytes());
+        for d in &t.shape {
+            eat(&d.to_le_bytes());
+        }
+        for p in &t.parts {
+            eat(&p.offset.to_le_bytes());
+            eat(&p.len.to_le_bytes());
+        }
+    }
+    h
 }
 
 /// Why generation ended.
@@ -346,14 +395,17 @@ pub struct Generation {
     pub gen_secs: f64,
 }
 
-/// One conversation: the tokens seen so far and their KV cache.
+/// One conversation: the tokens seen so far, their KV cache and (for
+/// hybrid models) the recurrent state with its checkpoints.
 pub struct Session {
     engine: Engine,
-    kv: KvCache,
+    state: SessionState,
     ws: Workspace,
     tokens: Vec<TokenId>,
     /// Logits after the last evaluated token (empty when unknown).
     logits: Vec<f32>,
+    /// Recurrent-state checkpoints, oldest first, at increasing positions.
+    checkpoints: Vec<Checkpoint>,
 }
 
 impl Session {
@@ -374,19 +426,158 @@ impl Session {
         self.tokens.is_empty()
     }
 
+    /// Bytes of KV cache, recurrent state and checkpoints held.
+    pub fn state_bytes(&self) -> usize {
+        self.state.bytes()
+            + self
+                .checkpoints
+                .iter()
+                .flat_map(|c| c.linear.iter().flatten())
+                .map(crate::state::LinearState::bytes)
+                .sum::<usize>()
+    }
+
     /// Forgets everything.
     pub fn reset(&mut self) {
-        self.truncate(0);
+        self.state.reset();
+        self.tokens.clear();
+        self.logits.clear();
+        self.checkpoints.clear();
+    }
+
+    /// Positions of the checkpoints held.
+    pub fn checkpoint_positions(&self) -> Vec<usize> {
+        self.checkpoints.iter().map(|c| c.pos).collect()
+    }
+
+    /// Remembers the recurrent state at the current position, so that a
+    /// later [`Session::truncate`] to here or beyond re-evaluates nothing
+    /// before it. `chat` takes one at every turn boundary. At most
+    /// `EngineOptions::checkpoints` are kept (the oldest goes first); a
+    /// model without recurrent layers needs none and keeps none.
+    pub fn checkpoint(&mut self) {
+        let max = self.engine.inner.max_checkpoints;
+        if !self.state.is_recurrent() || max == 0 || self.tokens.is_empty() {
+            return;
+        }
+        let pos = self.tokens.len();
+        if self.checkpoints.last().is_some_and(|c| c.pos == pos) {
+            return;
+        }
+        if self.checkpoints.len() >= max {
+            self.checkpoints.remove(0);
+        }
+        self.checkpoints.push(Checkpoint {
+            pos,
+            linear: self.state.linear.clone(),
+            logits: self.logits.clone(),
+        });
     }
 
     /// Keeps the first `n` tokens and forgets the rest; the next `eval`
     /// continues from position `n`.
-    pub fn truncate(&mut self, n: usize) {
-        if n < self.tokens.len() {
-            self.tokens.truncate(n);
-            self.kv.truncate(n);
-            self.logits.clear();
+    ///
+    /// Softmax attention drops the cached positions. A recurrent state
+    /// cannot be rewound, so hybrid models restart from the newest
+    /// checkpoint at or before `n` (or from the empty state) and evaluate
+    /// the tokens between it and `n` again; the result equals a fresh
+    /// session fed the first `n` tokens.
+    pub fn truncate(&mut self, n: usize) -> Result<()> {
+        if n >= self.tokens.len() {
+            return Ok(());
         }
+        self.checkpoints.retain(|c| c.pos <= n);
+        if !self.state.is_recurrent() {
+            self.tokens.truncate(n);
+            self.state.kv.truncate(n);
+            self.logits.clear();
+            return Ok(());
+        }
+        let replay = self.tokens[..n].to_vec();
+        let from = self.rewind_to_checkpoint(n);
+        if from < n {
+            self.run(&replay[from..], Logits::Last)?;
+        }
+        Ok(())
+    }
+
+    /// Puts the session at the newest checkpoint at or before `n` (or the
+    /// empty state); returns its position.
+    fn rewind_to_checkpoint(&mut self, n: usize) -> usize {
+        self.checkpoints.retain(|c| c.pos <= n);
+        let from = match self.checkpoints.last() {
+            Some(c) => {
+                self.state.linear.clone_from(&c.linear);
+                self.logits.clone_from(&c.logits);
+                c.pos
+            }
+            None => {
+                self.state.reset();
+                self.logits.clear();
+                0
+            }
+        };
+        self.tokens.truncate(from);
+        self.state.kv.truncate(from);
+        from
+    }
+
+    /// A copy of the whole session state (tokens, logits, KV cache,
+    /// recurrent state, checkpoints).
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            model: self.engine.inner.fingerprint,
+            tokens: self.tokens.clone(),
+            logits: self.logits.clone(),
+            state: self.state.clone(),
+            checkpoints: self.checkpoints.clone(),
+        }
+    }
+
+    /// Puts the session back in the state of `snap`. A snapshot of another
+    /// model, or one that does not fit this engine's context or KV type,
+    /// is refused and the session left as it was.
+    pub fn restore(&mut self, snap: &Snapshot) -> Result<()> {
+        // Checking the encoded form validates every dimension the same way
+        // a file is checked.
+        let checked = Snapshot::decode(
+            &snap.encode(),
+            self.engine.inner.fingerprint,
+            &self.engine.empty_state(),
+        )?;
+        self.set(checked);
+        Ok(())
+    }
+
+    fn set(&mut self, snap: Snapshot) {
+        self.tokens = snap.tokens;
+        self.logits = snap.logits;
+        self.state = snap.state;
+        self.checkpoints = snap.checkpoints;
+    }
+
+    /// Writes the session to `path` (see [`crate::state::snapshot`] for the
+    /// format), through a temporary file renamed into place.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.snapshot().encode();
+        let tmp = path.with_extension("tmp-moeflux");
+        std::fs::write(&tmp, &bytes)
+            .and_then(|_| std::fs::rename(&tmp, path))
+            .map_err(|e| Error::Snapshot(SnapshotError::Io(e)))
+    }
+
+    /// Replaces the session with the one saved at `path`. The file is read
+    /// and checked completely first; on any error the session is
+    /// unchanged.
+    pub fn load(&mut self, path: &Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|e| Error::Snapshot(SnapshotError::Io(e)))?;
+        let snap = Snapshot::decode(
+            &bytes,
+            self.engine.inner.fingerprint,
+            &self.engine.empty_state(),
+        )?;
+        self.set(snap);
+        Ok(())
     }
 
     fn check(&self, tokens: &[TokenId]) -> Result<()> {
@@ -407,7 +598,8 @@ impl Session {
     }
 
     fn run(&mut self, tokens: &[TokenId], which: Logits) -> Result<Vec<f32>> {
-        let inner = &self.engine.inner;
+        let engine = self.engine.clone();
+        let inner = &engine.inner;
         let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = Vec::new();
         for chunk in tokens.chunks(inner.ubatch) {
@@ -416,20 +608,28 @@ impl Session {
                 cpu: &inner.cpu,
                 prefetch: inner.prefetch,
             };
-            let out =
-                match inner
-                    .model
-                    .forward(cx, &mut store, &mut self.kv, &mut self.ws, chunk, which)
-                {
-                    Ok(out) => out,
-                    Err(e) => {
-                        // The chunk is lost; so is anything the cache held past
-                        // the tokens already accepted.
-                        self.kv.truncate(self.tokens.len());
-                        self.logits.clear();
-                        return Err(e.into());
+            let out = match inner.model.forward(
+                cx,
+                &mut store,
+                &mut self.state,
+                &mut self.ws,
+                chunk,
+                which,
+            ) {
+                Ok(out) => out,
+                Err(e) => {
+                    // The chunk is lost; so is anything the cache held past
+                    // the tokens already accepted. A recurrent state may be
+                    // half-advanced, so a hybrid session falls back to its
+                    // newest checkpoint (`len()` tells where it stands).
+                    self.state.kv.truncate(self.tokens.len());
+                    self.logits.clear();
+                    if self.state.is_recurrent() {
+                        self.rewind_to_checkpoint(self.tokens.len());
                     }
-                };
+                    return Err(e.into());
+                }
+            };
             self.tokens.extend_from_slice(chunk);
             match which {
                 Logits::All => all.extend_from_slice(out),

@@ -23,6 +23,8 @@ pub enum Error {
     Tokenizer(#[from] TokenizerError),
     #[error(transparent)]
     Chat(#[from] ChatError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::state::SnapshotError),
     #[error("the model has no usable tokenizer ({0})")]
     NoTokenizer(String),
     #[error("the context is full: {have} tokens held + {adding} new > context size {ctx}; raise --ctx-size (the model allows up to {model_max}) or shorten the prompt")]

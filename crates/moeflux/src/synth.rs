@@ -4,7 +4,9 @@
 //!
 //! Weights are drawn symmetric around zero with a standard deviation of
 //! `1/√fan_in` (raw random bytes would bias every weight the same way and
-//! make every token's logits and routing nearly identical). Expert
+//! make every token's logits and routing nearly identical), with three
+//! adjustments that keep tokens distinct through depth (see
+//! [`ATTN_OUT_SCALE`]). Expert
 //! popularity can be skewed to follow a Zipf law (`--skew zipf:S`): random
 //! routers otherwise pick experts almost uniformly, the worst case for any
 //! cache. The skew works through one residual dimension that every token's
@@ -17,6 +19,20 @@ use half::f16;
 
 use crate::format::gguf::{GgufWriter, MetaArray, MetaValue, StringArray};
 use crate::quant::{GgmlType, QK_K};
+
+/// Standard deviation of the embedding's elements: 1, so a token's own
+/// vector is as large as what the layers add to it.
+const EMBED_SIGMA: f32 = 1.0;
+/// The attention output projection at this fraction of `1/√fan_in`, and
+/// per-head q/k norm weights of 3 (sharper attention). Random attention is
+/// nearly flat, so it adds the average of the context to every token; at
+/// full scale that common vector swamps token identity within a few layers
+/// and every token routes alike. Measured on the qwen3-30b-a3b shape (64
+/// random tokens, distinct experts chosen per layer, of 128): with plain
+/// `1/√fan_in` init 102, 66, 44, 48, 36, 29, 42, 38 over layers 0–7; with
+/// these settings 122–127 in each of 24 layers, as uniform routing gives.
+const ATTN_OUT_SCALE: f32 = 0.2;
+const QK_NORM: f32 = 3.0;
 
 /// A model shape.
 #[derive(Clone, Debug, PartialEq)]
@@ -35,6 +51,66 @@ pub struct Preset {
     pub vocab: usize,
     pub context: usize,
     pub rope_theta: f32,
+    /// Rotated dimensions per head.
+    pub rope_dims: usize,
+    /// Hidden size of the shared expert (0: none).
+    pub shared_ff: usize,
+    /// Gated-DeltaNet layers (the Qwen hybrids).
+    pub linear: Option<SynthLinear>,
+}
+
+/// The linear-attention shape of a hybrid preset. Every `interval`-th
+/// layer is full attention.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SynthLinear {
+    pub k_heads: usize,
+    pub v_heads: usize,
+    /// Key and value head dimension (equal in every released model).
+    pub head_dim: usize,
+    pub conv_kernel: usize,
+    pub interval: usize,
+}
+
+/// A Qwen hybrid preset (Qwen3.5 and Qwen3-Next share these settings:
+/// head_dim 256 with a quarter rotated, θ = 10⁷, 2 KV heads, linear heads
+/// of 128 with a conv kernel of 4, full attention every 4th layer).
+#[allow(clippy::too_many_arguments)]
+const fn hybrid(
+    name: &'static str,
+    arch: &'static str,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    experts: usize,
+    top_k: usize,
+    expert_ff: usize,
+    vocab: usize,
+    v_heads: usize,
+) -> Preset {
+    Preset {
+        name,
+        arch,
+        hidden,
+        layers,
+        heads,
+        kv_heads: 2,
+        head_dim: 256,
+        experts,
+        top_k,
+        expert_ff,
+        vocab,
+        context: 262_144,
+        rope_theta: 10_000_000.0,
+        rope_dims: 64,
+        shared_ff: expert_ff,
+        linear: Some(SynthLinear {
+            k_heads: 16,
+            v_heads,
+            head_dim: 128,
+            conv_kernel: 4,
+            interval: 4,
+        }),
+    }
 }
 
 /// The shapes `moeflux synth` knows.
@@ -54,6 +130,9 @@ pub fn presets() -> Vec<Preset> {
             vocab: 151_936,
             context: 40_960,
             rope_theta: 1_000_000.0,
+            rope_dims: 128,
+            shared_ff: 0,
+            linear: None,
         },
         Preset {
             name: "qwen3-235b-a22b",
@@ -69,7 +148,60 @@ pub fn presets() -> Vec<Preset> {
             vocab: 151_936,
             context: 40_960,
             rope_theta: 1_000_000.0,
+            rope_dims: 128,
+            shared_ff: 0,
+            linear: None,
         },
+        // Shapes from the released configs (hidden, layers, heads, experts,
+        // top-k, expert ff = shared expert ff, vocabulary, value heads).
+        hybrid(
+            "qwen3.5-35b-a3b",
+            "qwen35moe",
+            2048,
+            40,
+            16,
+            256,
+            8,
+            512,
+            248_320,
+            32,
+        ),
+        hybrid(
+            "qwen3.5-122b-a10b",
+            "qwen35moe",
+            3072,
+            48,
+            32,
+            256,
+            8,
+            1024,
+            248_320,
+            64,
+        ),
+        hybrid(
+            "qwen3.5-397b-a17b",
+            "qwen35moe",
+            4096,
+            60,
+            32,
+            512,
+            10,
+            1024,
+            248_320,
+            64,
+        ),
+        hybrid(
+            "qwen3-next-80b-a3b",
+            "qwen3next",
+            2048,
+            48,
+            16,
+            512,
+            10,
+            512,
+            151_936,
+            32,
+        ),
         // Small shapes for tests.
         Preset {
             name: "test-stream",
@@ -85,6 +217,9 @@ pub fn presets() -> Vec<Preset> {
             vocab: 2048,
             context: 4096,
             rope_theta: 1_000_000.0,
+            rope_dims: 64,
+            shared_ff: 0,
+            linear: None,
         },
         Preset {
             name: "tiny-qwen3moe",
@@ -100,6 +235,33 @@ pub fn presets() -> Vec<Preset> {
             vocab: 1024,
             context: 4096,
             rope_theta: 1_000_000.0,
+            rope_dims: 64,
+            shared_ff: 0,
+            linear: None,
+        },
+        Preset {
+            name: "tiny-qwen35moe",
+            arch: "qwen35moe",
+            hidden: 256,
+            layers: 4,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            experts: 16,
+            top_k: 4,
+            expert_ff: 256,
+            vocab: 1024,
+            context: 4096,
+            rope_theta: 10_000_000.0,
+            rope_dims: 16,
+            shared_ff: 256,
+            linear: Some(SynthLinear {
+                k_heads: 2,
+                v_heads: 4,
+                head_dim: 64,
+                conv_kernel: 4,
+                interval: 2,
+            }),
         },
     ]
 }
@@ -451,6 +613,33 @@ pub fn write(
     w.add(format!("{a}.expert_count"), u(ne));
     w.add(format!("{a}.expert_used_count"), u(p.top_k));
     w.add(format!("{a}.expert_feed_forward_length"), u(ff));
+    if p.shared_ff > 0 {
+        w.add(
+            format!("{a}.expert_shared_feed_forward_length"),
+            u(p.shared_ff),
+        );
+    }
+    if p.rope_dims != p.head_dim {
+        w.add(format!("{a}.rope.dimension_count"), u(p.rope_dims));
+    }
+    if let Some(lin) = p.linear {
+        w.add(format!("{a}.ssm.conv_kernel"), u(lin.conv_kernel));
+        w.add(format!("{a}.ssm.state_size"), u(lin.head_dim));
+        w.add(format!("{a}.ssm.group_count"), u(lin.k_heads));
+        w.add(format!("{a}.ssm.time_step_rank"), u(lin.v_heads));
+        w.add(format!("{a}.ssm.inner_size"), u(lin.v_heads * lin.head_dim));
+        w.add(format!("{a}.full_attention_interval"), u(lin.interval));
+        if a == "qwen35moe" {
+            // Multimodal RoPE sections (t, h, w, -) in rotated pairs; text
+            // positions are equal in every section, so they change nothing.
+            let pairs = (p.rope_dims / 2) as i32;
+            let (t, hh) = (pairs * 3 / 8, pairs * 3 / 8);
+            w.add(
+                format!("{a}.rope.dimension_sections"),
+                MetaValue::Array(MetaArray::I32(vec![t, hh, pairs - t - hh, 0])),
+            );
+        }
+    }
     w.add("tokenizer.ggml.model", s("gpt2"));
     w.add("tokenizer.ggml.pre", s("qwen2"));
     w.add(
@@ -488,46 +677,55 @@ pub fn write(
     for l in 0..layers {
         let t = |n: &str| format!("blk.{l}.{n}");
         let q = spec.quant;
-        w.add_tensor(t("attn_norm.weight"), GgmlType::F32, &[h as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_q.weight"), q, &[q_dim as u64, h as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_k.weight"), q, &[kv_dim as u64, h as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_v.weight"), q, &[kv_dim as u64, h as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_output.weight"), q, &[h as u64, q_dim as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_q_norm.weight"), GgmlType::F32, &[p.head_dim as u64])
-            .map_err(io)?;
-        w.add_tensor(t("attn_k_norm.weight"), GgmlType::F32, &[p.head_dim as u64])
-            .map_err(io)?;
-        w.add_tensor(t("ffn_norm.weight"), GgmlType::F32, &[h as u64])
-            .map_err(io)?;
-        w.add_tensor(
-            t("ffn_gate_inp.weight"),
-            GgmlType::F32,
-            &[ne as u64, h as u64],
-        )
-        .map_err(io)?;
-        w.add_tensor(
-            t("ffn_gate_exps.weight"),
-            q,
-            &[ne as u64, ff as u64, h as u64],
-        )
-        .map_err(io)?;
-        w.add_tensor(
-            t("ffn_up_exps.weight"),
-            q,
-            &[ne as u64, ff as u64, h as u64],
-        )
-        .map_err(io)?;
-        w.add_tensor(
-            t("ffn_down_exps.weight"),
-            q,
-            &[ne as u64, h as u64, ff as u64],
-        )
-        .map_err(io)?;
+        let mut add = |name: &str, ty: GgmlType, shape: &[usize]| -> Result<(), SynthError> {
+            let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+            w.add_tensor(t(name), ty, &shape).map_err(io)
+        };
+        add("attn_norm.weight", GgmlType::F32, &[h])?;
+        let linear_layer = p.linear.filter(|lin| (l + 1) % lin.interval != 0);
+        if let Some(lin) = linear_layer {
+            let (nk, nv, d) = (lin.k_heads, lin.v_heads, lin.head_dim);
+            let ch = 2 * nk * d + nv * d;
+            add("attn_qkv.weight", q, &[ch, h])?;
+            add("attn_gate.weight", q, &[nv * d, h])?;
+            if a == "qwen3next" {
+                add("ssm_ba.weight", GgmlType::F32, &[2 * nv, h])?;
+            } else {
+                add("ssm_beta.weight", GgmlType::F32, &[nv, h])?;
+                add("ssm_alpha.weight", GgmlType::F32, &[nv, h])?;
+            }
+            add("ssm_conv1d.weight", GgmlType::F32, &[ch, lin.conv_kernel])?;
+            add("ssm_a", GgmlType::F32, &[nv])?;
+            add("ssm_dt.bias", GgmlType::F32, &[nv])?;
+            add("ssm_norm.weight", GgmlType::F32, &[d])?;
+            add("ssm_out.weight", q, &[h, nv * d])?;
+        } else {
+            // The hybrids' query projection carries an output gate per head.
+            let q_rows = if p.linear.is_some() { 2 * q_dim } else { q_dim };
+            add("attn_q.weight", q, &[q_rows, h])?;
+            add("attn_k.weight", q, &[kv_dim, h])?;
+            add("attn_v.weight", q, &[kv_dim, h])?;
+            add("attn_output.weight", q, &[h, q_dim])?;
+            add("attn_q_norm.weight", GgmlType::F32, &[p.head_dim])?;
+            add("attn_k_norm.weight", GgmlType::F32, &[p.head_dim])?;
+        }
+        let ffn_norm = if p.linear.is_some() {
+            "post_attention_norm.weight"
+        } else {
+            "ffn_norm.weight"
+        };
+        add(ffn_norm, GgmlType::F32, &[h])?;
+        add("ffn_gate_inp.weight", GgmlType::F32, &[ne, h])?;
+        add("ffn_gate_exps.weight", q, &[ne, ff, h])?;
+        add("ffn_up_exps.weight", q, &[ne, ff, h])?;
+        add("ffn_down_exps.weight", q, &[ne, h, ff])?;
+        if p.shared_ff > 0 {
+            let sff = p.shared_ff;
+            add("ffn_gate_shexp.weight", q, &[sff, h])?;
+            add("ffn_up_shexp.weight", q, &[sff, h])?;
+            add("ffn_down_shexp.weight", q, &[h, sff])?;
+            add("ffn_gate_inp_shexp.weight", GgmlType::F32, &[h])?;
+        }
     }
     w.add_tensor("output_norm.weight", GgmlType::F32, &[h as u64])
         .map_err(io)?;
@@ -546,8 +744,14 @@ pub fn write(
         let size = t.size().unwrap_or(0) as usize;
         let cols = *t.shape.last().unwrap_or(&1) as usize;
         let rows = size / t.ty.row_bytes(cols as u64).unwrap_or(1).max(1) as usize;
-        let sigma = 1.0 / (cols as f32).sqrt();
         let name = t.name.as_str();
+        let sigma = if name == "token_embd.weight" {
+            EMBED_SIGMA
+        } else if name.ends_with("attn_output.weight") || name.ends_with("ssm_out.weight") {
+            ATTN_OUT_SCALE / (cols as f32).sqrt()
+        } else {
+            1.0 / (cols as f32).sqrt()
+        };
         // Generate and write in pieces of whole rows, so memory stays small.
         let row_bytes = size / rows.max(1);
         let rows_per_piece = ((8 << 20) / row_bytes.max(1)).max(1);
@@ -555,9 +759,25 @@ pub fn write(
         while row < rows {
             let n = rows_per_piece.min(rows - row);
             buf.resize(n * row_bytes, 0);
-            if name.ends_with("norm.weight") {
+            if name.ends_with("ssm_a") || name.ends_with("ssm_dt.bias") {
+                // Decay rates −exp(A_log) in [−1, −0.1] (A_log of real
+                // checkpoints spans about that); dt bias 0.
                 for c in buf.chunks_exact_mut(4) {
-                    c.copy_from_slice(&1f32.to_le_bytes());
+                    let v = if name.ends_with("ssm_a") {
+                        -(0.1 + 0.9 * rng.unit() as f32)
+                    } else {
+                        0.0
+                    };
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            } else if name.ends_with("norm.weight") {
+                let v = if name.ends_with("q_norm.weight") || name.ends_with("k_norm.weight") {
+                    QK_NORM
+                } else {
+                    1.0
+                };
+                for c in buf.chunks_exact_mut(4) {
+                    c.copy_from_slice(&v.to_le_bytes());
                 }
             } else if name.ends_with("ffn_gate_inp.weight") {
                 let layer_seed = rng.next_u64();

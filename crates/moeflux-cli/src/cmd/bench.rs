@@ -29,9 +29,16 @@ pub struct Args {
     #[arg(short = 'n', long = "n-gen", value_name = "N", default_value_t = 128)]
     pub n_gen: usize,
 
-    /// Seed of the random prompt.
+    /// Seed of the random prompt and generated tokens.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+
+    /// Feed each step the argmax of the last logits instead of a random
+    /// token. Random tokens (what llama-bench feeds) route like varied text;
+    /// greedy decoding of a random-weight model tends to repeat one token,
+    /// which hits the same experts every step and flatters any cache.
+    #[arg(long)]
+    pub greedy: bool,
 
     /// Drop the model file from the page cache before starting (a cold run).
     #[arg(long)]
@@ -78,7 +85,11 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let after_prompt = engine.store_stats();
     let t = Instant::now();
     for _ in 0..args.n_gen {
-        let next = argmax(&logits);
+        let next = if args.greedy {
+            argmax(&logits)
+        } else {
+            (rng.next_u64() % vocab) as u32
+        };
         logits = session.eval(&[next])?;
     }
     let gen_s = t.elapsed().as_secs_f64();
@@ -102,6 +113,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "io": engine.io_mode().name(),
         "prefetch": args.model.prefetch,
         "cold": args.cold,
+        "decode_tokens": if args.greedy { "greedy" } else { "random" },
         "plan": plan,
         "plan_total_bytes": plan.total_bytes(),
         "load_s": load_s,

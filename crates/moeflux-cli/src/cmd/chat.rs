@@ -74,7 +74,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 .take_while(|(a, b)| a == b)
                 .count()
                 .min(ids.len().saturating_sub(1));
-            session.truncate(keep);
+            session.truncate(keep)?;
             ids[keep..].to_vec()
         };
         let g = session.generate(&new_ids, &params, |piece| {
@@ -87,6 +87,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             eprintln!("{}", stats_line(&g, params.seed));
         }
         messages.push(json!({"role": "assistant", "content": g.text}));
+        // A turn boundary: hybrid models keep their recurrent state here, so
+        // a later rewrite of history resumes from it.
+        session.checkpoint();
         // A fresh stream of randomness each turn, still reproducible.
         params.seed = params.seed.wrapping_add(1);
     }

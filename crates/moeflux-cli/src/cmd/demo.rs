@@ -112,6 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         },
         io: "direct".into(),
         prefetch: "lookahead".into(),
+        checkpoints: 4,
         verbose: false,
     };
     let engine = model.open()?;

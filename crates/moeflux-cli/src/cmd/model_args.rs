@@ -52,6 +52,12 @@ pub struct ModelArgs {
     #[arg(long, value_name = "MODE", default_value = "lookahead", value_parser = ["lookahead", "off"])]
     pub prefetch: String,
 
+    /// Recurrent-state checkpoints a session keeps (hybrid models such as
+    /// Qwen3.5: `chat` takes one per turn so that editing history
+    /// re-evaluates only the turns after it).
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub checkpoints: usize,
+
     /// Print the memory plan in detail.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -82,6 +88,7 @@ impl ModelArgs {
                 io: IoMode::from_name(&self.io).unwrap_or(IoMode::Direct),
                 io_threads: 4,
                 prefetch: Prefetch::from_name(&self.prefetch).unwrap_or_default(),
+                checkpoints: self.checkpoints,
                 on_load_progress: Some(Arc::new(move |done, total| {
                     if total >= 256 << 20 && progress_bar.is_hidden() {
                         progress_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

@@ -1,10 +1,12 @@
-//! Softmax attention with grouped KV heads (GQA), per-head q/k RMSNorm and
-//! rotary position embedding: the token mixer of Qwen3-MoE's layers.
+//! Softmax attention with grouped KV heads (GQA), per-head q/k RMSNorm,
+//! rotary position embedding and, for the Qwen hybrids, a sigmoid output
+//! gate: the token mixer of Qwen3-MoE's layers and of the hybrids' full
+//! attention layers.
 
 use super::weights::WeightRef;
 use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::matrix::dot;
-use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, softmax};
+use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, sigmoid, softmax};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
 use crate::format::ModelFiles;
@@ -33,6 +35,10 @@ pub struct Attention {
     pub head_dim: usize,
     pub norm_eps: f32,
     pub rope: Rope,
+    /// The query projection yields `[q | gate]` per head (`2 · head_dim`
+    /// rows each), and each head's output is multiplied by `σ(gate)`
+    /// (Qwen3.5 / Qwen3-Next).
+    pub output_gate: bool,
 }
 
 /// A raw pointer to the attention output, written by head tasks.
@@ -77,6 +83,7 @@ impl Attention {
             k,
             v,
             attn,
+            gate,
             acts,
             per_thread,
             ..
@@ -87,7 +94,12 @@ impl Attention {
             self.wv.view(files),
             self.wo.view(files),
         );
-        let q = sized(q, n * nh * hd);
+        let q_rows = if self.output_gate {
+            2 * nh * hd
+        } else {
+            nh * hd
+        };
+        let q = sized(q, n * q_rows);
         let k = sized(k, n * nkv * hd);
         let v = sized(v, n * nkv * hd);
         {
@@ -111,6 +123,19 @@ impl Attention {
             ];
             run_jobs(&cpu.pool, &jobs, level);
         }
+        let gate = sized(gate, if self.output_gate { n * nh * hd } else { 0 });
+        if self.output_gate {
+            // [q_h | gate_h] per head → q packed in place, gates aside.
+            for t in 0..n {
+                for hh in 0..nh {
+                    let src = (t * nh + hh) * 2 * hd;
+                    let dst = (t * nh + hh) * hd;
+                    gate[dst..dst + hd].copy_from_slice(&q[src + hd..src + 2 * hd]);
+                    q.copy_within(src..src + hd, dst);
+                }
+            }
+        }
+        let q = &mut q[..n * nh * hd];
         if let Some(w) = &self.q_norm {
             rms_norm_chunks(q, hd, w, self.norm_eps);
         }
@@ -167,6 +192,11 @@ impl Attention {
                 }
             }
         });
+        if self.output_gate {
+            for (a, &g) in attn.iter_mut().zip(gate.iter()) {
+                *a *= sigmoid(g);
+            }
+        }
         let o = sized(o, n * hidden);
         let input = prepare(attn, nh * hd, &[&wo], acts, level);
         run_jobs(

@@ -159,6 +159,9 @@ pub struct ModelConfig {
     pub dense_ff: usize,
     pub rms_eps: f32,
     pub rope_theta: f32,
+    /// Rotated dimensions of each query/key head (the Qwen hybrids rotate a
+    /// quarter of the head: `partial_rotary_factor`).
+    pub rope_dims: usize,
     pub sliding_window: Option<usize>,
     pub linear: Option<LinearAttention>,
     pub mla: Option<Mla>,
@@ -234,7 +237,17 @@ impl ModelConfig {
         let arch = Architecture::from_gguf(arch_name, has_experts)
             .ok_or_else(|| ConfigError::Unsupported(arch_name.to_string()))?;
 
-        let n_layers = g.req("block_count")?;
+        // Multi-token-prediction blocks are stored after the trunk and
+        // counted in block_count; generation does not use them.
+        let blocks = g.req("block_count")?;
+        let nextn = g.opt("nextn_predict_layers")?.unwrap_or(0);
+        let n_layers = blocks
+            .checked_sub(nextn)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| ConfigError::Invalid {
+                key: g.key("nextn_predict_layers"),
+                message: format!("{nextn} prediction layers of {blocks} blocks leave no trunk"),
+            })?;
         let hidden = g.req("embedding_length")?;
         let n_heads = g.req("attention.head_count")?;
         let n_kv_heads = g.opt("attention.head_count_kv")?.unwrap_or(n_heads);
@@ -279,7 +292,7 @@ impl ModelConfig {
                     .get_array(&format!("{arch_name}.attention.recurrent_layers"))
                     .and_then(|a| a.to_i64s());
                 layers = match flags {
-                    Some(flags) if flags.len() == n_layers => flags
+                    Some(flags) if flags.len() >= n_layers => flags[..n_layers]
                         .iter()
                         .map(|&f| {
                             if f != 0 {
@@ -345,6 +358,10 @@ impl ModelConfig {
                     .collect();
             }
         }
+        let rope_dims = g
+            .opt("rope.dimension_count")?
+            .unwrap_or(head_dim)
+            .min(head_dim);
         Ok(ModelConfig {
             arch,
             n_layers,
@@ -365,6 +382,7 @@ impl ModelConfig {
             dense_ff,
             rms_eps,
             rope_theta,
+            rope_dims,
             sliding_window,
             linear,
             mla,
@@ -496,6 +514,26 @@ impl ModelConfig {
                 };
             }
         }
+        // `partial_rotary_factor` sits at the top level (Qwen3-Next) or in
+        // `rope_parameters` (transformers 5 configs of Qwen3.5).
+        let partial = match h.opt_f("partial_rotary_factor")? {
+            Some(f) => f,
+            None => c
+                .get("rope_parameters")
+                .and_then(|r| r.get("partial_rotary_factor"))
+                .and_then(Value::as_f64)
+                .unwrap_or(1.0),
+        };
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(ConfigError::Invalid {
+                key: "partial_rotary_factor".into(),
+                message: format!("{partial} is not in (0, 1]"),
+            });
+        }
+        let rope_dims = match mla {
+            Some(m) => m.qk_rope_head_dim,
+            None => ((head_dim as f64 * partial) as usize) & !1,
+        };
         Ok(ModelConfig {
             arch,
             n_layers,
@@ -516,6 +554,7 @@ impl ModelConfig {
             dense_ff,
             rms_eps,
             rope_theta,
+            rope_dims,
             sliding_window,
             linear,
             mla,

@@ -4,14 +4,16 @@
 
 pub mod attention;
 pub mod config;
+pub mod linear_attention;
 pub mod moe;
 pub mod names;
+pub mod qwen3_5;
 pub mod qwen3_moe;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{Architecture, ConfigError, LayerKind, LinearAttention, Mla, ModelConfig};
-pub use transformer::{Context, Logits, Model, Prefetch};
+pub use transformer::{Context, Logits, Mixer, Model, Prefetch};
 pub use weights::WeightError;
 
 use crate::experts::ExpertRef;
@@ -24,6 +26,7 @@ pub fn load(
 ) -> Result<(Model, Vec<Vec<ExpertRef>>), LoadError> {
     match cfg.arch {
         Architecture::Qwen3Moe => Ok(qwen3_moe::load(files, cfg)?),
+        Architecture::Qwen35Moe | Architecture::Qwen3Next => Ok(qwen3_5::load(files, cfg)?),
         other => Err(LoadError::NotYet(other)),
     }
 }
@@ -33,6 +36,6 @@ pub fn load(
 pub enum LoadError {
     #[error(transparent)]
     Weights(#[from] WeightError),
-    #[error("running {0:?} models is not supported yet (inspect works; text generation supports qwen3moe)")]
+    #[error("running {0:?} models is not supported yet (inspect works; text generation supports qwen3moe, qwen35moe and qwen3next)")]
     NotYet(Architecture),
 }

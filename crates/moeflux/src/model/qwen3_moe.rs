@@ -17,7 +17,7 @@ use serde_json::Value;
 
 use super::attention::{Attention, Rope};
 use super::moe::{Moe, Routing};
-use super::transformer::{Ffn, Layer, Model};
+use super::transformer::{Ffn, Layer, Mixer, Model};
 use super::weights::{Loader, WeightError, WeightRef};
 use super::ModelConfig;
 use crate::backend::cpu::ops::rope_inv_freq;
@@ -32,6 +32,32 @@ pub fn hf_prefix(l: &Loader<'_>) -> &'static str {
         .into_iter()
         .find(|p| l.has(&format!("{p}embed_tokens.weight")))
         .unwrap_or("model.")
+}
+
+/// The token embedding and the LM head (the embedding itself when the
+/// head is tied). `p` is the Hugging Face prefix ("" for GGUF).
+pub fn embed_and_head(
+    l: &Loader<'_>,
+    p: &str,
+    vocab: usize,
+    hidden: usize,
+) -> Result<(WeightRef, WeightRef), WeightError> {
+    let (embed_name, heads): (String, &[&str]) = if l.is_gguf() {
+        ("token_embd.weight".into(), &["output.weight"])
+    } else {
+        (
+            format!("{p}embed_tokens.weight"),
+            // Text models and `model.language_model.` checkpoints keep the
+            // head at the top; mlx-lm's multimodal layout nests it.
+            &["lm_head.weight", "language_model.lm_head.weight"],
+        )
+    };
+    let embed = l.matrix(&embed_name, vocab, hidden)?;
+    let lm_head = match heads.iter().find(|n| l.has(n)) {
+        Some(n) => l.matrix(n, vocab, hidden)?,
+        None => embed.clone(),
+    };
+    Ok((embed, lm_head))
 }
 
 /// Whether `norm_topk_prob` holds: GGUF `expert_weights_norm`, HF
@@ -80,19 +106,9 @@ pub fn load(
         }
     };
 
-    let embed = l.matrix(&name("token_embd.weight", "embed_tokens.weight"), v, h)?;
-    let head_name = if gguf {
-        "output.weight".to_string()
-    } else {
-        "lm_head.weight".to_string()
-    };
-    let lm_head = if l.has(&head_name) {
-        l.matrix(&head_name, v, h)?
-    } else {
-        embed.clone()
-    };
+    let (embed, lm_head) = embed_and_head(&l, p, v, h)?;
     let output_norm = l.vector(&name("output_norm.weight", "norm.weight"), h)?;
-    let inv_freq = rope_inv_freq(hd, cfg.rope_theta);
+    let inv_freq = rope_inv_freq(cfg.rope_dims, cfg.rope_theta);
 
     let mut layers = Vec::with_capacity(cfg.n_layers);
     let mut experts = Vec::with_capacity(cfg.n_layers);
@@ -118,6 +134,7 @@ pub fn load(
             rope: Rope {
                 inv_freq: inv_freq.clone(),
             },
+            output_gate: false,
         };
         let attn_norm = l.vector(&n("attn_norm.weight", "input_layernorm.weight"), h)?;
         let ffn_norm = l.vector(&n("ffn_norm.weight", "post_attention_layernorm.weight"), h)?;
@@ -132,7 +149,7 @@ pub fn load(
         experts.push(layer_experts(&l, gguf, &g, &f, ne, ff, h)?);
         layers.push(Layer {
             attn_norm,
-            attn,
+            mixer: Mixer::Attention(attn),
             ffn_norm,
             ffn: Ffn::Moe(Moe {
                 layer: i,
@@ -144,6 +161,7 @@ pub fn load(
                 n_experts: ne,
                 expert_ff: ff,
             }),
+            shared: None,
         });
     }
     Ok((

@@ -3,16 +3,17 @@
 //! [`Model::forward`] runs any of them.
 
 use super::attention::Attention;
+use super::linear_attention::GatedDeltaNet;
 use super::moe::Moe;
 use super::weights::WeightRef;
 use super::ModelConfig;
 use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
-use crate::backend::cpu::ops::{rms_norm, silu};
+use crate::backend::cpu::ops::{rms_norm, sigmoid, silu};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
 use crate::experts::{ExpertStore, StoreError};
 use crate::format::ModelFiles;
-use crate::state::KvCache;
+use crate::state::{KvCache, KvType, SessionState};
 use crate::tokenizer::TokenId;
 
 /// A dense SwiGLU FFN (DeepSeek's first layers; shared experts).
@@ -83,14 +84,64 @@ pub enum Ffn {
     Dense(DenseFfn),
 }
 
-/// One decoder layer: pre-norm attention, then pre-norm FFN, each added to
-/// the residual stream.
+/// A shared expert: a dense SwiGLU FFN every token goes through beside the
+/// routed experts, its output optionally scaled by `σ(gate · h)` (the Qwen
+/// hybrids' `shared_expert_gate`, a `[1, hidden]` weight).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedExpert {
+    pub ffn: DenseFfn,
+    pub gate: Option<WeightRef>,
+}
+
+impl SharedExpert {
+    /// Adds the shared expert's output for `ws.h` to `ws.o` (which holds
+    /// the routed experts' sum).
+    fn add_to(&self, files: &ModelFiles, cpu: &Cpu, ws: &mut Workspace, n: usize) {
+        let hidden = self.ffn.gate.cols;
+        std::mem::swap(&mut ws.o, &mut ws.shared);
+        self.ffn.forward(files, cpu, ws, n);
+        if let Some(g) = &self.gate {
+            let wg = g.view(files);
+            let scale = sized(&mut ws.router, n);
+            let input = prepare(&ws.h[..n * hidden], hidden, &[&wg], &mut ws.acts, cpu.level);
+            run_jobs(
+                &cpu.pool,
+                &[MatJob {
+                    w: wg,
+                    input,
+                    y: OutPtr::new(scale),
+                }],
+                cpu.level,
+            );
+            for (row, &s) in ws.o.chunks_exact_mut(hidden).zip(scale.iter()) {
+                let s = sigmoid(s);
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+        // ws.o = routed + shared.
+        std::mem::swap(&mut ws.o, &mut ws.shared);
+        add(&mut ws.o[..n * hidden], &ws.shared[..n * hidden]);
+    }
+}
+
+/// A layer's token mixer.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Mixer {
+    /// Softmax attention with a KV cache.
+    Attention(Attention),
+    /// Gated DeltaNet with a fixed-size recurrent state.
+    Linear(GatedDeltaNet),
+}
+
+/// One decoder layer: pre-norm token mixer, then pre-norm FFN (plus shared
+/// expert), each added to the residual stream.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Layer {
     pub attn_norm: Vec<f32>,
-    pub attn: Attention,
+    pub mixer: Mixer,
     pub ffn_norm: Vec<f32>,
     pub ffn: Ffn,
+    pub shared: Option<SharedExpert>,
 }
 
 /// A whole model.
@@ -143,49 +194,68 @@ pub enum Logits {
 }
 
 impl Model {
-    /// The file spans of every dense weight matrix (what stays resident).
-    pub fn dense_spans(&self) -> Vec<crate::format::Span> {
-        let mut spans = Vec::new();
-        let mut add = |w: &WeightRef| spans.extend_from_slice(&w.parts);
-        add(&self.embed);
-        add(&self.lm_head);
+    /// Every dense (non-expert) weight matrix.
+    pub fn dense_weights(&self) -> Vec<&WeightRef> {
+        let mut out = vec![&self.embed, &self.lm_head];
         for l in &self.layers {
-            let a = &l.attn;
-            for w in [&a.wq, &a.wk, &a.wv, &a.wo] {
-                add(w);
+            match &l.mixer {
+                Mixer::Attention(a) => out.extend([&a.wq, &a.wk, &a.wv, &a.wo]),
+                Mixer::Linear(g) => out.extend(g.weights()),
             }
             match &l.ffn {
-                Ffn::Moe(m) => add(&m.router),
-                Ffn::Dense(d) => {
-                    for w in [&d.gate, &d.up, &d.down] {
-                        add(w);
-                    }
-                }
+                Ffn::Moe(m) => out.push(&m.router),
+                Ffn::Dense(d) => out.extend([&d.gate, &d.up, &d.down]),
+            }
+            if let Some(s) = &l.shared {
+                out.extend([&s.ffn.gate, &s.ffn.up, &s.ffn.down]);
+                out.extend(s.gate.as_ref());
             }
         }
-        spans
+        out
     }
 
-    /// KV dimensions per layer, for [`KvCache::new`].
-    pub fn kv_dims(&self) -> Vec<Option<(usize, usize)>> {
-        self.layers
-            .iter()
-            .map(|l| {
-                let a = &l.attn;
-                Some((a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim))
-            })
+    /// The file spans of every dense weight matrix (what stays resident).
+    pub fn dense_spans(&self) -> Vec<crate::format::Span> {
+        self.dense_weights()
+            .into_iter()
+            .flat_map(|w| w.parts.iter().copied())
             .collect()
     }
 
-    /// Runs `tokens` (at positions `kv.len..`) through the model, appending
-    /// to the KV cache; returns the logits of the last position or of all
+    /// An empty session state: a KV cache for the attention layers (up to
+    /// `ctx` positions, in `kv_type`) and a zeroed recurrent state for the
+    /// linear-attention layers.
+    pub fn new_state(&self, ctx: usize, kv_type: KvType) -> SessionState {
+        let dims: Vec<_> = self
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::Attention(a) => Some((a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim)),
+                Mixer::Linear(_) => None,
+            })
+            .collect();
+        SessionState {
+            kv: KvCache::new(&dims, ctx, kv_type),
+            linear: self
+                .layers
+                .iter()
+                .map(|l| match &l.mixer {
+                    Mixer::Linear(g) => Some(g.new_state()),
+                    Mixer::Attention(_) => None,
+                })
+                .collect(),
+        }
+    }
+
+    /// Runs `tokens` (at positions `state.len()..`) through the model,
+    /// appending to the KV cache and advancing the recurrent state; returns the logits of the last position or of all
     /// (`n × vocab`), in `ws.logits`. Token ids must be below the vocabulary
     /// size (checked by the caller).
     pub fn forward<'w>(
         &self,
         cx: Context<'_>,
         store: &mut ExpertStore,
-        kv: &mut KvCache,
+        state: &mut SessionState,
         ws: &'w mut Workspace,
         tokens: &[TokenId],
         which: Logits,
@@ -198,7 +268,7 @@ impl Model {
         let n = tokens.len();
         let hidden = self.cfg.hidden;
         let eps = self.cfg.rms_eps;
-        let pos0 = kv.len;
+        let pos0 = state.kv.len;
         store.begin_step();
 
         let embed = self.embed.view(files);
@@ -216,9 +286,15 @@ impl Model {
                 hidden,
                 sized(&mut ws.h, n * hidden),
             );
-            layer
-                .attn
-                .forward(files, cpu, ws, &mut kv.layers[l], n, pos0);
+            match (&layer.mixer, &mut state.linear[l]) {
+                (Mixer::Attention(a), _) => {
+                    a.forward(files, cpu, ws, &mut state.kv.layers[l], n, pos0)
+                }
+                (Mixer::Linear(g), Some(st)) => g.forward(files, cpu, ws, st, n),
+                (Mixer::Linear(_), None) => {
+                    unreachable!("the state was made by new_state for this model")
+                }
+            }
             add(&mut ws.x, &ws.o);
 
             norm_rows(
@@ -232,6 +308,9 @@ impl Model {
                 Ffn::Moe(m) => m.forward(files, cpu, store, ws, n)?,
                 Ffn::Dense(d) => d.forward(files, cpu, ws, n),
             }
+            if let Some(shared) = &layer.shared {
+                shared.add_to(files, cpu, ws, n);
+            }
             add(&mut ws.x, &ws.o);
             if prefetch == Prefetch::Lookahead {
                 if let Some(next) = self.layers.get(l + 1) {
@@ -239,7 +318,7 @@ impl Model {
                 }
             }
         }
-        kv.len = pos0 + n;
+        state.kv.len = pos0 + n;
 
         let (first, rows) = match which {
             Logits::Last => (n - 1, 1),

@@ -134,6 +134,23 @@ impl<'a> Loader<'a> {
         Ok(w)
     }
 
+    /// A `[1, cols]` weight that may be stored 1-D (`[cols]`), as llama.cpp
+    /// writes the Qwen hybrids' shared-expert gate.
+    pub fn row_matrix(&self, name: &str, cols: usize) -> Result<WeightRef, WeightError> {
+        let e = self.entry(name)?;
+        if e.shape == [cols as u64] {
+            let w = WeightRef {
+                ty: e.ty,
+                rows: 1,
+                cols,
+                parts: e.parts.clone(),
+            };
+            check_matrix(self.files, name, &w)?;
+            return Ok(w);
+        }
+        self.matrix(name, 1, cols)
+    }
+
     /// Expert `index` of a stacked `[n, rows, cols]` tensor.
     pub fn stacked_matrix(
         &self,
@@ -168,10 +185,72 @@ impl<'a> Loader<'a> {
         Ok(w)
     }
 
+    /// Rows `row0..row0 + rows` of expert `index` of a stacked
+    /// `[n, total_rows, cols]` tensor (one half of a fused gate/up tensor).
+    #[allow(clippy::too_many_arguments)]
+    pub fn stacked_rows(
+        &self,
+        name: &str,
+        index: usize,
+        n: usize,
+        total_rows: usize,
+        cols: usize,
+        row0: usize,
+        rows: usize,
+    ) -> Result<WeightRef, WeightError> {
+        let whole = self.stacked_matrix(name, index, n, total_rows, cols)?;
+        let uneven = || WeightError::Unsupported {
+            name: name.into(),
+            message: "its parts do not split evenly by row".into(),
+        };
+        if row0 + rows > total_rows {
+            return Err(uneven());
+        }
+        let parts = whole
+            .parts
+            .iter()
+            .map(|p| {
+                let t = total_rows as u64;
+                (p.len % t == 0)
+                    .then(|| {
+                        let stride = p.len / t;
+                        Span {
+                            file: p.file,
+                            offset: p.offset + row0 as u64 * stride,
+                            len: rows as u64 * stride,
+                        }
+                    })
+                    .ok_or_else(uneven)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let w = WeightRef {
+            ty: whole.ty,
+            rows,
+            cols,
+            parts,
+        };
+        check_matrix(self.files, name, &w)?;
+        Ok(w)
+    }
+
     /// A 1-D tensor of `len` values, decoded to f32.
     pub fn vector(&self, name: &str, len: usize) -> Result<Vec<f32>, WeightError> {
         let e = self.entry(name)?;
-        if e.n_elements() != len as u64 || e.shape.len() > 2 {
+        if e.shape.len() > 2 {
+            return Err(WeightError::Shape {
+                name: name.into(),
+                expected: vec![len as u64],
+                found: e.shape.clone(),
+            });
+        }
+        self.values(name, len)
+    }
+
+    /// A tensor of any shape holding `len` values (a conv kernel stored as
+    /// `[C, 1, K]` or `[C, K, 1]`), decoded to f32 in storage order.
+    pub fn values(&self, name: &str, len: usize) -> Result<Vec<f32>, WeightError> {
+        let e = self.entry(name)?;
+        if e.n_elements() != len as u64 {
             return Err(WeightError::Shape {
                 name: name.into(),
                 expected: vec![len as u64],

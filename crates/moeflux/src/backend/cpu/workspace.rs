@@ -25,6 +25,8 @@ pub struct Workspace {
     pub up: Vec<f32>,
     pub down: Vec<f32>,
     pub y: Vec<f32>,
+    /// The routed experts' sum while a shared expert is computed.
+    pub shared: Vec<f32>,
     pub logits: Vec<f32>,
     /// Per-thread scratch (attention scores, a decoded key row).
     pub per_thread: Vec<Mutex<Vec<f32>>>,
