@@ -9,63 +9,11 @@ mod common;
 
 use common::{
     all_logits as logits, assert_logits, check_gguf, fixture, fixture_json, fixture_ref,
-    fixture_tokens, greedy, levels, open_at, ref_ids, F32_REL,
+    fixture_tokens, gguf_f32_matches, greedy, hf_matches_transformers, levels, open_at, ref_ids,
+    F32_REL,
 };
 use moeflux::backend::cpu::kernels::Level;
 use moeflux::{Engine, EngineOptions};
-
-fn hf_matches_transformers(family: &str) {
-    let tokens = fixture_tokens(family);
-    let reference = fixture_ref(family, "hf_logits").to_f32().unwrap();
-    let want = ref_ids(family, "hf_greedy");
-    for level in levels() {
-        let engine = open_at(&format!("{family}/hf"), level);
-        let what = format!("{family} HF f32 at {}", level.name());
-        assert_logits(
-            &what,
-            &logits(&engine, &tokens),
-            &reference,
-            engine.vocab(),
-            F32_REL,
-            1.0,
-        );
-        assert_eq!(
-            greedy(&engine, &tokens, want.len()),
-            want,
-            "{what}: greedy continuation"
-        );
-    }
-}
-
-fn gguf_f32_matches(family: &str) {
-    let tokens = fixture_tokens(family);
-    let llama = fixture_ref(family, "gguf_F32_logits").to_f32().unwrap();
-    let hf = fixture_ref(family, "hf_logits").to_f32().unwrap();
-    let want = ref_ids(family, "gguf_F32_greedy");
-    for level in levels() {
-        let engine = open_at(&format!("{family}/gguf/{family}-F32.gguf"), level);
-        let ours = logits(&engine, &tokens);
-        let v = engine.vocab();
-        let what = format!("{family} GGUF F32 at {}", level.name());
-        assert_logits(
-            &format!("{what} vs llama.cpp"),
-            &ours,
-            &llama,
-            v,
-            F32_REL,
-            1.0,
-        );
-        assert_logits(
-            &format!("{what} vs transformers"),
-            &ours,
-            &hf,
-            v,
-            F32_REL,
-            1.0,
-        );
-        assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
-    }
-}
 
 #[test]
 fn qwen3_5_hf_matches_transformers() {

@@ -310,3 +310,59 @@ pub fn check_gguf(family: &str, ty: &str) {
         );
     }
 }
+
+/// The Hugging Face copy of a fixture against transformers, logits and
+/// greedy continuation, at every level.
+pub fn hf_matches_transformers(family: &str) {
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "hf_logits").to_f32().unwrap();
+    let want = ref_ids(family, "hf_greedy");
+    for level in levels() {
+        let engine = open_at(&format!("{family}/hf"), level);
+        let what = format!("{family} HF f32 at {}", level.name());
+        assert_logits(
+            &what,
+            &all_logits(&engine, &tokens),
+            &reference,
+            engine.vocab(),
+            F32_REL,
+            1.0,
+        );
+        assert_eq!(
+            greedy(&engine, &tokens, want.len()),
+            want,
+            "{what}: greedy continuation"
+        );
+    }
+}
+
+/// The F32 GGUF copy against llama.cpp and transformers, at every level.
+pub fn gguf_f32_matches(family: &str) {
+    let tokens = fixture_tokens(family);
+    let llama = fixture_ref(family, "gguf_F32_logits").to_f32().unwrap();
+    let hf = fixture_ref(family, "hf_logits").to_f32().unwrap();
+    let want = ref_ids(family, "gguf_F32_greedy");
+    for level in levels() {
+        let engine = open_at(&format!("{family}/gguf/{family}-F32.gguf"), level);
+        let ours = all_logits(&engine, &tokens);
+        let v = engine.vocab();
+        let what = format!("{family} GGUF F32 at {}", level.name());
+        assert_logits(
+            &format!("{what} vs llama.cpp"),
+            &ours,
+            &llama,
+            v,
+            F32_REL,
+            1.0,
+        );
+        assert_logits(
+            &format!("{what} vs transformers"),
+            &ours,
+            &hf,
+            v,
+            F32_REL,
+            1.0,
+        );
+        assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+    }
+}

@@ -445,6 +445,11 @@ impl Session {
         self.checkpoints.clear();
     }
 
+    /// Time spent per part of the model by this session so far.
+    pub fn timings(&self) -> crate::model::Timings {
+        self.ws.timings
+    }
+
     /// Positions of the checkpoints held.
     pub fn checkpoint_positions(&self) -> Vec<usize> {
         self.checkpoints.iter().map(|c| c.pos).collect()

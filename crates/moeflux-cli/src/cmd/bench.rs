@@ -83,6 +83,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let mut logits = session.eval(&prompt)?;
     let prompt_s = t.elapsed().as_secs_f64();
     let after_prompt = engine.store_stats();
+    let timings_prompt = session.timings();
     let t = Instant::now();
     for _ in 0..args.n_gen {
         let next = if args.greedy {
@@ -94,6 +95,11 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let gen_s = t.elapsed().as_secs_f64();
     let decode = engine.store_stats().since(&after_prompt);
+    let split = time_split(
+        &session.timings().since(&timings_prompt),
+        decode.total.stall_ns,
+        args.n_gen,
+    );
     let prompt_tps = args.n_prompt as f64 / prompt_s;
     let gen_tps = args.n_gen as f64 / gen_s;
     let miss_bytes_per_token = decode.total.bytes_read as f64 / args.n_gen.max(1) as f64;
@@ -132,6 +138,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "disk_gbps": disk_gbps,
         "io_floor_tok_s": if io_floor.is_finite() { json!(io_floor) } else { json!(null) },
         "peak_rss_bytes": rss,
+        "decode_ms_per_token": split.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "store_prompt": after_prompt,
         "store_decode": decode,
     });
@@ -155,6 +162,17 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     );
     println!("decode  {:>5} tokens  {:>8.2} tok/s", args.n_gen, gen_tps);
     print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
+    let total: f64 = split.iter().map(|(_, v)| v).sum();
+    println!(
+        "split   {} ms/token: {}",
+        format_args!("{total:.1}"),
+        split
+            .iter()
+            .filter(|(_, v)| *v > 0.0)
+            .map(|(k, v)| format!("{k} {v:.1} ({:.0}%)", 100.0 * v / total.max(1e-9)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     println!(
         "floor   disk {:.2} GB/s, {}/token read → I/O floor {} tok/s ({:.0}% reached)",
         disk_gbps,
@@ -176,4 +194,22 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         fmt_bytes(plan.total_bytes())
     );
     Ok(())
+}
+
+/// Decode time per token by part, in ms: the model's own timings with the
+/// MoE time split into waiting for experts (the store's stall counter) and
+/// computing them (router included).
+fn time_split(t: &moeflux::model::Timings, stall_ns: u64, n: usize) -> Vec<(&'static str, f64)> {
+    let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n.max(1) as f64;
+    let wait = stall_ns as f64 / 1e6 / n.max(1) as f64;
+    let moe = per(t.moe);
+    vec![
+        ("linear_attn", per(t.linear_attn)),
+        ("full_attn", per(t.full_attn)),
+        ("expert_wait", wait.min(moe)),
+        ("expert_compute", (moe - wait).max(0.0)),
+        ("shared_ffn", per(t.dense_ffn)),
+        ("prefetch", per(t.prefetch)),
+        ("other", per(t.other)),
+    ]
 }

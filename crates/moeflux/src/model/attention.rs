@@ -4,7 +4,7 @@
 //! attention layers.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::kernels::project;
 use crate::backend::cpu::matrix::dot;
 use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, sigmoid, softmax};
 use crate::backend::cpu::workspace::{sized, Workspace};
@@ -102,27 +102,14 @@ impl Attention {
         let q = sized(q, n * q_rows);
         let k = sized(k, n * nkv * hd);
         let v = sized(v, n * nkv * hd);
-        {
-            let input = prepare(&h[..n * hidden], hidden, &[&wq, &wk, &wv], acts, level);
-            let jobs = [
-                MatJob {
-                    w: wq,
-                    input,
-                    y: OutPtr::new(q),
-                },
-                MatJob {
-                    w: wk,
-                    input,
-                    y: OutPtr::new(k),
-                },
-                MatJob {
-                    w: wv,
-                    input,
-                    y: OutPtr::new(v),
-                },
-            ];
-            run_jobs(&cpu.pool, &jobs, level);
-        }
+        project(
+            &cpu.pool,
+            level,
+            acts,
+            &h[..n * hidden],
+            hidden,
+            [(wq, &mut *q), (wk, &mut *k), (wv, &mut *v)],
+        );
         let gate = sized(gate, if self.output_gate { n * nh * hd } else { 0 });
         if self.output_gate {
             // [q_h | gate_h] per head → q packed in place, gates aside.
@@ -198,15 +185,6 @@ impl Attention {
             }
         }
         let o = sized(o, n * hidden);
-        let input = prepare(attn, nh * hd, &[&wo], acts, level);
-        run_jobs(
-            &cpu.pool,
-            &[MatJob {
-                w: wo,
-                input,
-                y: OutPtr::new(o),
-            }],
-            level,
-        );
+        project(&cpu.pool, level, acts, attn, nh * hd, [(wo, o)]);
     }
 }

@@ -17,7 +17,7 @@
 //! and decode give the same numbers.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::kernels::project;
 use crate::backend::cpu::ops::{sigmoid, silu};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
@@ -161,116 +161,82 @@ impl GatedDeltaNet {
         let qkv = sized(q, n * ch);
         let z = sized(k, n * nv * dv);
         let ba = sized(v, n * 2 * nv);
-        {
-            let h = &h[..n * hidden];
-            match &self.input {
-                LinearInput::Split {
-                    qkv: wqkv,
-                    z: wz,
-                    b: wb,
-                    a: wa,
-                } => {
-                    let (mq, mz, mb, ma) = (
-                        wqkv.view(files),
-                        wz.view(files),
-                        wb.view(files),
-                        wa.view(files),
-                    );
-                    let b_out = sized(gate, n * nv);
-                    let a_out = sized(up, n * nv);
-                    let input = prepare(h, hidden, &[&mq, &mz, &mb, &ma], acts, level);
-                    let jobs = [
-                        MatJob {
-                            w: mq,
-                            input,
-                            y: OutPtr::new(qkv),
-                        },
-                        MatJob {
-                            w: mz,
-                            input,
-                            y: OutPtr::new(z),
-                        },
-                        MatJob {
-                            w: mb,
-                            input,
-                            y: OutPtr::new(b_out),
-                        },
-                        MatJob {
-                            w: ma,
-                            input,
-                            y: OutPtr::new(a_out),
-                        },
-                    ];
-                    run_jobs(&cpu.pool, &jobs, level);
-                    for t in 0..n {
-                        ba[t * 2 * nv..t * 2 * nv + nv]
-                            .copy_from_slice(&b_out[t * nv..(t + 1) * nv]);
-                        ba[t * 2 * nv + nv..(t + 1) * 2 * nv]
-                            .copy_from_slice(&a_out[t * nv..(t + 1) * nv]);
-                    }
+        let h = &h[..n * hidden];
+        let (pool, acts) = (&cpu.pool, &mut *acts);
+        match &self.input {
+            LinearInput::Split {
+                qkv: wq,
+                z: wz,
+                b,
+                a,
+            } => {
+                let (b_out, a_out) = (sized(gate, n * nv), sized(up, n * nv));
+                project(
+                    pool,
+                    level,
+                    acts,
+                    h,
+                    hidden,
+                    [
+                        (wq.view(files), &mut *qkv),
+                        (wz.view(files), &mut *z),
+                        (b.view(files), &mut *b_out),
+                        (a.view(files), &mut *a_out),
+                    ],
+                );
+                for t in 0..n {
+                    let row = &mut ba[t * 2 * nv..(t + 1) * 2 * nv];
+                    row[..nv].copy_from_slice(&b_out[t * nv..(t + 1) * nv]);
+                    row[nv..].copy_from_slice(&a_out[t * nv..(t + 1) * nv]);
                 }
-                LinearInput::SplitBa {
-                    qkv: wqkv,
-                    z: wz,
-                    ba: wba,
-                } => {
-                    let (mq, mz, mba) = (wqkv.view(files), wz.view(files), wba.view(files));
-                    let grouped = sized(gate, n * 2 * nv);
-                    let input = prepare(h, hidden, &[&mq, &mz, &mba], acts, level);
-                    let jobs = [
-                        MatJob {
-                            w: mq,
-                            input,
-                            y: OutPtr::new(qkv),
-                        },
-                        MatJob {
-                            w: mz,
-                            input,
-                            y: OutPtr::new(z),
-                        },
-                        MatJob {
-                            w: mba,
-                            input,
-                            y: OutPtr::new(grouped),
-                        },
-                    ];
-                    run_jobs(&cpu.pool, &jobs, level);
-                    ungroup_ba(grouped, ba, n, nk, r);
-                }
-                LinearInput::Fused { qkvz, ba: wba } => {
-                    let (mqkvz, mba) = (qkvz.view(files), wba.view(files));
-                    let per_group = 2 * dk + 2 * r * dv;
-                    let fused = sized(up, n * nk * per_group);
-                    let grouped = sized(gate, n * 2 * nv);
-                    let input = prepare(h, hidden, &[&mqkvz, &mba], acts, level);
-                    let jobs = [
-                        MatJob {
-                            w: mqkvz,
-                            input,
-                            y: OutPtr::new(fused),
-                        },
-                        MatJob {
-                            w: mba,
-                            input,
-                            y: OutPtr::new(grouped),
-                        },
-                    ];
-                    run_jobs(&cpu.pool, &jobs, level);
-                    ungroup_ba(grouped, ba, n, nk, r);
-                    // [q | k | v | z] per key group → [q all | k all | v all], z all.
-                    for t in 0..n {
-                        let src = &fused[t * nk * per_group..(t + 1) * nk * per_group];
-                        let dst = &mut qkv[t * ch..(t + 1) * ch];
-                        let zt = &mut z[t * nv * dv..(t + 1) * nv * dv];
-                        for g in 0..nk {
-                            let s = &src[g * per_group..(g + 1) * per_group];
-                            dst[g * dk..(g + 1) * dk].copy_from_slice(&s[..dk]);
-                            dst[nk * dk + g * dk..nk * dk + (g + 1) * dk]
-                                .copy_from_slice(&s[dk..2 * dk]);
-                            let vbase = 2 * nk * dk + g * r * dv;
-                            dst[vbase..vbase + r * dv].copy_from_slice(&s[2 * dk..2 * dk + r * dv]);
-                            zt[g * r * dv..(g + 1) * r * dv].copy_from_slice(&s[2 * dk + r * dv..]);
-                        }
+            }
+            LinearInput::SplitBa {
+                qkv: wq,
+                z: wz,
+                ba: wba,
+            } => {
+                let grouped = sized(gate, n * 2 * nv);
+                project(
+                    pool,
+                    level,
+                    acts,
+                    h,
+                    hidden,
+                    [
+                        (wq.view(files), &mut *qkv),
+                        (wz.view(files), &mut *z),
+                        (wba.view(files), &mut *grouped),
+                    ],
+                );
+                ungroup_ba(grouped, ba, n, nk, r);
+            }
+            LinearInput::Fused { qkvz, ba: wba } => {
+                let per_group = 2 * dk + 2 * r * dv;
+                let fused = sized(up, n * nk * per_group);
+                let grouped = sized(gate, n * 2 * nv);
+                project(
+                    pool,
+                    level,
+                    acts,
+                    h,
+                    hidden,
+                    [
+                        (qkvz.view(files), &mut *fused),
+                        (wba.view(files), &mut *grouped),
+                    ],
+                );
+                ungroup_ba(grouped, ba, n, nk, r);
+                // [q | k | v | z] per key group → [q all | k all | v all], z all.
+                for t in 0..n {
+                    let src = &fused[t * nk * per_group..(t + 1) * nk * per_group];
+                    let dst = &mut qkv[t * ch..(t + 1) * ch];
+                    let zt = &mut z[t * nv * dv..(t + 1) * nv * dv];
+                    for (g, s) in src.chunks_exact(per_group).enumerate() {
+                        dst[g * dk..(g + 1) * dk].copy_from_slice(&s[..dk]);
+                        dst[(nk + g) * dk..(nk + g + 1) * dk].copy_from_slice(&s[dk..2 * dk]);
+                        let vbase = 2 * nk * dk + g * r * dv;
+                        dst[vbase..vbase + r * dv].copy_from_slice(&s[2 * dk..2 * dk + r * dv]);
+                        zt[g * r * dv..(g + 1) * r * dv].copy_from_slice(&s[2 * dk + r * dv..]);
                     }
                 }
             }
@@ -358,18 +324,8 @@ impl GatedDeltaNet {
                 }
             }
         });
-        let wo = self.out.view(files);
         let o = sized(o, n * hidden);
-        let input = prepare(out, nv * dv, &[&wo], acts, level);
-        run_jobs(
-            &cpu.pool,
-            &[MatJob {
-                w: wo,
-                input,
-                y: OutPtr::new(o),
-            }],
-            level,
-        );
+        project(pool, level, acts, out, nv * dv, [(self.out.view(files), o)]);
     }
 }
 

@@ -9,10 +9,12 @@ pub mod moe;
 pub mod names;
 pub mod qwen3_5;
 pub mod qwen3_moe;
+pub mod timings;
 pub mod transformer;
 pub mod weights;
 
 pub use config::{Architecture, ConfigError, LayerKind, LinearAttention, Mla, ModelConfig};
+pub use timings::Timings;
 pub use transformer::{Context, Logits, Mixer, Model, Prefetch};
 pub use weights::WeightError;
 

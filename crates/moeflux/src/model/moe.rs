@@ -11,12 +11,13 @@
 //! arrived first, how many slots there are, or how many threads computed.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::kernels::{input_from, input_needs, prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::kernels::{input_from, input_needs, project, run_jobs, MatJob, OutPtr};
 use crate::backend::cpu::ops::{silu, softmax};
 use crate::backend::cpu::workspace::{recycle, sized, Workspace};
 use crate::backend::cpu::Cpu;
 use crate::experts::{ExpertStore, StoreError};
-use crate::format::ModelFiles;
+use crate::format::{ModelFiles, ModelMetadata};
+use crate::model::ModelConfig;
 
 /// How router logits become expert choices and weights.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -32,6 +33,33 @@ impl Routing {
             Routing::SoftmaxTopK { k, .. } => k,
         }
     }
+}
+
+/// Whether a checkpoint renormalises its top-k weights: GGUF
+/// `{arch}.expert_weights_norm`, Hugging Face `norm_topk_prob` (in the
+/// `text_config` of multimodal checkpoints); when absent, the given default
+/// of that format, recorded in `cfg.defaults_used`.
+pub fn norm_topk(
+    files: &ModelFiles,
+    cfg: &mut ModelConfig,
+    gguf_default: bool,
+    hf_default: bool,
+) -> bool {
+    let (found, key, default) = match &files.metadata {
+        ModelMetadata::Gguf(m) => {
+            let key = format!("{}.expert_weights_norm", cfg.arch.gguf_name());
+            (m.get_bool(&key), key, gguf_default)
+        }
+        ModelMetadata::Hf(c) => {
+            let c = c.get("text_config").unwrap_or(c);
+            let v = c.get("norm_topk_prob").and_then(serde_json::Value::as_bool);
+            (v, "norm_topk_prob".to_string(), hf_default)
+        }
+    };
+    found.unwrap_or_else(|| {
+        cfg.defaults_used.push(format!("{key} = {default}"));
+        default
+    })
 }
 
 /// One MoE layer.
@@ -86,16 +114,13 @@ impl Moe {
         h: &[f32],
         logits: &mut [f32],
     ) {
-        let wr = self.router.view(files);
-        let input = prepare(h, self.router.cols, &[&wr], ws_acts, cpu.level);
-        run_jobs(
+        project(
             &cpu.pool,
-            &[MatJob {
-                w: wr,
-                input,
-                y: OutPtr::new(logits),
-            }],
             cpu.level,
+            ws_acts,
+            h,
+            self.router.cols,
+            [(self.router.view(files), logits)],
         );
     }
 

@@ -25,40 +25,16 @@
 //! out `[C, K, 1]` has been through mlx-lm and is taken as shifted — the
 //! same test mlx-lm applies.
 
-use serde_json::Value;
-
 use super::attention::{Attention, Rope};
 use super::linear_attention::{GatedDeltaNet, LinearInput, ValueHeads};
-use super::moe::{Moe, Routing};
+use super::moe::{norm_topk, Moe, Routing};
 use super::qwen3_moe::{embed_and_head, hf_prefix, layer_experts};
 use super::transformer::{DenseFfn, Ffn, Layer, Mixer, Model, SharedExpert};
 use super::weights::{Loader, WeightError};
 use super::{Architecture, LayerKind, ModelConfig};
 use crate::backend::cpu::ops::rope_inv_freq;
 use crate::experts::ExpertRef;
-use crate::format::{ModelFiles, ModelMetadata};
-
-/// Whether the top-k weights are renormalised. Qwen3.5's MoE block always
-/// renormalises; Qwen3-Next follows `norm_topk_prob` (transformers'
-/// default: true), and llama.cpp renormalises both.
-fn norm_topk(files: &ModelFiles, cfg: &mut ModelConfig) -> bool {
-    if cfg.arch == Architecture::Qwen35Moe {
-        return true;
-    }
-    match &files.metadata {
-        ModelMetadata::Gguf(m) => m.get_bool("qwen3next.expert_weights_norm").unwrap_or(true),
-        ModelMetadata::Hf(c) => {
-            let c = c.get("text_config").unwrap_or(c);
-            match c.get("norm_topk_prob").and_then(Value::as_bool) {
-                Some(v) => v,
-                None => {
-                    cfg.defaults_used.push("norm_topk_prob = true".into());
-                    true
-                }
-            }
-        }
-    }
-}
+use crate::format::ModelFiles;
 
 /// Builds the model and its expert table.
 pub fn load(
@@ -73,7 +49,9 @@ pub fn load(
         name: "config".into(),
         message: "a hybrid model needs the linear-attention shape (ssm.* / linear_*)".into(),
     })?;
-    let norm = norm_topk(files, &mut cfg);
+    // Qwen3.5's MoE block always renormalises; Qwen3-Next follows
+    // `norm_topk_prob` (default true), and llama.cpp renormalises both.
+    let norm = cfg.arch == Architecture::Qwen35Moe || norm_topk(files, &mut cfg, true, true);
     let p = if gguf { "" } else { hf_prefix(&l) };
     let g = |i: usize, s: &str| format!("blk.{i}.{s}");
     let f = |i: usize, s: &str| format!("{p}layers.{i}.{s}");

@@ -13,16 +13,14 @@
 //! | experts | `blk.L.ffn_{gate,up,down}_exps` (stacked) | `mlp.experts.E.{gate,up,down}_proj` |
 //! | head | `output` (absent when tied) | `lm_head` |
 
-use serde_json::Value;
-
 use super::attention::{Attention, Rope};
-use super::moe::{Moe, Routing};
+use super::moe::{norm_topk, Moe, Routing};
 use super::transformer::{Ffn, Layer, Mixer, Model};
 use super::weights::{Loader, WeightError, WeightRef};
 use super::ModelConfig;
 use crate::backend::cpu::ops::rope_inv_freq;
 use crate::experts::ExpertRef;
-use crate::format::{ModelFiles, ModelMetadata};
+use crate::format::ModelFiles;
 
 /// Where a checkpoint's Hugging Face tensor names start: `model.` for text
 /// models, `model.language_model.` / `language_model.model.` for the text
@@ -60,33 +58,6 @@ pub fn embed_and_head(
     Ok((embed, lm_head))
 }
 
-/// Whether `norm_topk_prob` holds: GGUF `expert_weights_norm`, HF
-/// `norm_topk_prob`. Qwen3-MoE checkpoints set it; both converters and
-/// transformers default it to false when absent.
-fn norm_topk(files: &ModelFiles, cfg: &mut ModelConfig) -> bool {
-    match &files.metadata {
-        ModelMetadata::Gguf(m) => match m.get_bool("qwen3moe.expert_weights_norm") {
-            Some(v) => v,
-            None => {
-                // llama.cpp hard-codes renormalisation for qwen3moe.
-                cfg.defaults_used
-                    .push("qwen3moe.expert_weights_norm = true".into());
-                true
-            }
-        },
-        ModelMetadata::Hf(c) => {
-            let c = c.get("text_config").unwrap_or(c);
-            match c.get("norm_topk_prob").and_then(Value::as_bool) {
-                Some(v) => v,
-                None => {
-                    cfg.defaults_used.push("norm_topk_prob = false".into());
-                    false
-                }
-            }
-        }
-    }
-}
-
 /// Builds the model and its expert table.
 pub fn load(
     files: &ModelFiles,
@@ -96,7 +67,9 @@ pub fn load(
     let gguf = l.is_gguf();
     let (h, v) = (cfg.hidden, cfg.vocab);
     let (nh, nkv, hd) = (cfg.n_heads, cfg.n_kv_heads, cfg.head_dim);
-    let norm = norm_topk(files, &mut cfg);
+    // llama.cpp hard-codes renormalisation for qwen3moe GGUFs; transformers
+    // defaults `norm_topk_prob` to false.
+    let norm = norm_topk(files, &mut cfg, true, false);
     let p = if gguf { "" } else { hf_prefix(&l) };
     let name = |gguf_name: &str, hf_name: &str| -> String {
         if gguf {

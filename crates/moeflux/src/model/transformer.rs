@@ -5,9 +5,10 @@
 use super::attention::Attention;
 use super::linear_attention::GatedDeltaNet;
 use super::moe::Moe;
+use super::timings::Lap;
 use super::weights::WeightRef;
 use super::ModelConfig;
-use crate::backend::cpu::kernels::{prepare, run_jobs, MatJob, OutPtr};
+use crate::backend::cpu::kernels::project;
 use crate::backend::cpu::ops::{rms_norm, sigmoid, silu};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
@@ -44,36 +45,19 @@ impl DenseFfn {
         );
         let g = sized(gate, n * ff);
         let u = sized(up, n * ff);
-        {
-            let input = prepare(&h[..n * hidden], hidden, &[&wg, &wu], acts, level);
-            let jobs = [
-                MatJob {
-                    w: wg,
-                    input,
-                    y: OutPtr::new(g),
-                },
-                MatJob {
-                    w: wu,
-                    input,
-                    y: OutPtr::new(u),
-                },
-            ];
-            run_jobs(&cpu.pool, &jobs, level);
-        }
+        project(
+            &cpu.pool,
+            level,
+            acts,
+            &h[..n * hidden],
+            hidden,
+            [(wg, &mut *g), (wu, &mut *u)],
+        );
         for (a, b) in g.iter_mut().zip(u.iter()) {
             *a = silu(*a) * b;
         }
         let o = sized(o, n * hidden);
-        let input = prepare(g, ff, &[&wd], acts, level);
-        run_jobs(
-            &cpu.pool,
-            &[MatJob {
-                w: wd,
-                input,
-                y: OutPtr::new(o),
-            }],
-            level,
-        );
+        project(&cpu.pool, level, acts, g, ff, [(wd, o)]);
     }
 }
 
@@ -101,17 +85,14 @@ impl SharedExpert {
         std::mem::swap(&mut ws.o, &mut ws.shared);
         self.ffn.forward(files, cpu, ws, n);
         if let Some(g) = &self.gate {
-            let wg = g.view(files);
             let scale = sized(&mut ws.router, n);
-            let input = prepare(&ws.h[..n * hidden], hidden, &[&wg], &mut ws.acts, cpu.level);
-            run_jobs(
+            project(
                 &cpu.pool,
-                &[MatJob {
-                    w: wg,
-                    input,
-                    y: OutPtr::new(scale),
-                }],
                 cpu.level,
+                &mut ws.acts,
+                &ws.h[..n * hidden],
+                hidden,
+                [(g.view(files), &mut *scale)],
             );
             for (row, &s) in ws.o.chunks_exact_mut(hidden).zip(scale.iter()) {
                 let s = sigmoid(s);
@@ -270,6 +251,7 @@ impl Model {
         let eps = self.cfg.rms_eps;
         let pos0 = state.kv.len;
         store.begin_step();
+        let mut lap = Lap::start();
 
         let embed = self.embed.view(files);
         {
@@ -286,11 +268,16 @@ impl Model {
                 hidden,
                 sized(&mut ws.h, n * hidden),
             );
+            lap.charge(&mut ws.timings.other);
             match (&layer.mixer, &mut state.linear[l]) {
                 (Mixer::Attention(a), _) => {
-                    a.forward(files, cpu, ws, &mut state.kv.layers[l], n, pos0)
+                    a.forward(files, cpu, ws, &mut state.kv.layers[l], n, pos0);
+                    lap.charge(&mut ws.timings.full_attn);
                 }
-                (Mixer::Linear(g), Some(st)) => g.forward(files, cpu, ws, st, n),
+                (Mixer::Linear(g), Some(st)) => {
+                    g.forward(files, cpu, ws, st, n);
+                    lap.charge(&mut ws.timings.linear_attn);
+                }
                 (Mixer::Linear(_), None) => {
                     unreachable!("the state was made by new_state for this model")
                 }
@@ -304,17 +291,27 @@ impl Model {
                 hidden,
                 sized(&mut ws.h, n * hidden),
             );
+            lap.charge(&mut ws.timings.other);
             match &layer.ffn {
-                Ffn::Moe(m) => m.forward(files, cpu, store, ws, n)?,
-                Ffn::Dense(d) => d.forward(files, cpu, ws, n),
+                Ffn::Moe(m) => {
+                    m.forward(files, cpu, store, ws, n)?;
+                    lap.charge(&mut ws.timings.moe);
+                }
+                Ffn::Dense(d) => {
+                    d.forward(files, cpu, ws, n);
+                    lap.charge(&mut ws.timings.dense_ffn);
+                }
             }
             if let Some(shared) = &layer.shared {
                 shared.add_to(files, cpu, ws, n);
+                lap.charge(&mut ws.timings.dense_ffn);
             }
             add(&mut ws.x, &ws.o);
             if prefetch == Prefetch::Lookahead {
                 if let Some(next) = self.layers.get(l + 1) {
+                    lap.charge(&mut ws.timings.other);
                     self.prefetch_for(files, cpu, store, ws, l, next, n);
+                    lap.charge(&mut ws.timings.prefetch);
                 }
             }
         }
@@ -335,16 +332,15 @@ impl Model {
         let vocab = self.lm_head.rows;
         let head = self.lm_head.view(files);
         let logits = sized(&mut ws.logits, rows * vocab);
-        let input = prepare(&ws.h, hidden, &[&head], &mut ws.acts, cpu.level);
-        run_jobs(
+        project(
             &cpu.pool,
-            &[MatJob {
-                w: head,
-                input,
-                y: OutPtr::new(logits),
-            }],
             cpu.level,
+            &mut ws.acts,
+            &ws.h[..rows * hidden],
+            hidden,
+            [(head, logits)],
         );
+        lap.charge(&mut ws.timings.other);
         Ok(&ws.logits[..rows * vocab])
     }
 

@@ -44,6 +44,8 @@ pub struct Workspace {
     pub experts_granted: Vec<u32>,
     pub experts_todo: Vec<u32>,
     pub experts_ready: Vec<u32>,
+    /// Time spent per part of the model, accumulated over passes.
+    pub timings: crate::model::Timings,
 }
 
 /// Reuses a vector's allocation for elements of another lifetime (the

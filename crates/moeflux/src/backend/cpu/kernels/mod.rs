@@ -339,6 +339,27 @@ fn rows_per_task(w: &Matrix<'_>, n: usize) -> usize {
     (16_384 / (row_bytes * n.max(1)).max(1)).clamp(1, w.rows.max(1))
 }
 
+/// `y_i = W_i x` for `N` weights applied to the same input `x` (`n × cols`
+/// row-major; each `y_i` is `n × rows_i`), as one parallel job: the input is
+/// quantized once for all of them. Allocates nothing.
+pub fn project<const N: usize>(
+    pool: &ThreadPool,
+    level: Level,
+    acts: &mut Acts,
+    x: &[f32],
+    cols: usize,
+    mut outs: [(Matrix<'_>, &mut [f32]); N],
+) {
+    let weights: [&Matrix<'_>; N] = std::array::from_fn(|i| &outs[i].0);
+    let input = prepare(x, cols, &weights, acts, level);
+    let jobs: [MatJob<'_>; N] = std::array::from_fn(|i| MatJob {
+        w: outs[i].0,
+        input,
+        y: OutPtr::new(outs[i].1),
+    });
+    run_jobs(pool, &jobs, level);
+}
+
 /// Runs several products as one parallel job (for example the gate and up
 /// projections of every selected expert), so the threads are handed work
 /// once.
