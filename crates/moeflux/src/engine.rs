@@ -90,7 +90,7 @@ impl Default for EngineOptions {
             budget: None,
             io: IoMode::Direct,
             io_threads: 4,
-            prefetch: Prefetch::Lookahead,
+            prefetch: Prefetch::Off,
             checkpoints: 4,
             on_load_progress: None,
         }

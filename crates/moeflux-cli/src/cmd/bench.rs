@@ -44,6 +44,12 @@ pub struct Args {
     #[arg(long)]
     pub cold: bool,
 
+    /// Evaluate the prompt once, untimed, before measuring (llama-bench's
+    /// warm-up run). When every expert fits the cache this measures the
+    /// model resident, with no expert reads in either phase.
+    #[arg(long, conflicts_with = "cold")]
+    pub warmup: bool,
+
     /// Disk read bandwidth in GB/s for the I/O floor (default: measured on
     /// the model file with direct reads).
     #[arg(long, value_name = "GB/S")]
@@ -79,6 +85,11 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         .collect();
 
     let mut session = engine.new_session();
+    if args.warmup {
+        session.eval(&prompt)?;
+        session.reset();
+    }
+    let before_prompt = engine.store_stats();
     let t = Instant::now();
     let mut logits = session.eval(&prompt)?;
     let prompt_s = t.elapsed().as_secs_f64();
@@ -119,6 +130,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "io": engine.io_mode().name(),
         "prefetch": args.model.prefetch,
         "cold": args.cold,
+        "warmup": args.warmup,
         "decode_tokens": if args.greedy { "greedy" } else { "random" },
         "plan": plan,
         "plan_total_bytes": plan.total_bytes(),
@@ -139,7 +151,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "io_floor_tok_s": if io_floor.is_finite() { json!(io_floor) } else { json!(null) },
         "peak_rss_bytes": rss,
         "decode_ms_per_token": split.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        "store_prompt": after_prompt,
+        "store_prompt": after_prompt.since(&before_prompt),
         "store_decode": decode,
     });
     if args.json {

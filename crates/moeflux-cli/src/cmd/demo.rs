@@ -111,7 +111,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             expert_cache: None,
         },
         io: "direct".into(),
-        prefetch: "lookahead".into(),
+        prefetch: "off".into(),
         checkpoints: 4,
         verbose: false,
     };

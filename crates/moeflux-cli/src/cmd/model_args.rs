@@ -47,9 +47,10 @@ pub struct ModelArgs {
     #[arg(long, value_name = "MODE", default_value = "direct", value_parser = ["direct", "buffered"])]
     pub io: String,
 
-    /// Expert prefetch: `lookahead` (apply the next layer's router early and
-    /// read what it picks) or `off`.
-    #[arg(long, value_name = "MODE", default_value = "lookahead", value_parser = ["lookahead", "off"])]
+    /// Expert prefetch: `off` (read experts when a layer asks for them) or
+    /// `lookahead` (apply the next layer's router early and start reading what
+    /// it picks; try it on a fast local SSD, it did not win on a slow disk).
+    #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "lookahead"])]
     pub prefetch: String,
 
     /// Recurrent-state checkpoints a session keeps (hybrid models such as

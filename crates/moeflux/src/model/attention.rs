@@ -41,6 +41,114 @@ pub struct Attention {
     pub output_gate: bool,
 }
 
+/// Positions per K/V tile: rows converted to f32 once per task and reused
+/// by every query of the task (16 KiB at head_dim 128, so the tile stays in
+/// L1/L2 while the queries sweep it).
+const TILE: usize = 32;
+
+/// Most attention scores (f32) one task keeps: bounds the token block of a
+/// prefill task, since each query keeps its scores over the whole context
+/// for the exact (two-pass) softmax.
+const SCORE_BUDGET: usize = 1 << 18;
+
+/// Causal GQA attention of `n` new queries (`q`: `n × nh × hd`, at
+/// positions `pos0..pos0 + n`) over the cache `kv`, which already holds their
+/// own keys and values; writes `out` (`n × nh × hd`).
+///
+/// A task is a block of tokens × the heads of one KV group (or a slice of
+/// them when tasks would be too few to feed the threads): the f16 cache rows
+/// are converted once per task and shared by all its queries, instead of
+/// once per query head. Each query's arithmetic — scores in position
+/// order, softmax over positions `0..=p`, weighted sum of values in position
+/// order — depends only on its own position, so results are bit-identical
+/// however the tokens are chunked or the tasks spread over threads.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    cpu: &Cpu,
+    per_thread: &[std::sync::Mutex<Vec<f32>>],
+    q: &[f32],
+    kv: &LayerKv,
+    out: &mut [f32],
+    [nh, nkv, hd]: [usize; 3],
+    n: usize,
+    pos0: usize,
+) {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let group = nh / nkv;
+    let ctx = pos0 + n;
+    let tb = (SCORE_BUDGET / (group * ctx).max(1)).clamp(1, 16);
+    let n_blocks = n.div_ceil(tb);
+    let mut split = 1;
+    while nkv * split * n_blocks < 2 * cpu.pool.n_threads() && group % (2 * split) == 0 {
+        split *= 2;
+    }
+    let hpt = group / split;
+    let heads_out = Heads(out.as_mut_ptr());
+    cpu.pool.run(n_blocks * nkv * split, &|task, thread| {
+        let (b, g, part) = (
+            task / (nkv * split),
+            task % (nkv * split) / split,
+            task % split,
+        );
+        let (t0, t1) = (b * tb, (b * tb + tb).min(n));
+        let h0 = g * group + part * hpt;
+        // Scores of query (t, h) are at ((t - t0) · hpt + h - h0) · len.
+        let len = pos0 + t1;
+        let mut scratch = per_thread[thread].lock().unwrap_or_else(|e| e.into_inner());
+        let need = TILE * hd + (t1 - t0) * hpt * len;
+        if scratch.len() < need {
+            scratch.resize(need, 0.0);
+        }
+        let (tile, scores) = scratch.split_at_mut(TILE * hd);
+        let queries =
+            || (t0..t1).flat_map(move |t| (0..hpt).map(move |i| (t, h0 + i, (t - t0) * hpt + i)));
+        // Pass 1: scores, tile by tile of keys.
+        for j0 in (0..len).step_by(TILE) {
+            let j1 = (j0 + TILE).min(len);
+            for j in j0..j1 {
+                kv.k.read(
+                    j * kv.k_dim + g * hd,
+                    &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
+                );
+            }
+            for (t, h, i) in queries() {
+                let p = pos0 + t;
+                let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                let sc = &mut scores[i * len..(i + 1) * len];
+                for j in j0..j1.min(p + 1) {
+                    sc[j] = dot(qh, &tile[(j - j0) * hd..(j - j0 + 1) * hd]) * scale;
+                }
+            }
+        }
+        for (t, h, i) in queries() {
+            softmax(&mut scores[i * len..i * len + pos0 + t + 1]);
+            // SAFETY: query (t, h) belongs to this task only.
+            unsafe { heads_out.slice((t * nh + h) * hd, hd) }.fill(0.0);
+        }
+        // Pass 2: the weighted sum, tile by tile of values.
+        for j0 in (0..len).step_by(TILE) {
+            let j1 = (j0 + TILE).min(len);
+            for j in j0..j1 {
+                kv.v.read(
+                    j * kv.v_dim + g * hd,
+                    &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
+                );
+            }
+            for (t, h, i) in queries() {
+                // SAFETY: as above.
+                let o = unsafe { heads_out.slice((t * nh + h) * hd, hd) };
+                let sc = &scores[i * len..(i + 1) * len];
+                for j in j0..j1.min(pos0 + t + 1) {
+                    let (s, row) = (sc[j], &tile[(j - j0) * hd..(j - j0 + 1) * hd]);
+                    for (a, &b) in o.iter_mut().zip(row) {
+                        *a += s * b;
+                    }
+                }
+            }
+        }
+    });
+}
+
 /// A raw pointer to the attention output, written by head tasks.
 #[derive(Clone, Copy)]
 struct Heads(*mut f32);
@@ -55,7 +163,8 @@ impl Heads {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }
-// SAFETY: each (token, head) task writes its own `head_dim` values only, and
+// SAFETY: each (token, head) query belongs to one task, which alone writes its
+// `head_dim` values, and
 // `pool.run` returns after all tasks are done.
 unsafe impl Send for Heads {}
 unsafe impl Sync for Heads {}
@@ -146,39 +255,8 @@ impl Attention {
         debug_assert_eq!(kv.len(), pos0);
         kv.push(k, v);
 
-        let scale = 1.0 / (hd as f32).sqrt();
-        let group = nh / nkv;
         let attn = sized(attn, n * nh * hd);
-        let out = Heads(attn.as_mut_ptr());
-        let q = &*q;
-        let kv = &*kv;
-        cpu.pool.run(n * nh, &|task, thread| {
-            let (t, hh) = (task / nh, task % nh);
-            let p = pos0 + t;
-            let g = hh / group;
-            let qh = &q[(t * nh + hh) * hd..(t * nh + hh + 1) * hd];
-            let mut scratch = per_thread[thread].lock().unwrap_or_else(|e| e.into_inner());
-            let need = p + 1 + hd;
-            if scratch.len() < need {
-                scratch.resize(need, 0.0);
-            }
-            let (scores, row) = scratch.split_at_mut(p + 1);
-            let row = &mut row[..hd];
-            for (j, s) in scores.iter_mut().enumerate() {
-                kv.k.read(j * kv.k_dim + g * hd, row);
-                *s = dot(qh, row) * scale;
-            }
-            softmax(scores);
-            // SAFETY: task (t, hh) owns these `hd` outputs.
-            let o = unsafe { out.slice((t * nh + hh) * hd, hd) };
-            o.fill(0.0);
-            for (j, &s) in scores.iter().enumerate() {
-                kv.v.read(j * kv.v_dim + g * hd, row);
-                for (a, &b) in o.iter_mut().zip(row.iter()) {
-                    *a += s * b;
-                }
-            }
-        });
+        attend(cpu, per_thread, &*q, &*kv, attn, [nh, nkv, hd], n, pos0);
         if self.output_gate {
             for (a, &g) in attn.iter_mut().zip(gate.iter()) {
                 *a *= sigmoid(g);
@@ -186,5 +264,93 @@ impl Attention {
         }
         let o = sized(o, n * hidden);
         project(&cpu.pool, level, acts, attn, nh * hd, [(wo, o)]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::kv::{KvCache, KvType};
+    use crate::synth::Rng;
+
+    /// Attention of one query head, written the plain way: one key row at a
+    /// time, softmax, then the values in position order.
+    fn naive(q: &[f32], kv: &LayerKv, g: usize, hd: usize, p: usize) -> Vec<f32> {
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut row = vec![0.0; hd];
+        let mut scores: Vec<f32> = (0..=p)
+            .map(|j| {
+                kv.k.read(j * kv.k_dim + g * hd, &mut row);
+                dot(q, &row) * scale
+            })
+            .collect();
+        softmax(&mut scores);
+        let mut o = vec![0.0; hd];
+        for (j, &s) in scores.iter().enumerate() {
+            kv.v.read(j * kv.v_dim + g * hd, &mut row);
+            for (a, &b) in o.iter_mut().zip(&row) {
+                *a += s * b;
+            }
+        }
+        o
+    }
+
+    /// The tiled, grouped kernel equals the plain one bit for bit, for
+    /// every split of tokens into calls and any thread count (the exactness
+    /// of chunked prefill and of thread counts rests on this).
+    #[test]
+    fn tiled_attention_is_bit_identical_to_plain() {
+        let (nh, nkv, hd) = (8, 2, 16);
+        let total = 3 * TILE + 5;
+        let mut rng = Rng::new(7);
+        let mut rand = |len: usize| -> Vec<f32> {
+            (0..len).map(|_| (rng.unit() * 2.0 - 1.0) as f32).collect()
+        };
+        let q = rand(total * nh * hd);
+        let (k, v) = (rand(total * nkv * hd), rand(total * nkv * hd));
+        for kv_type in [KvType::F16, KvType::F32] {
+            let mut cache = KvCache::new(&[Some((nkv * hd, nkv * hd))], total, kv_type);
+            cache.layers[0].push(&k, &v);
+            let kv = &cache.layers[0];
+            let mut want = Vec::with_capacity(total * nh * hd);
+            for t in 0..total {
+                for h in 0..nh {
+                    let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
+                    want.extend(naive(qh, kv, h / (nh / nkv), hd, t));
+                }
+            }
+            for threads in [1, 3] {
+                let cpu = Cpu::new(threads, None).unwrap();
+                let per_thread: Vec<_> = (0..threads).map(|_| Default::default()).collect();
+                // Chunks as prefill and decode would issue them.
+                for chunk in [total, 17, 1] {
+                    let mut got = vec![f32::NAN; total * nh * hd];
+                    for pos0 in (0..total).step_by(chunk) {
+                        let n = chunk.min(total - pos0);
+                        // The cache as it stands after pushing this chunk.
+                        let mut part = KvCache::new(&[Some((nkv * hd, nkv * hd))], total, kv_type);
+                        let end = (pos0 + n) * nkv * hd;
+                        part.layers[0].push(&k[..end], &v[..end]);
+                        let at = pos0 * nh * hd..(pos0 + n) * nh * hd;
+                        attend(
+                            &cpu,
+                            &per_thread,
+                            &q[at.clone()],
+                            &part.layers[0],
+                            &mut got[at],
+                            [nh, nkv, hd],
+                            n,
+                            pos0,
+                        );
+                    }
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{kv_type:?}, {threads} threads, chunks of {chunk}"
+                    );
+                }
+            }
+        }
     }
 }

@@ -149,11 +149,13 @@ pub struct Context<'a> {
 /// Expert prefetch policy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Prefetch {
-    /// Read experts only when a layer asks for them.
+    /// Read experts only when a layer asks for them. The default: on the
+    /// shared disk it was measured on, lookahead's reads competed with the
+    /// current layer's misses and did not win (bench/BENCHMARKS.md).
+    #[default]
     Off,
     /// Router lookahead: as soon as a layer's output exists, apply the next
     /// layer's router to it and read the experts it picks.
-    #[default]
     Lookahead,
 }
 

@@ -57,18 +57,12 @@ pub fn rope_inv_freq(n_rot: usize, theta: f32) -> Vec<f32> {
 /// Only the first `2 * inv_freq.len()` dimensions of a head rotate.
 pub fn rope_neox(x: &mut [f32], head_dim: usize, pos: usize, inv_freq: &[f32]) {
     let half = inv_freq.len();
-    let (sin, cos): (Vec<f32>, Vec<f32>) = inv_freq
-        .iter()
-        .map(|&f| {
-            let a = pos as f32 * f;
-            (a.sin(), a.cos())
-        })
-        .unzip();
-    for head in x.chunks_exact_mut(head_dim) {
-        for i in 0..half {
+    for (i, &f) in inv_freq.iter().enumerate() {
+        let (sin, cos) = (pos as f32 * f).sin_cos();
+        for head in x.chunks_exact_mut(head_dim) {
             let (a, b) = (head[i], head[i + half]);
-            head[i] = a * cos[i] - b * sin[i];
-            head[i + half] = b * cos[i] + a * sin[i];
+            head[i] = a * cos - b * sin;
+            head[i + half] = b * cos + a * sin;
         }
     }
 }
