@@ -78,8 +78,14 @@ fn attend(
     let ctx = pos0 + n;
     let tb = (SCORE_BUDGET / (group * ctx).max(1)).clamp(1, 16);
     let n_blocks = n.div_ceil(tb);
+    // Split a group's heads over tasks while there are too few tasks for
+    // the threads, or one task's scores would exceed the budget (long
+    // contexts): a thread then holds at most max(ctx, SCORE_BUDGET) scores.
     let mut split = 1;
-    while nkv * split * n_blocks < 2 * cpu.pool.n_threads() && group % (2 * split) == 0 {
+    while group % (2 * split) == 0
+        && (nkv * split * n_blocks < 2 * cpu.pool.n_threads()
+            || tb * (group / split) * ctx > SCORE_BUDGET)
+    {
         split *= 2;
     }
     let hpt = group / split;
