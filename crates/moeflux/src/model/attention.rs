@@ -10,7 +10,7 @@ use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, sigmoid, softmax};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
 use crate::format::ModelFiles;
-use crate::state::kv::LayerKv;
+use crate::state::kv::{LayerKv, Rows};
 
 /// Rotary embedding of the first `2 * inv_freq.len()` dimensions of each
 /// head, pairs taken from the two halves of that span ("NEOX" layout, which
@@ -108,15 +108,19 @@ fn attend(
         let (tile, scores) = scratch.split_at_mut(TILE * hd);
         let queries =
             || (t0..t1).flat_map(move |t| (0..hpt).map(move |i| (t, h0 + i, (t - t0) * hpt + i)));
-        // Pass 1: scores, tile by tile of keys.
-        for j0 in (0..len).step_by(TILE) {
-            let j1 = (j0 + TILE).min(len);
+        // Rows j0..j1 of this group's keys or values, as f32, into the tile.
+        let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| {
             for j in j0..j1 {
-                kv.k.read(
-                    j * kv.k_dim + g * hd,
+                rows.read(
+                    j * dim + g * hd,
                     &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
                 );
             }
+        };
+        // Pass 1: scores, tile by tile of keys.
+        for j0 in (0..len).step_by(TILE) {
+            let j1 = (j0 + TILE).min(len);
+            load(&kv.k, kv.k_dim, j0, j1, tile);
             for (t, h, i) in queries() {
                 let p = pos0 + t;
                 let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
@@ -134,12 +138,7 @@ fn attend(
         // Pass 2: the weighted sum, tile by tile of values.
         for j0 in (0..len).step_by(TILE) {
             let j1 = (j0 + TILE).min(len);
-            for j in j0..j1 {
-                kv.v.read(
-                    j * kv.v_dim + g * hd,
-                    &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
-                );
-            }
+            load(&kv.v, kv.v_dim, j0, j1, tile);
             for (t, h, i) in queries() {
                 // SAFETY: as above.
                 let o = unsafe { heads_out.slice((t * nh + h) * hd, hd) };
