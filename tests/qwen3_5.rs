@@ -8,11 +8,9 @@
 mod common;
 
 use common::{
-    all_logits as logits, assert_logits, check_gguf, fixture, fixture_json, fixture_ref,
-    fixture_tokens, gguf_f32_matches, greedy, hf_matches_transformers, levels, open_at, ref_ids,
-    F32_REL,
+    all_logits as logits, check_gguf, fixture, fixture_tokens, gguf_f32_matches,
+    hf_matches_transformers,
 };
-use moeflux::backend::cpu::kernels::Level;
 use moeflux::{Engine, EngineOptions};
 
 #[test]
@@ -55,31 +53,7 @@ fn qwen3_next_gguf_quantized() {
 /// activations (measured by llama.cpp on the Q4_0 file) elsewhere.
 #[test]
 fn qwen3_5_mlx_matches_its_dequantized_reference() {
-    let family = "qwen3_5_moe";
-    let tokens = fixture_tokens(family);
-    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
-    let want = ref_ids(family, "mlx_greedy");
-    let q4 = fixture_json(family)["gguf"]["stats"]["Q4_0"]["quantized_vs_dequant"]["max_rel"]
-        .as_f64()
-        .unwrap();
-    for level in levels() {
-        let engine = open_at(&format!("{family}/mlx"), level);
-        let ours = logits(&engine, &tokens);
-        let what = format!("{family} MLX at {}", level.name());
-        if level == Level::Reference {
-            assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
-            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
-        } else {
-            assert_logits(
-                &what,
-                &ours,
-                &reference,
-                engine.vocab(),
-                (1.5 * q4) as f32,
-                0.9,
-            );
-        }
-    }
+    common::mlx_matches_dequantized("qwen3_5_moe");
 }
 
 fn engine(rel: &str, ubatch: usize) -> Engine {

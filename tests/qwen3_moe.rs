@@ -16,10 +16,9 @@
 mod common;
 
 use common::{
-    assert_logits, check_gguf, fixture_json, fixture_ref, fixture_tokens, gguf_f32_matches, greedy,
-    hf_matches_transformers, levels, open_at, ref_ids, F32_REL,
+    assert_logits, check_gguf, fixture_ref, fixture_tokens, gguf_f32_matches,
+    hf_matches_transformers, F32_REL,
 };
-use moeflux::backend::cpu::kernels::Level;
 
 use common::all_logits as logits;
 
@@ -83,30 +82,5 @@ fn kv_cache_f16_stays_close_to_f32() {
 /// those add (the same order as llama.cpp's on the Q4 files).
 #[test]
 fn mlx_checkpoint_matches_its_dequantized_reference() {
-    let tokens = fixture_tokens("qwen3_moe");
-    let reference = fixture_ref("qwen3_moe", "mlx_logits").to_f32().unwrap();
-    let want = ref_ids("qwen3_moe", "mlx_greedy");
-    // The Q4_0 file's measured activation-quantization error bounds the
-    // 4-bit MLX case at the integer levels.
-    let q4 = fixture_json("qwen3_moe")["gguf"]["stats"]["Q4_0"]["quantized_vs_dequant"]["max_rel"]
-        .as_f64()
-        .unwrap();
-    for level in levels() {
-        let engine = open_at("qwen3_moe/mlx", level);
-        let ours = logits(&engine, &tokens);
-        let what = format!("qwen3_moe MLX at {}", level.name());
-        if level == Level::Reference {
-            assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
-            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
-        } else {
-            assert_logits(
-                &what,
-                &ours,
-                &reference,
-                engine.vocab(),
-                (1.5 * q4) as f32,
-                0.9,
-            );
-        }
-    }
+    common::mlx_matches_dequantized("qwen3_moe");
 }

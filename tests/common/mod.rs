@@ -336,6 +336,37 @@ pub fn hf_matches_transformers(family: &str) {
     }
 }
 
+/// The MLX-layout copy (4-bit affine, 8-bit routers and gates) against
+/// transformers run on its dequantized weights: tight at the reference
+/// level; at the integer levels within 1.5 × the activation-quantization
+/// error llama.cpp measured on the family's Q4_0 file (argmax ≥ 0.9).
+pub fn mlx_matches_dequantized(family: &str) {
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
+    let want = ref_ids(family, "mlx_greedy");
+    let q4 = fixture_json(family)["gguf"]["stats"]["Q4_0"]["quantized_vs_dequant"]["max_rel"]
+        .as_f64()
+        .unwrap();
+    for level in levels() {
+        let engine = open_at(&format!("{family}/mlx"), level);
+        let ours = all_logits(&engine, &tokens);
+        let what = format!("{family} MLX at {}", level.name());
+        if level == moeflux::backend::cpu::kernels::Level::Reference {
+            assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
+            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+        } else {
+            assert_logits(
+                &what,
+                &ours,
+                &reference,
+                engine.vocab(),
+                (1.5 * q4) as f32,
+                0.9,
+            );
+        }
+    }
+}
+
 /// The F32 GGUF copy against llama.cpp and transformers, at every level.
 pub fn gguf_f32_matches(family: &str) {
     let tokens = fixture_tokens(family);
