@@ -181,6 +181,56 @@ fn a_full_cache_stops_reading() {
     assert!(st.total.hits > 0);
 }
 
+#[test]
+fn preloading_makes_the_model_resident_and_changes_nothing() {
+    let rel = "qwen3_moe_k/gguf/qwen3_moe_k-Q4_K.gguf";
+    let all = opts(Budget::Total(1 << 30), IoMode::Direct, Prefetch::Off, 2);
+    let (baseline, _) = run(rel, all.clone());
+
+    let engine = Engine::open(&fixture(rel), all).unwrap();
+    let total = engine.plan().input.total_experts as usize;
+    let mut calls = Vec::new();
+    let n = engine.preload_experts(|d, t| calls.push((d, t))).unwrap();
+    assert_eq!(n, total);
+    assert_eq!(calls.last(), Some(&(total, total)), "{calls:?}");
+    // A second preload has nothing left to read.
+    assert_eq!(engine.preload_experts(|_, _| {}).unwrap(), 0);
+    let before = engine.store_stats();
+    let tokens = fixture_tokens("qwen3_moe");
+    let mut s = engine.new_session();
+    let bits: Vec<u32> = s
+        .eval_all(&tokens)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(bits[..], baseline[..bits.len()]);
+    let after = engine.store_stats().since(&before);
+    assert_eq!(after.total.misses, 0, "{:?}", after.total);
+    assert!(after.total.hits > 0);
+
+    // With room for a third of the experts, preload fills the cache and
+    // stops; streaming then stays exact.
+    let slot = engine.plan().input.slot_bytes;
+    let third = opts(
+        Budget::ExpertCache(slot * total as u64 / 3),
+        IoMode::Direct,
+        Prefetch::Off,
+        2,
+    );
+    let engine = Engine::open(&fixture(rel), third).unwrap();
+    let slots = engine.store_stats().slots;
+    assert_eq!(engine.preload_experts(|_, _| {}).unwrap(), slots);
+    let mut s = engine.new_session();
+    let bits: Vec<u32> = s
+        .eval_all(&tokens)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    assert_eq!(bits[..], baseline[..bits.len()]);
+}
+
 /// A synthetic model with more layers than the fixtures (so lookahead has
 /// layers to read ahead for), written by `moeflux synth`'s library code.
 fn synth_model(dir: &std::path::Path, skew: Option<f64>) -> std::path::PathBuf {

@@ -297,6 +297,14 @@ impl Engine {
             .stats()
     }
 
+    /// Reads experts into the cache's free slots until all are resident or
+    /// the cache is full (see [`ExpertStore::preload`]); `progress(done,
+    /// total)` counts experts. Returns how many were read.
+    pub fn preload_experts(&self, progress: impl FnMut(usize, usize)) -> Result<usize> {
+        let mut store = self.inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(store.preload(progress)?)
+    }
+
     /// The I/O mode in effect (direct reads may have fallen back).
     pub fn io_mode(&self) -> IoMode {
         self.inner

@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod experts;
 pub mod format;
+mod huge_pages;
 pub mod inspect;
 pub mod model;
 pub mod npy;

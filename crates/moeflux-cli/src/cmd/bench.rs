@@ -44,7 +44,8 @@ pub struct Args {
     #[arg(long)]
     pub cold: bool,
 
-    /// Evaluate the prompt once, untimed, before measuring (llama-bench's
+    /// Fill the expert cache (every expert, when the plan holds them all)
+    /// and evaluate the prompt once, untimed, before measuring (llama-bench's
     /// warm-up run). When every expert fits the cache this measures the
     /// model resident, with no expert reads in either phase.
     #[arg(long, conflicts_with = "cold")]
@@ -86,6 +87,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
 
     let mut session = engine.new_session();
     if args.warmup {
+        preload(&engine)?;
         session.eval(&prompt)?;
         session.reset();
     }
@@ -211,6 +213,22 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
 /// Decode time per token by part, in ms: the model's own timings with the
 /// MoE time split into waiting for experts (the store's stall counter) and
 /// computing them (router included).
+/// Reads experts into the free cache slots, with a progress bar.
+fn preload(engine: &moeflux::Engine) -> anyhow::Result<()> {
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("loading experts [{bar:40}] {pos}/{len}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    engine.preload_experts(|done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    Ok(())
+}
+
 fn time_split(t: &moeflux::model::Timings, stall_ns: u64, n: usize) -> Vec<(&'static str, f64)> {
     let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n.max(1) as f64;
     let wait = stall_ns as f64 / 1e6 / n.max(1) as f64;

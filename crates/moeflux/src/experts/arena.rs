@@ -48,6 +48,7 @@ impl Arena {
         let ptr = unsafe { alloc(layout) };
         let ptr = NonNull::new(ptr)
             .ok_or_else(|| format!("cannot allocate the expert arena ({size} bytes)"))?;
+        crate::huge_pages::advise(ptr.as_ptr(), size);
         Ok(Arena {
             ptr,
             layout,

@@ -421,6 +421,48 @@ impl ExpertStore {
         started
     }
 
+    /// Reads experts into the slots no expert holds yet, layer by layer,
+    /// until every expert is resident or the free slots run out; never
+    /// evicts. Calls `progress(done, total)` (experts) as reads complete.
+    /// Returns how many experts were read.
+    ///
+    /// When the plan holds every expert this makes the model resident up
+    /// front, as a model loader that maps the whole file would, instead of
+    /// paying each expert's first read inside a forward step.
+    pub fn preload(&mut self, mut progress: impl FnMut(usize, usize)) -> Result<usize, StoreError> {
+        let mut free =
+            (0..self.arena.n_slots() as u32).filter(|&s| self.cache.owner[s as usize].is_none());
+        let mut todo = Vec::new();
+        'fill: for (layer, experts) in self.layers.iter().enumerate() {
+            for e in 0..experts.len() {
+                if self.cache.lookup(layer, e).is_some() {
+                    continue;
+                }
+                let Some(slot) = free.next() else { break 'fill };
+                todo.push((slot, layer, e));
+            }
+        }
+        drop(free);
+        // Queue in batches so that progress can be reported while the
+        // readers work through them.
+        const BATCH: usize = 64;
+        for (i, batch) in todo.chunks(BATCH).enumerate() {
+            for &(slot, layer, e) in batch {
+                self.load(slot, layer, e);
+            }
+            self.settle();
+            for &(slot, layer, e) in batch {
+                if self.states.get(slot) == FAILED {
+                    let err = self.failure(slot, layer, e);
+                    self.cache.clear(slot);
+                    return Err(err);
+                }
+            }
+            progress((i * BATCH + batch.len()).min(todo.len()), todo.len());
+        }
+        Ok(todo.len())
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> StoreStats {
         let mut total = LayerStats::default();

@@ -276,6 +276,7 @@ impl ModelFiles {
                     format!("cannot allocate {total} bytes for the dense weights"),
                 ),
             })?;
+        crate::huge_pages::advise(data.as_mut_ptr(), data.capacity());
         let mut ranges = Vec::with_capacity(merged.len());
         for (file, start, end) in merged {
             let at = data.len();

@@ -70,6 +70,8 @@ pub struct Q8Acts {
     /// each block of 32 and the base scale of each 256, so that
     /// `d[b] = base[b / 8] · 2^shift[b]`. Empty otherwise.
     pub shift: Vec<u8>,
+    /// The same shifts as i32 (the kernels broadcast one per block).
+    pub shift32: Vec<i32>,
     pub base: Vec<f32>,
 }
 
@@ -108,9 +110,11 @@ impl Q8Acts {
         self.qs.resize(n * cols, 0);
         if pow2 {
             self.shift.resize(nb, 0);
+            self.shift32.resize(nb, 0);
             self.base.resize(nb / 8, 0.0);
         } else {
             self.shift.clear();
+            self.shift32.clear();
             self.base.clear();
         }
     }
@@ -140,6 +144,7 @@ impl Q8Acts {
                     }
                     let shift = MAX_SHIFT - e;
                     self.shift[8 * sb + i] = shift as u8;
+                    self.shift32[8 * sb + i] = shift as i32;
                     self.d[8 * sb + i] = base * (1 << shift) as f32;
                 }
             }
@@ -179,11 +184,12 @@ impl Q8Acts {
     /// Row `r` as block slices.
     pub fn row(&self, r: usize) -> Q8Row<'_> {
         let nb = self.cols / 32;
-        let (shift, base): (&[u8], &[f32]) = if self.shift.is_empty() {
-            (&[], &[])
+        let (shift, shift32, base): (&[u8], &[i32], &[f32]) = if self.shift.is_empty() {
+            (&[], &[], &[])
         } else {
             (
                 &self.shift[r * nb..(r + 1) * nb],
+                &self.shift32[r * nb..(r + 1) * nb],
                 &self.base[r * nb / 8..(r + 1) * nb / 8],
             )
         };
@@ -193,6 +199,7 @@ impl Q8Acts {
             sum16: &self.sum16[2 * r * nb..2 * (r + 1) * nb],
             qs: &self.qs[r * self.cols..(r + 1) * self.cols],
             shift,
+            shift32,
             base,
         }
     }
@@ -211,6 +218,7 @@ pub struct Q8Row<'a> {
     pub qs: &'a [i8],
     /// Power-of-two scales (empty unless quantized with `quantize_pow2`).
     pub shift: &'a [u8],
+    pub shift32: &'a [i32],
     pub base: &'a [f32],
 }
 
@@ -223,6 +231,7 @@ impl<'a> Q8Row<'a> {
             sum16: &self.sum16[2 * b..],
             qs: &self.qs[32 * b..],
             shift: self.shift.get(b..).unwrap_or(&[]),
+            shift32: self.shift32.get(b..).unwrap_or(&[]),
             base: self.base.get(b / 8..).unwrap_or(&[]),
         }
     }

@@ -257,6 +257,8 @@ pub struct MatJob<'a> {
 
 /// A row kernel with 8-bit activations: `(weight row, activations) → dot`.
 pub type Q8Kernel = unsafe fn(&[u8], Q8Row<'_>) -> f32;
+/// A row kernel for four activation rows at once.
+pub type Q8Kernel4 = unsafe fn(&[u8], &[Q8Row<'_>; 4]) -> [f32; 4];
 /// An MLX affine row kernel: `(bits, group, weights, scales, biases, activations)`.
 pub type MlxKernel = unsafe fn(u32, usize, &[u8], &[u8], &[u8], Q8Row<'_>) -> f32;
 /// A float-weight row kernel with f32 activations.
@@ -301,6 +303,16 @@ fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
     }
 }
 
+/// The four-row kernel of a type at a level, if it has one.
+fn q8_kernel4(ty: GgmlType, level: Level) -> Option<Q8Kernel4> {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        return x86::q8_kernel4(ty, level);
+    }
+    let _ = (ty, level);
+    None
+}
+
 fn mlx_kernel(level: Level) -> MlxKernel {
     #[cfg(target_arch = "x86_64")]
     if level >= Level::Avx2 {
@@ -328,15 +340,17 @@ fn f_kernel(level: Level) -> FKernel {
     scalar_f
 }
 
-/// Rows per task: about 16 KiB of weights (a few microseconds of work), so
-/// that the threads finish a job together — a decode step runs hundreds of
-/// jobs, and the wait for the slowest thread at the end of each one adds up.
-fn rows_per_task(w: &Matrix<'_>, n: usize) -> usize {
+/// Rows per task: about 16 KiB of weights (a few microseconds of work per
+/// token), so that the threads finish a job together — a decode step runs
+/// hundreds of jobs, and the wait for the slowest thread at the end of each
+/// one adds up. With several tokens the rows stay the same (they stay in
+/// L1 while the tokens pass) and a task does proportionally more work.
+fn rows_per_task(w: &Matrix<'_>) -> usize {
     let row_bytes = match w.data {
         MatrixData::Ggml { bytes, .. } => bytes.len() / w.rows.max(1),
         MatrixData::Mlx { weight, .. } => weight.len() / w.rows.max(1),
     };
-    (16_384 / (row_bytes * n.max(1)).max(1)).clamp(1, w.rows.max(1))
+    (16_384 / row_bytes.max(1)).clamp(1, w.rows.max(1))
 }
 
 /// `y_i = W_i x` for `N` weights applied to the same input `x` (`n × cols`
@@ -381,7 +395,7 @@ pub fn run_jobs(pool: &ThreadPool, jobs: &[MatJob<'_>], level: Level) {
             j.input.x.len() >= (j.input.row0 + j.input.n) * j.w.cols,
             "input too small"
         );
-        chunks[i] = rows_per_task(&j.w, j.input.n);
+        chunks[i] = rows_per_task(&j.w);
         start[i + 1] = start[i] + j.w.rows.div_ceil(chunks[i]);
     }
     let total = start[jobs.len()];
@@ -402,35 +416,39 @@ pub fn run_jobs(pool: &ThreadPool, jobs: &[MatJob<'_>], level: Level) {
             unsafe { *out.0.add(t * rows + r) = v };
         };
         let x_row = |t: usize| &input.x[(input.row0 + t) * cols..(input.row0 + t + 1) * cols];
-        // Token blocks keep a block's activations in cache while the rows
-        // stream past.
+        // Token blocks (float kernels) keep a block's activations in cache
+        // while the rows stream past.
         const TOKENS: usize = 16;
         match (resolve(w, input, level), w.data) {
-            (RowKernel::Q8(f), MatrixData::Ggml { bytes, .. }) => {
+            (RowKernel::Q8(f), MatrixData::Ggml { ty, bytes }) => {
                 let Some(q8) = input.q8 else {
                     unreachable!("resolved for quantized input")
                 };
                 let rb = bytes.len() / rows;
-                if input.n == 1 {
-                    let a = q8.row(input.row0);
+                let row = |r: usize| &bytes[r * rb..(r + 1) * rb];
+                // Groups of four tokens through the four-row kernel: the
+                // task's rows (about 16 KiB) stay in L1 while the groups'
+                // activations stream past, and each weight block is
+                // unpacked once per group.
+                let mut t = 0;
+                if let Some(f4) = q8_kernel4(ty, level) {
+                    while t + 4 <= input.n {
+                        let a = std::array::from_fn(|i| q8.row(input.row0 + t + i));
+                        for r in r0..r1 {
+                            // SAFETY: the kernel was resolved for this CPU's level.
+                            let v = unsafe { f4(row(r), &a) };
+                            for (i, v) in v.into_iter().enumerate() {
+                                put(t + i, r, v);
+                            }
+                        }
+                        t += 4;
+                    }
+                }
+                for t in t..input.n {
+                    let a = q8.row(input.row0 + t);
                     for r in r0..r1 {
                         // SAFETY: the kernel was resolved for this CPU's level.
-                        put(0, r, unsafe { f(&bytes[r * rb..(r + 1) * rb], a) });
-                    }
-                    return;
-                }
-                for t0 in (0..input.n).step_by(TOKENS) {
-                    let tn = (t0 + TOKENS).min(input.n);
-                    let mut acts = [q8.row(input.row0 + t0); TOKENS];
-                    for (i, a) in acts.iter_mut().enumerate().take(tn - t0).skip(1) {
-                        *a = q8.row(input.row0 + t0 + i);
-                    }
-                    for r in r0..r1 {
-                        let wr = &bytes[r * rb..(r + 1) * rb];
-                        for (i, a) in acts.iter().enumerate().take(tn - t0) {
-                            // SAFETY: the kernel was resolved for this CPU's level.
-                            put(t0 + i, r, unsafe { f(wr, *a) });
-                        }
+                        put(t, r, unsafe { f(row(r), a) });
                     }
                 }
             }

@@ -120,6 +120,24 @@ unsafe fn d_dmin(p: *const u8) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p as *const i32)))
 }
 
+/// How far ahead of the current weight block a row kernel asks for
+/// weights: decode streams every weight once, and tasks are short (about
+/// 16 KiB) so the hardware prefetcher alone ramps up too late.
+const PREFETCH_BYTES: usize = 1024;
+
+/// Prefetches the cache lines `PREFETCH_BYTES` past the `len` bytes of
+/// weights at `p`. Only an address is formed (`wrapping_add`): it may lie
+/// past the end of the matrix, which a prefetch ignores.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn prefetch_ahead(p: *const u8, len: usize) {
+    let mut off = 0;
+    while off < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH_BYTES + off) as *const i8);
+        off += 64;
+    }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn hsum256(v: __m256) -> f32 {
@@ -180,6 +198,7 @@ unsafe fn q4_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     let mut b = 0;
     while b < nb {
         let two = (b + 1 < nb) as usize + 1;
+        prefetch_ahead(wp.wrapping_add(18 * b), 36);
         for (k, acc) in acc.iter_mut().enumerate().take(two) {
             // SAFETY: block b + k < nb: inside both buffers (checked above).
             let blk = wp.add(18 * (b + k));
@@ -206,6 +225,7 @@ unsafe fn q8_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     let mut b = 0;
     while b < nb {
         let two = (b + 1 < nb) as usize + 1;
+        prefetch_ahead(wp.wrapping_add(34 * b), 68);
         for (k, acc) in acc.iter_mut().enumerate().take(two) {
             // SAFETY: block b + k < nb: inside both buffers (checked above).
             let blk = wp.add(34 * (b + k));
@@ -220,6 +240,62 @@ unsafe fn q8_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
         b += two;
     }
     hsum256(_mm256_add_ps(acc[0], acc[1]))
+}
+
+/// [`q4_0_avx2`] for `T` activation rows at once (the prompt path): each
+/// block's scale and nibbles are unpacked once for all rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_avx2_rows<const T: usize>(w: &[u8], a: &[Q8Row<'_>; T]) -> [f32; T] {
+    let nb = w.len() / 18;
+    for a in a {
+        assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb && a.sum.len() >= nb);
+    }
+    let wp = w.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut off = [0f32; T];
+    for b in 0..nb {
+        // SAFETY: block b < nb: inside both buffers (checked above).
+        let blk = wp.add(18 * b);
+        let dw = h2f(std::slice::from_raw_parts(blk, 2));
+        let q = nibbles_split(std::slice::from_raw_parts(blk.add(2), 16));
+        for t in 0..T {
+            let s = dw * a[t].d[b];
+            let p = mul_u8_i8(
+                q,
+                _mm256_loadu_si256(a[t].qs.as_ptr().add(32 * b) as *const __m256i),
+            );
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc[t]);
+            off[t] += s * a[t].sum[b] as f32;
+        }
+    }
+    std::array::from_fn(|t| hsum256(acc[t]) - 8.0 * off[t])
+}
+
+/// [`q8_0_avx2`] for `T` activation rows at once (the prompt path): each
+/// block's scale and code magnitudes are unpacked once for all rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_avx2_rows<const T: usize>(w: &[u8], a: &[Q8Row<'_>; T]) -> [f32; T] {
+    let nb = w.len() / 34;
+    for a in a {
+        assert!(a.qs.len() >= 32 * nb && a.d.len() >= nb);
+    }
+    let wp = w.as_ptr();
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..nb {
+        // SAFETY: block b < nb: inside both buffers (checked above).
+        let blk = wp.add(34 * b);
+        let dw = h2f(std::slice::from_raw_parts(blk, 2));
+        let q = _mm256_loadu_si256(blk.add(2) as *const __m256i);
+        // |q| once; each row's codes take q's signs (see `mul_i8_i8`).
+        let abs = _mm256_sign_epi8(q, q);
+        for t in 0..T {
+            let x = _mm256_loadu_si256(a[t].qs.as_ptr().add(32 * b) as *const __m256i);
+            let p = mul_u8_i8(abs, _mm256_sign_epi8(x, q));
+            let s = _mm256_set1_ps(dw * a[t].d[b]);
+            acc[t] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(p), acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum256(acc[t]))
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -253,6 +329,7 @@ unsafe fn q4_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
         // SAFETY (pointer arithmetic below): the lengths were checked above;
         // block b spans w[144b..144b+144] and activations [256b..256b+256].
         let blk = wp.add(144 * b);
+        prefetch_ahead(blk, 144);
         let qa = qp.add(QK_K * b);
         let sm = k_scales_mins(blk.add(4), a.shift.as_ptr().add(8 * b));
         let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
@@ -280,6 +357,84 @@ unsafe fn q4_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     hsum256(acc) - _mm_cvtss_f32(m)
 }
 
+/// [`q4_k_avx2`] for `T` activation rows at once (the prompt path).
+///
+/// Each 64-code chunk of the weights is loaded, split into nibbles and its
+/// two sub-block scales broadcast once, then multiplied with all `T` rows,
+/// so prompt processing unpacks a weight block once per `T` tokens. The
+/// activations' power-of-two block scales (see `quantize`) are applied as
+/// a left shift of each sub-block's i32 products, which keeps the weight
+/// scales independent of the token. Bounds: codes ≤ 15, activation codes
+/// ≤ 127, scales ≤ 63, shifts ≤ 4: a super-block's sum stays below
+/// 8 · 32 · 15 · 127 · 63 · 16 < 2^31.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2_rows<const T: usize>(w: &[u8], a: &[Q8Row<'_>; T]) -> [f32; T] {
+    let nb = w.len() / 144;
+    for a in a {
+        assert!(
+            a.qs.len() >= nb * QK_K
+                && a.shift32.len() >= 8 * nb
+                && a.base.len() >= nb
+                && a.d.len() >= 8 * nb
+                && a.sum.len() >= 8 * nb
+        );
+    }
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let wp = w.as_ptr();
+    for b in 0..nb {
+        // SAFETY (pointer arithmetic below): the lengths were checked above;
+        // block b spans w[144b..144b+144] and activations [256b..256b+256].
+        let blk = wp.add(144 * b);
+        // [scales | mins] as i16; the scales repeated in both 128-bit lanes
+        // for the in-lane broadcasts.
+        let raw = _mm256_cvtepu8_epi16(k_unpack(blk.add(4)));
+        let scales = _mm256_permute2x128_si256::<0x00>(raw, raw);
+        let dd = d_dmin(blk);
+        let d = _mm256_broadcastss_ps(dd);
+        // dmin · min of each sub-block, as f32.
+        let mins = _mm256_mul_ps(
+            _mm256_cvtepi32_ps(_mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(raw))),
+            _mm256_broadcastss_ps(_mm_movehdup_ps(dd)),
+        );
+        let mut isum = [_mm256_setzero_si256(); T];
+        for c in 0..4 {
+            let q = _mm256_loadu_si256(blk.add(16 + 32 * c) as *const __m256i);
+            let lo = _mm256_and_si256(q, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            let (slo, shi) = (bcast16(scales, 2 * c), bcast16(scales, 2 * c + 1));
+            for t in 0..T {
+                let qa = a[t].qs.as_ptr().add(QK_K * b + 64 * c);
+                let sh = a[t].shift32.as_ptr().add(8 * b + 2 * c);
+                let plo = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(lo, _mm256_loadu_si256(qa as *const __m256i)),
+                    slo,
+                );
+                let phi = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(hi, _mm256_loadu_si256(qa.add(32) as *const __m256i)),
+                    shi,
+                );
+                let plo = _mm256_sllv_epi32(plo, _mm256_set1_epi32(*sh));
+                let phi = _mm256_sllv_epi32(phi, _mm256_set1_epi32(*sh.add(1)));
+                isum[t] = _mm256_add_epi32(isum[t], _mm256_add_epi32(plo, phi));
+            }
+        }
+        for t in 0..T {
+            let db = _mm256_mul_ps(d, _mm256_set1_ps(a[t].base[b]));
+            acc[t] = _mm256_fmadd_ps(db, _mm256_cvtepi32_ps(isum[t]), acc[t]);
+            // Σ dmin · min_j · d_j · sum_j: the mins' share of the products.
+            let dsum = _mm256_mul_ps(
+                _mm256_loadu_ps(a[t].d.as_ptr().add(8 * b)),
+                _mm256_cvtepi32_ps(_mm256_loadu_si256(
+                    a[t].sum.as_ptr().add(8 * b) as *const __m256i
+                )),
+            );
+            acc[t] = _mm256_fnmadd_ps(mins, dsum, acc[t]);
+        }
+    }
+    std::array::from_fn(|t| hsum256(acc[t]))
+}
+
 /// Bit `k` of every byte of `qh`, moved to bit 4.
 #[inline]
 #[target_feature(enable = "avx2")]
@@ -305,6 +460,7 @@ unsafe fn q5_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     for b in 0..nb {
         // SAFETY: as in q4_k_avx2 (176-byte blocks).
         let blk = wp.add(176 * b);
+        prefetch_ahead(blk, 176);
         let qa = qp.add(QK_K * b);
         let sm = k_scales_mins(blk.add(4), a.shift.as_ptr().add(8 * b));
         let scales = _mm256_permute2x128_si256::<0x00>(sm, sm);
@@ -355,6 +511,7 @@ unsafe fn q6_k_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     for b in 0..nb {
         // SAFETY: as in q4_k_avx2 (210-byte blocks).
         let blk = wp.add(210 * b);
+        prefetch_ahead(blk, 210);
         let qa = qp.add(QK_K * b);
         // The 16 group scales times 2^shift of their activation block.
         let pw = _mm_shuffle_epi8(
@@ -723,6 +880,17 @@ pub fn q8_kernel(ty: GgmlType, level: Level) -> super::Q8Kernel {
         (GgmlType::Q5_K, _) => q5_k_avx2,
         (GgmlType::Q6_K, _) => q6_k_avx2,
         _ => unreachable!("not an 8-bit-activation type"),
+    }
+}
+
+/// The kernel for four activation rows at once, where one exists (the
+/// prompt path: a weight block is unpacked once for four tokens).
+pub fn q8_kernel4(ty: GgmlType, _level: Level) -> Option<super::Q8Kernel4> {
+    match ty {
+        GgmlType::Q4_K => Some(q4_k_avx2_rows::<4>),
+        GgmlType::Q4_0 => Some(q4_0_avx2_rows::<4>),
+        GgmlType::Q8_0 => Some(q8_0_avx2_rows::<4>),
+        _ => None,
     }
 }
 
