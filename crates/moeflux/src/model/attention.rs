@@ -4,8 +4,7 @@
 //! attention layers.
 
 use super::weights::WeightRef;
-use crate::backend::cpu::kernels::project;
-use crate::backend::cpu::matrix::dot;
+use crate::backend::cpu::kernels::{self, project};
 use crate::backend::cpu::ops::{rms_norm_chunks, rope_neox, sigmoid, softmax};
 use crate::backend::cpu::workspace::{sized, Workspace};
 use crate::backend::cpu::Cpu;
@@ -74,6 +73,7 @@ fn attend(
     pos0: usize,
 ) {
     let scale = 1.0 / (hd as f32).sqrt();
+    let level = cpu.level;
     let group = nh / nkv;
     let ctx = pos0 + n;
     let tb = (SCORE_BUDGET / (group * ctx).max(1)).clamp(1, 16);
@@ -126,7 +126,8 @@ fn attend(
                 let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
                 let sc = &mut scores[i * len..(i + 1) * len];
                 for j in j0..j1.min(p + 1) {
-                    sc[j] = dot(qh, &tile[(j - j0) * hd..(j - j0 + 1) * hd]) * scale;
+                    sc[j] =
+                        kernels::dot(level, qh, &tile[(j - j0) * hd..(j - j0 + 1) * hd]) * scale;
                 }
             }
         }
@@ -144,10 +145,8 @@ fn attend(
                 let o = unsafe { heads_out.slice((t * nh + h) * hd, hd) };
                 let sc = &scores[i * len..(i + 1) * len];
                 for j in j0..j1.min(pos0 + t + 1) {
-                    let (s, row) = (sc[j], &tile[(j - j0) * hd..(j - j0 + 1) * hd]);
-                    for (a, &b) in o.iter_mut().zip(row) {
-                        *a += s * b;
-                    }
+                    let row = &tile[(j - j0) * hd..(j - j0 + 1) * hd];
+                    kernels::axpy(level, sc[j], row, o);
                 }
             }
         }
@@ -275,27 +274,26 @@ impl Attention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::cpu::kernels::Level;
     use crate::state::kv::{KvCache, KvType};
     use crate::synth::Rng;
 
     /// Attention of one query head, written the plain way: one key row at a
     /// time, softmax, then the values in position order.
-    fn naive(q: &[f32], kv: &LayerKv, g: usize, hd: usize, p: usize) -> Vec<f32> {
+    fn naive(level: Level, q: &[f32], kv: &LayerKv, g: usize, hd: usize, p: usize) -> Vec<f32> {
         let scale = 1.0 / (hd as f32).sqrt();
         let mut row = vec![0.0; hd];
         let mut scores: Vec<f32> = (0..=p)
             .map(|j| {
                 kv.k.read(j * kv.k_dim + g * hd, &mut row);
-                dot(q, &row) * scale
+                kernels::dot(level, q, &row) * scale
             })
             .collect();
         softmax(&mut scores);
         let mut o = vec![0.0; hd];
         for (j, &s) in scores.iter().enumerate() {
             kv.v.read(j * kv.v_dim + g * hd, &mut row);
-            for (a, &b) in o.iter_mut().zip(&row) {
-                *a += s * b;
-            }
+            kernels::axpy(level, s, &row, &mut o);
         }
         o
     }
@@ -305,7 +303,8 @@ mod tests {
     /// of chunked prefill and of thread counts rests on this).
     #[test]
     fn tiled_attention_is_bit_identical_to_plain() {
-        let (nh, nkv, hd) = (8, 2, 16);
+        // A head size with a whole 32-lane chunk and an 8-lane tail.
+        let (nh, nkv, hd) = (8, 2, 40);
         let total = 3 * TILE + 5;
         let mut rng = Rng::new(7);
         let mut rand = |len: usize| -> Vec<f32> {
@@ -313,7 +312,13 @@ mod tests {
         };
         let q = rand(total * nh * hd);
         let (k, v) = (rand(total * nkv * hd), rand(total * nkv * hd));
-        for kv_type in [KvType::F16, KvType::F32] {
+        let levels = [Level::Reference, Level::Scalar, Level::Avx2, Level::Avx512];
+        for (kv_type, level) in [KvType::F16, KvType::F32].into_iter().flat_map(|t| {
+            levels
+                .into_iter()
+                .filter(|l| l.supported())
+                .map(move |l| (t, l))
+        }) {
             let mut cache = KvCache::new(&[Some((nkv * hd, nkv * hd))], total, kv_type);
             cache.layers[0].push(&k, &v);
             let kv = &cache.layers[0];
@@ -321,11 +326,11 @@ mod tests {
             for t in 0..total {
                 for h in 0..nh {
                     let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                    want.extend(naive(qh, kv, h / (nh / nkv), hd, t));
+                    want.extend(naive(level, qh, kv, h / (nh / nkv), hd, t));
                 }
             }
             for threads in [1, 3] {
-                let cpu = Cpu::new(threads, None).unwrap();
+                let cpu = Cpu::new(threads, Some(level)).unwrap();
                 let per_thread: Vec<_> = (0..threads).map(|_| Default::default()).collect();
                 // Chunks as prefill and decode would issue them.
                 for chunk in [total, 17, 1] {
@@ -352,7 +357,8 @@ mod tests {
                         got.iter()
                             .zip(&want)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{kv_type:?}, {threads} threads, chunks of {chunk}"
+                        "{kv_type:?}, {}, {threads} threads, chunks of {chunk}",
+                        level.name()
                     );
                 }
             }

@@ -340,6 +340,33 @@ fn f_kernel(level: Level) -> FKernel {
     scalar_f
 }
 
+/// `Σ a_i b_i` with the float kernel of `level` (a fixed summation order,
+/// so results are deterministic): attention's scores.
+pub fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    if level == Level::Reference {
+        return f32_dot(a, b);
+    }
+    // SAFETY: the kernel was resolved for this level, which the CPU has
+    // (levels are checked when a backend is made); `a` is `b.len()` f32s.
+    unsafe { f_kernel(level)(GgmlType::F32, bytemuck::cast_slice(a), b) }
+}
+
+/// `y += s · x` at `level`: attention's weighted sum of values.
+pub fn axpy(level: Level, s: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        // SAFETY: as above.
+        unsafe { x86::axpy_avx2(s, x, y) };
+        return;
+    }
+    let _ = level;
+    for (a, &b) in y.iter_mut().zip(x) {
+        *a += s * b;
+    }
+}
+
 /// Rows per task: about 16 KiB of weights (a few microseconds of work per
 /// token), so that the threads finish a job together — a decode step runs
 /// hundreds of jobs, and the wait for the slowest thread at the end of each

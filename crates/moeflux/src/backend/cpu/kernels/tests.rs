@@ -122,7 +122,9 @@ fn check_ggml(ty: GgmlType, rows: usize, cols: usize) {
 
 #[test]
 fn q4_0() {
+    // Nine blocks: one group of eight and a tail; then groups only.
     check_ggml(GgmlType::Q4_0, 37, 32 * 9);
+    check_ggml(GgmlType::Q4_0, 5, 32 * 24);
 }
 
 #[test]

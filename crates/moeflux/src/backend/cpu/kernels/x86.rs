@@ -187,6 +187,39 @@ unsafe fn mul_i8_i8(a: __m256i, b: __m256i) -> __m256i {
 
 // ------------------------------------------------------------------- AVX2
 
+/// The weight scales of eight consecutive Q4_0 blocks (f16 at a stride of
+/// 18 bytes from `p`) as f32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn q4_0_scales8(p: *const u8) -> __m256 {
+    // SAFETY: the caller guarantees eight whole blocks at p.
+    let h = |k: usize| std::ptr::read_unaligned(p.add(18 * k) as *const i16);
+    _mm256_cvtph_ps(_mm_setr_epi16(
+        h(0),
+        h(1),
+        h(2),
+        h(3),
+        h(4),
+        h(5),
+        h(6),
+        h(7),
+    ))
+}
+
+/// One Q4_0 block (codes 0..15 standing for -8..7) times a block of
+/// activation codes: `Σ code · a`, the `- 8 · Σ a` is the caller's.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn q4_0_block(blk: *const u8, qa: *const i8) -> __m256 {
+    // SAFETY: the caller guarantees a whole block at blk and 32 codes at qa.
+    let q = nibbles_split(std::slice::from_raw_parts(blk.add(2), 16));
+    _mm256_cvtepi32_ps(mul_u8_i8(q, _mm256_loadu_si256(qa as *const __m256i)))
+}
+
+/// Q4_0 against one activation row. Eight blocks at a time: their eight
+/// combined scales (weight × activation) are one vector, the `-8 · Σ a`
+/// offsets one fused multiply-add, and each block's scale is a lane
+/// permute — not a scalar f16 conversion and multiply per block.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     let nb = w.len() / 18;
@@ -194,26 +227,30 @@ unsafe fn q4_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     let (wp, qp) = (w.as_ptr(), a.qs.as_ptr());
     // Two accumulators: consecutive blocks do not wait on each other's FMA.
     let mut acc = [_mm256_setzero_ps(); 2];
-    let mut off = _mm_setzero_ps();
+    let minus8 = _mm256_set1_ps(-8.0);
     let mut b = 0;
-    while b < nb {
-        let two = (b + 1 < nb) as usize + 1;
-        prefetch_ahead(wp.wrapping_add(18 * b), 36);
-        for (k, acc) in acc.iter_mut().enumerate().take(two) {
-            // SAFETY: block b + k < nb: inside both buffers (checked above).
-            let blk = wp.add(18 * (b + k));
-            let s = h2f(std::slice::from_raw_parts(blk, 2)) * a.d[b + k];
-            let q = nibbles_split(std::slice::from_raw_parts(blk.add(2), 16));
-            let p = mul_u8_i8(
-                q,
-                _mm256_loadu_si256(qp.add(32 * (b + k)) as *const __m256i),
-            );
-            *acc = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), *acc);
-            off = _mm_add_ss(off, _mm_set_ss(s * a.sum[b + k] as f32));
+    while b + 8 <= nb {
+        // SAFETY: blocks b..b + 8 ≤ nb: inside both buffers (checked above).
+        let blk = wp.add(18 * b);
+        prefetch_ahead(blk, 144);
+        let s = _mm256_mul_ps(q4_0_scales8(blk), _mm256_loadu_ps(a.d.as_ptr().add(b)));
+        let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(a.sum.as_ptr().add(b) as *const __m256i));
+        acc[0] = _mm256_fmadd_ps(_mm256_mul_ps(s, minus8), sums, acc[0]);
+        for k in 0..8 {
+            let sk = _mm256_permutevar8x32_ps(s, _mm256_set1_epi32(k as i32));
+            let p = q4_0_block(blk.add(18 * k), qp.add(32 * (b + k)));
+            acc[k % 2] = _mm256_fmadd_ps(sk, p, acc[k % 2]);
         }
-        b += two;
+        b += 8;
     }
-    hsum256(_mm256_add_ps(acc[0], acc[1])) - 8.0 * _mm_cvtss_f32(off)
+    let mut tail = 0.0;
+    for b in b..nb {
+        // SAFETY: block b < nb.
+        let blk = wp.add(18 * b);
+        let s = h2f(std::slice::from_raw_parts(blk, 2)) * a.d[b];
+        tail += s * (hsum256(q4_0_block(blk, qp.add(32 * b))) - 8.0 * a.sum[b] as f32);
+    }
+    hsum256(_mm256_add_ps(acc[0], acc[1])) + tail
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -252,23 +289,43 @@ unsafe fn q4_0_avx2_rows<const T: usize>(w: &[u8], a: &[Q8Row<'_>; T]) -> [f32; 
     }
     let wp = w.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
-    let mut off = [0f32; T];
-    for b in 0..nb {
-        // SAFETY: block b < nb: inside both buffers (checked above).
+    let minus8 = _mm256_set1_ps(-8.0);
+    let mut b = 0;
+    while b + 8 <= nb {
+        // SAFETY: blocks b..b + 8 ≤ nb: inside both buffers (checked above).
+        let blk = wp.add(18 * b);
+        let dw = q4_0_scales8(blk);
+        let s: [__m256; T] = std::array::from_fn(|t| {
+            let s = _mm256_mul_ps(dw, _mm256_loadu_ps(a[t].d.as_ptr().add(b)));
+            let sums = _mm256_cvtepi32_ps(_mm256_loadu_si256(
+                a[t].sum.as_ptr().add(b) as *const __m256i
+            ));
+            acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(s, minus8), sums, acc[t]);
+            s
+        });
+        for k in 0..8 {
+            let q = nibbles_split(std::slice::from_raw_parts(blk.add(18 * k + 2), 16));
+            let lane = _mm256_set1_epi32(k as i32);
+            for t in 0..T {
+                let qa = a[t].qs.as_ptr().add(32 * (b + k));
+                let p = mul_u8_i8(q, _mm256_loadu_si256(qa as *const __m256i));
+                let sk = _mm256_permutevar8x32_ps(s[t], lane);
+                acc[t] = _mm256_fmadd_ps(sk, _mm256_cvtepi32_ps(p), acc[t]);
+            }
+        }
+        b += 8;
+    }
+    let mut tail = [0f32; T];
+    for b in b..nb {
+        // SAFETY: block b < nb.
         let blk = wp.add(18 * b);
         let dw = h2f(std::slice::from_raw_parts(blk, 2));
-        let q = nibbles_split(std::slice::from_raw_parts(blk.add(2), 16));
         for t in 0..T {
-            let s = dw * a[t].d[b];
-            let p = mul_u8_i8(
-                q,
-                _mm256_loadu_si256(a[t].qs.as_ptr().add(32 * b) as *const __m256i),
-            );
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(s), _mm256_cvtepi32_ps(p), acc[t]);
-            off[t] += s * a[t].sum[b] as f32;
+            let p = hsum256(q4_0_block(blk, a[t].qs.as_ptr().add(32 * b)));
+            tail[t] += dw * a[t].d[b] * (p - 8.0 * a[t].sum[b] as f32);
         }
     }
-    std::array::from_fn(|t| hsum256(acc[t]) - 8.0 * off[t])
+    std::array::from_fn(|t| hsum256(acc[t]) + tail[t])
 }
 
 /// [`q8_0_avx2`] for `T` activation rows at once (the prompt path): each
@@ -647,6 +704,23 @@ unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
         _mm256_add_ps(acc[0], acc[1]),
         _mm256_add_ps(acc[2], acc[3]),
     )) + tail
+}
+
+/// `y += s · x`, eight lanes at a time with FMA (the tail without).
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn axpy_avx2(s: f32, x: &[f32], y: &mut [f32]) {
+    let n = x.len().min(y.len());
+    let sv = _mm256_set1_ps(s);
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 ≤ n, inside both slices.
+        let p = y.as_mut_ptr().add(i);
+        let v = _mm256_fmadd_ps(sv, _mm256_loadu_ps(x.as_ptr().add(i)), _mm256_loadu_ps(p));
+        _mm256_storeu_ps(p, v);
+    }
+    for i in full..n {
+        y[i] += s * x[i];
+    }
 }
 
 // ----------------------------------------------------------------- AVX-512
