@@ -68,6 +68,7 @@ pub struct Gpu {
     /// The variant the kernels use by default: subgroups and native f16
     /// widening where available.
     pub variant: Variant,
+    pub(super) kernels: super::kernels::Kernels,
 }
 
 /// Preference order of adapter types: hardware first, software last.
@@ -147,6 +148,7 @@ impl Gpu {
             info,
             limits,
             variant: Variant { reduce, f16_native },
+            kernels: Default::default(),
         })
     }
 

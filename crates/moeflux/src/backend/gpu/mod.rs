@@ -3,14 +3,28 @@
 //!
 //! - [`device`]: the shared [`Gpu`] context (adapter choice, limits read
 //!   from the adapter, blocking helpers, buffers);
+//! - [`kernels`]: the WGSL sources and their pipelines, compiled once;
+//! - [`matrix`]: weights resident on the GPU, split by rows to fit the
+//!   adapter's largest storage binding;
+//! - [`pass`]: kernel dispatches recorded and submitted as one compute pass.
+//!
+//! Every kernel is checked against the CPU reference in
+//! `tests/gpu_kernels.rs` (on lavapipe in CI), and every WGSL module is
+//! translated to MSL there, so the Metal path compiles on every commit.
 
 pub mod device;
+pub mod kernels;
+pub mod matrix;
+pub mod pass;
 
 /// The wgpu version the backend is built on, for callers that hold its
 /// buffers.
 pub use wgpu;
 
 pub use device::{Gpu, GpuLimits, Reduce, Variant};
+pub use kernels::{Kernel, WeightKind};
+pub use matrix::GpuMatrix;
+pub use pass::{rope_table, AttentionShape, Pass};
 
 /// Why the GPU backend could not do something.
 #[derive(Debug, thiserror::Error)]
