@@ -404,6 +404,80 @@ fn swiglu_matches_cpu() {
     }
 }
 
+/// A dense SwiGLU FFN block — RMSNorm, gate and up projections, SwiGLU,
+/// down projection — recorded as one pass and one submission: the kernels'
+/// results must chain through their buffers with no host step between
+/// them (the layer plan rests on this), and match the CPU chain.
+#[test]
+fn one_pass_chains_an_ffn_block() {
+    let Some(gpu) = gpu() else { return };
+    let (hidden, ffn, n) = (256, 96, 3);
+    let ty = GgmlType::Q8_0;
+    let wg = random_ggml(ty, ffn, hidden, 1);
+    let wu = random_ggml(ty, ffn, hidden, 2);
+    let wd = random_ggml(ty, hidden, ffn, 3);
+    let gate_m = Matrix::ggml(ty, ffn, hidden, &wg).unwrap();
+    let up_m = Matrix::ggml(ty, ffn, hidden, &wu).unwrap();
+    let down_m = Matrix::ggml(ty, hidden, ffn, &wd).unwrap();
+    let x = normals(n * hidden, 4);
+    let norm: Vec<f32> = normals(hidden, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
+    let eps = 1e-6;
+
+    // CPU chain.
+    let project = |m: &Matrix<'_>, input: &[f32]| -> Vec<f32> {
+        let mut row = vec![0f32; m.cols];
+        let mut out = vec![0f32; n * m.rows];
+        for r in 0..m.rows {
+            m.row(r, &mut row);
+            for t in 0..n {
+                out[t * m.rows + r] = dot(&row, &input[t * m.cols..(t + 1) * m.cols]);
+            }
+        }
+        out
+    };
+    let mut h = vec![0f32; n * hidden];
+    for t in 0..n {
+        let at = t * hidden..(t + 1) * hidden;
+        rms_norm(&x[at.clone()], &norm, eps, &mut h[at]);
+    }
+    let (g, u) = (project(&gate_m, &h), project(&up_m, &h));
+    let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
+    let want = project(&down_m, &a);
+
+    // GPU chain: one pass.
+    let (gate_w, up_w, down_w) = (
+        GpuMatrix::upload(gpu, &gate_m).unwrap(),
+        GpuMatrix::upload(gpu, &up_m).unwrap(),
+        GpuMatrix::upload(gpu, &down_m).unwrap(),
+    );
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let nb = gpu.upload_f32("norm", &norm).unwrap();
+    let hb = gpu.zeros_f32("h", n * hidden).unwrap();
+    let gb = gpu.zeros_f32("gate", n * ffn).unwrap();
+    let ub = gpu.zeros_f32("up", n * ffn).unwrap();
+    let ab = gpu.zeros_f32("act", n * ffn).unwrap();
+    let ob = gpu.zeros_f32("out", n * hidden).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.rms_norm(&xb, &nb, &hb, n, hidden, eps).unwrap();
+    pass.matmul(&gate_w, &hb, &gb, n).unwrap();
+    pass.matmul(&up_w, &hb, &ub, n).unwrap();
+    pass.swiglu(&gb, &ub, &ab, n * ffn).unwrap();
+    pass.matmul(&down_w, &ab, &ob, n).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&ob, n * hidden).unwrap();
+    // Four kernels' f32 roundings compound, each far below this bound
+    // (outputs are O(0.01–0.1)).
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-4 * scale,
+            "FFN block [{i}]: {g} vs {e} (largest output {scale})"
+        );
+    }
+    let cos = cosine(&got, &want);
+    assert!(cos >= 0.9999, "FFN block: cosine {cos}");
+}
+
 /// One head's attention over positions `0..len`, the plain way (as the CPU
 /// backend's own reference test): scores, softmax, values in order.
 fn naive_attention(q: &[f32], kv: &LayerKv, g: usize, hd: usize, len: usize) -> Vec<f32> {
