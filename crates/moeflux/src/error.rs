@@ -40,6 +40,9 @@ pub enum Error {
     EmptyPrompt,
     #[error("this CPU cannot run the {0} kernels")]
     CpuLevel(&'static str),
+    #[cfg(feature = "gpu")]
+    #[error(transparent)]
+    Gpu(#[from] crate::backend::gpu::GpuError),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

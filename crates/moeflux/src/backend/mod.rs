@@ -2,3 +2,5 @@
 //! every accelerated path is compared with.
 
 pub mod cpu;
+#[cfg(feature = "gpu")]
+pub mod gpu;

@@ -1,0 +1,338 @@
+//! The wgpu context every GPU kernel shares: one adapter, one device, one
+//! queue, the limits read from the adapter, and blocking helpers.
+//!
+//! Nothing about the adapter is assumed: the largest storage binding
+//! (lavapipe: 128 MiB, NVIDIA Vulkan: about 2 GiB) and the subgroup size
+//! (lavapipe 8, NVIDIA 32, AMD 32/64, Apple 32) are read here, and kernels
+//! and weight uploads are shaped by them.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::mpsc;
+use std::task::{Context, Poll, Waker};
+
+use super::GpuError;
+
+/// How a workgroup reduces its threads' partial sums.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reduce {
+    /// `subgroupAdd`/`subgroupMax`, then one shared-memory slot per
+    /// subgroup (needs `Features::SUBGROUP`).
+    Subgroup,
+    /// A tree over workgroup shared memory (every adapter).
+    Shared,
+}
+
+/// How the kernels are compiled for a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Variant {
+    pub reduce: Reduce,
+    /// Widen f16 with `unpack2x16float` (else with integer operations).
+    pub f16_native: bool,
+}
+
+impl Variant {
+    /// Every variant (for the translation tests).
+    pub fn all() -> [Variant; 4] {
+        let v = |reduce, f16_native| Variant { reduce, f16_native };
+        [
+            v(Reduce::Subgroup, true),
+            v(Reduce::Subgroup, false),
+            v(Reduce::Shared, true),
+            v(Reduce::Shared, false),
+        ]
+    }
+}
+
+/// What the kernels need to know of the adapter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuLimits {
+    /// Largest storage-buffer binding, in bytes: a weight larger than this
+    /// is split by rows over several buffers.
+    pub max_binding: u64,
+    /// Largest buffer, in bytes.
+    pub max_buffer: u64,
+    /// Most workgroups along one dispatch dimension (at least 65535).
+    pub max_workgroups_per_dim: u32,
+    /// Subgroup sizes the adapter may use, when it has subgroup operations.
+    pub subgroup_sizes: Option<(u32, u32)>,
+}
+
+/// The GPU: an adapter's device and queue, and what it supports.
+#[derive(Debug)]
+pub struct Gpu {
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub info: wgpu::AdapterInfo,
+    pub limits: GpuLimits,
+    /// The variant the kernels use by default: subgroups and native f16
+    /// widening where available.
+    pub variant: Variant,
+    pub(super) kernels: super::kernels::Kernels,
+}
+
+/// Preference order of adapter types: hardware first, software last.
+fn rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 0,
+        wgpu::DeviceType::IntegratedGpu => 1,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Other => 3,
+        wgpu::DeviceType::Cpu => 4,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter of the native backends (Vulkan, Metal, DX12;
+    /// `WGPU_BACKEND` narrows them): a discrete GPU before an integrated
+    /// one, a software rasterizer (lavapipe) only when nothing else exists.
+    pub fn new() -> Result<Gpu, GpuError> {
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let adapters = block_on(instance.enumerate_adapters(wgpu::Backends::all()));
+        let tried: Vec<String> = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?}, {:?})", i.name, i.backend, i.device_type)
+            })
+            .collect();
+        let adapter = adapters
+            .into_iter()
+            .min_by_key(|a| rank(a.get_info().device_type))
+            .ok_or(GpuError::NoAdapter)?;
+        Gpu::from_adapter(adapter).map_err(|e| match e {
+            GpuError::RequestDevice(m) => {
+                GpuError::RequestDevice(format!("{m} (adapters found: {})", tried.join(", ")))
+            }
+            other => other,
+        })
+    }
+
+    /// Opens a device on `adapter` with every limit it offers and subgroup
+    /// operations when it has them.
+    pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {
+        let info = adapter.get_info();
+        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let required_limits = adapter.limits();
+        let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("moeflux"),
+            required_features: features,
+            required_limits: required_limits.clone(),
+            experimental_features: wgpu::ExperimentalFeatures::disabled(),
+            memory_hints: wgpu::MemoryHints::Performance,
+            trace: wgpu::Trace::Off,
+        }))
+        .map_err(|e| GpuError::RequestDevice(format!("{}: {e}", info.name)))?;
+        let has_subgroups = device.features().contains(wgpu::Features::SUBGROUP);
+        let limits = GpuLimits {
+            max_binding: required_limits.max_storage_buffer_binding_size,
+            max_buffer: required_limits.max_buffer_size,
+            max_workgroups_per_dim: required_limits.max_compute_workgroups_per_dimension,
+            subgroup_sizes: has_subgroups
+                .then_some((info.subgroup_min_size, info.subgroup_max_size)),
+        };
+        let reduce = if has_subgroups {
+            Reduce::Subgroup
+        } else {
+            Reduce::Shared
+        };
+        // unpack2x16float: Mesa's llvmpipe has it only with native f16.
+        let f16_native = adapter
+            .get_downlevel_capabilities()
+            .flags
+            .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            variant: Variant { reduce, f16_native },
+            kernels: Default::default(),
+        })
+    }
+
+    /// The variants this device can run: the integer f16 widening and the
+    /// shared-memory reduction everywhere, the others where supported.
+    pub fn variants(&self) -> Vec<Variant> {
+        Variant::all()
+            .into_iter()
+            .filter(|v| {
+                (v.reduce == Reduce::Shared || self.variant.reduce == Reduce::Subgroup)
+                    && (!v.f16_native || self.variant.f16_native)
+            })
+            .collect()
+    }
+
+    /// One line naming the adapter, for notices and test logs.
+    pub fn describe(&self) -> String {
+        let sg = match self.limits.subgroup_sizes {
+            Some((lo, hi)) if lo == hi => format!("subgroups of {lo}"),
+            Some((lo, hi)) => format!("subgroups of {lo}..{hi}"),
+            None => "no subgroups".into(),
+        };
+        let f16 = if self.variant.f16_native {
+            "native f16 widening"
+        } else {
+            "f16 widened with integer operations"
+        };
+        format!(
+            "{} ({:?}, {:?}, driver {} {}; storage bindings up to {} MiB, {sg}, {f16})",
+            self.info.name,
+            self.info.backend,
+            self.info.device_type,
+            self.info.driver,
+            self.info.driver_info,
+            self.limits.max_binding >> 20
+        )
+    }
+
+    /// Runs `f`, turning the validation and out-of-memory errors wgpu
+    /// reports for it into a [`GpuError`] instead of the default panic.
+    pub fn checked<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T, GpuError> {
+        // Scopes are a stack: the validation scope is popped first.
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        let v = block_on(validation.pop());
+        let m = block_on(oom.pop());
+        match (v, m) {
+            (Some(e), _) => Err(GpuError::Wgpu(format!("{what}: {e}"))),
+            (None, Some(e)) => Err(GpuError::OutOfMemory(format!("{what}: {e}"))),
+            (None, None) => Ok(out),
+        }
+    }
+
+    /// Waits until all submitted work is done.
+    pub fn wait(&self) -> Result<(), GpuError> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|e| GpuError::Wgpu(format!("waiting for the GPU: {e}")))
+    }
+
+    /// A storage buffer of `bytes` bytes (rounded up to whole 4-byte words,
+    /// as storage bindings require), holding `data` at its start, zeros after.
+    pub fn storage(&self, label: &str, data: &[u8], bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+        let size = bytes.max(data.len() as u64).max(4).next_multiple_of(4);
+        if size > self.limits.max_buffer {
+            return Err(GpuError::TooLarge {
+                what: label.into(),
+                bytes: size,
+                limit: self.limits.max_buffer,
+            });
+        }
+        let buf = self.checked(label, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::STORAGE
+                    | wgpu::BufferUsages::COPY_DST
+                    | wgpu::BufferUsages::COPY_SRC,
+                mapped_at_creation: false,
+            })
+        })?;
+        // write_buffer needs whole words: pad the tail.
+        let whole = data.len() / 4 * 4;
+        self.checked(label, || {
+            if whole > 0 {
+                self.queue.write_buffer(&buf, 0, &data[..whole]);
+            }
+            if whole < data.len() {
+                let mut tail = [0u8; 4];
+                tail[..data.len() - whole].copy_from_slice(&data[whole..]);
+                self.queue.write_buffer(&buf, whole as u64, &tail);
+            }
+        })?;
+        Ok(buf)
+    }
+
+    /// A storage buffer holding `data`.
+    pub fn upload_f32(&self, label: &str, data: &[f32]) -> Result<wgpu::Buffer, GpuError> {
+        self.storage(label, bytemuck::cast_slice(data), 0)
+    }
+
+    /// A zeroed storage buffer of `len` f32 values.
+    pub fn zeros_f32(&self, label: &str, len: usize) -> Result<wgpu::Buffer, GpuError> {
+        self.storage(label, &[], 4 * len as u64)
+    }
+
+    /// A uniform buffer holding `data` (kernel parameters).
+    pub fn uniform(&self, label: &str, data: &[u8]) -> Result<wgpu::Buffer, GpuError> {
+        let size = (data.len() as u64).next_multiple_of(16);
+        let buf = self.checked(label, || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut padded = data.to_vec();
+        padded.resize(size as usize, 0);
+        self.checked(label, || self.queue.write_buffer(&buf, 0, &padded))?;
+        Ok(buf)
+    }
+
+    /// Copies the first `len` f32 values of `buf` back to the host (submits
+    /// and waits: a round trip, for results and tests, not the hot path).
+    pub fn read_f32(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
+        let bytes = 4 * len as u64;
+        if bytes == 0 {
+            return Ok(Vec::new());
+        }
+        let staging = self.checked("readback", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: bytes,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        let mut enc = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
+        self.checked("readback copy", || {
+            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, bytes);
+        })?;
+        self.queue.submit([enc.finish()]);
+        let (tx, rx) = mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            // The receiver outlives the wait below; a failed send only means
+            // nobody listens any more.
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| GpuError::Wgpu("readback: the map callback never ran".into()))?
+            .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
+        // The mapping's alignment is the driver's: decode bytes, no casts.
+        let out = view
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}
+
+/// Drives a future to completion on this thread. wgpu's native futures
+/// (adapter and device requests, error scopes) are ready at once or after
+/// a device poll, so a no-op waker and a yield loop are enough; no executor
+/// dependency is needed.
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let mut cx = Context::from_waker(Waker::noop());
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::yield_now();
+    }
+}

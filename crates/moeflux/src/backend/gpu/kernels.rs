@@ -1,0 +1,264 @@
+//! The WGSL kernels: their sources, how a kernel's module is assembled, and
+//! the pipelines, compiled once per device and cached.
+//!
+//! A kernel's module is a short generated header (`WG` and the kernel's
+//! constants), then the files of its [`Variant`]: the reduction (which
+//! defines the entry point's `Lane` builtins and `wg_sum4`/`wg_max`) and
+//! the f16 widening (`f16x2`), then the kernel's own files: for a matrix
+//! product the shared `matmul.wgsl` skeleton and one weight-format file
+//! defining `UNIT` and `unit_dot`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::device::{Gpu, Reduce, Variant};
+use super::GpuError;
+use crate::quant::GgmlType;
+
+/// Threads per workgroup of every kernel: a power of two (the shared-memory
+/// tree halves it). Any subgroup size works: wgpu's smallest is 4, so at
+/// most WG / 4 subgroups need a slot; a subgroup larger than WG (128 on
+/// some adapters) is simply partly idle.
+pub const WG: u32 = 64;
+
+const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
+const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
+const F16_NATIVE: &str = include_str!("kernels/f16_native.wgsl");
+const F16_BITS: &str = include_str!("kernels/f16_bits.wgsl");
+const MATMUL: &str = include_str!("kernels/matmul.wgsl");
+const Q8_0: &str = include_str!("kernels/q8_0.wgsl");
+const Q4_0: &str = include_str!("kernels/q4_0.wgsl");
+const Q4_K: &str = include_str!("kernels/q4_k.wgsl");
+const Q6_K: &str = include_str!("kernels/q6_k.wgsl");
+const FLOAT: &str = include_str!("kernels/float.wgsl");
+const MLX: &str = include_str!("kernels/mlx.wgsl");
+const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
+const ROPE: &str = include_str!("kernels/rope.wgsl");
+const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
+const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+
+/// A weight format the matrix kernels decode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightKind {
+    Ggml(GgmlType),
+    /// MLX affine with 4 or 8 bits per weight.
+    Mlx {
+        bits: u8,
+    },
+}
+
+impl WeightKind {
+    /// The ggml types with a GPU kernel.
+    pub const GGML: [GgmlType; 7] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+    ];
+
+    /// Every supported format.
+    pub fn all() -> Vec<WeightKind> {
+        let mut v: Vec<_> = Self::GGML.into_iter().map(WeightKind::Ggml).collect();
+        v.extend([WeightKind::Mlx { bits: 4 }, WeightKind::Mlx { bits: 8 }]);
+        v
+    }
+
+    /// The format's decoder (constants + `unit_dot`), or `None` when there
+    /// is no GPU kernel for it.
+    fn source(self) -> Option<(String, &'static str)> {
+        Some(match self {
+            WeightKind::Ggml(GgmlType::Q8_0) => (String::new(), Q8_0),
+            WeightKind::Ggml(GgmlType::Q4_0) => (String::new(), Q4_0),
+            WeightKind::Ggml(GgmlType::Q4_K) => (String::new(), Q4_K),
+            WeightKind::Ggml(GgmlType::Q6_K) => (String::new(), Q6_K),
+            WeightKind::Ggml(GgmlType::F32) => (float_consts(4, false), FLOAT),
+            WeightKind::Ggml(GgmlType::F16) => (float_consts(2, false), FLOAT),
+            WeightKind::Ggml(GgmlType::BF16) => (float_consts(2, true), FLOAT),
+            WeightKind::Mlx { bits: b @ (4 | 8) } => (format!("const BITS: u32 = {b}u;\n"), MLX),
+            _ => return None,
+        })
+    }
+
+    /// Whether a GPU kernel decodes this format.
+    pub fn supported(self) -> bool {
+        self.source().is_some()
+    }
+
+    /// Columns one `unit_dot` call covers (the matching `UNIT` constant).
+    pub fn unit(self) -> u32 {
+        match self {
+            WeightKind::Ggml(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => 8,
+            _ => 32,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            WeightKind::Ggml(t) => t.name().into(),
+            WeightKind::Mlx { bits } => format!("MLX-Q{bits}"),
+        }
+    }
+}
+
+fn float_consts(bytes: u32, bf16: bool) -> String {
+    format!("const FLOAT_BYTES: u32 = {bytes}u;\nconst BF16: bool = {bf16};\n")
+}
+
+/// One compute kernel (one WGSL module with one entry point, `main`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `Y = X Wᵀ` over one part of a weight matrix.
+    MatMul(WeightKind),
+    RmsNorm,
+    Rope,
+    SwiGlu,
+    /// Decode attention over an f16 (`kv_f16`) or f32 KV cache.
+    Attention {
+        kv_f16: bool,
+    },
+}
+
+impl Kernel {
+    /// Every kernel (for the translation tests).
+    pub fn all() -> Vec<Kernel> {
+        let mut v: Vec<_> = WeightKind::all().into_iter().map(Kernel::MatMul).collect();
+        v.extend([
+            Kernel::RmsNorm,
+            Kernel::Rope,
+            Kernel::SwiGlu,
+            Kernel::Attention { kv_f16: true },
+            Kernel::Attention { kv_f16: false },
+        ]);
+        v
+    }
+
+    /// Whether the kernel reduces across its workgroup (and so comes in a
+    /// subgroup and a shared-memory variant).
+    pub fn reduces(self) -> bool {
+        !matches!(self, Kernel::Rope | Kernel::SwiGlu)
+    }
+
+    /// Whether the kernel widens f16 values (and so comes in a native and
+    /// an integer variant).
+    pub fn widens_f16(self) -> bool {
+        matches!(self, Kernel::MatMul(_) | Kernel::Attention { .. })
+    }
+
+    /// `v` with the choices this kernel does not depend on fixed, so that
+    /// equal modules share one pipeline.
+    pub fn normalize(self, v: Variant) -> Variant {
+        Variant {
+            reduce: if self.reduces() {
+                v.reduce
+            } else {
+                Reduce::Shared
+            },
+            f16_native: v.f16_native && self.widens_f16(),
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            Kernel::MatMul(k) => format!("matmul {}", k.name()),
+            Kernel::RmsNorm => "rms_norm".into(),
+            Kernel::Rope => "rope".into(),
+            Kernel::SwiGlu => "swiglu".into(),
+            Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
+            Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
+        }
+    }
+
+    /// The module's WGSL source in variant `v` (choices the kernel does not
+    /// depend on are ignored).
+    pub fn source(self, v: Variant) -> Result<String, GpuError> {
+        let v = self.normalize(v);
+        let mut s = format!(
+            "// moeflux kernel: {}\nconst WG: u32 = {WG}u;\n",
+            self.name()
+        );
+        let body: &[&str] = match self {
+            Kernel::MatMul(kind) => {
+                let (consts, decoder) = kind
+                    .source()
+                    .ok_or_else(|| GpuError::Unsupported(kind.name()))?;
+                s.push_str(&consts);
+                &[MATMUL, decoder]
+            }
+            Kernel::RmsNorm => &[RMS_NORM],
+            Kernel::Rope => &[ROPE],
+            Kernel::SwiGlu => &[SWIGLU],
+            Kernel::Attention { kv_f16 } => {
+                s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
+                &[ATTENTION]
+            }
+        };
+        if self.reduces() {
+            s.push_str(match v.reduce {
+                Reduce::Subgroup => REDUCE_SUBGROUP,
+                Reduce::Shared => REDUCE_SHARED,
+            });
+        }
+        if self.widens_f16() {
+            s.push_str(if v.f16_native { F16_NATIVE } else { F16_BITS });
+        }
+        for part in body {
+            s.push_str(part);
+        }
+        Ok(s)
+    }
+}
+
+/// Compiled pipelines of one device, by kernel and variant.
+#[derive(Debug, Default)]
+pub struct Kernels {
+    cache: Mutex<HashMap<(Kernel, Variant), Arc<wgpu::ComputePipeline>>>,
+}
+
+impl Gpu {
+    /// The pipeline of `kernel` in variant `v`, compiled on first use.
+    pub fn pipeline(
+        &self,
+        kernel: Kernel,
+        v: Variant,
+    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
+        let v = kernel.normalize(v);
+        if !self.variants().contains(&v) {
+            return Err(GpuError::Unsupported(format!(
+                "{} as {v:?} on {}",
+                kernel.name(),
+                self.info.name
+            )));
+        }
+        let key = (kernel, v);
+        // A panic while compiling cannot leave the map half-updated.
+        let mut cache = self.kernels.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.source(v)?;
+        let label = kernel.name();
+        let pipeline = self.checked(&format!("compiling kernel {label}"), || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+            self.device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: None,
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                })
+        })?;
+        let pipeline = Arc::new(pipeline);
+        cache.insert(key, pipeline.clone());
+        Ok(pipeline)
+    }
+}

@@ -1,0 +1,160 @@
+//! Weight matrices resident on the GPU, split by rows into parts that each
+//! fit one storage binding.
+
+use super::device::Gpu;
+use super::kernels::WeightKind;
+use super::GpuError;
+use crate::backend::cpu::{Matrix, MatrixData};
+use crate::quant::mlx::ScaleType;
+
+/// Byte addresses inside a kernel are u32: a part never exceeds 2 GiB,
+/// whatever binding size the adapter allows.
+const MAX_PART_BYTES: u64 = 1 << 31;
+
+/// A `rows × cols` weight on the GPU, in its file format (no conversion:
+/// the kernels decode the same bytes the CPU reference does).
+#[derive(Debug)]
+pub struct GpuMatrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub kind: WeightKind,
+    /// GGML: bytes of one row.
+    pub(super) row_bytes: usize,
+    /// MLX: columns per scale group and whether scales are f16 (else bf16).
+    pub(super) group: u32,
+    pub(super) scale_f16: bool,
+    pub(super) parts: Vec<Part>,
+}
+
+/// Rows `row0..row0 + rows` of a matrix, in buffers of their own.
+#[derive(Debug)]
+pub(super) struct Part {
+    pub row0: usize,
+    pub rows: usize,
+    /// The rows' weight bytes (GGML blocks, or MLX packed words).
+    pub weight: wgpu::Buffer,
+    /// MLX: the rows' scales and biases.
+    pub scales: Option<(wgpu::Buffer, wgpu::Buffer)>,
+}
+
+impl GpuMatrix {
+    /// Uploads `m`, split so that every buffer fits the adapter's largest
+    /// storage binding.
+    pub fn upload(gpu: &Gpu, m: &Matrix<'_>) -> Result<GpuMatrix, GpuError> {
+        GpuMatrix::upload_split(gpu, m, gpu.limits.max_binding)
+    }
+
+    /// Uploads `m` in parts of at most `max_part_bytes` per buffer (tests
+    /// force small parts to exercise the split on any adapter).
+    pub fn upload_split(
+        gpu: &Gpu,
+        m: &Matrix<'_>,
+        max_part_bytes: u64,
+    ) -> Result<GpuMatrix, GpuError> {
+        let limit = max_part_bytes
+            .min(gpu.limits.max_binding)
+            .min(gpu.limits.max_buffer)
+            .min(MAX_PART_BYTES);
+        let (rows, cols) = (m.rows, m.cols);
+        if rows == 0 || cols == 0 {
+            return Err(GpuError::Shape {
+                kernel: "matmul",
+                detail: format!("empty {rows} × {cols} matrix"),
+            });
+        }
+        // The weight array and, for MLX, the scale and bias arrays, each
+        // with the bytes of one row.
+        let (kind, group, scale_f16, weight, scales) = match m.data {
+            MatrixData::Ggml { ty, bytes } => {
+                (WeightKind::Ggml(ty), 0, false, Array::of(bytes, rows), None)
+            }
+            MatrixData::Mlx {
+                q,
+                weight,
+                scales,
+                biases,
+            } => {
+                let scale_f16 = match q.scale_type {
+                    ScaleType::BF16 => false,
+                    ScaleType::F16 => true,
+                    ScaleType::F32 => {
+                        return Err(GpuError::Unsupported(format!("{q} with f32 scales")))
+                    }
+                };
+                (
+                    WeightKind::Mlx { bits: q.bits },
+                    q.group_size,
+                    scale_f16,
+                    Array::of(weight, rows),
+                    Some((Array::of(scales, rows), Array::of(biases, rows))),
+                )
+            }
+        };
+        if !kind.supported() {
+            return Err(GpuError::Unsupported(kind.name()));
+        }
+        let widest = weight
+            .row_bytes
+            .max(scales.map_or(0, |(s, b)| s.row_bytes.max(b.row_bytes)))
+            as u64;
+        if widest > limit {
+            return Err(GpuError::TooLarge {
+                what: format!("one row of a {rows} × {cols} {} matrix", kind.name()),
+                bytes: widest,
+                limit,
+            });
+        }
+        let per_part = (limit / widest.max(1)).min(rows as u64) as usize;
+        let mut parts = Vec::with_capacity(rows.div_ceil(per_part));
+        for row0 in (0..rows).step_by(per_part) {
+            let n = per_part.min(rows - row0);
+            let upload = |a: Array<'_>| gpu.storage("weights", a.range(row0, n), 0);
+            let scales = match scales {
+                Some((s, b)) => Some((upload(s)?, upload(b)?)),
+                None => None,
+            };
+            parts.push(Part {
+                row0,
+                rows: n,
+                weight: upload(weight)?,
+                scales,
+            });
+        }
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            kind,
+            row_bytes: weight.row_bytes,
+            group,
+            scale_f16,
+            parts,
+        })
+    }
+
+    /// Buffers (row ranges) the matrix is split into.
+    pub fn n_parts(&self) -> usize {
+        self.parts.len()
+    }
+}
+
+/// One array of a matrix (weights, scales or biases): `rows` equal rows.
+#[derive(Clone, Copy)]
+struct Array<'a> {
+    bytes: &'a [u8],
+    row_bytes: usize,
+}
+
+impl<'a> Array<'a> {
+    /// `bytes` as `rows` rows (the matrix checked the sizes when it was made).
+    fn of(bytes: &'a [u8], rows: usize) -> Array<'a> {
+        Array {
+            bytes,
+            row_bytes: bytes.len() / rows,
+        }
+    }
+
+    /// Rows `row0..row0 + n`.
+    fn range(self, row0: usize, n: usize) -> &'a [u8] {
+        &self.bytes[row0 * self.row_bytes..(row0 + n) * self.row_bytes]
+    }
+}

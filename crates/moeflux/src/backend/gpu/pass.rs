@@ -1,0 +1,369 @@
+//! Recording kernel dispatches and submitting them as one compute pass.
+//!
+//! A [`Pass`] collects dispatches (each checked for shapes and buffer sizes
+//! when it is added) and encodes them into a single compute pass and a
+//! single submission: wgpu orders dispatches that touch the same buffer, so
+//! a layer's chain of kernels needs no host involvement between them.
+
+use std::sync::Arc;
+
+use super::device::{Gpu, Variant};
+use super::kernels::{Kernel, WG};
+use super::matrix::GpuMatrix;
+use super::GpuError;
+
+/// One recorded dispatch.
+struct Dispatch {
+    pipeline: Arc<wgpu::ComputePipeline>,
+    bind: wgpu::BindGroup,
+    groups: [u32; 3],
+}
+
+/// Dispatches to run together, in order.
+pub struct Pass<'g> {
+    gpu: &'g Gpu,
+    variant: Variant,
+    items: Vec<Dispatch>,
+}
+
+/// Shape of a decode-attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    /// Positions attended (the cache already holds the new token's K/V).
+    pub len: usize,
+    /// Cache elements per position (`n_kv_heads · head_dim` for a cache
+    /// of this layer alone).
+    pub k_stride: usize,
+    pub v_stride: usize,
+    /// Whether the cache holds f16 (else f32).
+    pub kv_f16: bool,
+}
+
+/// Little-endian u32 words of a parameter block.
+fn words(v: &[u32]) -> Vec<u8> {
+    v.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+/// Converts a size to the u32 a kernel parameter holds.
+fn u32_of(kernel: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
+    u32::try_from(v).map_err(|_| GpuError::Shape {
+        kernel,
+        detail: format!("{what} = {v} does not fit in 32 bits"),
+    })
+}
+
+/// Checks that `buf` holds at least `len` f32 values.
+fn holds(kernel: &'static str, what: &str, buf: &wgpu::Buffer, len: usize) -> Result<(), GpuError> {
+    if buf.size() < 4 * len as u64 {
+        return Err(GpuError::Shape {
+            kernel,
+            detail: format!("{what} holds {} bytes, needs {}", buf.size(), 4 * len),
+        });
+    }
+    Ok(())
+}
+
+impl<'g> Pass<'g> {
+    /// An empty pass with the device's default kernel variant.
+    pub fn new(gpu: &'g Gpu) -> Pass<'g> {
+        Pass::with_variant(gpu, gpu.variant)
+    }
+
+    /// An empty pass whose kernels are compiled as `variant` (tests run
+    /// every variant the device supports).
+    pub fn with_variant(gpu: &'g Gpu, variant: Variant) -> Pass<'g> {
+        Pass {
+            gpu,
+            variant,
+            items: Vec::new(),
+        }
+    }
+
+    /// Workgroup counts `(x, y)` covering `count` workgroups within the
+    /// per-dimension limit; the kernels number them `x + y · wg_x`.
+    fn grid(&self, count: usize) -> Result<(u32, u32), GpuError> {
+        let max = self.gpu.limits.max_workgroups_per_dim.max(1) as usize;
+        let x = count.clamp(1, max);
+        let y = count.div_ceil(x);
+        if y > max {
+            return Err(GpuError::Shape {
+                kernel: "dispatch",
+                detail: format!("{count} workgroups exceed {max} × {max}"),
+            });
+        }
+        Ok((x as u32, y as u32))
+    }
+
+    /// Records `kernel` over `groups` workgroups with `params` (binding 0)
+    /// and `buffers` (bindings 1, 2, ...).
+    fn push(
+        &mut self,
+        kernel: Kernel,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let pipeline = gpu.pipeline(kernel, self.variant)?;
+        let uniform = gpu.uniform("params", params)?;
+        let mut entries = vec![wgpu::BindGroupEntry {
+            binding: 0,
+            resource: uniform.as_entire_binding(),
+        }];
+        for (i, b) in buffers.iter().enumerate() {
+            entries.push(wgpu::BindGroupEntry {
+                binding: i as u32 + 1,
+                resource: b.as_entire_binding(),
+            });
+        }
+        let bind = gpu.checked(&format!("binding {}", kernel.name()), || {
+            gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: None,
+                layout: &pipeline.get_bind_group_layout(0),
+                entries: &entries,
+            })
+        })?;
+        self.items.push(Dispatch {
+            pipeline,
+            bind,
+            groups,
+        });
+        Ok(())
+    }
+
+    /// `y = x Wᵀ`: `x` is `n × w.cols`, `y` is `n × w.rows` (f32,
+    /// row-major). One dispatch per part of `w`.
+    pub fn matmul(
+        &mut self,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "matmul";
+        if n == 0 {
+            return Ok(());
+        }
+        holds(K, "x", x, n * w.cols)?;
+        holds(K, "y", y, n * w.rows)?;
+        let unit = w.kind.unit() as usize;
+        let kernel = Kernel::MatMul(w.kind);
+        for part in &w.parts {
+            let (gx, gy) = self.grid(part.rows)?;
+            let params = words(&[
+                u32_of(K, "rows", part.rows)?,
+                u32_of(K, "cols", w.cols)?,
+                u32_of(K, "tokens", n)?,
+                u32_of(K, "first row", part.row0)?,
+                u32_of(K, "rows", w.rows)?,
+                u32_of(K, "row bytes", w.row_bytes)?,
+                u32_of(K, "units", w.cols.div_ceil(unit))?,
+                gx,
+                w.group,
+                w.scale_f16 as u32,
+                0,
+                0,
+            ]);
+            let gz = u32_of(K, "token groups", n.div_ceil(4))?;
+            let mut bufs = vec![x, y, &part.weight];
+            if let Some((s, b)) = &part.scales {
+                bufs.extend([s, b]);
+            }
+            self.push(kernel, &params, &bufs, [gx, gy, gz])?;
+        }
+        Ok(())
+    }
+
+    /// RMSNorm of each `dim`-long row of `x` (`rows` rows) into `out`.
+    pub fn rms_norm(
+        &mut self,
+        x: &wgpu::Buffer,
+        weight: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(), GpuError> {
+        const K: &str = "rms_norm";
+        holds(K, "x", x, rows * dim)?;
+        holds(K, "out", out, rows * dim)?;
+        holds(K, "weight", weight, dim)?;
+        let (gx, gy) = self.grid(rows)?;
+        let params = words(&[
+            u32_of(K, "rows", rows)?,
+            u32_of(K, "dim", dim)?,
+            gx,
+            eps.to_bits(),
+        ]);
+        self.push(Kernel::RmsNorm, &params, &[x, weight, out], [gx, gy, 1])
+    }
+
+    /// NEOX rotary embedding, in place, of `x` (`n × heads × head_dim`),
+    /// with the angles' `(cos, sin)` from [`rope_table`] (`n × half` pairs).
+    pub fn rope(
+        &mut self,
+        x: &wgpu::Buffer,
+        table: &wgpu::Buffer,
+        n: usize,
+        heads: usize,
+        head_dim: usize,
+        half: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "rope";
+        if 2 * half > head_dim {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{half} rotated pairs in a head of {head_dim}"),
+            });
+        }
+        holds(K, "x", x, n * heads * head_dim)?;
+        holds(K, "table", table, 2 * n * half)?;
+        let threads = n * heads * half;
+        let (gx, gy) = self.grid(threads.div_ceil(WG as usize))?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "heads", heads)?,
+            u32_of(K, "head_dim", head_dim)?,
+            u32_of(K, "half", half)?,
+            gx,
+            0,
+            0,
+            0,
+        ]);
+        u32_of(K, "threads", threads)?;
+        self.push(Kernel::Rope, &params, &[x, table], [gx, gy, 1])
+    }
+
+    /// `out = silu(gate) · up` over `len` values.
+    pub fn swiglu(
+        &mut self,
+        gate: &wgpu::Buffer,
+        up: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        len: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "swiglu";
+        for (what, b) in [("gate", gate), ("up", up), ("out", out)] {
+            holds(K, what, b, len)?;
+        }
+        let (gx, gy) = self.grid(len.div_ceil(WG as usize))?;
+        let params = words(&[u32_of(K, "len", len)?, gx, 0, 0]);
+        self.push(Kernel::SwiGlu, &params, &[gate, up, out], [gx, gy, 1])
+    }
+
+    /// Decode attention of one token's queries `q` (`n_heads × head_dim`)
+    /// over the cache `k`, `v`; writes `out` (`n_heads × head_dim`).
+    pub fn attention(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        s: AttentionShape,
+    ) -> Result<(), GpuError> {
+        const K: &str = "attention";
+        let bad = |detail: String| GpuError::Shape { kernel: K, detail };
+        if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+            return Err(bad(format!(
+                "{} heads over {} KV heads",
+                s.n_heads, s.n_kv_heads
+            )));
+        }
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || s.head_dim > 4 * WG as usize {
+            return Err(bad(format!(
+                "head_dim {} (must be even and at most {})",
+                s.head_dim,
+                4 * WG
+            )));
+        }
+        if s.len == 0 {
+            return Err(bad("no positions to attend to".into()));
+        }
+        let kv_dim = s.n_kv_heads * s.head_dim;
+        if s.k_stride < kv_dim
+            || s.v_stride < kv_dim
+            || !(s.k_stride.is_multiple_of(2) && s.v_stride.is_multiple_of(2))
+        {
+            return Err(bad(format!(
+                "cache strides {} / {} for {kv_dim} values a position (must be even)",
+                s.k_stride, s.v_stride
+            )));
+        }
+        holds(K, "q", q, s.n_heads * s.head_dim)?;
+        holds(K, "out", out, s.n_heads * s.head_dim)?;
+        // Sizes in f32 units: an f16 cache needs half the bytes.
+        let cache = |stride: usize| {
+            let elems = (s.len - 1) * stride + kv_dim;
+            if s.kv_f16 {
+                elems.div_ceil(2)
+            } else {
+                elems
+            }
+        };
+        holds(K, "k", k, cache(s.k_stride))?;
+        holds(K, "v", v, cache(s.v_stride))?;
+        let scale = 1.0 / (s.head_dim as f32).sqrt();
+        let params = words(&[
+            u32_of(K, "heads", s.n_heads)?,
+            u32_of(K, "kv heads", s.n_kv_heads)?,
+            u32_of(K, "head_dim", s.head_dim)?,
+            u32_of(K, "len", s.len)?,
+            u32_of(K, "k stride", s.k_stride)?,
+            u32_of(K, "v stride", s.v_stride)?,
+            scale.to_bits(),
+            0,
+        ]);
+        let heads = u32_of(K, "heads", s.n_heads)?;
+        if heads > self.gpu.limits.max_workgroups_per_dim {
+            return Err(bad(format!("{heads} heads")));
+        }
+        self.push(
+            Kernel::Attention { kv_f16: s.kv_f16 },
+            &params,
+            &[q, k, v, out],
+            [heads, 1, 1],
+        )
+    }
+
+    /// Encodes every recorded dispatch into one compute pass and submits
+    /// it (does not wait: read a result, or [`Gpu::wait`], to wait).
+    pub fn submit(self) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        let mut enc = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("pass"),
+            });
+        gpu.checked("encoding a pass", || {
+            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("pass"),
+                timestamp_writes: None,
+            });
+            for d in &self.items {
+                pass.set_pipeline(&d.pipeline);
+                pass.set_bind_group(0, &d.bind, &[]);
+                pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+            }
+        })?;
+        let commands = gpu.checked("finishing a pass", || enc.finish())?;
+        gpu.checked("submitting a pass", || gpu.queue.submit([commands]))?;
+        Ok(())
+    }
+}
+
+/// The `(cos, sin)` of every rotary angle of tokens at positions
+/// `pos0..pos0 + n`: `n × inv_freq.len()` pairs, computed exactly as the
+/// CPU reference (`ops::rope_neox`) does, in f32.
+pub fn rope_table(pos0: usize, n: usize, inv_freq: &[f32]) -> Vec<f32> {
+    let mut out = Vec::with_capacity(2 * n * inv_freq.len());
+    for t in 0..n {
+        for &f in inv_freq {
+            let (sin, cos) = ((pos0 + t) as f32 * f).sin_cos();
+            out.extend([cos, sin]);
+        }
+    }
+    out
+}

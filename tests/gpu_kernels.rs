@@ -1,0 +1,634 @@
+//! Every GPU kernel against the CPU reference, on random inputs, with each
+//! reduction variant the adapter supports; and every WGSL module translated
+//! to MSL and SPIR-V with naga (the Metal path's check; needs no adapter).
+//!
+//! The adapter is opened once and shared by all tests. Without one the
+//! tests fail, naming the cause, unless `MOEFLUX_GPU_TESTS=skip` is set
+//! (so a CI run without a GPU driver cannot pass silently).
+
+use std::sync::OnceLock;
+
+use half::f16;
+use moeflux::backend::cpu::matrix::dot;
+use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
+use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::{
+    rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, Pass, Reduce, Variant, WeightKind,
+};
+use moeflux::quant::mlx::ScaleType;
+use moeflux::quant::{GgmlType, MlxAffine};
+use moeflux::state::kv::{KvCache, KvType, LayerKv, Rows};
+use moeflux::synth::Rng;
+
+/// The shared device, or `None` when tests are told to skip without one.
+fn gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Result<Gpu, String>> = OnceLock::new();
+    let skip = std::env::var("MOEFLUX_GPU_TESTS").is_ok_and(|v| v == "skip");
+    match GPU.get_or_init(|| Gpu::new().map_err(|e| e.to_string())) {
+        Ok(g) => {
+            static SAID: OnceLock<()> = OnceLock::new();
+            SAID.get_or_init(|| eprintln!("GPU tests on {}", g.describe()));
+            Some(g)
+        }
+        Err(e) if skip => {
+            eprintln!("skipping a GPU test (MOEFLUX_GPU_TESTS=skip): {e}");
+            None
+        }
+        Err(e) => panic!("{e}\n(set MOEFLUX_GPU_TESTS=skip to skip the GPU tests deliberately)"),
+    }
+}
+
+fn normals(n: usize, seed: u64) -> Vec<f32> {
+    let mut r = Rng::new(seed);
+    (0..n).map(|_| r.normal() as f32).collect()
+}
+
+/// A random finite f16 in `[lo, hi)`.
+fn f16_in(r: &mut Rng, lo: f32, hi: f32) -> [u8; 2] {
+    f16::from_f32(lo + (hi - lo) * r.unit() as f32).to_le_bytes()
+}
+
+/// Random blocks of `ty` for a `rows × cols` matrix: every bit of the
+/// quants random, every scale field a random finite value (so each block
+/// decodes with its own scales and the 6-bit scale packing is exercised).
+fn random_ggml(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut r = Rng::new(seed);
+    let len = ty.row_bytes(cols as u64).unwrap() as usize * rows;
+    let mut b: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
+    let ts = ty.type_size();
+    match ty {
+        GgmlType::F32 => {
+            for c in b.chunks_exact_mut(4) {
+                c.copy_from_slice(&(r.normal() as f32 * 0.05).to_le_bytes());
+            }
+        }
+        GgmlType::F16 => {
+            for c in b.chunks_exact_mut(2) {
+                c.copy_from_slice(&f16::from_f32(r.normal() as f32 * 0.05).to_le_bytes());
+            }
+        }
+        GgmlType::BF16 => {
+            for c in b.chunks_exact_mut(2) {
+                let bits = ((r.normal() as f32 * 0.05).to_bits() >> 16) as u16;
+                c.copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        GgmlType::Q8_0 | GgmlType::Q4_0 => {
+            for blk in b.chunks_exact_mut(ts) {
+                blk[0..2].copy_from_slice(&f16_in(&mut r, 0.001, 0.01));
+            }
+        }
+        GgmlType::Q4_K => {
+            for blk in b.chunks_exact_mut(ts) {
+                blk[0..2].copy_from_slice(&f16_in(&mut r, 0.0005, 0.002));
+                blk[2..4].copy_from_slice(&f16_in(&mut r, 0.0005, 0.002));
+            }
+        }
+        GgmlType::Q6_K => {
+            for blk in b.chunks_exact_mut(ts) {
+                blk[208..210].copy_from_slice(&f16_in(&mut r, 0.0005, 0.002));
+            }
+        }
+        other => panic!("no random blocks for {other}"),
+    }
+    b
+}
+
+/// Runs `y = x Wᵀ` on the GPU.
+fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], n: usize, variant: Variant) -> Vec<f32> {
+    let xb = gpu.upload_f32("x", x).unwrap();
+    let yb = gpu.zeros_f32("y", n * w.rows).unwrap();
+    let mut pass = Pass::with_variant(gpu, variant);
+    pass.matmul(w, &xb, &yb, n).unwrap();
+    pass.submit().unwrap();
+    gpu.read_f32(&yb, n * w.rows).unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        ab += *x as f64 * *y as f64;
+        aa += (*x as f64).powi(2);
+        bb += (*y as f64).powi(2);
+    }
+    ab / (aa.sqrt() * bb.sqrt())
+}
+
+/// Checks the GPU product against the reference (each row decoded with
+/// `Matrix::row`, an f32 dot with each token): every output within f32
+/// rounding of the sum's size (1e-5 · Σ|w·x|, the CPU kernels' slack) and a
+/// cosine of at least 0.9999 overall. Runs whole and split into parts of
+/// `split_rows` rows, with every reduction the adapter has.
+fn check_matmul(m: &Matrix<'_>, name: &str, split_rows: usize) {
+    let Some(gpu) = gpu() else { return };
+    let mut wrow = vec![0f32; m.cols];
+    let rows_bytes = |rows: usize| match m.data {
+        moeflux::backend::cpu::MatrixData::Ggml { bytes, .. } => {
+            (bytes.len() / m.rows * rows) as u64
+        }
+        moeflux::backend::cpu::MatrixData::Mlx { weight, .. } => {
+            (weight.len() / m.rows * rows) as u64
+        }
+    };
+    let whole = GpuMatrix::upload(gpu, m).unwrap();
+    assert_eq!(whole.n_parts(), 1, "{name}: a small matrix is one part");
+    let split = GpuMatrix::upload_split(gpu, m, rows_bytes(split_rows)).unwrap();
+    assert_eq!(
+        split.n_parts(),
+        m.rows.div_ceil(split_rows),
+        "{name}: parts"
+    );
+    for n in [1, 6] {
+        let x = normals(n * m.cols, 11 + n as u64);
+        let mut want = vec![0f32; n * m.rows];
+        let mut slack = vec![0f32; n * m.rows];
+        for r in 0..m.rows {
+            m.row(r, &mut wrow);
+            for t in 0..n {
+                let xt = &x[t * m.cols..(t + 1) * m.cols];
+                want[t * m.rows + r] = dot(&wrow, xt);
+                slack[t * m.rows + r] =
+                    1e-5 * wrow.iter().zip(xt).map(|(w, x)| (w * x).abs()).sum::<f32>() + 1e-6;
+            }
+        }
+        for variant in gpu.variants() {
+            for (w, how) in [(&whole, "whole"), (&split, "split")] {
+                let got = gpu_matmul(gpu, w, &x, n, variant);
+                for i in 0..n * m.rows {
+                    assert!(
+                        (got[i] - want[i]).abs() <= slack[i],
+                        "{name} ({how}, {variant:?}, n={n}): row {} token {}: {} vs reference {} (slack {})",
+                        i % m.rows,
+                        i / m.rows,
+                        got[i],
+                        want[i],
+                        slack[i]
+                    );
+                }
+                let cos = cosine(&got, &want);
+                assert!(
+                    cos >= 0.9999,
+                    "{name} ({how}, {variant:?}, n={n}): cosine {cos}"
+                );
+            }
+        }
+    }
+}
+
+fn check_ggml(ty: GgmlType, rows: usize, cols: usize) {
+    check_ggml_split(ty, rows, cols, 4);
+}
+
+fn check_ggml_split(ty: GgmlType, rows: usize, cols: usize, split_rows: usize) {
+    let bytes = random_ggml(ty, rows, cols, ty.id() as u64 + 100);
+    let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+    check_matmul(&m, ty.name(), split_rows);
+}
+
+#[test]
+fn matmul_q8_0() {
+    check_ggml(GgmlType::Q8_0, 37, 32 * 9);
+}
+
+#[test]
+fn matmul_q4_0() {
+    check_ggml(GgmlType::Q4_0, 37, 32 * 9);
+}
+
+#[test]
+fn matmul_q4_k() {
+    check_ggml(GgmlType::Q4_K, 21, 256 * 3);
+}
+
+#[test]
+fn matmul_q6_k() {
+    check_ggml(GgmlType::Q6_K, 21, 256 * 3);
+}
+
+#[test]
+fn matmul_floats() {
+    // 203 columns: rows of odd byte length (F16/BF16) and a partial unit.
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        check_ggml(ty, 19, 203);
+    }
+}
+
+fn check_mlx(bits: u8, group: u32, cols: usize, scale_type: ScaleType) {
+    let rows = 13;
+    let mut r = Rng::new(bits as u64 * 1000 + group as u64);
+    let weight: Vec<u8> = (0..rows * cols * bits as usize / 8)
+        .map(|_| r.next_u64() as u8)
+        .collect();
+    let n_groups = rows * cols / group as usize;
+    let enc = |v: f32| match scale_type {
+        ScaleType::BF16 => ((v.to_bits() >> 16) as u16).to_le_bytes(),
+        _ => f16::from_f32(v).to_le_bytes(),
+    };
+    let scales: Vec<u8> = (0..n_groups)
+        .flat_map(|_| enc(0.01 + 0.01 * r.unit() as f32))
+        .collect();
+    let biases: Vec<u8> = (0..n_groups)
+        .flat_map(|_| enc(-0.05 * r.unit() as f32))
+        .collect();
+    let q = MlxAffine {
+        bits,
+        group_size: group,
+        scale_type,
+    };
+    let m = Matrix::mlx(q, rows, cols, &weight, &scales, &biases).unwrap();
+    check_matmul(&m, &format!("{q} {scale_type:?}"), 3);
+}
+
+#[test]
+fn matmul_mlx_affine() {
+    check_mlx(4, 64, 64 * 5, ScaleType::BF16);
+    check_mlx(8, 64, 64 * 5, ScaleType::BF16);
+    check_mlx(4, 32, 32 * 7, ScaleType::BF16);
+    check_mlx(8, 32, 32 * 7, ScaleType::F16);
+    check_mlx(4, 128, 128 * 3, ScaleType::F16);
+    check_mlx(8, 128, 128 * 3, ScaleType::BF16);
+}
+
+#[test]
+fn matmul_rows_beyond_one_dispatch_dimension() {
+    // 70 000 rows: more workgroups than one dimension must hold (65 535),
+    // so on most adapters rows are numbered over a 2-D grid.
+    check_ggml_split(GgmlType::F16, 70_000, 8, 30_000);
+}
+
+#[test]
+fn unsupported_and_mismatched_inputs_are_typed_errors() {
+    let Some(gpu) = gpu() else { return };
+    let bytes = vec![0u8; GgmlType::Q5_K.type_size() * 2];
+    let m = Matrix::ggml(GgmlType::Q5_K, 2, 256, &bytes).unwrap();
+    assert!(matches!(
+        GpuMatrix::upload(gpu, &m),
+        Err(GpuError::Unsupported(_))
+    ));
+    let bytes = random_ggml(GgmlType::Q8_0, 4, 64, 1);
+    let m = Matrix::ggml(GgmlType::Q8_0, 4, 64, &bytes).unwrap();
+    let w = GpuMatrix::upload(gpu, &m).unwrap();
+    // A part smaller than one row.
+    assert!(matches!(
+        GpuMatrix::upload_split(gpu, &m, 10),
+        Err(GpuError::TooLarge { .. })
+    ));
+    // x too short for 2 tokens.
+    let x = gpu.zeros_f32("x", 64).unwrap();
+    let y = gpu.zeros_f32("y", 8).unwrap();
+    let mut pass = Pass::new(gpu);
+    assert!(matches!(
+        pass.matmul(&w, &x, &y, 2),
+        Err(GpuError::Shape { .. })
+    ));
+    let shape = AttentionShape {
+        n_heads: 6,
+        n_kv_heads: 4,
+        head_dim: 64,
+        len: 1,
+        k_stride: 256,
+        v_stride: 256,
+        kv_f16: false,
+    };
+    let q = gpu.zeros_f32("q", 6 * 64).unwrap();
+    let kv = gpu.zeros_f32("kv", 256).unwrap();
+    assert!(matches!(
+        pass.attention(&q, &kv, &kv, &q, shape),
+        Err(GpuError::Shape { .. })
+    ));
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // Rows of a hidden state and per-head rows; dims not multiples of 64.
+    for (rows, dim) in [(5, 300), (16, 128), (1, 7)] {
+        let x: Vec<f32> = normals(rows * dim, dim as u64)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| if i % 41 == 3 { v * 30.0 } else { *v })
+            .collect();
+        let w: Vec<f32> = normals(dim, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
+        let eps = 1e-6;
+        let mut want = vec![0f32; rows * dim];
+        for r in 0..rows {
+            rms_norm(
+                &x[r * dim..(r + 1) * dim],
+                &w,
+                eps,
+                &mut want[r * dim..(r + 1) * dim],
+            );
+        }
+        let (xb, wb) = (
+            gpu.upload_f32("x", &x).unwrap(),
+            gpu.upload_f32("w", &w).unwrap(),
+        );
+        for variant in gpu.variants() {
+            let out = gpu.zeros_f32("out", rows * dim).unwrap();
+            let mut pass = Pass::with_variant(gpu, variant);
+            pass.rms_norm(&xb, &wb, &out, rows, dim, eps).unwrap();
+            pass.submit().unwrap();
+            let got = gpu.read_f32(&out, rows * dim).unwrap();
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                // Only the sum of squares' order differs: a few ulps.
+                assert!(
+                    (g - e).abs() <= 4e-6 * e.abs() + 1e-7,
+                    "rms_norm {rows}×{dim} {variant:?} [{i}]: {g} vs {e}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // Full and partial rotation (Qwen3.5 rotates a quarter of each head),
+    // at positions far from zero where angles are large.
+    for (heads, hd, n_rot, pos0) in [(4, 64, 64, 0), (3, 128, 32, 5000), (2, 16, 8, 40_000)] {
+        let n = 3;
+        let inv = rope_inv_freq(n_rot, 1e6);
+        let x = normals(n * heads * hd, 9);
+        let mut want = x.clone();
+        for t in 0..n {
+            rope_neox(
+                &mut want[t * heads * hd..(t + 1) * heads * hd],
+                hd,
+                pos0 + t,
+                &inv,
+            );
+        }
+        let xb = gpu.upload_f32("x", &x).unwrap();
+        let table = gpu.upload_f32("rope", &rope_table(pos0, n, &inv)).unwrap();
+        let mut pass = Pass::new(gpu);
+        pass.rope(&xb, &table, n, heads, hd, inv.len()).unwrap();
+        pass.submit().unwrap();
+        let got = gpu.read_f32(&xb, x.len()).unwrap();
+        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+            // Same f32 operations on the same cos/sin: at most an ulp or
+            // two from a fused multiply-add.
+            assert!(
+                (g - e).abs() <= 1e-6 * (e.abs() + 1.0),
+                "rope heads {heads} hd {hd} rot {n_rot} at {pos0} [{i}]: {g} vs {e}"
+            );
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let len = 1000;
+    let g: Vec<f32> = normals(len, 1).iter().map(|v| v * 4.0).collect();
+    let u = normals(len, 2);
+    let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
+    let (gb, ub) = (
+        gpu.upload_f32("g", &g).unwrap(),
+        gpu.upload_f32("u", &u).unwrap(),
+    );
+    let out = gpu.zeros_f32("out", len).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.swiglu(&gb, &ub, &out, len).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&out, len).unwrap();
+    for i in 0..len {
+        // exp within a few ulps.
+        assert!(
+            (got[i] - want[i]).abs() <= 1e-5 * want[i].abs() + 1e-7,
+            "swiglu [{i}]: {} vs {} (gate {}, up {})",
+            got[i],
+            want[i],
+            g[i],
+            u[i]
+        );
+    }
+}
+
+/// A dense SwiGLU FFN block — RMSNorm, gate and up projections, SwiGLU,
+/// down projection — recorded as one pass and one submission: the kernels'
+/// results must chain through their buffers with no host step between
+/// them (the layer plan rests on this), and match the CPU chain.
+#[test]
+fn one_pass_chains_an_ffn_block() {
+    let Some(gpu) = gpu() else { return };
+    let (hidden, ffn, n) = (256, 96, 3);
+    let ty = GgmlType::Q8_0;
+    let wg = random_ggml(ty, ffn, hidden, 1);
+    let wu = random_ggml(ty, ffn, hidden, 2);
+    let wd = random_ggml(ty, hidden, ffn, 3);
+    let gate_m = Matrix::ggml(ty, ffn, hidden, &wg).unwrap();
+    let up_m = Matrix::ggml(ty, ffn, hidden, &wu).unwrap();
+    let down_m = Matrix::ggml(ty, hidden, ffn, &wd).unwrap();
+    let x = normals(n * hidden, 4);
+    let norm: Vec<f32> = normals(hidden, 5).iter().map(|v| 1.0 + 0.1 * v).collect();
+    let eps = 1e-6;
+
+    // CPU chain.
+    let project = |m: &Matrix<'_>, input: &[f32]| -> Vec<f32> {
+        let mut row = vec![0f32; m.cols];
+        let mut out = vec![0f32; n * m.rows];
+        for r in 0..m.rows {
+            m.row(r, &mut row);
+            for t in 0..n {
+                out[t * m.rows + r] = dot(&row, &input[t * m.cols..(t + 1) * m.cols]);
+            }
+        }
+        out
+    };
+    let mut h = vec![0f32; n * hidden];
+    for t in 0..n {
+        let at = t * hidden..(t + 1) * hidden;
+        rms_norm(&x[at.clone()], &norm, eps, &mut h[at]);
+    }
+    let (g, u) = (project(&gate_m, &h), project(&up_m, &h));
+    let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
+    let want = project(&down_m, &a);
+
+    // GPU chain: one pass.
+    let (gate_w, up_w, down_w) = (
+        GpuMatrix::upload(gpu, &gate_m).unwrap(),
+        GpuMatrix::upload(gpu, &up_m).unwrap(),
+        GpuMatrix::upload(gpu, &down_m).unwrap(),
+    );
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let nb = gpu.upload_f32("norm", &norm).unwrap();
+    let hb = gpu.zeros_f32("h", n * hidden).unwrap();
+    let gb = gpu.zeros_f32("gate", n * ffn).unwrap();
+    let ub = gpu.zeros_f32("up", n * ffn).unwrap();
+    let ab = gpu.zeros_f32("act", n * ffn).unwrap();
+    let ob = gpu.zeros_f32("out", n * hidden).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.rms_norm(&xb, &nb, &hb, n, hidden, eps).unwrap();
+    pass.matmul(&gate_w, &hb, &gb, n).unwrap();
+    pass.matmul(&up_w, &hb, &ub, n).unwrap();
+    pass.swiglu(&gb, &ub, &ab, n * ffn).unwrap();
+    pass.matmul(&down_w, &ab, &ob, n).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&ob, n * hidden).unwrap();
+    // Four kernels' f32 roundings compound, each far below this bound
+    // (outputs are O(0.01–0.1)).
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - e).abs() <= 1e-4 * scale,
+            "FFN block [{i}]: {g} vs {e} (largest output {scale})"
+        );
+    }
+    let cos = cosine(&got, &want);
+    assert!(cos >= 0.9999, "FFN block: cosine {cos}");
+}
+
+/// One head's attention over positions `0..len`, the plain way (as the CPU
+/// backend's own reference test): scores, softmax, values in order.
+fn naive_attention(q: &[f32], kv: &LayerKv, g: usize, hd: usize, len: usize) -> Vec<f32> {
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut row = vec![0.0; hd];
+    let mut scores: Vec<f32> = (0..len)
+        .map(|j| {
+            kv.k.read(j * kv.k_dim + g * hd, &mut row);
+            dot(q, &row) * scale
+        })
+        .collect();
+    softmax(&mut scores);
+    let mut o = vec![0.0; hd];
+    for (j, &s) in scores.iter().enumerate() {
+        kv.v.read(j * kv.v_dim + g * hd, &mut row);
+        for (a, &b) in o.iter_mut().zip(&row) {
+            *a += s * b;
+        }
+    }
+    o
+}
+
+/// The cache's rows as the GPU holds them (f16 bits packed, or f32).
+fn upload_rows(gpu: &Gpu, rows: &Rows) -> moeflux::backend::gpu::wgpu::Buffer {
+    match rows {
+        Rows::F32(v) => gpu.upload_f32("kv", v).unwrap(),
+        Rows::F16(v) => {
+            let bytes: Vec<u8> = v.iter().flat_map(|h| h.to_le_bytes()).collect();
+            gpu.storage("kv", &bytes, 0).unwrap()
+        }
+    }
+}
+
+#[test]
+fn decode_attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    // (heads, kv heads, head_dim, positions): GQA and MHA, head dims that
+    // use 1, 2 and 4 of a thread's output slots, contexts below, across and
+    // well past one 256-position chunk.
+    for (nh, nkv, hd, len) in [
+        (8, 2, 64, 1),
+        (8, 2, 128, 300),
+        (4, 4, 256, 37),
+        (16, 4, 128, 700),
+        (6, 1, 2, 257),
+    ] {
+        let mut rng = Rng::new(len as u64 * 7 + hd as u64);
+        let mut rand = |n: usize, s: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.unit() as f32 * 2.0 - 1.0) * s)
+                .collect()
+        };
+        // Large keys make peaked softmaxes, as real attention has.
+        let q = rand(nh * hd, 1.0);
+        let k = rand(len * nkv * hd, 3.0);
+        let v = rand(len * nkv * hd, 1.0);
+        for kv_type in [KvType::F16, KvType::F32] {
+            let mut cache = KvCache::new(&[Some((nkv * hd, nkv * hd))], len, kv_type);
+            cache.layers[0].push(&k, &v);
+            let kv = &cache.layers[0];
+            let want: Vec<f32> = (0..nh)
+                .flat_map(|h| {
+                    naive_attention(&q[h * hd..(h + 1) * hd], kv, h / (nh / nkv), hd, len)
+                })
+                .collect();
+            let (kb, vb) = (upload_rows(gpu, &kv.k), upload_rows(gpu, &kv.v));
+            let qb = gpu.upload_f32("q", &q).unwrap();
+            let shape = AttentionShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                len,
+                k_stride: kv.k_dim,
+                v_stride: kv.v_dim,
+                kv_f16: kv_type == KvType::F16,
+            };
+            for variant in gpu.variants() {
+                let out = gpu.zeros_f32("out", nh * hd).unwrap();
+                let mut pass = Pass::with_variant(gpu, variant);
+                pass.attention(&qb, &kb, &vb, &out, shape).unwrap();
+                pass.submit().unwrap();
+                let got = gpu.read_f32(&out, nh * hd).unwrap();
+                let what =
+                    format!("{nh}/{nkv} heads, hd {hd}, {len} positions, {kv_type:?}, {variant:?}");
+                // Outputs are convex combinations of values in [-1, 1]:
+                // f32 rounding of the scores and sums stays far below 1e-5.
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!((g - e).abs() <= 1e-5, "attention {what} [{i}]: {g} vs {e}");
+                }
+                let cos = cosine(&got, &want);
+                assert!(cos >= 0.9999, "attention {what}: cosine {cos}");
+            }
+        }
+    }
+}
+
+/// Every kernel, in every variant, parses and validates with naga, and
+/// translates to MSL (what wgpu does on a Mac; MSL 2.3, the oldest on
+/// Apple silicon) and to SPIR-V 1.3 (Vulkan). No adapter needed.
+#[test]
+fn every_kernel_translates_to_msl_and_spirv() {
+    use naga::back::{msl, spv};
+    use naga::valid::{Capabilities, ValidationFlags, Validator};
+    let mut checked = 0;
+    for kernel in Kernel::all() {
+        let mut variants: Vec<Variant> = Variant::all().map(|v| kernel.normalize(v)).to_vec();
+        variants.dedup();
+        for variant in variants {
+            let what = format!("{} ({variant:?})", kernel.name());
+            let src = kernel.source(variant).unwrap();
+            let module = naga::front::wgsl::parse_str(&src)
+                .unwrap_or_else(|e| panic!("{what}: WGSL:\n{}", e.emit_to_string(&src)));
+            // Only the variant's own choices may need optional capabilities:
+            // the shared-memory, integer-f16 variant runs everywhere.
+            let mut caps = Capabilities::empty();
+            if variant.reduce == Reduce::Subgroup {
+                caps |= Capabilities::SUBGROUP;
+            }
+            if variant.f16_native {
+                caps |= Capabilities::SHADER_FLOAT16_IN_FLOAT32;
+            }
+            let info = Validator::new(ValidationFlags::all(), caps)
+                .validate(&module)
+                .unwrap_or_else(|e| panic!("{what}: validation:\n{}", e.emit_to_string(&src)));
+            let restrict = naga::proc::BoundsCheckPolicies {
+                index: naga::proc::BoundsCheckPolicy::Restrict,
+                buffer: naga::proc::BoundsCheckPolicy::Restrict,
+                image_load: naga::proc::BoundsCheckPolicy::Restrict,
+                binding_array: naga::proc::BoundsCheckPolicy::Unchecked,
+            };
+            let options = msl::Options {
+                lang_version: (2, 3),
+                bounds_check_policies: restrict,
+                ..Default::default()
+            };
+            let pipeline = msl::PipelineOptions::default();
+            let (msl_src, _) = msl::write_string(&module, &info, &options, &pipeline)
+                .unwrap_or_else(|e| panic!("{what}: MSL: {e:?}"));
+            assert!(msl_src.contains("kernel void"), "{what}: no MSL kernel");
+            let spv_opts = spv::Options {
+                lang_version: (1, 3),
+                bounds_check_policies: restrict,
+                ..Default::default()
+            };
+            let words = spv::write_vec(&module, &info, &spv_opts, None)
+                .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e:?}"));
+            assert_eq!(words.first(), Some(&0x0723_0203), "{what}: SPIR-V magic");
+            checked += 1;
+        }
+    }
+    // Matmul (9 formats) and attention (2 caches): four variants each;
+    // the norm two; rope and swiglu one.
+    assert_eq!(checked, 4 * (WeightKind::all().len() + 2) + 2 + 2);
+}
