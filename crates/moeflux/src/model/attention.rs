@@ -124,10 +124,10 @@ fn attend(
             for (t, h, i) in queries() {
                 let p = pos0 + t;
                 let qh = &q[(t * nh + h) * hd..(t * nh + h + 1) * hd];
-                let sc = &mut scores[i * len..(i + 1) * len];
-                for j in j0..j1.min(p + 1) {
-                    sc[j] =
-                        kernels::dot(level, qh, &tile[(j - j0) * hd..(j - j0 + 1) * hd]) * scale;
+                let end = j1.min(p + 1);
+                if end > j0 {
+                    let sc = &mut scores[i * len + j0..i * len + end];
+                    kernels::scores(level, qh, tile, scale, sc);
                 }
             }
         }
@@ -143,10 +143,10 @@ fn attend(
             for (t, h, i) in queries() {
                 // SAFETY: as above.
                 let o = unsafe { heads_out.slice((t * nh + h) * hd, hd) };
-                let sc = &scores[i * len..(i + 1) * len];
-                for j in j0..j1.min(pos0 + t + 1) {
-                    let row = &tile[(j - j0) * hd..(j - j0 + 1) * hd];
-                    kernels::axpy(level, sc[j], row, o);
+                let end = j1.min(pos0 + t + 1);
+                if end > j0 {
+                    let sc = &scores[i * len + j0..i * len + end];
+                    kernels::weighted_rows(level, sc, tile, o);
                 }
             }
         }

@@ -75,7 +75,7 @@ impl Rows {
     pub fn read(&self, at: usize, out: &mut [f32]) {
         match self {
             Rows::F32(v) => out.copy_from_slice(&v[at..at + out.len()]),
-            Rows::F16(v) => v[at..at + out.len()].convert_to_f32_slice(out),
+            Rows::F16(v) => crate::backend::cpu::kernels::f16_to_f32(&v[at..at + out.len()], out),
         }
     }
 

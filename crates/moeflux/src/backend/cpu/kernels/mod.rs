@@ -352,6 +352,20 @@ pub fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     unsafe { f_kernel(level)(GgmlType::F32, bytemuck::cast_slice(a), b) }
 }
 
+/// f16 → f32 (exact), with F16C where the CPU has it: the KV cache's rows.
+/// (`half`'s slice conversion calls a function per eight values.)
+pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    assert_eq!(src.len(), dst.len());
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: both features were just detected.
+        unsafe { x86::f16_to_f32_f16c(src.reinterpret_cast(), dst) };
+        return;
+    }
+    src.convert_to_f32_slice(dst);
+}
+
 /// `y += s · x` at `level`: attention's weighted sum of values.
 pub fn axpy(level: Level, s: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len());
@@ -364,6 +378,39 @@ pub fn axpy(level: Level, s: f32, x: &[f32], y: &mut [f32]) {
     let _ = level;
     for (a, &b) in y.iter_mut().zip(x) {
         *a += s * b;
+    }
+}
+
+/// Scores of query `q` against consecutive rows of `tile` (`out.len()`
+/// rows of `q.len()` values): `out[j] = dot(q, row j) · scale`, each exactly
+/// as [`dot`] computes it.
+pub fn scores(level: Level, q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(tile.len() >= out.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        // SAFETY: the level is supported (checked when the backend is made).
+        unsafe { x86::scores_avx2(q, tile, scale, out) };
+        return;
+    }
+    for (j, o) in out.iter_mut().enumerate() {
+        *o = dot(level, q, &tile[j * hd..(j + 1) * hd]) * scale;
+    }
+}
+
+/// `o += Σ_j s_j · row j` over consecutive rows of `tile` (`s.len()` rows of
+/// `o.len()` values), identical to one [`axpy`] per row in row order.
+pub fn weighted_rows(level: Level, s: &[f32], tile: &[f32], o: &mut [f32]) {
+    let hd = o.len();
+    assert!(tile.len() >= s.len() * hd);
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        // SAFETY: as above.
+        unsafe { x86::weighted_rows_avx2(s, tile, o) };
+        return;
+    }
+    for (j, &sj) in s.iter().enumerate() {
+        axpy(level, sj, &tile[j * hd..(j + 1) * hd], o);
     }
 }
 

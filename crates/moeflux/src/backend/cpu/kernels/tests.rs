@@ -254,3 +254,23 @@ fn reference_level_is_the_dequantized_product() {
         assert!((y[r] as f64 - e).abs() < 1e-4 * e.abs().max(1.0));
     }
 }
+
+#[test]
+fn f16_rows_convert_exactly() {
+    // Every f16 bit pattern (normals, subnormals, infinities, NaNs), in a
+    // length with an 8-lane tail.
+    let src: Vec<half::f16> = (0..=u16::MAX)
+        .map(half::f16::from_bits)
+        .chain([half::f16::ONE; 5])
+        .collect();
+    let mut got = vec![0f32; src.len()];
+    super::f16_to_f32(&src, &mut got);
+    for (h, g) in src.iter().zip(&got) {
+        let want = h.to_f32();
+        assert!(
+            g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+            "{:#06x}: {g} vs {want}",
+            h.to_bits()
+        );
+    }
+}

@@ -675,8 +675,94 @@ unsafe fn load8(ty: GgmlType, w: &[u8], i: usize) -> __m256 {
     }
 }
 
+/// `Σ w_i · x_i` for `x.len()` little-endian f32 weights at `w` (any
+/// alignment): four 8-lane accumulators over 32-value chunks, then a scalar
+/// tail. The one f32 dot of the AVX2 level: weight rows, attention scores.
+///
+/// # Safety
+/// `w` must point to `4 · x.len()` readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_f32_raw(w: *const u8, x: &[f32]) -> f32 {
+    let n = x.len();
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let full = n / 32 * 32;
+    for i in (0..full).step_by(32) {
+        for (k, a) in acc.iter_mut().enumerate() {
+            let wv = _mm256_loadu_ps(w.add(4 * (i + 8 * k)) as *const f32);
+            *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(i + 8 * k)), *a);
+        }
+    }
+    let mut tail = 0f32;
+    for (i, &xi) in x.iter().enumerate().skip(full) {
+        tail += std::ptr::read_unaligned(w.add(4 * i) as *const f32) * xi;
+    }
+    hsum256(_mm256_add_ps(
+        _mm256_add_ps(acc[0], acc[1]),
+        _mm256_add_ps(acc[2], acc[3]),
+    )) + tail
+}
+
+/// Attention scores of one query against consecutive rows of a tile:
+/// `out[j] = (q · row j) · scale`, each dot exactly as [`f_avx2`] computes
+/// it for f32 weights `q`.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn scores_avx2(q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
+    let hd = q.len();
+    assert!(tile.len() >= out.len() * hd);
+    for (j, o) in out.iter_mut().enumerate() {
+        // SAFETY: q holds 4 · hd bytes.
+        *o = dot_f32_raw(q.as_ptr() as *const u8, &tile[j * hd..(j + 1) * hd]) * scale;
+    }
+}
+
+/// `o += Σ_j s_j · row j` over consecutive rows of a tile, 32 lanes of `o`
+/// kept in registers across all rows. Every lane sees the same operations
+/// in the same row order as repeated [`axpy_avx2`] calls (fused below the
+/// last multiple of 8, unfused in the tail), so the result is identical.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn weighted_rows_avx2(s: &[f32], tile: &[f32], o: &mut [f32]) {
+    let hd = o.len();
+    assert!(tile.len() >= s.len() * hd);
+    let full = hd / 8 * 8;
+    let (op, tp) = (o.as_mut_ptr(), tile.as_ptr());
+    let mut c = 0;
+    while c < full {
+        // Up to four 8-lane chunks at a time.
+        let k_n = ((full - c) / 8).min(4);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (k, a) in acc.iter_mut().enumerate().take(k_n) {
+            // SAFETY (here and below): c + 8k + 8 ≤ full ≤ hd, and row j
+            // of the tile spans tile[j·hd..(j + 1)·hd] (checked above).
+            *a = _mm256_loadu_ps(op.add(c + 8 * k));
+        }
+        for (j, &sj) in s.iter().enumerate() {
+            let sv = _mm256_set1_ps(sj);
+            let row = tp.add(j * hd + c);
+            for (k, a) in acc.iter_mut().enumerate().take(k_n) {
+                *a = _mm256_fmadd_ps(sv, _mm256_loadu_ps(row.add(8 * k)), *a);
+            }
+        }
+        for (k, a) in acc.iter().enumerate().take(k_n) {
+            _mm256_storeu_ps(op.add(c + 8 * k), *a);
+        }
+        c += 8 * k_n;
+    }
+    for i in full..hd {
+        for (j, &sj) in s.iter().enumerate() {
+            o[i] += sj * tile[j * hd + i];
+        }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
+    let bytes = if ty == GgmlType::F32 { 4 } else { 2 };
+    assert!(w.len() >= bytes * x.len());
+    if ty == GgmlType::F32 {
+        // SAFETY: checked just above.
+        return dot_f32_raw(w.as_ptr(), x);
+    }
     let n = x.len();
     let mut acc = [_mm256_setzero_ps(); 4];
     let full = n / 32 * 32;
@@ -704,6 +790,21 @@ unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
         _mm256_add_ps(acc[0], acc[1]),
         _mm256_add_ps(acc[2], acc[3]),
     )) + tail
+}
+
+/// f16 bits → f32, eight at a time with F16C (exact, like any conversion).
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 ≤ n, inside both slices.
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+    }
+    for i in full..n {
+        dst[i] = half::f16::from_bits(src[i]).to_f32();
+    }
 }
 
 /// `y += s · x`, eight lanes at a time with FMA (the tail without).
