@@ -181,6 +181,13 @@ fn a_full_cache_stops_reading() {
     assert!(st.total.hits > 0);
 }
 
+/// Every logit of a fresh session's prompt, as raw bits.
+fn prompt_bits(engine: &Engine, tokens: &[u32]) -> Vec<u32> {
+    let mut s = engine.new_session();
+    let logits = s.eval_all(tokens).unwrap();
+    logits.iter().map(|v| v.to_bits()).collect()
+}
+
 #[test]
 fn preloading_makes_the_model_resident_and_changes_nothing() {
     let rel = "qwen3_moe_k/gguf/qwen3_moe_k-Q4_K.gguf";
@@ -197,13 +204,7 @@ fn preloading_makes_the_model_resident_and_changes_nothing() {
     assert_eq!(engine.preload_experts(|_, _| {}).unwrap(), 0);
     let before = engine.store_stats();
     let tokens = fixture_tokens("qwen3_moe");
-    let mut s = engine.new_session();
-    let bits: Vec<u32> = s
-        .eval_all(&tokens)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect();
+    let bits = prompt_bits(&engine, &tokens);
     assert_eq!(bits[..], baseline[..bits.len()]);
     let after = engine.store_stats().since(&before);
     assert_eq!(after.total.misses, 0, "{:?}", after.total);
@@ -221,13 +222,7 @@ fn preloading_makes_the_model_resident_and_changes_nothing() {
     let engine = Engine::open(&fixture(rel), third).unwrap();
     let slots = engine.store_stats().slots;
     assert_eq!(engine.preload_experts(|_, _| {}).unwrap(), slots);
-    let mut s = engine.new_session();
-    let bits: Vec<u32> = s
-        .eval_all(&tokens)
-        .unwrap()
-        .iter()
-        .map(|v| v.to_bits())
-        .collect();
+    let bits = prompt_bits(&engine, &tokens);
     assert_eq!(bits[..], baseline[..bits.len()]);
 }
 
