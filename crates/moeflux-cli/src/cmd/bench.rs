@@ -210,9 +210,6 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Decode time per token by part, in ms: the model's own timings with the
-/// MoE time split into waiting for experts (the store's stall counter) and
-/// computing them (router included).
 /// Reads experts into the free cache slots, with a progress bar.
 fn preload(engine: &moeflux::Engine) -> anyhow::Result<()> {
     let bar = indicatif::ProgressBar::new(0);
@@ -229,6 +226,9 @@ fn preload(engine: &moeflux::Engine) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Decode time per token by part, in ms: the model's own timings with the
+/// MoE time split into waiting for experts (the store's stall counter) and
+/// computing them (router included).
 fn time_split(t: &moeflux::model::Timings, stall_ns: u64, n: usize) -> Vec<(&'static str, f64)> {
     let per = |d: std::time::Duration| d.as_secs_f64() * 1e3 / n.max(1) as f64;
     let wait = stall_ns as f64 / 1e6 / n.max(1) as f64;

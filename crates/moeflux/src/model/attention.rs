@@ -167,9 +167,8 @@ impl Heads {
         unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
     }
 }
-// SAFETY: each (token, head) query belongs to one task, which alone writes its
-// `head_dim` values, and
-// `pool.run` returns after all tasks are done.
+// SAFETY: each (token, head) query belongs to one task, which alone writes
+// its `head_dim` values, and `pool.run` returns after all tasks are done.
 unsafe impl Send for Heads {}
 unsafe impl Sync for Heads {}
 

@@ -661,17 +661,15 @@ unsafe fn mlx_avx2(bits: u32, group: usize, w: &[u8], s: &[u8], bi: &[u8], a: Q8
     hsum256(acc) + bias_acc
 }
 
-/// Eight weights from element `i` as f32.
+/// Eight 16-bit float weights (F16, else BF16) from element `i` as f32.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn load8(ty: GgmlType, w: &[u8], i: usize) -> __m256 {
-    match ty {
-        GgmlType::F32 => _mm256_loadu_ps(w.as_ptr().add(4 * i) as *const f32),
-        GgmlType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i)),
-        _ => {
-            let h = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        }
+    let h = _mm_loadu_si128(w.as_ptr().add(2 * i) as *const __m128i);
+    if ty == GgmlType::F16 {
+        _mm256_cvtph_ps(h)
+    } else {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
     }
 }
 
@@ -757,12 +755,13 @@ pub unsafe fn weighted_rows_avx2(s: &[f32], tile: &[f32], o: &mut [f32]) {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
-    let bytes = if ty == GgmlType::F32 { 4 } else { 2 };
-    assert!(w.len() >= bytes * x.len());
     if ty == GgmlType::F32 {
+        assert!(w.len() >= 4 * x.len());
         // SAFETY: checked just above.
         return dot_f32_raw(w.as_ptr(), x);
     }
+    // F16 or BF16 from here on.
+    assert!(w.len() >= 2 * x.len());
     let n = x.len();
     let mut acc = [_mm256_setzero_ps(); 4];
     let full = n / 32 * 32;
@@ -777,12 +776,10 @@ unsafe fn f_avx2(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
     }
     let mut tail = 0f32;
     for i in full..n {
-        let wv = match ty {
-            GgmlType::F32 => {
-                f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]])
-            }
-            GgmlType::F16 => f16_at(w, 2 * i),
-            _ => bf16_to_f32(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])),
+        let wv = if ty == GgmlType::F16 {
+            f16_at(w, 2 * i)
+        } else {
+            bf16_to_f32(u16::from_le_bytes([w[2 * i], w[2 * i + 1]]))
         };
         tail += wv * x[i];
     }
