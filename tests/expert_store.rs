@@ -9,6 +9,7 @@ mod common;
 use common::{fixture, fixture_tokens};
 use moeflux::experts::{Budget, IoMode};
 use moeflux::model::Prefetch;
+use moeflux::quant::GgmlType;
 use moeflux::sampling::argmax;
 use moeflux::{Engine, EngineOptions};
 
@@ -153,7 +154,12 @@ fn hybrid_checkpoints_are_plan_independent() {
 #[test]
 fn synthetic_hybrid_is_plan_independent() {
     let dir = tempfile::tempdir().unwrap();
-    check_path(&synth_preset(dir.path(), "tiny-qwen35moe", None));
+    check_path(&synth_preset(
+        dir.path(),
+        "tiny-qwen35moe",
+        None,
+        GgmlType::Q4_K,
+    ));
 }
 
 #[test]
@@ -229,14 +235,19 @@ fn preloading_makes_the_model_resident_and_changes_nothing() {
 /// A synthetic model with more layers than the fixtures (so lookahead has
 /// layers to read ahead for), written by `moeflux synth`'s library code.
 fn synth_model(dir: &std::path::Path, skew: Option<f64>) -> std::path::PathBuf {
-    synth_preset(dir, "tiny-qwen3moe", skew)
+    synth_preset(dir, "tiny-qwen3moe", skew, GgmlType::Q4_K)
 }
 
-fn synth_preset(dir: &std::path::Path, preset: &str, skew: Option<f64>) -> std::path::PathBuf {
+fn synth_preset(
+    dir: &std::path::Path,
+    preset: &str,
+    skew: Option<f64>,
+    quant: GgmlType,
+) -> std::path::PathBuf {
     let spec = moeflux::synth::SynthSpec {
         preset: moeflux::synth::preset(preset).unwrap(),
         layers: None,
-        quant: moeflux::quant::GgmlType::Q4_K,
+        quant,
         skew,
         seed: 3,
     };
@@ -251,6 +262,20 @@ fn synth_preset(dir: &std::path::Path, preset: &str, skew: Option<f64>) -> std::
 fn synthetic_model_is_plan_independent() {
     let dir = tempfile::tempdir().unwrap();
     check_path(&synth_model(dir.path(), None));
+}
+
+/// Q4_0 experts are interleaved by eight rows by the reader threads as
+/// they arrive (on CPUs with the eight-row kernel): every cache size must
+/// still give the same bits.
+#[test]
+fn synthetic_q4_0_model_is_plan_independent() {
+    let dir = tempfile::tempdir().unwrap();
+    check_path(&synth_preset(
+        dir.path(),
+        "tiny-qwen3moe",
+        None,
+        GgmlType::Q4_0,
+    ));
 }
 
 #[test]

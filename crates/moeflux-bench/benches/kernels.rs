@@ -1,9 +1,12 @@
 //! Matrix–vector products per weight type and kernel level, reported as GB/s
 //! of weights read (criterion's throughput): a regression shows up as a
-//! drop. Run with `cargo bench -p moeflux-bench`.
+//! drop. Run with `cargo bench -p moeflux-bench` (`MOEFLUX_BENCH_THREADS`
+//! sets the threads, 1 by default). `stream/*` is decode from DRAM; the
+//! others are products over matrices that fit in cache.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use moeflux::backend::cpu::kernels::{matmul_at, Acts, Level};
+use moeflux::backend::cpu::interleave;
+use moeflux::backend::cpu::kernels::{matmul_at, prepare, run_jobs, Acts, Level, MatJob, OutPtr};
 use moeflux::backend::cpu::pool::ThreadPool;
 use moeflux::backend::cpu::Matrix;
 use moeflux::quant::GgmlType;
@@ -57,9 +60,68 @@ fn bench(c: &mut Criterion) {
     }
 }
 
+/// Decode as the engine runs it: one token through many expert-sized
+/// matrices (768 × 2048, 256 of them: ten times the L3 of the machines
+/// measured), sixteen matrices per parallel job, so the weights come from
+/// DRAM as in a real decode step. GB/s of weights, plain rows against rows
+/// interleaved by eight (`interleave`), at the detected level.
+fn stream(c: &mut Criterion) {
+    let threads = std::env::var("MOEFLUX_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let pool = ThreadPool::new(threads);
+    let level = moeflux::backend::cpu::kernels::level();
+    let (rows, cols, n_mats, per_job) = (768usize, 2048usize, 256usize, 16usize);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
+        let mut group = c.benchmark_group(format!("stream/{ty}"));
+        let rb = ty.row_bytes(cols as u64).unwrap() as usize;
+        let mut bytes = vec![0u8; rb * rows * n_mats];
+        fill_blocks(ty, &mut Rng::new(1), 0.05, &mut bytes).unwrap();
+        let mut r = Rng::new(2);
+        let x: Vec<f32> = (0..cols).map(|_| r.normal() as f32).collect();
+        let mut ys = vec![0f32; rows * n_mats];
+        group.throughput(Throughput::Bytes(bytes.len() as u64));
+        for layout in ["plain", "interleaved"] {
+            if layout == "interleaved" {
+                for m in bytes.chunks_exact_mut(rb * rows) {
+                    interleave::interleave(ty, cols, m, &mut Vec::new());
+                }
+            }
+            let mats: Vec<Matrix> = bytes
+                .chunks_exact(rb * rows)
+                .map(|b| match layout {
+                    "plain" => Matrix::ggml(ty, rows, cols, b).unwrap(),
+                    _ => Matrix::interleaved(ty, rows, cols, b).unwrap(),
+                })
+                .collect();
+            let mut acts = Acts::default();
+            let input = prepare(&x, cols, &[&mats[0]], &mut acts, level);
+            let id = BenchmarkId::new(format!("{rows}x{cols}x{n_mats}"), layout);
+            group.bench_function(id, |b| {
+                b.iter(|| {
+                    for (mc, yc) in mats.chunks(per_job).zip(ys.chunks_mut(rows * per_job)) {
+                        let jobs: Vec<MatJob> = mc
+                            .iter()
+                            .zip(yc.chunks_mut(rows))
+                            .map(|(m, y)| MatJob {
+                                w: *m,
+                                input,
+                                y: OutPtr::new(y),
+                            })
+                            .collect();
+                        run_jobs(&pool, &jobs, level);
+                    }
+                })
+            });
+        }
+        group.finish();
+    }
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench
+    targets = bench, stream
 }
 criterion_main!(kernels);

@@ -177,13 +177,17 @@ impl Engine {
         });
         let plan = MemoryPlan::new(budget, input)?;
 
-        // Dense weights resident in memory; experts through the store.
+        // Dense weights resident in memory (rows interleaved by eight where
+        // the CPU has a kernel for that layout); experts through the store,
+        // which interleaves them as they arrive.
+        let cpu = Cpu::new(opts.threads, opts.cpu_level)?;
         let progress = opts.on_load_progress.clone();
         files.make_resident(&dense_spans, &mut |done, total| {
             if let Some(p) = &progress {
                 p(done, total);
             }
         })?;
+        model::weights::interleave_resident(&mut files, &model.dense_weights(), cpu.level);
         let store = ExpertStore::new(
             &files,
             experts,
@@ -191,6 +195,7 @@ impl Engine {
                 slots: plan.slots as usize,
                 io: opts.io,
                 io_threads: opts.io_threads,
+                interleave_for: Some(cpu.level),
             },
         )?;
 
@@ -244,7 +249,7 @@ impl Engine {
                 prefetch: opts.prefetch,
                 tokenizer,
                 template,
-                cpu: Cpu::new(opts.threads, opts.cpu_level)?,
+                cpu,
                 ctx,
                 ubatch: opts.ubatch.max(1),
                 kv_type: opts.kv_type,

@@ -108,6 +108,20 @@ pub struct PartRead {
     pub len: u64,
     /// Where the window goes in the slot.
     pub dst: usize,
+    /// Whether the part's rows are interleaved by eight once read.
+    pub interleave: Option<Interleave>,
+}
+
+/// A part to rewrite with its rows interleaved by eight
+/// ([`crate::backend::cpu::interleave`]) once it has been read: the
+/// reader does it, so the slot is READY in the layout the kernels read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Interleave {
+    pub ty: crate::quant::GgmlType,
+    pub cols: usize,
+    /// Where the payload starts in the window, and its length.
+    pub at: usize,
+    pub len: usize,
 }
 
 /// Most parts an expert has (three matrices × weight/scales/biases).
@@ -247,6 +261,8 @@ fn reader_loop(
     states: Arc<SlotStates>,
     counters: Arc<IoCounters>,
 ) {
+    // One group of rows while they are interleaved (grows once).
+    let mut scratch = Vec::new();
     loop {
         let job = {
             let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -272,7 +288,21 @@ fn reader_loop(
                 )
             };
             match read_window(&files[p.file as usize], buf, p.offset) {
-                Ok(n) => bytes += n as u64,
+                Ok(n) => {
+                    bytes += n as u64;
+                    if let Some(x) = p.interleave {
+                        let Some(data) = buf.get_mut(x.at..x.at + x.len) else {
+                            result = Err(format!("part of {} bytes outside its window", x.len));
+                            break;
+                        };
+                        crate::backend::cpu::interleave::interleave(
+                            x.ty,
+                            x.cols,
+                            data,
+                            &mut scratch,
+                        );
+                    }
+                }
                 Err(e) => {
                     result = Err(format!(
                         "reading {} bytes at offset {}: {e}",

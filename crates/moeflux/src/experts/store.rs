@@ -17,13 +17,16 @@ use std::time::Instant;
 use super::arena::Arena;
 use super::cache::SlotCache;
 use super::io::{
-    self, IoMode, PartRead, ReadJob, Reader, SlotStates, FAILED, LOADING, MAX_PARTS, READY,
+    self, Interleave, IoMode, PartRead, ReadJob, Reader, SlotStates, FAILED, LOADING, MAX_PARTS,
+    READY,
 };
 use super::plan::{self, SLOT_ALIGN};
 use super::stats::{LayerStats, StoreStats};
+use crate::backend::cpu::kernels::{wants_interleaved, Level};
 use crate::backend::cpu::Matrix;
 use crate::format::{ModelFiles, Span};
 use crate::model::weights::WeightRef;
+use crate::quant::TensorType;
 
 /// Where one expert's three matrices are.
 #[derive(Clone, Debug, PartialEq)]
@@ -39,11 +42,14 @@ pub struct ExpertRef {
 impl ExpertRef {
     /// Every span of the expert, in slot order (gate, up, down parts).
     fn spans(&self) -> impl Iterator<Item = &Span> {
-        self.gate
-            .parts
-            .iter()
-            .chain(&self.up.parts)
-            .chain(&self.down.parts)
+        self.parts().map(|(_, s)| s)
+    }
+
+    /// Every span with the matrix it belongs to, in slot order.
+    fn parts(&self) -> impl Iterator<Item = (&WeightRef, &Span)> {
+        [&self.gate, &self.up, &self.down]
+            .into_iter()
+            .flat_map(|w| w.parts.iter().map(move |s| (w, s)))
     }
 
     /// Bytes of the expert.
@@ -91,6 +97,11 @@ pub struct StoreOptions {
     pub slots: usize,
     pub io: IoMode,
     pub io_threads: usize,
+    /// The CPU kernel level experts are computed at: expert matrices that
+    /// have an eight-row kernel there are interleaved in their slots as
+    /// they arrive (see [`crate::backend::cpu::interleave`]). None keeps
+    /// the file's layout.
+    pub interleave_for: Option<Level>,
 }
 
 /// The routed experts of every layer, streamed through a slot arena.
@@ -103,6 +114,7 @@ pub struct ExpertStore {
     reader: Reader,
     /// Where part `p` of an expert starts in its slot.
     part_dst: Vec<usize>,
+    interleave_for: Option<Level>,
     stats: Vec<LayerStats>,
 }
 
@@ -198,6 +210,7 @@ impl ExpertStore {
             states,
             reader,
             part_dst,
+            interleave_for: opts.interleave_for,
         })
     }
 
@@ -241,16 +254,26 @@ impl ExpertStore {
             offset: 0,
             len: 0,
             dst: 0,
+            interleave: None,
         }; MAX_PARTS];
         let mut n = 0;
         let mut bytes = 0;
-        for (i, s) in x.spans().enumerate() {
-            let (start, len, _) = io::window(s.offset, s.len);
+        for (i, (w, s)) in x.parts().enumerate() {
+            let (start, len, delta) = io::window(s.offset, s.len);
             parts[i] = PartRead {
                 file: s.file,
                 offset: start,
                 len,
                 dst: self.part_dst[i],
+                interleave: match w.ty {
+                    TensorType::Ggml(ty) if self.interleaved(w) => Some(Interleave {
+                        ty,
+                        cols: w.cols,
+                        at: delta as usize,
+                        len: s.len as usize,
+                    }),
+                    _ => None,
+                },
             };
             bytes += len;
             n += 1;
@@ -374,12 +397,20 @@ impl ExpertStore {
                     unsafe { self.arena.bytes(slot as usize, at, s.len as usize) }
                 })
                 .collect();
-            w.matrix(&bytes)
+            w.matrix(&bytes, self.interleaved(w))
         };
         let gate = matrix(&x.gate);
         let up = matrix(&x.up);
         let down = matrix(&x.down);
         ExpertView { gate, up, down }
+    }
+
+    /// Whether an expert matrix is interleaved in its slot.
+    fn interleaved(&self, w: &WeightRef) -> bool {
+        match (w.ty, w.parts.len(), self.interleave_for) {
+            (TensorType::Ggml(ty), 1, Some(level)) => wants_interleaved(ty, w.rows, w.cols, level),
+            _ => false,
+        }
     }
 
     /// Unpins experts after use.

@@ -40,7 +40,7 @@ pub enum FormatError {
 }
 
 /// A contiguous byte range of one of a model's files.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Span {
     /// Index into [`ModelFiles::files`].
     pub file: u32,
@@ -177,6 +177,8 @@ struct Resident {
     /// `data[at..]`.
     ranges: Vec<(u32, u64, u64, usize)>,
     data: Vec<u8>,
+    /// Spans whose copy in `data` has rows interleaved by eight, sorted.
+    interleaved: Vec<Span>,
 }
 
 impl ModelFiles {
@@ -303,7 +305,11 @@ impl ModelFiles {
             }
             ranges.push((file, start, end, at));
         }
-        self.resident = Resident { ranges, data };
+        self.resident = Resident {
+            ranges,
+            data,
+            interleaved: Vec::new(),
+        };
         Ok(total)
     }
 
@@ -321,17 +327,59 @@ impl ModelFiles {
     /// Spans come from this model's own tensor entries, which were checked
     /// against the file sizes when the files were opened.
     pub fn bytes(&self, span: &Span) -> &[u8] {
-        let r = &self.resident.ranges;
-        let i = r.partition_point(|&(f, start, _, _)| (f, start) <= (span.file, span.offset));
-        if i > 0 {
-            let (f, start, end, at) = r[i - 1];
-            if f == span.file && span.offset >= start && span.offset + span.len <= end {
-                let from = at + (span.offset - start) as usize;
-                return &self.resident.data[from..from + span.len as usize];
-            }
+        if let Some(from) = self.resident_at(span) {
+            return &self.resident.data[from..from + span.len as usize];
         }
         let start = span.offset as usize;
         &self.files[span.file as usize].bytes()[start..start + span.len as usize]
+    }
+
+    /// The resident copy of a span, for rewriting in place (None when the
+    /// span is not resident: the memory map is read-only).
+    pub fn resident_mut(&mut self, span: &Span) -> Option<&mut [u8]> {
+        let r = &self.resident.ranges;
+        let i = r.partition_point(|&(f, start, _, _)| (f, start) <= (span.file, span.offset));
+        let (f, start, end, at) = *r.get(i.checked_sub(1)?)?;
+        if f != span.file || span.offset < start || span.offset + span.len > end {
+            return None;
+        }
+        let from = at + (span.offset - start) as usize;
+        self.resident.data.get_mut(from..from + span.len as usize)
+    }
+
+    /// Rewrites the resident copy of `span` (`ty` rows of `cols` values)
+    /// with its rows interleaved by eight, and remembers it for
+    /// [`ModelFiles::is_interleaved`]. False (nothing done) when the span
+    /// is not resident: the memory map is read-only.
+    pub fn interleave_resident(
+        &mut self,
+        span: &Span,
+        ty: crate::quant::GgmlType,
+        cols: usize,
+        scratch: &mut Vec<u8>,
+    ) -> bool {
+        let Some(at) = self.resident_at(span) else {
+            return false;
+        };
+        let data = &mut self.resident.data[at..at + span.len as usize];
+        crate::backend::cpu::interleave::interleave(ty, cols, data, scratch);
+        let i = self.resident.interleaved.partition_point(|s| s < span);
+        self.resident.interleaved.insert(i, *span);
+        true
+    }
+
+    /// Whether the resident copy of `span` was interleaved.
+    pub fn is_interleaved(&self, span: &Span) -> bool {
+        self.resident.interleaved.binary_search(span).is_ok()
+    }
+
+    /// Where a span's bytes are in the resident copy, if they are there.
+    fn resident_at(&self, span: &Span) -> Option<usize> {
+        let r = &self.resident.ranges;
+        let i = r.partition_point(|&(f, start, _, _)| (f, start) <= (span.file, span.offset));
+        let (f, start, end, at) = *r.get(i.checked_sub(1)?)?;
+        (f == span.file && span.offset >= start && span.offset + span.len <= end)
+            .then(|| at + (span.offset - start) as usize)
     }
 
     /// Total size of all files.

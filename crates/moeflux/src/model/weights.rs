@@ -34,10 +34,15 @@ pub struct WeightRef {
 }
 
 impl WeightRef {
-    /// Makes a matrix view over the given part bytes (in `parts` order).
-    /// Sizes and types were checked when the reference was made.
-    pub fn matrix<'a>(&self, bytes: &[&'a [u8]]) -> Matrix<'a> {
+    /// Makes a matrix view over the given part bytes (in `parts` order),
+    /// whose rows are interleaved by eight if `interleaved` (a copy the
+    /// caller rewrote with [`crate::backend::cpu::interleave`]). Sizes and
+    /// types were checked when the reference was made.
+    pub fn matrix<'a>(&self, bytes: &[&'a [u8]], interleaved: bool) -> Matrix<'a> {
         let m = match self.ty {
+            TensorType::Ggml(t) if interleaved => {
+                Matrix::interleaved(t, self.rows, self.cols, bytes[0])
+            }
             TensorType::Ggml(t) => Matrix::ggml(t, self.rows, self.cols, bytes[0]),
             TensorType::Mlx(q) => {
                 Matrix::mlx(q, self.rows, self.cols, bytes[0], bytes[1], bytes[2])
@@ -52,11 +57,11 @@ impl WeightRef {
         }
     }
 
-    /// The matrix, read zero-copy from the memory map.
+    /// The matrix, read zero-copy from its resident copy or the memory map.
     pub fn view<'a>(&self, files: &'a ModelFiles) -> Matrix<'a> {
         match self.parts.as_slice() {
-            [one] => self.matrix(&[files.bytes(one)]),
-            [w, s, b] => self.matrix(&[files.bytes(w), files.bytes(s), files.bytes(b)]),
+            [one] => self.matrix(&[files.bytes(one)], files.is_interleaved(one)),
+            [w, s, b] => self.matrix(&[files.bytes(w), files.bytes(s), files.bytes(b)], false),
             _ => unreachable!("a weight has one or three parts"),
         }
     }
@@ -65,6 +70,51 @@ impl WeightRef {
     pub fn bytes(&self) -> u64 {
         self.parts.iter().map(|p| p.len).sum()
     }
+}
+
+/// Interleaves the resident copies of the `weights` whose type and shape
+/// have a faster kernel at `level` over rows interleaved by eight
+/// ([`crate::backend::cpu::interleave`]); [`WeightRef::view`] reads them
+/// that way afterwards. A span is rewritten only when every weight over
+/// it wants it (a tied embedding is one span for two weights) and no other
+/// span overlaps it. Returns the bytes rewritten.
+pub fn interleave_resident(
+    files: &mut ModelFiles,
+    weights: &[&WeightRef],
+    level: crate::backend::cpu::kernels::Level,
+) -> u64 {
+    use crate::backend::cpu::kernels::wants_interleaved;
+    let wanted = |w: &WeightRef| match (w.ty, w.parts.as_slice()) {
+        (TensorType::Ggml(t), [_]) => wants_interleaved(t, w.rows, w.cols, level),
+        _ => false,
+    };
+    let mut chosen: Vec<(Span, crate::quant::GgmlType, usize)> = Vec::new();
+    for w in weights {
+        let (TensorType::Ggml(ty), [span]) = (w.ty, w.parts.as_slice()) else {
+            continue;
+        };
+        let touching = |o: &&&WeightRef| {
+            o.parts.iter().any(|p| {
+                p.file == span.file
+                    && p.offset < span.offset + span.len
+                    && span.offset < p.offset + p.len
+            })
+        };
+        let all_want = weights
+            .iter()
+            .filter(touching)
+            .all(|o| wanted(o) && o.parts[0] == *span && o.ty == w.ty && o.cols == w.cols);
+        if all_want && !chosen.iter().any(|c| c.0 == *span) {
+            chosen.push((*span, ty, w.cols));
+        }
+    }
+    let (mut scratch, mut bytes) = (Vec::new(), 0);
+    for (span, ty, cols) in chosen {
+        if files.interleave_resident(&span, ty, cols, &mut scratch) {
+            bytes += span.len;
+        }
+    }
+    bytes
 }
 
 /// Checks that `ty` can be computed with, building a throwaway view over

@@ -188,7 +188,7 @@ fn q3_k(b: &[u8], y: &mut [f32]) {
 /// `s + 4`; sub-blocks 4..8 in the nibbles of bytes 8..12 plus the top two
 /// bits of bytes 0..8.
 #[inline]
-fn k_scale_min(sc: &[u8], s: usize) -> (u8, u8) {
+pub(crate) fn k_scale_min(sc: &[u8], s: usize) -> (u8, u8) {
     if s < 4 {
         (sc[s] & 63, sc[s + 4] & 63)
     } else {

@@ -12,6 +12,9 @@ use crate::quant::{GgmlType, MlxAffine};
 pub enum MatrixData<'a> {
     /// `rows` rows of ggml blocks.
     Ggml { ty: GgmlType, bytes: &'a [u8] },
+    /// The same blocks with rows interleaved in groups of eight
+    /// ([`super::interleave`]); same size.
+    Interleaved { ty: GgmlType, bytes: &'a [u8] },
     /// MLX affine: packed weights, scales and biases, each `rows` rows.
     Mlx {
         q: MlxAffine,
@@ -74,6 +77,27 @@ impl<'a> Matrix<'a> {
         })
     }
 
+    /// A matrix whose bytes were rewritten by [`super::interleave::interleave`]:
+    /// checked as [`Matrix::ggml`] and for a type and shape that have the
+    /// interleaved layout.
+    pub fn interleaved(
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        bytes: &'a [u8],
+    ) -> Result<Matrix<'a>, MatrixError> {
+        let m = Matrix::ggml(ty, rows, cols, bytes)?;
+        if !super::interleave::supports(ty, rows, cols) {
+            return Err(MatrixError::Unsupported(format!(
+                "{ty} {rows} × {cols} interleaved by eight rows"
+            )));
+        }
+        Ok(Matrix {
+            data: MatrixData::Interleaved { ty, bytes },
+            ..m
+        })
+    }
+
     /// An MLX affine matrix, checked for size and supported parameters.
     pub fn mlx(
         q: MlxAffine,
@@ -119,6 +143,12 @@ impl<'a> Matrix<'a> {
                 let rb = bytes.len() / self.rows;
                 // Sizes were checked when the matrix was made.
                 let _ = dequantize(ty, &bytes[r * rb..(r + 1) * rb], &mut out[..c]);
+            }
+            MatrixData::Interleaved { ty, bytes } => {
+                let rb = bytes.len() / self.rows;
+                let mut plain = [0u8; super::interleave::MAX_ROW_BYTES];
+                super::interleave::row_of(ty, bytes, rb, r, &mut plain[..rb]);
+                let _ = dequantize(ty, &plain[..rb], &mut out[..c]);
             }
             MatrixData::Mlx {
                 q,

@@ -1,6 +1,7 @@
 //! The CPU backend: matrix–vector products over quantized weights and the
 //! small fused operations a transformer layer needs.
 
+pub mod interleave;
 pub mod kernels;
 pub mod matrix;
 pub mod ops;

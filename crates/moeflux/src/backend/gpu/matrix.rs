@@ -68,6 +68,12 @@ impl GpuMatrix {
             MatrixData::Ggml { ty, bytes } => {
                 (WeightKind::Ggml(ty), 0, false, Array::of(bytes, rows), None)
             }
+            MatrixData::Interleaved { ty, .. } => {
+                // The CPU backend's layout; the GPU path uploads file rows.
+                return Err(GpuError::Unsupported(format!(
+                    "{ty} weights interleaved for the CPU's eight-row kernels"
+                )));
+            }
             MatrixData::Mlx {
                 q,
                 weight,

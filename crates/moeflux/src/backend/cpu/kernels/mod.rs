@@ -17,6 +17,7 @@ pub mod x86;
 
 use std::sync::OnceLock;
 
+use super::interleave::{self, MAX_ROW_BYTES, ROWS};
 use super::matrix::{dot as f32_dot, Matrix, MatrixData};
 use super::pool::ThreadPool;
 use super::quantize::{Q8Acts, Q8Row};
@@ -113,7 +114,9 @@ pub enum ActKind {
 pub fn act_kind(m: &Matrix<'_>, level: Level) -> ActKind {
     act_kind_of(
         match m.data {
-            MatrixData::Ggml { ty, .. } => TensorType::Ggml(ty),
+            MatrixData::Ggml { ty, .. } | MatrixData::Interleaved { ty, .. } => {
+                TensorType::Ggml(ty)
+            }
             MatrixData::Mlx { q, .. } => TensorType::Mlx(q),
         },
         level,
@@ -173,6 +176,9 @@ fn is_k_quant(w: &Matrix<'_>) -> bool {
         w.data,
         MatrixData::Ggml {
             ty: GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K,
+            ..
+        } | MatrixData::Interleaved {
+            ty: GgmlType::Q4_K,
             ..
         }
     )
@@ -259,6 +265,9 @@ pub struct MatJob<'a> {
 pub type Q8Kernel = unsafe fn(&[u8], Q8Row<'_>) -> f32;
 /// A row kernel for four activation rows at once.
 pub type Q8Kernel4 = unsafe fn(&[u8], &[Q8Row<'_>; 4]) -> [f32; 4];
+/// A kernel over one group of eight interleaved rows
+/// ([`super::interleave`]) and one activation row: the eight dots.
+pub type Q8KernelX8 = unsafe fn(&[u8], Q8Row<'_>) -> [f32; 8];
 /// An MLX affine row kernel: `(bits, group, weights, scales, biases, activations)`.
 pub type MlxKernel = unsafe fn(u32, usize, &[u8], &[u8], &[u8], Q8Row<'_>) -> f32;
 /// A float-weight row kernel with f32 activations.
@@ -280,7 +289,9 @@ fn resolve(w: &Matrix<'_>, input: &Input<'_>, level: Level) -> RowKernel {
         return RowKernel::Reference;
     }
     match (kind, w.data) {
-        (ActKind::Q8, MatrixData::Ggml { ty, .. }) => RowKernel::Q8(q8_kernel(ty, level)),
+        (ActKind::Q8, MatrixData::Ggml { ty, .. } | MatrixData::Interleaved { ty, .. }) => {
+            RowKernel::Q8(q8_kernel(ty, level))
+        }
         (ActKind::Q8, MatrixData::Mlx { .. }) => RowKernel::Mlx(mlx_kernel(level)),
         _ => RowKernel::F(f_kernel(level)),
     }
@@ -301,6 +312,24 @@ fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
         GgmlType::Q6_K => scalar::dot_q6_k,
         _ => unreachable!("not an 8-bit-activation type"),
     }
+}
+
+/// The kernel over eight interleaved rows of a type at a level, if it has
+/// one.
+fn q8_kernel_x8(ty: GgmlType, level: Level) -> Option<Q8KernelX8> {
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        return x86::q8_kernel_x8(ty, level);
+    }
+    let _ = (ty, level);
+    None
+}
+
+/// Whether weights of `ty` in a `rows × cols` matrix are worth
+/// interleaving at `level` (a kernel reads that layout there); the loader
+/// interleaves the resident copies of those.
+pub fn wants_interleaved(ty: GgmlType, rows: usize, cols: usize, level: Level) -> bool {
+    super::interleave::supports(ty, rows, cols) && q8_kernel_x8(ty, level).is_some()
 }
 
 /// The four-row kernel of a type at a level, if it has one.
@@ -419,12 +448,20 @@ pub fn weighted_rows(level: Level, s: &[f32], tile: &[f32], o: &mut [f32]) {
 /// hundreds of jobs, and the wait for the slowest thread at the end of each
 /// one adds up. With several tokens the rows stay the same (they stay in
 /// L1 while the tokens pass) and a task does proportionally more work.
+///
+/// Interleaved matrices are split at whole groups of eight rows.
 fn rows_per_task(w: &Matrix<'_>) -> usize {
     let row_bytes = match w.data {
-        MatrixData::Ggml { bytes, .. } => bytes.len() / w.rows.max(1),
+        MatrixData::Ggml { bytes, .. } | MatrixData::Interleaved { bytes, .. } => {
+            bytes.len() / w.rows.max(1)
+        }
         MatrixData::Mlx { weight, .. } => weight.len() / w.rows.max(1),
     };
-    (16_384 / row_bytes.max(1)).clamp(1, w.rows.max(1))
+    let rows = (16_384 / row_bytes.max(1)).clamp(1, w.rows.max(1));
+    match w.data {
+        MatrixData::Interleaved { .. } => rows.next_multiple_of(ROWS),
+        _ => rows,
+    }
 }
 
 /// `y_i = W_i x` for `N` weights applied to the same input `x` (`n × cols`
@@ -499,30 +536,57 @@ pub fn run_jobs(pool: &ThreadPool, jobs: &[MatJob<'_>], level: Level) {
                     unreachable!("resolved for quantized input")
                 };
                 let rb = bytes.len() / rows;
-                let row = |r: usize| &bytes[r * rb..(r + 1) * rb];
-                // Groups of four tokens through the four-row kernel: the
-                // task's rows (about 16 KiB) stay in L1 while the groups'
-                // activations stream past, and each weight block is
-                // unpacked once per group.
-                let mut t = 0;
-                if let Some(f4) = q8_kernel4(ty, level) {
-                    while t + 4 <= input.n {
-                        let a = std::array::from_fn(|i| q8.row(input.row0 + t + i));
-                        for r in r0..r1 {
-                            // SAFETY: the kernel was resolved for this CPU's level.
-                            let v = unsafe { f4(row(r), &a) };
-                            for (i, v) in v.into_iter().enumerate() {
-                                put(t + i, r, v);
+                let q8rows = Q8Rows {
+                    f,
+                    f4: q8_kernel4(ty, level),
+                    q8,
+                    row0: input.row0,
+                    n: input.n,
+                };
+                q8rows.run(&bytes[r0 * rb..r1 * rb], rb, r0, &put);
+            }
+            (RowKernel::Q8(f), MatrixData::Interleaved { ty, bytes }) => {
+                let Some(q8) = input.q8 else {
+                    unreachable!("resolved for quantized input")
+                };
+                let rb = bytes.len() / rows;
+                let groups = bytes[r0 * rb..r1 * rb].chunks_exact(ROWS * rb);
+                match q8_kernel_x8(ty, level) {
+                    // Eight rows at a time, one lane per row, token by
+                    // token while the group (9 KiB for a 2048-wide Q4_0
+                    // or Q4_K row) stays in L1. For prompts too: measured
+                    // faster than the plain rows' four-token kernels
+                    // (512-token prompt, Qwen3-30B-A3B shape, 2 threads:
+                    // Q4_K 18.3 vs 15.3 tok/s, Q4_0 17.4 vs 14.6).
+                    Some(f8) => {
+                        for t in 0..input.n {
+                            let a = q8.row(input.row0 + t);
+                            for (g, group) in groups.clone().enumerate() {
+                                // SAFETY: the kernel was resolved for this CPU's level.
+                                let v = unsafe { f8(group, a) };
+                                for (j, v) in v.into_iter().enumerate() {
+                                    put(t, r0 + ROWS * g + j, v);
+                                }
                             }
                         }
-                        t += 4;
                     }
-                }
-                for t in t..input.n {
-                    let a = q8.row(input.row0 + t);
-                    for r in r0..r1 {
-                        // SAFETY: the kernel was resolved for this CPU's level.
-                        put(t, r, unsafe { f(row(r), a) });
+                    // No eight-row kernel at this level (the loader does not
+                    // interleave then; kernel tests do): each group back
+                    // to plain rows, then the row kernels.
+                    None => {
+                        let q8rows = Q8Rows {
+                            f,
+                            f4: q8_kernel4(ty, level),
+                            q8,
+                            row0: input.row0,
+                            n: input.n,
+                        };
+                        let mut plain = [0u8; ROWS * MAX_ROW_BYTES];
+                        let plain = &mut plain[..ROWS * rb];
+                        for (g, group) in groups.enumerate() {
+                            interleave::group_to_rows(ty, group, plain);
+                            q8rows.run(plain, rb, r0 + ROWS * g, &put);
+                        }
                     }
                 }
             }
@@ -579,6 +643,48 @@ pub fn run_jobs(pool: &ThreadPool, jobs: &[MatJob<'_>], level: Level) {
             }
         }
     });
+}
+
+/// Row kernels with 8-bit activations over plain rows, for `n` activation
+/// rows from `row0`.
+struct Q8Rows<'a> {
+    f: Q8Kernel,
+    f4: Option<Q8Kernel4>,
+    q8: &'a Q8Acts,
+    row0: usize,
+    n: usize,
+}
+
+impl Q8Rows<'_> {
+    /// `put(t, r, dot)` for every token `t` and row `first + i` of `rows`
+    /// (`rb` bytes each).
+    fn run(&self, rows: &[u8], rb: usize, first: usize, put: &impl Fn(usize, usize, f32)) {
+        let q8 = self.q8;
+        // Groups of four tokens through the four-row kernel: the rows
+        // (about 16 KiB) stay in L1 while the groups' activations stream
+        // past, and each weight block is unpacked once per group.
+        let mut t = 0;
+        if let Some(f4) = self.f4 {
+            while t + 4 <= self.n {
+                let a = std::array::from_fn(|i| q8.row(self.row0 + t + i));
+                for (i, row) in rows.chunks_exact(rb).enumerate() {
+                    // SAFETY: the kernel was resolved for this CPU's level.
+                    let v = unsafe { f4(row, &a) };
+                    for (k, v) in v.into_iter().enumerate() {
+                        put(t + k, first + i, v);
+                    }
+                }
+                t += 4;
+            }
+        }
+        for t in t..self.n {
+            let a = q8.row(self.row0 + t);
+            for (i, row) in rows.chunks_exact(rb).enumerate() {
+                // SAFETY: the kernel was resolved for this CPU's level.
+                put(t, first + i, unsafe { (self.f)(row, a) });
+            }
+        }
+    }
 }
 
 /// `Y = X Wᵀ` for `n` activation rows `x` (`n × cols`) into `y`

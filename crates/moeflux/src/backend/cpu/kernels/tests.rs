@@ -53,10 +53,16 @@ fn check(m: &Matrix<'_>, name: &str) {
 /// of the activation quantization, and a cosine similarity of at least
 /// 0.9999 overall.
 fn check_with(m: &Matrix<'_>, name: &str, outliers: bool) {
-    let pool = ThreadPool::new(2);
     // 21 tokens: five groups of four (the multi-row kernels) and one left
-    // over (the one-row kernels).
-    let n = 21;
+    // over (the one-row kernels); 3 tokens: the decode path (interleaved
+    // weights go through their eight-row kernels below four tokens).
+    for n in [21, 3] {
+        check_tokens(m, name, outliers, n);
+    }
+}
+
+fn check_tokens(m: &Matrix<'_>, name: &str, outliers: bool, n: usize) {
+    let pool = ThreadPool::new(2);
     let x = activations(n * m.cols, 11, outliers);
     let mut want = vec![0f32; n * m.rows];
     let mut acts = Acts::default();
@@ -120,6 +126,34 @@ fn check_ggml(ty: GgmlType, rows: usize, cols: usize) {
     check(&m, ty.name());
 }
 
+/// [`check_ggml`] with the rows interleaved by eight.
+fn check_interleaved(ty: GgmlType, rows: usize, cols: usize) {
+    let bytes_len = ty.row_bytes(cols as u64).unwrap() as usize * rows;
+    let mut bytes = vec![0u8; bytes_len];
+    fill_blocks(ty, &mut Rng::new(ty.id() as u64 + 1), 0.05, &mut bytes).unwrap();
+    crate::backend::cpu::interleave::interleave(ty, cols, &mut bytes, &mut Vec::new());
+    let m = Matrix::interleaved(ty, rows, cols, &bytes).unwrap();
+    check(&m, &format!("{ty} interleaved"));
+}
+
+#[test]
+fn q4_k_interleaved() {
+    check_interleaved(GgmlType::Q4_K, 24, 256 * 3);
+    check_interleaved(GgmlType::Q4_K, 8, 256);
+}
+
+#[test]
+fn q4_0_interleaved() {
+    // Five groups of eight rows (tasks end inside none of them), an odd
+    // number of block columns; then a longer row.
+    check_interleaved(GgmlType::Q4_0, 40, 32 * 9);
+    check_interleaved(GgmlType::Q4_0, 16, 32 * 24);
+    // Not interleavable: a type without the layout.
+    assert!(Matrix::interleaved(GgmlType::Q8_0, 8, 32, &[0u8; 8 * 34]).is_err());
+    // Nor rows that are not a multiple of eight.
+    assert!(Matrix::interleaved(GgmlType::Q4_0, 12, 32, &[0u8; 12 * 18]).is_err());
+}
+
 #[test]
 fn q4_0() {
     // Nine blocks: one group of eight and a tail; then groups only.
@@ -178,6 +212,14 @@ fn q4_k_random_scales_and_mins() {
     check_with(
         &Matrix::ggml(GgmlType::Q4_K, rows, cols, &bytes).unwrap(),
         "Q4_K random scales",
+        false,
+    );
+    // The same through the eight-row kernel (all scale bits re-encoded).
+    let mut x = bytes.clone();
+    crate::backend::cpu::interleave::interleave(GgmlType::Q4_K, cols, &mut x, &mut Vec::new());
+    check_with(
+        &Matrix::interleaved(GgmlType::Q4_K, rows, cols, &x).unwrap(),
+        "Q4_K random scales, interleaved",
         false,
     );
     let mut b5 = vec![0u8; rows * cols / 256 * 176];

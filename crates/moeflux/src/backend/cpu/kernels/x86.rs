@@ -253,6 +253,212 @@ unsafe fn q4_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     hsum256(_mm256_add_ps(acc[0], acc[1])) + tail
 }
 
+/// Eight interleaved Q4_0 rows (one group of [`interleave`]) against one
+/// activation row: the eight dots, one per lane.
+///
+/// Per block column, four 32-byte loads hold the eight rows' codes with
+/// row `j` in 32-bit lane `j`; each activation quad is broadcast once for
+/// all eight rows, the `u8 × i8` pair sums are added in 16 bits (eight
+/// products of at most 2·15·127 each: below 2^15) and widened once, the
+/// `-8 · Σ a` offset is subtracted in integers, and the eight rows' scales
+/// are one f16 vector. No horizontal sums until the end, and none there.
+///
+/// [`interleave`]: super::super::interleave
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0_avx2_x8(g: &[u8], a: Q8Row<'_>) -> [f32; 8] {
+    const TILE: usize = 8 * 18;
+    let nb = g.len() / TILE;
+    assert!(g.len() == nb * TILE && a.qs.len() >= 32 * nb && a.d.len() >= nb && a.sum.len() >= nb);
+    let (gp, qp) = (g.as_ptr(), a.qs.as_ptr());
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // One block column: the eight rows' integer sums, offset removed.
+    let column = |b: usize| {
+        // SAFETY: b < nb: tile b and activation block b are inside the
+        // buffers (checked above).
+        let tile = gp.add(TILE * b);
+        prefetch_ahead(tile, TILE);
+        let qa = qp.add(32 * b);
+        let quad =
+            |at: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(at) as *const i32));
+        let mut s16 = _mm256_setzero_si256();
+        for k in 0..4 {
+            let v = _mm256_loadu_si256(tile.add(16 + 32 * k) as *const __m256i);
+            let lo = _mm256_and_si256(v, mask);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), mask);
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo, quad(4 * k)));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi, quad(16 + 4 * k)));
+        }
+        let s32 = _mm256_sub_epi32(
+            _mm256_madd_epi16(s16, ones),
+            _mm256_set1_epi32(8 * a.sum[b]),
+        );
+        let d = _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i)),
+            _mm256_set1_ps(a.d[b]),
+        );
+        (d, _mm256_cvtepi32_ps(s32))
+    };
+    // Two accumulators: consecutive columns do not wait on each other.
+    let mut acc = [_mm256_setzero_ps(); 2];
+    for b in 0..nb {
+        let (d, s) = column(b);
+        acc[b % 2] = _mm256_fmadd_ps(d, s, acc[b % 2]);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_add_ps(acc[0], acc[1]));
+    out
+}
+
+/// 64 six-bit values stored by `interleave::put6` (48 bytes at `p`) as
+/// bytes: values 0..32 and 32..64.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn get6(p: *const u8) -> (__m256i, __m256i) {
+    // SAFETY: the caller guarantees 48 bytes at p.
+    let v = _mm256_loadu_si256(p as *const __m256i);
+    let m4 = _mm256_set1_epi8(0x0F);
+    let lo = _mm256_and_si256(v, m4);
+    let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+    // Top bits: values i, 16 + i (first vector) and 32 + i, 48 + i
+    // (second) sit at bits 0, 2 and 4, 6 of byte i.
+    let top = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.add(32) as *const __m128i));
+    let m2 = _mm256_set1_epi8(3);
+    let t0 = _mm256_and_si256(_mm256_srlv_epi64(top, _mm256_setr_epi64x(0, 0, 2, 2)), m2);
+    let t1 = _mm256_and_si256(_mm256_srlv_epi64(top, _mm256_setr_epi64x(4, 4, 6, 6)), m2);
+    (
+        _mm256_or_si256(lo, _mm256_slli_epi16::<4>(t0)),
+        _mm256_or_si256(hi, _mm256_slli_epi16::<4>(t1)),
+    )
+}
+
+/// Eight interleaved Q4_K rows (one group of [`interleave`]) against one
+/// activation row (power-of-two block scales): the eight dots.
+///
+/// As [`q4_0_avx2_x8`]: row `j` in 32-bit lane `j`, each activation quad
+/// broadcast once for the eight rows, a sub-block's products added in 16
+/// bits. A sub-block's sums are then multiplied by the eight rows' scales
+/// (duplicated to the two 16-bit halves of each lane, one `madd`) and
+/// shifted by the activation block's power of two; the mins term is four
+/// `madd`s of (min · 2^shift) pairs with the activation sums.
+///
+/// [`interleave`]: super::super::interleave
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_avx2_x8(g: &[u8], a: Q8Row<'_>) -> [f32; 8] {
+    const TILE: usize = 8 * 144;
+    let nb = g.len() / TILE;
+    assert!(
+        g.len() == nb * TILE
+            && a.qs.len() >= nb * QK_K
+            && a.shift.len() >= 8 * nb
+            && a.shift32.len() >= 8 * nb
+            && a.base.len() >= nb
+            && a.sum.len() >= 8 * nb
+    );
+    let (gp, qp) = (g.as_ptr(), a.qs.as_ptr());
+    let m4 = _mm256_set1_epi8(0x0F);
+    let (mut acc, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for b in 0..nb {
+        // SAFETY (pointer arithmetic below): the lengths were checked
+        // above; tile b spans g[TILE·b..][..TILE], its activations
+        // qs[256b..][..256], shift/shift32/sum [8b..][..8].
+        let tile = gp.add(TILE * b);
+        prefetch_ahead(tile, TILE);
+        let qa = qp.add(QK_K * b);
+        // Scales as bytes [sub-block][row]; sub-block s's eight scales,
+        // each twice, as 16 i16 lanes.
+        let (s03, s47) = get6(tile.add(32));
+        let half = |v: __m256i, s: usize| {
+            let x = if s % 4 < 2 {
+                _mm256_castsi256_si128(v)
+            } else {
+                _mm256_extracti128_si256::<1>(v)
+            };
+            let d = if s.is_multiple_of(2) {
+                _mm_unpacklo_epi8(x, x)
+            } else {
+                _mm_unpackhi_epi8(x, x)
+            };
+            _mm256_cvtepu8_epi16(d)
+        };
+        let scale = |s: usize| half(if s < 4 { s03 } else { s47 }, s);
+        let shift = |s: usize| _mm256_set1_epi32(*a.shift32.get_unchecked(8 * b + s));
+        let quad =
+            |at: usize| _mm256_set1_epi32(std::ptr::read_unaligned(qa.add(at) as *const i32));
+        let mut isum = _mm256_setzero_si256();
+        for c in 0..4 {
+            let mut s_lo = _mm256_setzero_si256();
+            let mut s_hi = _mm256_setzero_si256();
+            for k in 0..8 {
+                let v = _mm256_loadu_si256(tile.add(128 + 256 * c + 32 * k) as *const __m256i);
+                let lo = _mm256_and_si256(v, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(v), m4);
+                s_lo = _mm256_add_epi16(s_lo, _mm256_maddubs_epi16(lo, quad(64 * c + 4 * k)));
+                s_hi = _mm256_add_epi16(s_hi, _mm256_maddubs_epi16(hi, quad(64 * c + 32 + 4 * k)));
+            }
+            let p_lo = _mm256_sllv_epi32(_mm256_madd_epi16(s_lo, scale(2 * c)), shift(2 * c));
+            let p_hi =
+                _mm256_sllv_epi32(_mm256_madd_epi16(s_hi, scale(2 * c + 1)), shift(2 * c + 1));
+            isum = _mm256_add_epi32(isum, _mm256_add_epi32(p_lo, p_hi));
+        }
+        // Mins as bytes [pair p][row][s % 2]: pair p's 16 bytes widened are
+        // (min of sub-block 2p, min of 2p + 1) per row.
+        let (m01, m23) = get6(tile.add(80));
+        let pow = pow2_16(a.shift.as_ptr().add(8 * b));
+        let sums = {
+            let sum = a.sum.as_ptr().add(8 * b);
+            let s8 = _mm_packs_epi32(
+                _mm_loadu_si128(sum as *const __m128i),
+                _mm_loadu_si128(sum.add(4) as *const __m128i),
+            );
+            _mm256_broadcastsi128_si256(s8)
+        };
+        let pair = |m: __m128i, pw: __m256i, sp: __m256i| {
+            _mm256_madd_epi16(_mm256_mullo_epi16(_mm256_cvtepu8_epi16(m), pw), sp)
+        };
+        let imin = _mm256_add_epi32(
+            _mm256_add_epi32(
+                pair(
+                    _mm256_castsi256_si128(m01),
+                    _mm256_shuffle_epi32::<0x00>(pow),
+                    _mm256_shuffle_epi32::<0x00>(sums),
+                ),
+                pair(
+                    _mm256_extracti128_si256::<1>(m01),
+                    _mm256_shuffle_epi32::<0x55>(pow),
+                    _mm256_shuffle_epi32::<0x55>(sums),
+                ),
+            ),
+            _mm256_add_epi32(
+                pair(
+                    _mm256_castsi256_si128(m23),
+                    _mm256_shuffle_epi32::<0xAA>(pow),
+                    _mm256_shuffle_epi32::<0xAA>(sums),
+                ),
+                pair(
+                    _mm256_extracti128_si256::<1>(m23),
+                    _mm256_shuffle_epi32::<0xFF>(pow),
+                    _mm256_shuffle_epi32::<0xFF>(sums),
+                ),
+            ),
+        );
+        let base = _mm256_set1_ps(a.base[b]);
+        let d = _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128(tile as *const __m128i)),
+            base,
+        );
+        let dmin = _mm256_mul_ps(
+            _mm256_cvtph_ps(_mm_loadu_si128(tile.add(16) as *const __m128i)),
+            base,
+        );
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(isum), acc);
+        accm = _mm256_fmadd_ps(dmin, _mm256_cvtepi32_ps(imin), accm);
+    }
+    let mut out = [0f32; 8];
+    _mm256_storeu_ps(out.as_mut_ptr(), _mm256_sub_ps(acc, accm));
+    out
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q8_0_avx2(w: &[u8], a: Q8Row<'_>) -> f32 {
     let nb = w.len() / 34;
@@ -1062,6 +1268,16 @@ pub fn q8_kernel4(ty: GgmlType, _level: Level) -> Option<super::Q8Kernel4> {
         GgmlType::Q4_K => Some(q4_k_avx2_rows::<4>),
         GgmlType::Q4_0 => Some(q4_0_avx2_rows::<4>),
         GgmlType::Q8_0 => Some(q8_0_avx2_rows::<4>),
+        _ => None,
+    }
+}
+
+/// The kernel over eight interleaved rows, where one exists (the decode
+/// path: see `interleave`). The AVX2 kernel serves the AVX-512 level too.
+pub fn q8_kernel_x8(ty: GgmlType, _level: Level) -> Option<super::Q8KernelX8> {
+    match ty {
+        GgmlType::Q4_0 => Some(q4_0_avx2_x8),
+        GgmlType::Q4_K => Some(q4_k_avx2_x8),
         _ => None,
     }
 }
