@@ -9,7 +9,7 @@ use moeflux::sampling::argmax;
 use serde_json::json;
 
 use super::model_args::ModelArgs;
-use super::report::{peak_rss, store_report};
+use super::report::{huge_page_bytes, peak_rss, store_report};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -124,6 +124,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         f64::INFINITY
     };
     let rss = peak_rss().unwrap_or(0);
+    let huge = huge_page_bytes();
     let plan = engine.plan();
     let report = json!({
         "model": args.model.model.display().to_string(),
@@ -152,6 +153,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "disk_gbps": disk_gbps,
         "io_floor_tok_s": if io_floor.is_finite() { json!(io_floor) } else { json!(null) },
         "peak_rss_bytes": rss,
+        "huge_page_bytes": huge,
         "decode_ms_per_token": split.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "store_prompt": after_prompt.since(&before_prompt),
         "store_decode": decode,
@@ -203,9 +205,13 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
     );
     println!(
-        "memory  peak RSS {} (plan {})",
+        "memory  peak RSS {} (plan {}){}",
         fmt_bytes(rss),
-        fmt_bytes(plan.total_bytes())
+        fmt_bytes(plan.total_bytes()),
+        match huge {
+            Some(h) => format!(", {} in huge pages", fmt_bytes(h)),
+            None => String::new(),
+        }
     );
     Ok(())
 }

@@ -11,6 +11,16 @@ pub fn peak_rss() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Anonymous memory of this process backed by huge pages
+/// (`AnonHugePages` of `/proc/self/smaps_rollup`), in bytes: a decode
+/// whose weights sit in small pages pays TLB misses on every token.
+pub fn huge_page_bytes() -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
+    let line = smaps.lines().find(|l| l.starts_with("AnonHugePages:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// The summary of a run's expert traffic; per layer too when `per_layer`.
 pub fn store_report(st: &StoreStats, wall_s: f64, tokens: usize, per_layer: bool) -> String {
     use std::fmt::Write;
