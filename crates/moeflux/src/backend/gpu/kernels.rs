@@ -36,6 +36,10 @@ const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
 const ROPE: &str = include_str!("kernels/rope.wgsl");
 const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+const KV_APPEND: &str = include_str!("kernels/kv_append.wgsl");
+const ADD: &str = include_str!("kernels/add.wgsl");
+const GATHER: &str = include_str!("kernels/gather.wgsl");
+const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
 
 /// A weight format the matrix kernels decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,10 +119,21 @@ pub enum Kernel {
     RmsNorm,
     Rope,
     SwiGlu,
-    /// Decode attention over an f16 (`kv_f16`) or f32 KV cache.
+    /// Causal attention of one or more queries over an f16 (`kv_f16`) or
+    /// f32 KV cache.
     Attention {
         kv_f16: bool,
     },
+    /// New positions' keys or values written into an f16 or f32 cache.
+    KvAppend {
+        kv_f16: bool,
+    },
+    /// Residual add `x += o`.
+    Add,
+    /// Rows gathered by index (the MoE layer's expert-grouped inputs).
+    Gather,
+    /// The routed experts' weighted sum in rank order, added to `x`.
+    MoeCombine,
 }
 
 impl Kernel {
@@ -131,6 +146,11 @@ impl Kernel {
             Kernel::SwiGlu,
             Kernel::Attention { kv_f16: true },
             Kernel::Attention { kv_f16: false },
+            Kernel::KvAppend { kv_f16: true },
+            Kernel::KvAppend { kv_f16: false },
+            Kernel::Add,
+            Kernel::Gather,
+            Kernel::MoeCombine,
         ]);
         v
     }
@@ -138,7 +158,10 @@ impl Kernel {
     /// Whether the kernel reduces across its workgroup (and so comes in a
     /// subgroup and a shared-memory variant).
     pub fn reduces(self) -> bool {
-        !matches!(self, Kernel::Rope | Kernel::SwiGlu)
+        matches!(
+            self,
+            Kernel::MatMul(_) | Kernel::RmsNorm | Kernel::Attention { .. }
+        )
     }
 
     /// Whether the kernel widens f16 values (and so comes in a native and
@@ -168,6 +191,11 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu".into(),
             Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
             Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
+            Kernel::KvAppend { kv_f16: true } => "kv_append f16".into(),
+            Kernel::KvAppend { kv_f16: false } => "kv_append f32".into(),
+            Kernel::Add => "add".into(),
+            Kernel::Gather => "gather".into(),
+            Kernel::MoeCombine => "moe_combine".into(),
         }
     }
 
@@ -194,6 +222,13 @@ impl Kernel {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[ATTENTION]
             }
+            Kernel::KvAppend { kv_f16 } => {
+                s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
+                &[KV_APPEND]
+            }
+            Kernel::Add => &[ADD],
+            Kernel::Gather => &[GATHER],
+            Kernel::MoeCombine => &[MOE_COMBINE],
         };
         if self.reduces() {
             s.push_str(match v.reduce {
