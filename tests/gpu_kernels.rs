@@ -12,6 +12,7 @@ use half::f16;
 use moeflux::backend::cpu::matrix::dot;
 use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
 use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
     rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, Pass, Reduce, Variant, WeightKind,
 };
@@ -863,4 +864,38 @@ fn causal_attention_matches_cpu() {
                 .is_err());
         }
     }
+}
+
+/// A pass on a parameter arena: parameters of every dispatch in one
+/// buffer at dynamic offsets, one cached bind group per (kernel, buffers),
+/// and more dispatches than the arena holds (the pass flushes and goes
+/// on) — the result is the same chain of work.
+#[test]
+fn parameter_arena_chains_and_flushes() {
+    let Some(gpu) = gpu() else { return };
+    let len = 100;
+    let steps = 4100; // more than one arena's worth of dispatches
+    let x = gpu.zeros_f32("x", len).unwrap();
+    let ones = gpu.upload_f32("ones", &vec![1.0; len]).unwrap();
+    let mut arena = ParamArena::new(gpu).unwrap();
+    let mut pass = Pass::with_arena(gpu, &mut arena);
+    for i in 0..steps {
+        // Varying lengths: each dispatch reads its own parameters.
+        pass.add(&x, &ones, len - (i % 2)).unwrap();
+    }
+    let got = pass
+        .flush_and_read(&x, len, &gpu.readback_buffer(4 * len as u64).unwrap())
+        .unwrap();
+    drop(pass);
+    assert_eq!(got[0], steps as f32);
+    assert_eq!(
+        got[len - 1],
+        (steps / 2) as f32,
+        "the odd dispatches skip the last value"
+    );
+    assert_eq!(
+        arena.bind_groups(),
+        1,
+        "one bind group for one kernel over the same buffers"
+    );
 }

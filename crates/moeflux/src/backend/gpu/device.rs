@@ -56,6 +56,8 @@ pub struct GpuLimits {
     pub max_workgroups_per_dim: u32,
     /// Subgroup sizes the adapter may use, when it has subgroup operations.
     pub subgroup_sizes: Option<(u32, u32)>,
+    /// Alignment of a dynamic offset into a uniform buffer (bytes).
+    pub uniform_align: u32,
 }
 
 /// The GPU: an adapter's device and queue, and what it supports.
@@ -157,6 +159,7 @@ impl Gpu {
             max_workgroups_per_dim: required_limits.max_compute_workgroups_per_dimension,
             subgroup_sizes: has_subgroups
                 .then_some((info.subgroup_min_size, info.subgroup_max_size)),
+            uniform_align: required_limits.min_uniform_buffer_offset_alignment.max(16),
         };
         let reduce = if has_subgroups {
             Reduce::Subgroup

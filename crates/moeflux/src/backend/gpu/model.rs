@@ -21,7 +21,7 @@ use super::device::Gpu;
 use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
 use super::kv::GpuKv;
 use super::matrix::GpuMatrix;
-use super::pass::{rope_table, AttentionShape, Pass};
+use super::pass::{rope_table, AttentionShape, ParamArena, Pass};
 use super::GpuError;
 use crate::experts::{ExpertRef, ExpertStore};
 use crate::format::ModelFiles;
@@ -143,6 +143,9 @@ pub struct GpuModel {
     act: Activations,
     experts: GpuExperts,
     routing: Routing_,
+    /// Kernel parameters and cached bind groups of this model's passes
+    /// (taken out while a forward pass records).
+    params: Option<ParamArena>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -261,6 +264,7 @@ impl GpuModel {
             },
         };
         let experts = GpuExperts::new(&gpu, arrays, array_bytes, count)?;
+        let params = Some(ParamArena::new(&gpu)?);
         Ok(GpuModel {
             gpu,
             layers,
@@ -271,6 +275,7 @@ impl GpuModel {
             act,
             experts,
             routing: Routing_::default(),
+            params,
         })
     }
 
@@ -396,6 +401,27 @@ impl GpuModel {
         tokens: &[TokenId],
         which: Logits,
     ) -> Result<Vec<f32>, crate::Error> {
+        let mut arena = self
+            .params
+            .take()
+            .ok_or_else(|| shape_err("the parameter arena is in use".into()))?;
+        let out = self.forward_in(&mut arena, model, files, store, kv, pos0, tokens, which);
+        self.params = Some(arena);
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_in(
+        &mut self,
+        arena: &mut ParamArena,
+        model: &Model,
+        files: &ModelFiles,
+        store: &mut ExpertStore,
+        kv: &mut GpuKv,
+        pos0: usize,
+        tokens: &[TokenId],
+        which: Logits,
+    ) -> Result<Vec<f32>, crate::Error> {
         let d = self.dims;
         let n = tokens.len();
         if n == 0 || n > d.ubatch || pos0 + n > kv.capacity {
@@ -426,7 +452,7 @@ impl GpuModel {
         let table = rope_table(pos0, n, &self.inv_freq);
         gpu.write_padded(&self.act.rope, bytemuck::cast_slice(&table))?;
 
-        let mut pass = Pass::new(gpu);
+        let mut pass = Pass::with_arena(gpu, arena);
         for l in 0..self.layers.len() {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
             let layer = &self.layers[l];
@@ -440,13 +466,11 @@ impl GpuModel {
             )?;
             pass.matmul(&layer.router, &self.act.h, &self.act.router, n)?;
             let logits =
-                pass.submit_and_read(&self.act.router, n * d.n_experts, &self.act.readback)?;
-            pass = Pass::new(gpu);
+                pass.flush_and_read(&self.act.router, n * d.n_experts, &self.act.readback)?;
             self.route(l, logits, n)?;
             self.experts_block(gpu, &mut pass, store, l, n)?;
         }
-        pass.submit()?;
-        self.logits(which, n)
+        self.logits(&mut pass, which, n)
     }
 
     /// Records layer `l`'s attention block: norm, projections, q/k norms,
@@ -617,7 +641,7 @@ impl GpuModel {
             }
             todo.retain(|e| !wave.iter().any(|w| w.0 == *e));
             if !todo.is_empty() {
-                std::mem::replace(pass, Pass::new(gpu)).submit()?;
+                pass.flush()?;
             }
         }
         self.routing.used = todo;
@@ -637,7 +661,12 @@ impl GpuModel {
 
     /// Final norm and LM head of the last row or of all `n` rows of the
     /// residual stream, read back.
-    fn logits(&self, which: Logits, n: usize) -> Result<Vec<f32>, crate::Error> {
+    fn logits(
+        &self,
+        pass: &mut Pass<'_>,
+        which: Logits,
+        n: usize,
+    ) -> Result<Vec<f32>, crate::Error> {
         let (d, a) = (self.dims, &self.act);
         let gpu = &*self.gpu;
         let (first, count) = match which {
@@ -649,12 +678,13 @@ impl GpuModel {
         for g0 in (first..first + count).step_by(group) {
             let m = group.min(first + count - g0);
             let idx: Vec<u32> = (g0 as u32..(g0 + m) as u32).collect();
+            // Lands before the next submission: the recorded layers do not
+            // read it, the dispatches below do.
             gpu.write_padded(&a.out_idx, bytemuck::cast_slice(&idx))?;
-            let mut pass = Pass::new(gpu);
             pass.gather(&a.x, &a.out_idx, &a.out_x, m, d.hidden)?;
             pass.rms_norm(&a.out_x, &self.output_norm, &a.out_h, m, d.hidden, d.eps)?;
             pass.matmul(&self.lm_head, &a.out_h, &a.logits, m)?;
-            out.extend(pass.submit_and_read(&a.logits, m * d.vocab, &a.readback)?);
+            out.extend(pass.flush_and_read(&a.logits, m * d.vocab, &a.readback)?);
         }
         Ok(out)
     }

@@ -5,18 +5,81 @@
 //! single submission: wgpu orders dispatches that touch the same buffer, so
 //! a layer's chain of kernels needs no host involvement between them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Kernel, WG};
+use super::kernels::{Kernel, SharedParamsPipeline, WG};
 use super::matrix::GpuMatrix;
 use super::GpuError;
 
 /// One recorded dispatch.
 struct Dispatch {
-    pipeline: Arc<wgpu::ComputePipeline>,
+    pipeline: Pipeline,
     bind: wgpu::BindGroup,
     groups: [u32; 3],
+    /// Offset of its parameters in the arena's buffer (arena passes).
+    offset: Option<u32>,
+}
+
+enum Pipeline {
+    Own(Arc<wgpu::ComputePipeline>),
+    Shared(Arc<SharedParamsPipeline>),
+}
+
+/// Bytes a dispatch's parameter block may have (the largest is 48).
+const PARAM_BYTES: u64 = 64;
+
+/// Parameter blocks a [`ParamArena`] holds before a pass flushes.
+const ARENA_DISPATCHES: u64 = 4096;
+
+/// Bind groups kept before the cache starts over (bounds what dropped
+/// buffers, such as a finished session's KV cache, keep alive).
+const MAX_BIND_GROUPS: usize = 1 << 14;
+
+/// Kernel parameters for many dispatches in one uniform buffer, written
+/// with one `write_buffer` per submission, and bind groups made once per
+/// (kernel, buffers) and reused: what a model's passes use, so recording
+/// a token creates no buffer and, after the first token, no bind group.
+/// Owned by one user at a time (a pass borrows it mutably): two passes
+/// sharing an arena would overwrite each other's parameters.
+pub struct ParamArena {
+    buffer: wgpu::Buffer,
+    /// Parameters of the pass being recorded, each block at a multiple of
+    /// the adapter's uniform offset alignment.
+    host: Vec<u8>,
+    align: u64,
+    bind_groups: HashMap<(usize, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+}
+
+impl ParamArena {
+    pub fn new(gpu: &Gpu) -> Result<ParamArena, GpuError> {
+        let align = (gpu.limits.uniform_align as u64).max(PARAM_BYTES);
+        let size = align * ARENA_DISPATCHES;
+        let buffer = gpu.checked("parameter arena", || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("parameter arena"),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(ParamArena {
+            buffer,
+            host: Vec::new(),
+            align,
+            bind_groups: HashMap::new(),
+        })
+    }
+
+    fn full(&self) -> bool {
+        self.host.len() as u64 >= self.buffer.size()
+    }
+
+    /// Bind groups cached so far.
+    pub fn bind_groups(&self) -> usize {
+        self.bind_groups.len()
+    }
 }
 
 /// Dispatches to run together, in order.
@@ -24,6 +87,7 @@ pub struct Pass<'g> {
     gpu: &'g Gpu,
     variant: Variant,
     items: Vec<Dispatch>,
+    arena: Option<&'g mut ParamArena>,
 }
 
 /// Shape of a decode-attention call.
@@ -79,6 +143,21 @@ impl<'g> Pass<'g> {
             gpu,
             variant,
             items: Vec::new(),
+            arena: None,
+        }
+    }
+
+    /// An empty pass whose parameters and bind groups come from `arena`
+    /// (the default variant). When the arena fills up the pass submits
+    /// what it has recorded and goes on: the order of the work is the
+    /// same.
+    pub fn with_arena(gpu: &'g Gpu, arena: &'g mut ParamArena) -> Pass<'g> {
+        arena.host.clear();
+        Pass {
+            gpu,
+            variant: gpu.variant,
+            items: Vec::new(),
+            arena: Some(arena),
         }
     }
 
@@ -107,6 +186,9 @@ impl<'g> Pass<'g> {
         groups: [u32; 3],
     ) -> Result<(), GpuError> {
         let gpu = self.gpu;
+        if self.arena.is_some() {
+            return self.push_shared(kernel, params, buffers, groups);
+        }
         let pipeline = gpu.pipeline(kernel, self.variant)?;
         let uniform = gpu.uniform("params", params)?;
         let mut entries = vec![wgpu::BindGroupEntry {
@@ -127,10 +209,91 @@ impl<'g> Pass<'g> {
             })
         })?;
         self.items.push(Dispatch {
-            pipeline,
+            pipeline: Pipeline::Own(pipeline),
             bind,
             groups,
+            offset: None,
         });
+        Ok(())
+    }
+
+    /// [`Pass::push`] through the parameter arena.
+    fn push_shared(
+        &mut self,
+        kernel: Kernel,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        if params.len() as u64 > PARAM_BYTES {
+            return Err(GpuError::Shape {
+                kernel: "parameters",
+                detail: format!("{} bytes for {}", params.len(), kernel.name()),
+            });
+        }
+        if self.arena.as_ref().is_some_and(|a| a.full()) {
+            self.flush()?;
+        }
+        let pipeline = gpu.pipeline_shared_params(kernel, self.variant)?;
+        let Some(arena) = self.arena.as_deref_mut() else {
+            return Err(GpuError::Wgpu("parameter arena missing".into()));
+        };
+        let offset = arena.host.len();
+        arena.host.extend_from_slice(params);
+        arena.host.resize(offset + arena.align as usize, 0);
+        let key = (
+            Arc::as_ptr(&pipeline) as usize,
+            buffers.iter().map(|b| (*b).clone()).collect::<Vec<_>>(),
+        );
+        let bind = match arena.bind_groups.get(&key) {
+            Some(b) => b.clone(),
+            None => {
+                if arena.bind_groups.len() >= MAX_BIND_GROUPS {
+                    arena.bind_groups.clear();
+                }
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &arena.buffer,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(PARAM_BYTES),
+                    }),
+                }];
+                for (i, b) in buffers.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: b.as_entire_binding(),
+                    });
+                }
+                let bind = gpu.checked(&format!("binding {}", kernel.name()), || {
+                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: None,
+                        layout: &pipeline.layout,
+                        entries: &entries,
+                    })
+                })?;
+                arena.bind_groups.insert(key, bind.clone());
+                bind
+            }
+        };
+        self.items.push(Dispatch {
+            pipeline: Pipeline::Shared(pipeline),
+            bind,
+            groups,
+            offset: Some(offset as u32),
+        });
+        Ok(())
+    }
+
+    /// Submits what is recorded so far and goes on with an empty pass
+    /// (and arena), without waiting.
+    pub fn flush(&mut self) -> Result<(), GpuError> {
+        self.encode_and_submit(None)?;
+        self.items.clear();
+        if let Some(a) = self.arena.as_deref_mut() {
+            a.host.clear();
+        }
         Ok(())
     }
 
@@ -508,11 +671,41 @@ impl<'g> Pass<'g> {
         gpu.map_f32(staging, len)
     }
 
+    /// [`Pass::submit_and_read`] that goes on with an empty pass.
+    pub fn flush_and_read(
+        &mut self,
+        src: &wgpu::Buffer,
+        len: usize,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<f32>, GpuError> {
+        self.encode_and_submit(Some((src, 4 * len as u64, staging)))?;
+        self.items.clear();
+        if let Some(a) = self.arena.as_deref_mut() {
+            a.host.clear();
+        }
+        self.gpu.map_f32(staging, len)
+    }
+
     fn submit_with_copy(
-        self,
+        mut self,
+        copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
+    ) -> Result<(), GpuError> {
+        self.encode_and_submit(copy)
+    }
+
+    fn encode_and_submit(
+        &mut self,
         copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
     ) -> Result<(), GpuError> {
         let gpu = self.gpu;
+        if let Some(a) = self.arena.as_deref() {
+            if !a.host.is_empty() {
+                // Lands before this submission, after every earlier one.
+                gpu.checked("writing parameters", || {
+                    gpu.queue.write_buffer(&a.buffer, 0, &a.host)
+                })?;
+            }
+        }
         let mut enc = gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -525,8 +718,14 @@ impl<'g> Pass<'g> {
                     timestamp_writes: None,
                 });
                 for d in &self.items {
-                    pass.set_pipeline(&d.pipeline);
-                    pass.set_bind_group(0, &d.bind, &[]);
+                    match &d.pipeline {
+                        Pipeline::Own(p) => pass.set_pipeline(p),
+                        Pipeline::Shared(p) => pass.set_pipeline(&p.pipeline),
+                    }
+                    match d.offset {
+                        Some(o) => pass.set_bind_group(0, &d.bind, &[o]),
+                        None => pass.set_bind_group(0, &d.bind, &[]),
+                    }
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                 }
             }
