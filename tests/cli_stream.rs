@@ -37,9 +37,26 @@ fn peak_memory_stays_within_the_plan_while_streaming() {
     ]);
     assert!(ok, "{err}");
 
+    // The CPU backend: with the `gpu` feature, `auto` would load a Vulkan
+    // driver to look for an adapter, whose own memory (LLVM, for Mesa's
+    // software driver) is not the engine's and not in the plan.
     let (ok, out, err) = moeflux(&[
-        "bench", "-m", m, "--mem", "48M", "--ubatch", "64", "-p", "48", "-n", "24", "--io",
-        "buffered", "--json",
+        "bench",
+        "-m",
+        m,
+        "--mem",
+        "48M",
+        "--ubatch",
+        "64",
+        "-p",
+        "48",
+        "-n",
+        "24",
+        "--io",
+        "buffered",
+        "--backend",
+        "cpu",
+        "--json",
     ]);
     assert!(ok, "{err}");
     let r: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -12,6 +12,7 @@ use half::f16;
 use moeflux::backend::cpu::matrix::dot;
 use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
 use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
     rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, Pass, Reduce, Variant, WeightKind,
 };
@@ -123,7 +124,8 @@ fn check_matmul(m: &Matrix<'_>, name: &str, split_rows: usize) {
     let Some(gpu) = gpu() else { return };
     let mut wrow = vec![0f32; m.cols];
     let rows_bytes = |rows: usize| match m.data {
-        moeflux::backend::cpu::MatrixData::Ggml { bytes, .. } => {
+        moeflux::backend::cpu::MatrixData::Ggml { bytes, .. }
+        | moeflux::backend::cpu::MatrixData::Interleaved { bytes, .. } => {
             (bytes.len() / m.rows * rows) as u64
         }
         moeflux::backend::cpu::MatrixData::Mlx { weight, .. } => {
@@ -629,6 +631,272 @@ fn every_kernel_translates_to_msl_and_spirv() {
         }
     }
     // Matmul (9 formats) and attention (2 caches): four variants each;
-    // the norm two; rope and swiglu one.
-    assert_eq!(checked, 4 * (WeightKind::all().len() + 2) + 2 + 2);
+    // the norm two; rope, swiglu, KV append (2 caches), add, gather and
+    // the MoE combine one.
+    assert_eq!(checked, 4 * (WeightKind::all().len() + 2) + 2 + 2 + 5);
+}
+
+/// K/V append: f32 rows copied exactly; f16 rows rounded exactly as the
+/// CPU cache rounds (half's conversion, nearest-even), including
+/// subnormals, ties, overflow and infinities, at a position offset and a
+/// stride wider than the rows.
+#[test]
+fn kv_append_matches_the_cpu_cache() {
+    let Some(gpu) = gpu() else { return };
+    let (n, dim, stride, pos0) = (5, 12, 16, 3);
+    let mut src = normals(n * dim, 11);
+    // Hard cases for the f16 rounding.
+    let special = [
+        0.0,
+        -0.0,
+        1.0e-7,  // subnormal in f16
+        -3.0e-8, // rounds to the smallest subnormal or zero
+        65504.0, // largest f16
+        65520.0, // ties up to infinity
+        1.0e6,   // overflow
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        1.0 + 1.0 / 2048.0, // a tie, rounds to even
+        1.0 + 3.0 / 2048.0, // a tie, rounds up to even
+        6.1035156e-5,       // smallest normal f16
+    ];
+    src[..special.len()].copy_from_slice(&special);
+    let sb = gpu.upload_f32("src", &src).unwrap();
+    for kv_f16 in [true, false] {
+        let words = ((pos0 + n) * stride).div_ceil(if kv_f16 { 2 } else { 1 });
+        let dst = gpu.zeros_f32("dst", words).unwrap();
+        let mut pass = Pass::new(gpu);
+        pass.kv_append(&sb, &dst, n, dim, pos0, stride, kv_f16)
+            .unwrap();
+        pass.submit().unwrap();
+        let got: Vec<u32> = gpu
+            .read_f32(&dst, words)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        for t in 0..n {
+            for c in 0..dim {
+                let v = src[t * dim + c];
+                let at = (pos0 + t) * stride + c;
+                let (bits, want) = if kv_f16 {
+                    (
+                        (got[at / 2] >> (16 * (at % 2))) & 0xffff,
+                        f16::from_f32(v).to_bits() as u32,
+                    )
+                } else {
+                    (got[at], v.to_bits())
+                };
+                assert_eq!(bits, want, "kv_f16 {kv_f16}, t {t}, c {c}: value {v}");
+            }
+        }
+        // Positions before pos0 and columns past dim are untouched.
+        assert!(got[..pos0 * stride / if kv_f16 { 2 } else { 1 }]
+            .iter()
+            .all(|&w| w == 0));
+    }
+    let dst = gpu.zeros_f32("dst", 4).unwrap();
+    let mut pass = Pass::new(gpu);
+    assert!(matches!(
+        pass.kv_append(&sb, &dst, n, dim, pos0, stride, false),
+        Err(GpuError::Shape { .. })
+    ));
+    assert!(matches!(
+        pass.kv_append(&sb, &dst, 1, 3, 0, 3, true),
+        Err(GpuError::Shape { .. })
+    ));
+}
+
+/// The residual add, the expert-grouped gather and the rank-ordered MoE
+/// combine against the CPU's arithmetic.
+#[test]
+fn add_gather_and_combine_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (n, dim, k) = (3, 70, 2);
+    let x = normals(n * dim, 21);
+    let o = normals(n * dim, 22);
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let ob = gpu.upload_f32("o", &o).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.add(&xb, &ob, n * dim).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&xb, n * dim).unwrap();
+    for i in 0..n * dim {
+        assert_eq!(got[i].to_bits(), (x[i] + o[i]).to_bits(), "add [{i}]");
+    }
+
+    // Gather: rows of x by index (repeats allowed).
+    let idx: [u32; 5] = [2, 0, 2, 1, 0];
+    let ib = gpu.storage("idx", bytemuck::cast_slice(&idx), 0).unwrap();
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let gb = gpu.zeros_f32("gathered", idx.len() * dim).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.gather(&xb, &ib, &gb, idx.len(), dim).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&gb, idx.len() * dim).unwrap();
+    for (i, &r) in idx.iter().enumerate() {
+        let r = r as usize;
+        assert_eq!(
+            &got[i * dim..(i + 1) * dim],
+            &x[r * dim..(r + 1) * dim],
+            "row {i}"
+        );
+    }
+
+    // Combine: (token, rank) → row of y, weighted, rank order, plus x.
+    let y = normals(n * k * dim, 23);
+    let row: [u32; 6] = [4, 1, 0, 5, 3, 2];
+    let w: [f32; 6] = [0.7, 0.3, 0.55, 0.45, 0.9, 0.1];
+    let yb = gpu.upload_f32("y", &y).unwrap();
+    let rb = gpu.storage("row", bytemuck::cast_slice(&row), 0).unwrap();
+    let wb = gpu.upload_f32("w", &w).unwrap();
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.moe_combine(&xb, &yb, &rb, &wb, n, dim, k).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&xb, n * dim).unwrap();
+    for t in 0..n {
+        for c in 0..dim {
+            let mut acc = 0f32;
+            for r in 0..k {
+                let i = t * k + r;
+                acc += w[i] * y[row[i] as usize * dim + c];
+            }
+            let want = x[t * dim + c] + acc;
+            let g = got[t * dim + c];
+            // A GPU may fuse the multiply-adds: one rounding apart at most.
+            assert!(
+                (g - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "combine [{t}][{c}]: {g} vs {want}"
+            );
+        }
+    }
+}
+
+/// A matrix product over one range of token rows (one expert's tokens in
+/// a buffer grouped by expert) writes exactly those rows.
+#[test]
+fn matmul_over_a_row_range() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, cols, total, t_base, n) = (40, 64, 9, 3, 5);
+    let bytes = random_ggml(GgmlType::Q8_0, rows, cols, 31);
+    let m = Matrix::ggml(GgmlType::Q8_0, rows, cols, &bytes).unwrap();
+    let w = GpuMatrix::upload(gpu, &m).unwrap();
+    let x = normals(total * cols, 32);
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let all = gpu.zeros_f32("all", total * rows).unwrap();
+    let part = gpu.zeros_f32("part", total * rows).unwrap();
+    let mut pass = Pass::new(gpu);
+    pass.matmul(&w, &xb, &all, total).unwrap();
+    pass.matmul_rows(&w, &xb, &part, t_base, n).unwrap();
+    pass.submit().unwrap();
+    let all = gpu.read_f32(&all, total * rows).unwrap();
+    let part = gpu.read_f32(&part, total * rows).unwrap();
+    for t in 0..total {
+        for r in 0..rows {
+            let (a, p) = (all[t * rows + r], part[t * rows + r]);
+            if (t_base..t_base + n).contains(&t) {
+                assert_eq!(a.to_bits(), p.to_bits(), "token {t}, row {r}");
+            } else {
+                assert_eq!(p, 0.0, "token {t} outside the range was written");
+            }
+        }
+    }
+}
+
+/// Causal attention of a chunk of queries (prefill): query t sees the
+/// first len − n + 1 + t positions, as the CPU's per-position softmax.
+#[test]
+fn causal_attention_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    for (nh, nkv, hd, len, nq) in [(4, 2, 64, 9, 4), (8, 2, 128, 300, 7), (2, 1, 32, 5, 5)] {
+        let mut rng = Rng::new(len as u64 + 3);
+        let mut rand = |n: usize, s: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.unit() as f32 * 2.0 - 1.0) * s)
+                .collect()
+        };
+        let q = rand(nq * nh * hd, 1.0);
+        let k = rand(len * nkv * hd, 3.0);
+        let v = rand(len * nkv * hd, 1.0);
+        for kv_type in [KvType::F16, KvType::F32] {
+            let mut cache = KvCache::new(&[Some((nkv * hd, nkv * hd))], len, kv_type);
+            cache.layers[0].push(&k, &v);
+            let kv = &cache.layers[0];
+            let mut want = Vec::new();
+            for t in 0..nq {
+                for h in 0..nh {
+                    let at = (t * nh + h) * hd;
+                    want.extend(naive_attention(
+                        &q[at..at + hd],
+                        kv,
+                        h / (nh / nkv),
+                        hd,
+                        len - nq + 1 + t,
+                    ));
+                }
+            }
+            let (kb, vb) = (upload_rows(gpu, &kv.k), upload_rows(gpu, &kv.v));
+            let qb = gpu.upload_f32("q", &q).unwrap();
+            let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
+            let shape = AttentionShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                len,
+                k_stride: kv.k_dim,
+                v_stride: kv.v_dim,
+                kv_f16: kv_type == KvType::F16,
+            };
+            let mut pass = Pass::new(gpu);
+            pass.attention_causal(&qb, &kb, &vb, &out, shape, nq)
+                .unwrap();
+            pass.submit().unwrap();
+            let got = gpu.read_f32(&out, nq * nh * hd).unwrap();
+            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-5,
+                    "causal attention {nh}/{nkv}/{hd}, {len} positions, {nq} queries, {kv_type:?} [{i}]: {g} vs {e}"
+                );
+            }
+            let mut pass = Pass::new(gpu);
+            assert!(pass
+                .attention_causal(&qb, &kb, &vb, &out, shape, len + 1)
+                .is_err());
+        }
+    }
+}
+
+/// A pass on a parameter arena: parameters of every dispatch in one
+/// buffer at dynamic offsets, one cached bind group per (kernel, buffers),
+/// and more dispatches than the arena holds (the pass flushes and goes
+/// on) — the result is the same chain of work.
+#[test]
+fn parameter_arena_chains_and_flushes() {
+    let Some(gpu) = gpu() else { return };
+    let len = 100;
+    let steps = 4100; // more than one arena's worth of dispatches
+    let x = gpu.zeros_f32("x", len).unwrap();
+    let ones = gpu.upload_f32("ones", &vec![1.0; len]).unwrap();
+    let mut arena = ParamArena::new(gpu).unwrap();
+    let mut pass = Pass::with_arena(gpu, &mut arena);
+    for i in 0..steps {
+        // Varying lengths: each dispatch reads its own parameters.
+        pass.add(&x, &ones, len - (i % 2)).unwrap();
+    }
+    let got = pass
+        .flush_and_read(&x, len, &gpu.readback_buffer(4 * len as u64).unwrap())
+        .unwrap();
+    drop(pass);
+    assert_eq!(got[0], steps as f32);
+    assert_eq!(
+        got[len - 1],
+        (steps / 2) as f32,
+        "the odd dispatches skip the last value"
+    );
+    assert_eq!(
+        arena.bind_groups(),
+        1,
+        "one bind group for one kernel over the same buffers"
+    );
 }

@@ -24,10 +24,11 @@ use std::time::Instant;
 use crate::backend::cpu::kernels::Level;
 use crate::backend::cpu::workspace::Workspace;
 use crate::backend::cpu::Cpu;
+pub use crate::backend::Backend;
 use crate::chat::ChatTemplate;
 use crate::error::{Error, Result};
 use crate::experts::plan::{self, Budget, MemoryPlan, PlanInput};
-use crate::experts::{ExpertStore, IoMode, StoreOptions, StoreStats};
+use crate::experts::{ExpertStore, GpuTierStats, IoMode, StoreOptions, StoreStats};
 use crate::format::{ModelFiles, ModelMetadata};
 use crate::model::{self, Context, Logits, Model, ModelConfig, Prefetch};
 use crate::sampling::{Sampler, SamplingParams};
@@ -61,6 +62,12 @@ pub struct EngineOptions {
     pub checkpoints: usize,
     /// Called while the dense weights are read: `(done, total)` bytes.
     pub on_load_progress: Option<Arc<dyn Fn(u64, u64) + Send + Sync>>,
+    /// Which backend computes (the library defaults to the CPU; the command
+    /// line to `Auto`).
+    pub backend: Backend,
+    /// GPU memory for the GPU's expert slots, in bytes (None: every expert
+    /// where the device allocates them; see `GpuModel::new`).
+    pub gpu_mem: Option<u64>,
 }
 
 impl std::fmt::Debug for EngineOptions {
@@ -75,6 +82,8 @@ impl std::fmt::Debug for EngineOptions {
             .field("io", &self.io)
             .field("prefetch", &self.prefetch)
             .field("checkpoints", &self.checkpoints)
+            .field("backend", &self.backend)
+            .field("gpu_mem", &self.gpu_mem)
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +102,8 @@ impl Default for EngineOptions {
             prefetch: Prefetch::Off,
             checkpoints: 4,
             on_load_progress: None,
+            backend: Backend::Cpu,
+            gpu_mem: None,
         }
     }
 }
@@ -112,6 +123,12 @@ struct Inner {
     max_checkpoints: usize,
     /// Identifies the model in saved sessions.
     fingerprint: u64,
+    /// The model on the GPU, when the GPU backend runs it (locked after
+    /// the store, never before).
+    #[cfg(feature = "gpu")]
+    gpu: Option<Mutex<crate::backend::gpu::GpuModel>>,
+    /// Which backend runs the model, and why (one line).
+    backend_note: String,
 }
 
 /// A loaded model: weights, tokenizer and chat template. Cheap to clone
@@ -187,7 +204,20 @@ impl Engine {
                 p(done, total);
             }
         })?;
-        model::weights::interleave_resident(&mut files, &model.dense_weights(), cpu.level);
+        #[cfg(feature = "gpu")]
+        let (gpu, backend_note) = gpu_select::open(&opts, &model, &files, &experts)?;
+        #[cfg(feature = "gpu")]
+        let on_cpu = gpu.is_none();
+        #[cfg(not(feature = "gpu"))]
+        let (on_cpu, backend_note) = match opts.backend {
+            Backend::Gpu => return Err(Error::GpuNotBuilt),
+            Backend::Cpu | Backend::Auto => (true, "cpu".to_string()),
+        };
+        // The GPU backend uploads the file's layout (dense weights above,
+        // experts from the store's slots): interleave only for the CPU.
+        if on_cpu {
+            model::weights::interleave_resident(&mut files, &model.dense_weights(), cpu.level);
+        }
         let store = ExpertStore::new(
             &files,
             experts,
@@ -195,7 +225,7 @@ impl Engine {
                 slots: plan.slots as usize,
                 io: opts.io,
                 io_threads: opts.io_threads,
-                interleave_for: Some(cpu.level),
+                interleave_for: on_cpu.then_some(cpu.level),
             },
         )?;
 
@@ -241,6 +271,9 @@ impl Engine {
         Ok(Engine {
             inner: Arc::new(Inner {
                 fingerprint,
+                #[cfg(feature = "gpu")]
+                gpu,
+                backend_note,
                 max_checkpoints: opts.checkpoints,
                 files,
                 model,
@@ -293,6 +326,31 @@ impl Engine {
         &self.inner.plan
     }
 
+    /// Which backend runs the model, and why (one line, for a notice).
+    pub fn backend(&self) -> &str {
+        &self.inner.backend_note
+    }
+
+    /// Whether the GPU backend runs the model.
+    pub fn on_gpu(&self) -> bool {
+        #[cfg(feature = "gpu")]
+        return self.inner.gpu.is_some();
+        #[cfg(not(feature = "gpu"))]
+        false
+    }
+
+    /// The GPU expert tier's counters, when the GPU backend runs the model.
+    pub fn gpu_stats(&self) -> Option<GpuTierStats> {
+        #[cfg(feature = "gpu")]
+        return self
+            .inner
+            .gpu
+            .as_ref()
+            .map(|g| g.lock().unwrap_or_else(|p| p.into_inner()).expert_stats());
+        #[cfg(not(feature = "gpu"))]
+        None
+    }
+
     /// The expert store's counters so far.
     pub fn store_stats(&self) -> StoreStats {
         self.inner
@@ -338,6 +396,8 @@ impl Engine {
             tokens: Vec::new(),
             logits: Vec::new(),
             checkpoints: Vec::new(),
+            #[cfg(feature = "gpu")]
+            gpu_kv: None,
         }
     }
 
@@ -419,6 +479,10 @@ pub struct Session {
     logits: Vec<f32>,
     /// Recurrent-state checkpoints, oldest first, at increasing positions.
     checkpoints: Vec<Checkpoint>,
+    /// The KV cache in GPU memory when the GPU backend runs the model
+    /// (made on first use; `state.kv` then only counts positions).
+    #[cfg(feature = "gpu")]
+    gpu_kv: Option<crate::backend::gpu::GpuKv>,
 }
 
 impl Session {
@@ -541,15 +605,23 @@ impl Session {
     }
 
     /// A copy of the whole session state (tokens, logits, KV cache,
-    /// recurrent state, checkpoints).
-    pub fn snapshot(&self) -> Snapshot {
-        Snapshot {
+    /// recurrent state, checkpoints). On the GPU backend the KV cache is
+    /// read back, so snapshots are the same whichever backend made them.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        #[allow(unused_mut)]
+        let mut state = self.state.clone();
+        #[cfg(feature = "gpu")]
+        if let (Some(g), Some(kv)) = (&self.engine.inner.gpu, &self.gpu_kv) {
+            let gpu = g.lock().unwrap_or_else(|p| p.into_inner()).gpu().clone();
+            kv.read_into(&gpu, &mut state.kv, self.state.kv.len)?;
+        }
+        Ok(Snapshot {
             model: self.engine.inner.fingerprint,
             tokens: self.tokens.clone(),
             logits: self.logits.clone(),
-            state: self.state.clone(),
+            state,
             checkpoints: self.checkpoints.clone(),
-        }
+        })
     }
 
     /// Puts the session back in the state of `snap`. A snapshot of another
@@ -563,21 +635,37 @@ impl Session {
             self.engine.inner.fingerprint,
             &self.engine.empty_state(),
         )?;
-        self.set(checked);
-        Ok(())
+        self.set(checked)
     }
 
-    fn set(&mut self, snap: Snapshot) {
+    fn set(&mut self, snap: Snapshot) -> Result<()> {
+        #[allow(unused_mut)]
+        let mut state = snap.state;
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &self.engine.inner.gpu {
+            // The rows go to the GPU cache; the host keeps the count.
+            let gm = g.lock().unwrap_or_else(|p| p.into_inner());
+            if self.gpu_kv.is_none() {
+                self.gpu_kv = Some(gm.new_kv(self.engine.inner.ctx, self.engine.inner.kv_type)?);
+            }
+            if let Some(kv) = &self.gpu_kv {
+                kv.write_from(gm.gpu(), &state.kv)?;
+            }
+            let len = state.kv.len;
+            state.kv.truncate(0);
+            state.kv.len = len;
+        }
         self.tokens = snap.tokens;
         self.logits = snap.logits;
-        self.state = snap.state;
+        self.state = state;
         self.checkpoints = snap.checkpoints;
+        Ok(())
     }
 
     /// Writes the session to `path` (see [`crate::state::snapshot`] for the
     /// format), through a temporary file renamed into place.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let bytes = self.snapshot().encode();
+        let bytes = self.snapshot()?.encode();
         let tmp = path.with_extension("tmp-moeflux");
         std::fs::write(&tmp, &bytes)
             .and_then(|_| std::fs::rename(&tmp, path))
@@ -594,8 +682,7 @@ impl Session {
             self.engine.inner.fingerprint,
             &self.engine.empty_state(),
         )?;
-        self.set(snap);
-        Ok(())
+        self.set(snap)
     }
 
     fn check(&self, tokens: &[TokenId]) -> Result<()> {
@@ -618,6 +705,10 @@ impl Session {
     fn run(&mut self, tokens: &[TokenId], which: Logits) -> Result<Vec<f32>> {
         let engine = self.engine.clone();
         let inner = &engine.inner;
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &inner.gpu {
+            return self.run_gpu(g, tokens, which);
+        }
         let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
         let mut all = Vec::new();
         for chunk in tokens.chunks(inner.ubatch) {
@@ -655,6 +746,64 @@ impl Session {
                     self.logits.clear();
                     self.logits.extend_from_slice(out);
                 }
+            }
+        }
+        match which {
+            Logits::All => {
+                let vocab = inner.model.lm_head.rows;
+                if all.len() >= vocab {
+                    self.logits.clear();
+                    self.logits.extend_from_slice(&all[all.len() - vocab..]);
+                }
+                Ok(all)
+            }
+            Logits::Last => Ok(self.logits.clone()),
+        }
+    }
+
+    /// [`Session::run`] on the GPU backend: the same chunking, logits and
+    /// error recovery, with the KV cache in GPU memory.
+    #[cfg(feature = "gpu")]
+    fn run_gpu(
+        &mut self,
+        g: &Mutex<crate::backend::gpu::GpuModel>,
+        tokens: &[TokenId],
+        which: Logits,
+    ) -> Result<Vec<f32>> {
+        let engine = self.engine.clone();
+        let inner = &engine.inner;
+        let mut store = inner.store.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gm = g.lock().unwrap_or_else(|p| p.into_inner());
+        let kv = match &mut self.gpu_kv {
+            Some(kv) => kv,
+            None => self.gpu_kv.insert(gm.new_kv(inner.ctx, inner.kv_type)?),
+        };
+        let mut all = Vec::new();
+        for chunk in tokens.chunks(inner.ubatch) {
+            let pos0 = self.state.kv.len;
+            let out = match gm.forward(
+                &inner.model,
+                &inner.files,
+                &mut store,
+                kv,
+                pos0,
+                chunk,
+                which,
+            ) {
+                Ok(out) => out,
+                Err(e) => {
+                    // Positions past the accepted tokens are garbage now;
+                    // the count says where the cache stands.
+                    self.state.kv.truncate(self.tokens.len());
+                    self.logits.clear();
+                    return Err(e);
+                }
+            };
+            self.state.kv.len = pos0 + chunk.len();
+            self.tokens.extend_from_slice(chunk);
+            match which {
+                Logits::All => all.extend_from_slice(&out),
+                Logits::Last => self.logits = out,
             }
         }
         match which {
@@ -794,5 +943,83 @@ mod tests {
         assert_eq!(held_back("hello </e", &stops), 3);
         assert_eq!(held_back("hello", &stops), 0);
         assert_eq!(held_back("x<", &stops), 1);
+    }
+}
+
+/// Choosing the backend when the GPU backend is built in.
+#[cfg(feature = "gpu")]
+mod gpu_select {
+    use std::sync::Mutex;
+
+    use super::{Backend, EngineOptions};
+    use crate::backend::gpu::model::unsupported;
+    use crate::backend::gpu::{Gpu, GpuModel, GpuOptions};
+    use crate::error::Result;
+    use crate::experts::ExpertRef;
+    use crate::format::ModelFiles;
+    use crate::model::Model;
+
+    /// The GPU model when `opts.backend` picks the GPU, and a line saying
+    /// which backend runs and why.
+    pub(super) fn open(
+        opts: &EngineOptions,
+        model: &Model,
+        files: &ModelFiles,
+        experts: &[Vec<ExpertRef>],
+    ) -> Result<(Option<Mutex<GpuModel>>, String)> {
+        let build = |gpu: std::sync::Arc<Gpu>| -> Result<(Option<Mutex<GpuModel>>, String)> {
+            let name = gpu.describe();
+            let m = GpuModel::new(
+                gpu,
+                model,
+                files,
+                experts,
+                GpuOptions {
+                    ubatch: opts.ubatch.max(1),
+                    expert_mem: opts.gpu_mem,
+                },
+            )?;
+            let st = m.expert_stats();
+            let total: usize = experts.iter().map(Vec::len).sum();
+            let note = format!(
+                "gpu: {name}; {} of {total} experts fit in GPU memory ({} slots of {})",
+                st.slots.min(total),
+                st.slots,
+                crate::experts::plan::fmt_bytes(st.slot_bytes)
+            );
+            Ok((Some(Mutex::new(m)), note))
+        };
+        match opts.backend {
+            Backend::Cpu => Ok((None, "cpu".into())),
+            Backend::Gpu => build(Gpu::shared()?),
+            Backend::Auto => {
+                let gpu = match Gpu::shared() {
+                    Ok(g) => g,
+                    Err(e) => return Ok((None, format!("cpu (no GPU: {e})"))),
+                };
+                if gpu.is_software() {
+                    return Ok((
+                        None,
+                        format!(
+                            "cpu ({} is a software rasterizer, slower than the CPU backend; --backend gpu forces it)",
+                            gpu.info.name
+                        ),
+                    ));
+                }
+                if let Some(why) = unsupported(model) {
+                    return Ok((
+                        None,
+                        format!("cpu (the GPU backend cannot run this model yet: {why})"),
+                    ));
+                }
+                match build(gpu) {
+                    Ok(r) => Ok(r),
+                    Err(e) => Ok((
+                        None,
+                        format!("cpu (the GPU backend failed to load the model: {e})"),
+                    )),
+                }
+            }
+        }
     }
 }

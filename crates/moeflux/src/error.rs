@@ -40,6 +40,8 @@ pub enum Error {
     EmptyPrompt,
     #[error("this CPU cannot run the {0} kernels")]
     CpuLevel(&'static str),
+    #[error("this moeflux was built without the GPU backend: rebuild with `--features gpu` (e.g. `cargo build --release --features gpu`), or use --backend cpu")]
+    GpuNotBuilt,
     #[cfg(feature = "gpu")]
     #[error(transparent)]
     Gpu(#[from] crate::backend::gpu::GpuError),

@@ -92,10 +92,12 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         session.reset();
     }
     let before_prompt = engine.store_stats();
+    let gpu_before = engine.gpu_stats();
     let t = Instant::now();
     let mut logits = session.eval(&prompt)?;
     let prompt_s = t.elapsed().as_secs_f64();
     let after_prompt = engine.store_stats();
+    let gpu_after_prompt = engine.gpu_stats();
     let timings_prompt = session.timings();
     let t = Instant::now();
     for _ in 0..args.n_gen {
@@ -108,6 +110,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     }
     let gen_s = t.elapsed().as_secs_f64();
     let decode = engine.store_stats().since(&after_prompt);
+    // The GPU tier (when the GPU runs the model): hits, uploads.
+    let gpu_decode = engine
+        .gpu_stats()
+        .zip(gpu_after_prompt)
+        .map(|(now, then)| now.since(&then));
+    let gpu_prompt = gpu_after_prompt
+        .zip(gpu_before)
+        .map(|(now, then)| now.since(&then));
     let split = time_split(
         &session.timings().since(&timings_prompt),
         decode.total.stall_ns,
@@ -128,6 +138,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     let plan = engine.plan();
     let report = json!({
         "model": args.model.model.display().to_string(),
+        "backend": engine.backend(),
         "threads": engine.threads(),
         "cpu_level": engine.cpu_level().name(),
         "io": engine.io_mode().name(),
@@ -157,6 +168,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "decode_ms_per_token": split.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
         "store_prompt": after_prompt.since(&before_prompt),
         "store_decode": decode,
+        "gpu_prompt": gpu_prompt.map(|g| gpu_json(&g, prompt_s)),
+        "gpu_decode": gpu_decode.map(|g| gpu_json(&g, gen_s)),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -172,12 +185,23 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         load_s,
         if args.cold { ", cold" } else { "" }
     );
+    println!("backend {}", engine.backend());
     println!(
         "prompt  {:>5} tokens  {:>8.2} tok/s  (time to first token {:.2} s)",
         args.n_prompt, prompt_tps, prompt_s
     );
     println!("decode  {:>5} tokens  {:>8.2} tok/s", args.n_gen, gen_tps);
     print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
+    if let Some(g) = gpu_decode {
+        println!(
+            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s)",
+            g.slots,
+            fmt_bytes(g.slot_bytes),
+            100.0 * g.hit_rate(),
+            fmt_bytes(g.bytes_uploaded / args.n_gen.max(1) as u64),
+            g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9
+        );
+    }
     let total: f64 = split.iter().map(|(_, v)| v).sum();
     println!(
         "split   {} ms/token: {}",
@@ -214,6 +238,19 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         }
     );
     Ok(())
+}
+
+/// The GPU tier's counters over a phase of `secs` seconds, as JSON.
+fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value {
+    json!({
+        "slots": g.slots,
+        "slot_bytes": g.slot_bytes,
+        "hits": g.hits,
+        "misses": g.misses,
+        "hit_rate": g.hit_rate(),
+        "bytes_uploaded": g.bytes_uploaded,
+        "upload_gbps": g.bytes_uploaded as f64 / secs.max(1e-9) / 1e9,
+    })
 }
 
 /// Reads experts into the free cache slots, with a progress bar.

@@ -37,6 +37,10 @@ pub struct Args {
     #[arg(short = 'n', long = "n-predict", default_value_t = 48)]
     pub n_predict: usize,
 
+    /// Which backend computes: auto, cpu or gpu (see `moeflux run --help`).
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+    pub backend: String,
+
     /// The prompt.
     #[arg(short = 'p', long, default_value = "Tell me about streaming experts.")]
     pub prompt: String,
@@ -113,6 +117,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         io: "direct".into(),
         prefetch: "off".into(),
         checkpoints: 4,
+        backend: args.backend.clone(),
+        gpu_mem: None,
         verbose: false,
     };
     let engine = model.open()?;

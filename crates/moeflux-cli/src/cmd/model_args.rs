@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use indicatif::{ProgressBar, ProgressStyle};
-use moeflux::experts::plan::fmt_bytes;
+use moeflux::engine::Backend;
+use moeflux::experts::plan::{fmt_bytes, parse_size};
 use moeflux::experts::IoMode;
 use moeflux::model::Prefetch;
 use moeflux::sampling::SamplingParams;
@@ -59,6 +60,23 @@ pub struct ModelArgs {
     #[arg(long, value_name = "N", default_value_t = 4)]
     pub checkpoints: usize,
 
+    /// Which backend computes: `gpu` (wgpu: Vulkan, Metal or DX12; needs a
+    /// build with `--features gpu`), `cpu`, or `auto`: the GPU when a
+    /// hardware adapter exists and the GPU path supports the model, else
+    /// the CPU (a software adapter such as lavapipe counts as none; `gpu`
+    /// forces it). A notice names the choice.
+    #[arg(long, value_name = "BACKEND", default_value = "auto", value_parser = ["auto", "cpu", "gpu"])]
+    pub backend: String,
+
+    /// GPU memory for routed experts (e.g. 16G), the GPU tier of the expert
+    /// cache; experts beyond it stay in host memory and are copied to the GPU
+    /// when routed to. Default: every expert, on a discrete GPU as many as
+    /// the device allocates less a tenth for headroom (wgpu cannot query
+    /// free VRAM, so on a shared or small GPU set it); on unified memory or
+    /// a software adapter at most half the available host memory.
+    #[arg(long, value_name = "SIZE")]
+    pub gpu_mem: Option<String>,
+
     /// Print the memory plan in detail.
     #[arg(short = 'v', long)]
     pub verbose: bool,
@@ -90,6 +108,13 @@ impl ModelArgs {
                 io_threads: 4,
                 prefetch: Prefetch::from_name(&self.prefetch).unwrap_or_default(),
                 checkpoints: self.checkpoints,
+                backend: Backend::from_name(&self.backend).unwrap_or(Backend::Auto),
+                gpu_mem: self
+                    .gpu_mem
+                    .as_deref()
+                    .map(parse_size)
+                    .transpose()
+                    .map_err(anyhow::Error::msg)?,
                 on_load_progress: Some(Arc::new(move |done, total| {
                     if total >= 256 << 20 && progress_bar.is_hidden() {
                         progress_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
@@ -102,6 +127,7 @@ impl ModelArgs {
         .with_context(|| format!("cannot load {}", self.model.display()))?;
         bar.finish_and_clear();
         let plan = engine.plan();
+        eprintln!("backend: {}", engine.backend());
         eprintln!("plan: {}", plan.summary());
         if self.verbose {
             let i = &plan.input;

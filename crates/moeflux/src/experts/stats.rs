@@ -101,3 +101,41 @@ impl StoreStats {
         }
     }
 }
+
+/// Counters of the GPU expert tier (GPU memory slots fed from the host
+/// slots), when the GPU backend runs the model.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GpuTierStats {
+    /// Slots in the GPU arena.
+    pub slots: usize,
+    /// Bytes of one slot.
+    pub slot_bytes: u64,
+    /// Expert uses served from GPU memory.
+    pub hits: u64,
+    /// Experts uploaded from the host tier.
+    pub misses: u64,
+    /// Bytes written host → GPU for them.
+    pub bytes_uploaded: u64,
+}
+
+impl GpuTierStats {
+    /// Fraction of expert uses served from GPU memory.
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+
+    /// The counters accumulated since `before`.
+    pub fn since(&self, before: &GpuTierStats) -> GpuTierStats {
+        GpuTierStats {
+            hits: self.hits - before.hits.min(self.hits),
+            misses: self.misses - before.misses.min(self.misses),
+            bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded.min(self.bytes_uploaded),
+            ..*self
+        }
+    }
+}

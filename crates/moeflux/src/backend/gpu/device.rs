@@ -56,6 +56,8 @@ pub struct GpuLimits {
     pub max_workgroups_per_dim: u32,
     /// Subgroup sizes the adapter may use, when it has subgroup operations.
     pub subgroup_sizes: Option<(u32, u32)>,
+    /// Alignment of a dynamic offset into a uniform buffer (bytes).
+    pub uniform_align: u32,
 }
 
 /// The GPU: an adapter's device and queue, and what it supports.
@@ -109,6 +111,32 @@ impl Gpu {
         })
     }
 
+    /// The process's shared device, opened on first use ([`Gpu::new`]):
+    /// engines and tests share one device and its compiled pipelines.
+    pub fn shared() -> Result<std::sync::Arc<Gpu>, GpuError> {
+        use std::sync::{Arc, OnceLock};
+        // GpuError is not Clone: keep whether there was no adapter at all
+        // and the message of any other failure.
+        static SHARED: OnceLock<Result<Arc<Gpu>, Option<String>>> = OnceLock::new();
+        let opened = SHARED.get_or_init(|| {
+            Gpu::new().map(Arc::new).map_err(|e| match e {
+                GpuError::NoAdapter => None,
+                other => Some(other.to_string()),
+            })
+        });
+        match opened {
+            Ok(g) => Ok(g.clone()),
+            Err(None) => Err(GpuError::NoAdapter),
+            Err(Some(e)) => Err(GpuError::RequestDevice(e.clone())),
+        }
+    }
+
+    /// Whether the adapter is a software rasterizer (lavapipe, llvmpipe,
+    /// WARP): correct but far slower than the CPU backend.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
     /// Opens a device on `adapter` with every limit it offers and subgroup
     /// operations when it has them.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {
@@ -131,6 +159,7 @@ impl Gpu {
             max_workgroups_per_dim: required_limits.max_compute_workgroups_per_dimension,
             subgroup_sizes: has_subgroups
                 .then_some((info.subgroup_min_size, info.subgroup_max_size)),
+            uniform_align: required_limits.min_uniform_buffer_offset_alignment.max(16),
         };
         let reduce = if has_subgroups {
             Reduce::Subgroup
@@ -232,19 +261,32 @@ impl Gpu {
                 mapped_at_creation: false,
             })
         })?;
-        // write_buffer needs whole words: pad the tail.
+        self.write_padded(&buf, data)?;
+        Ok(buf)
+    }
+
+    /// Queues a write of `data` to the start of `buf` (which must hold it
+    /// rounded up to whole words): write_buffer needs whole words, so the
+    /// tail is padded with zeros. Takes effect before the next submission.
+    pub fn write_padded(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<(), GpuError> {
         let whole = data.len() / 4 * 4;
-        self.checked(label, || {
+        if (data.len() as u64).next_multiple_of(4) > buf.size() {
+            return Err(GpuError::TooLarge {
+                what: "a buffer write".into(),
+                bytes: data.len() as u64,
+                limit: buf.size(),
+            });
+        }
+        self.checked("writing a buffer", || {
             if whole > 0 {
-                self.queue.write_buffer(&buf, 0, &data[..whole]);
+                self.queue.write_buffer(buf, 0, &data[..whole]);
             }
             if whole < data.len() {
                 let mut tail = [0u8; 4];
                 tail[..data.len() - whole].copy_from_slice(&data[whole..]);
-                self.queue.write_buffer(&buf, whole as u64, &tail);
+                self.queue.write_buffer(buf, whole as u64, &tail);
             }
-        })?;
-        Ok(buf)
+        })
     }
 
     /// A storage buffer holding `data`.
@@ -277,29 +319,49 @@ impl Gpu {
     /// Copies the first `len` f32 values of `buf` back to the host (submits
     /// and waits: a round trip, for results and tests, not the hot path).
     pub fn read_f32(&self, buf: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
-        let bytes = 4 * len as u64;
-        if bytes == 0 {
+        if len == 0 {
             return Ok(Vec::new());
         }
-        let staging = self.checked("readback", || {
-            self.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("readback"),
-                size: bytes,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            })
-        })?;
+        let staging = self.readback_buffer(4 * len as u64)?;
         let mut enc = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("readback"),
             });
         self.checked("readback copy", || {
-            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, bytes);
+            enc.copy_buffer_to_buffer(buf, 0, &staging, 0, 4 * len as u64);
         })?;
         self.queue.submit([enc.finish()]);
+        self.map_f32(&staging, len)
+    }
+
+    /// A host-readable buffer of `bytes` bytes, the target of result copies
+    /// (create once, reuse for every read of at most that size).
+    pub fn readback_buffer(&self, bytes: u64) -> Result<wgpu::Buffer, GpuError> {
+        self.checked("readback buffer", || {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("readback"),
+                size: bytes.max(4).next_multiple_of(4),
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })
+    }
+
+    /// Waits for the submitted work, then reads the first `len` f32 values
+    /// of the readback buffer `staging` (a copy into it must have been
+    /// submitted).
+    pub fn map_f32(&self, staging: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
+        let bytes = 4 * len as u64;
+        if bytes > staging.size() {
+            return Err(GpuError::TooLarge {
+                what: "a readback".into(),
+                bytes,
+                limit: staging.size(),
+            });
+        }
         let (tx, rx) = mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+        staging.map_async(wgpu::MapMode::Read, ..bytes, move |r| {
             // The receiver outlives the wait below; a failed send only means
             // nobody listens any more.
             let _ = tx.send(r);
@@ -309,7 +371,7 @@ impl Gpu {
             .map_err(|_| GpuError::Wgpu("readback: the map callback never ran".into()))?
             .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
         let view = staging
-            .get_mapped_range(..)
+            .get_mapped_range(..bytes)
             .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
         // The mapping's alignment is the driver's: decode bytes, no casts.
         let out = view

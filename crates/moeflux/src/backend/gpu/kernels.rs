@@ -36,6 +36,10 @@ const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
 const ROPE: &str = include_str!("kernels/rope.wgsl");
 const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+const KV_APPEND: &str = include_str!("kernels/kv_append.wgsl");
+const ADD: &str = include_str!("kernels/add.wgsl");
+const GATHER: &str = include_str!("kernels/gather.wgsl");
+const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
 
 /// A weight format the matrix kernels decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -115,10 +119,21 @@ pub enum Kernel {
     RmsNorm,
     Rope,
     SwiGlu,
-    /// Decode attention over an f16 (`kv_f16`) or f32 KV cache.
+    /// Causal attention of one or more queries over an f16 (`kv_f16`) or
+    /// f32 KV cache.
     Attention {
         kv_f16: bool,
     },
+    /// New positions' keys or values written into an f16 or f32 cache.
+    KvAppend {
+        kv_f16: bool,
+    },
+    /// Residual add `x += o`.
+    Add,
+    /// Rows gathered by index (the MoE layer's expert-grouped inputs).
+    Gather,
+    /// The routed experts' weighted sum in rank order, added to `x`.
+    MoeCombine,
 }
 
 impl Kernel {
@@ -131,6 +146,11 @@ impl Kernel {
             Kernel::SwiGlu,
             Kernel::Attention { kv_f16: true },
             Kernel::Attention { kv_f16: false },
+            Kernel::KvAppend { kv_f16: true },
+            Kernel::KvAppend { kv_f16: false },
+            Kernel::Add,
+            Kernel::Gather,
+            Kernel::MoeCombine,
         ]);
         v
     }
@@ -138,7 +158,10 @@ impl Kernel {
     /// Whether the kernel reduces across its workgroup (and so comes in a
     /// subgroup and a shared-memory variant).
     pub fn reduces(self) -> bool {
-        !matches!(self, Kernel::Rope | Kernel::SwiGlu)
+        matches!(
+            self,
+            Kernel::MatMul(_) | Kernel::RmsNorm | Kernel::Attention { .. }
+        )
     }
 
     /// Whether the kernel widens f16 values (and so comes in a native and
@@ -168,6 +191,11 @@ impl Kernel {
             Kernel::SwiGlu => "swiglu".into(),
             Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
             Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
+            Kernel::KvAppend { kv_f16: true } => "kv_append f16".into(),
+            Kernel::KvAppend { kv_f16: false } => "kv_append f32".into(),
+            Kernel::Add => "add".into(),
+            Kernel::Gather => "gather".into(),
+            Kernel::MoeCombine => "moe_combine".into(),
         }
     }
 
@@ -194,6 +222,13 @@ impl Kernel {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[ATTENTION]
             }
+            Kernel::KvAppend { kv_f16 } => {
+                s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
+                &[KV_APPEND]
+            }
+            Kernel::Add => &[ADD],
+            Kernel::Gather => &[GATHER],
+            Kernel::MoeCombine => &[MOE_COMBINE],
         };
         if self.reduces() {
             s.push_str(match v.reduce {
@@ -215,9 +250,114 @@ impl Kernel {
 #[derive(Debug, Default)]
 pub struct Kernels {
     cache: Mutex<HashMap<(Kernel, Variant), Arc<wgpu::ComputePipeline>>>,
+    shared_params: Mutex<HashMap<(Kernel, Variant), Arc<SharedParamsPipeline>>>,
+}
+
+/// A kernel's pipeline whose parameter block (binding 0) is read at a
+/// dynamic offset of a shared parameter buffer, so one bind group serves
+/// every dispatch over the same buffers whatever its parameters.
+#[derive(Debug)]
+pub struct SharedParamsPipeline {
+    pub pipeline: wgpu::ComputePipeline,
+    pub layout: wgpu::BindGroupLayout,
+}
+
+/// The bind group layout of a kernel's module, read from its WGSL with
+/// naga: the uniform parameter block at binding 0 with a dynamic offset,
+/// storage buffers read-only unless the kernel writes them.
+fn layout_entries(label: &str, source: &str) -> Result<Vec<wgpu::BindGroupLayoutEntry>, GpuError> {
+    let module = naga::front::wgsl::parse_str(source)
+        .map_err(|e| GpuError::Wgpu(format!("{label}: {}", e.emit_to_string(source))))?;
+    let mut entries = Vec::new();
+    for (_, g) in module.global_variables.iter() {
+        let Some(b) = &g.binding else { continue };
+        let ty = match g.space {
+            naga::AddressSpace::Uniform => wgpu::BufferBindingType::Uniform,
+            naga::AddressSpace::Storage { access } => wgpu::BufferBindingType::Storage {
+                read_only: !access.contains(naga::StorageAccess::STORE),
+            },
+            _ => continue,
+        };
+        entries.push(wgpu::BindGroupLayoutEntry {
+            binding: b.binding,
+            visibility: wgpu::ShaderStages::COMPUTE,
+            ty: wgpu::BindingType::Buffer {
+                ty,
+                has_dynamic_offset: ty == wgpu::BufferBindingType::Uniform,
+                min_binding_size: None,
+            },
+            count: None,
+        });
+    }
+    entries.sort_by_key(|e| e.binding);
+    Ok(entries)
 }
 
 impl Gpu {
+    /// The pipeline of `kernel` in variant `v` for a shared parameter
+    /// buffer (see [`SharedParamsPipeline`]), compiled on first use.
+    pub fn pipeline_shared_params(
+        &self,
+        kernel: Kernel,
+        v: Variant,
+    ) -> Result<Arc<SharedParamsPipeline>, GpuError> {
+        let v = kernel.normalize(v);
+        if !self.variants().contains(&v) {
+            return Err(GpuError::Unsupported(format!(
+                "{} as {v:?} on {}",
+                kernel.name(),
+                self.info.name
+            )));
+        }
+        let key = (kernel, v);
+        let mut cache = self
+            .kernels
+            .shared_params
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = cache.get(&key) {
+            return Ok(p.clone());
+        }
+        let source = kernel.source(v)?;
+        let label = kernel.name();
+        let entries = layout_entries(&label, &source)?;
+        let made = self.checked(&format!("compiling kernel {label}"), || {
+            let layout = self
+                .device
+                .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                    label: Some(&label),
+                    entries: &entries,
+                });
+            let pipeline_layout =
+                self.device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(&label),
+                        bind_group_layouts: &[Some(&layout)],
+                        immediate_size: 0,
+                    });
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&label),
+                    source: wgpu::ShaderSource::Wgsl(source.into()),
+                });
+            let pipeline = self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: Some(&pipeline_layout),
+                    module: &module,
+                    entry_point: Some("main"),
+                    compilation_options: Default::default(),
+                    cache: None,
+                });
+            SharedParamsPipeline { pipeline, layout }
+        })?;
+        let made = Arc::new(made);
+        cache.insert(key, made.clone());
+        Ok(made)
+    }
+
     /// The pipeline of `kernel` in variant `v`, compiled on first use.
     pub fn pipeline(
         &self,

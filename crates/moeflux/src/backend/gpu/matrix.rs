@@ -62,40 +62,7 @@ impl GpuMatrix {
                 detail: format!("empty {rows} × {cols} matrix"),
             });
         }
-        // The weight array and, for MLX, the scale and bias arrays, each
-        // with the bytes of one row.
-        let (kind, group, scale_f16, weight, scales) = match m.data {
-            MatrixData::Ggml { ty, bytes } => {
-                (WeightKind::Ggml(ty), 0, false, Array::of(bytes, rows), None)
-            }
-            MatrixData::Interleaved { ty, .. } => {
-                // The CPU backend's layout; the GPU path uploads file rows.
-                return Err(GpuError::Unsupported(format!(
-                    "{ty} weights interleaved for the CPU's eight-row kernels"
-                )));
-            }
-            MatrixData::Mlx {
-                q,
-                weight,
-                scales,
-                biases,
-            } => {
-                let scale_f16 = match q.scale_type {
-                    ScaleType::BF16 => false,
-                    ScaleType::F16 => true,
-                    ScaleType::F32 => {
-                        return Err(GpuError::Unsupported(format!("{q} with f32 scales")))
-                    }
-                };
-                (
-                    WeightKind::Mlx { bits: q.bits },
-                    q.group_size,
-                    scale_f16,
-                    Array::of(weight, rows),
-                    Some((Array::of(scales, rows), Array::of(biases, rows))),
-                )
-            }
-        };
+        let (kind, group, scale_f16, weight, scales) = layout(m)?;
         if !kind.supported() {
             return Err(GpuError::Unsupported(kind.name()));
         }
@@ -137,10 +104,138 @@ impl GpuMatrix {
         })
     }
 
+    /// Writes `m` into existing buffers (an expert slot's), as one part:
+    /// `weight` takes the weight bytes, `scales` the MLX scales and biases.
+    /// Each buffer must hold its array (rounded up to whole words). The
+    /// write is queued (`Queue::write_buffer`): it lands before the next
+    /// submission, so no submitted-but-unfinished work may still read the
+    /// buffers' old contents after that submission starts — the caller's
+    /// slot pinning guarantees it.
+    pub fn write_into(
+        gpu: &Gpu,
+        m: &Matrix<'_>,
+        weight: &wgpu::Buffer,
+        scales: Option<(&wgpu::Buffer, &wgpu::Buffer)>,
+    ) -> Result<GpuMatrix, GpuError> {
+        let (rows, cols) = (m.rows, m.cols);
+        let (kind, group, scale_f16, w, sb) = layout(m)?;
+        if !kind.supported() {
+            return Err(GpuError::Unsupported(kind.name()));
+        }
+        let put = |what: &str, a: Array<'_>, buf: &wgpu::Buffer| -> Result<(), GpuError> {
+            let need = (a.bytes.len() as u64).next_multiple_of(4);
+            if need > buf.size() || need > gpu.limits.max_binding.min(MAX_PART_BYTES) {
+                return Err(GpuError::TooLarge {
+                    what: format!("{what} of a {rows} × {cols} {} expert matrix", kind.name()),
+                    bytes: need,
+                    limit: buf.size().min(gpu.limits.max_binding),
+                });
+            }
+            gpu.write_padded(buf, a.bytes)
+        };
+        put("weights", w, weight)?;
+        let scales = match (sb, scales) {
+            (Some((s, b)), Some((sbuf, bbuf))) => {
+                put("scales", s, sbuf)?;
+                put("biases", b, bbuf)?;
+                Some((sbuf.clone(), bbuf.clone()))
+            }
+            (None, _) => None,
+            (Some(_), None) => {
+                return Err(GpuError::Shape {
+                    kernel: "matmul",
+                    detail: "an MLX matrix needs scale and bias buffers".into(),
+                })
+            }
+        };
+        Ok(GpuMatrix {
+            rows,
+            cols,
+            kind,
+            row_bytes: w.row_bytes,
+            group,
+            scale_f16,
+            parts: vec![Part {
+                row0: 0,
+                rows,
+                weight: weight.clone(),
+                scales,
+            }],
+        })
+    }
+
+    /// Bytes of each array of `m` as [`GpuMatrix::write_into`] stores them
+    /// (weights, then MLX scales and biases), rounded up to whole words.
+    pub fn array_bytes(m: &Matrix<'_>) -> Vec<u64> {
+        let r = |b: &[u8]| (b.len() as u64).next_multiple_of(4).max(4);
+        match m.data {
+            MatrixData::Ggml { bytes, .. } | MatrixData::Interleaved { bytes, .. } => {
+                vec![r(bytes)]
+            }
+            MatrixData::Mlx {
+                weight,
+                scales,
+                biases,
+                ..
+            } => vec![r(weight), r(scales), r(biases)],
+        }
+    }
+
     /// Buffers (row ranges) the matrix is split into.
     pub fn n_parts(&self) -> usize {
         self.parts.len()
     }
+}
+
+/// What the kernels need to know of `m`: its format, MLX group size and
+/// scale type, and its arrays (weights; MLX scales and biases).
+#[allow(clippy::type_complexity)]
+fn layout<'a>(
+    m: &Matrix<'a>,
+) -> Result<
+    (
+        WeightKind,
+        u32,
+        bool,
+        Array<'a>,
+        Option<(Array<'a>, Array<'a>)>,
+    ),
+    GpuError,
+> {
+    let rows = m.rows;
+    Ok(match m.data {
+        MatrixData::Ggml { ty, bytes } => {
+            (WeightKind::Ggml(ty), 0, false, Array::of(bytes, rows), None)
+        }
+        MatrixData::Interleaved { ty, .. } => {
+            // The CPU backend's layout: the engine does not interleave
+            // what the GPU backend computes with.
+            return Err(GpuError::Unsupported(format!(
+                "{ty} weights interleaved for the CPU's eight-row kernels"
+            )));
+        }
+        MatrixData::Mlx {
+            q,
+            weight,
+            scales,
+            biases,
+        } => {
+            let scale_f16 = match q.scale_type {
+                ScaleType::BF16 => false,
+                ScaleType::F16 => true,
+                ScaleType::F32 => {
+                    return Err(GpuError::Unsupported(format!("{q} with f32 scales")))
+                }
+            };
+            (
+                WeightKind::Mlx { bits: q.bits },
+                q.group_size,
+                scale_f16,
+                Array::of(weight, rows),
+                Some((Array::of(scales, rows), Array::of(biases, rows))),
+            )
+        }
+    })
 }
 
 /// One array of a matrix (weights, scales or biases): `rows` equal rows.

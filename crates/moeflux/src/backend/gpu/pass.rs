@@ -5,18 +5,85 @@
 //! single submission: wgpu orders dispatches that touch the same buffer, so
 //! a layer's chain of kernels needs no host involvement between them.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Kernel, WG};
+use super::kernels::{Kernel, SharedParamsPipeline, WG};
 use super::matrix::GpuMatrix;
 use super::GpuError;
 
 /// One recorded dispatch.
 struct Dispatch {
-    pipeline: Arc<wgpu::ComputePipeline>,
+    pipeline: Pipeline,
     bind: wgpu::BindGroup,
     groups: [u32; 3],
+    /// Offset of its parameters in the arena's buffer (arena passes).
+    offset: Option<u32>,
+}
+
+enum Pipeline {
+    Own(Arc<wgpu::ComputePipeline>),
+    Shared(Arc<SharedParamsPipeline>),
+}
+
+/// Bytes a dispatch's parameter block may have (the largest is 48).
+const PARAM_BYTES: u64 = 64;
+
+/// Parameter blocks a [`ParamArena`] holds before a pass flushes.
+const ARENA_DISPATCHES: u64 = 4096;
+
+/// Bind groups kept before the cache starts over (bounds what dropped
+/// buffers, such as a finished session's KV cache, keep alive). A model
+/// needs about three per expert slot plus a few per layer — 19 000 for
+/// Qwen3-30B-A3B with every expert resident — and the cache must hold them
+/// all: at 2^14 it started over every few tokens and decode on an H100
+/// spent most of its time making bind groups again (8 tok/s).
+const MAX_BIND_GROUPS: usize = 1 << 17;
+
+/// Kernel parameters for many dispatches in one uniform buffer, written
+/// with one `write_buffer` per submission, and bind groups made once per
+/// (kernel, buffers) and reused: what a model's passes use, so recording
+/// a token creates no buffer and, after the first token, no bind group.
+/// Owned by one user at a time (a pass borrows it mutably): two passes
+/// sharing an arena would overwrite each other's parameters.
+pub struct ParamArena {
+    buffer: wgpu::Buffer,
+    /// Parameters of the pass being recorded, each block at a multiple of
+    /// the adapter's uniform offset alignment.
+    host: Vec<u8>,
+    align: u64,
+    bind_groups: HashMap<(usize, Vec<wgpu::Buffer>), wgpu::BindGroup>,
+}
+
+impl ParamArena {
+    pub fn new(gpu: &Gpu) -> Result<ParamArena, GpuError> {
+        let align = (gpu.limits.uniform_align as u64).max(PARAM_BYTES);
+        let size = align * ARENA_DISPATCHES;
+        let buffer = gpu.checked("parameter arena", || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("parameter arena"),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            })
+        })?;
+        Ok(ParamArena {
+            buffer,
+            host: Vec::new(),
+            align,
+            bind_groups: HashMap::new(),
+        })
+    }
+
+    fn full(&self) -> bool {
+        self.host.len() as u64 >= self.buffer.size()
+    }
+
+    /// Bind groups cached so far.
+    pub fn bind_groups(&self) -> usize {
+        self.bind_groups.len()
+    }
 }
 
 /// Dispatches to run together, in order.
@@ -24,6 +91,7 @@ pub struct Pass<'g> {
     gpu: &'g Gpu,
     variant: Variant,
     items: Vec<Dispatch>,
+    arena: Option<&'g mut ParamArena>,
 }
 
 /// Shape of a decode-attention call.
@@ -79,6 +147,21 @@ impl<'g> Pass<'g> {
             gpu,
             variant,
             items: Vec::new(),
+            arena: None,
+        }
+    }
+
+    /// An empty pass whose parameters and bind groups come from `arena`
+    /// (the default variant). When the arena fills up the pass submits
+    /// what it has recorded and goes on: the order of the work is the
+    /// same.
+    pub fn with_arena(gpu: &'g Gpu, arena: &'g mut ParamArena) -> Pass<'g> {
+        arena.host.clear();
+        Pass {
+            gpu,
+            variant: gpu.variant,
+            items: Vec::new(),
+            arena: Some(arena),
         }
     }
 
@@ -107,6 +190,9 @@ impl<'g> Pass<'g> {
         groups: [u32; 3],
     ) -> Result<(), GpuError> {
         let gpu = self.gpu;
+        if self.arena.is_some() {
+            return self.push_shared(kernel, params, buffers, groups);
+        }
         let pipeline = gpu.pipeline(kernel, self.variant)?;
         let uniform = gpu.uniform("params", params)?;
         let mut entries = vec![wgpu::BindGroupEntry {
@@ -127,10 +213,91 @@ impl<'g> Pass<'g> {
             })
         })?;
         self.items.push(Dispatch {
-            pipeline,
+            pipeline: Pipeline::Own(pipeline),
             bind,
             groups,
+            offset: None,
         });
+        Ok(())
+    }
+
+    /// [`Pass::push`] through the parameter arena.
+    fn push_shared(
+        &mut self,
+        kernel: Kernel,
+        params: &[u8],
+        buffers: &[&wgpu::Buffer],
+        groups: [u32; 3],
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        if params.len() as u64 > PARAM_BYTES {
+            return Err(GpuError::Shape {
+                kernel: "parameters",
+                detail: format!("{} bytes for {}", params.len(), kernel.name()),
+            });
+        }
+        if self.arena.as_ref().is_some_and(|a| a.full()) {
+            self.flush()?;
+        }
+        let pipeline = gpu.pipeline_shared_params(kernel, self.variant)?;
+        let Some(arena) = self.arena.as_deref_mut() else {
+            return Err(GpuError::Wgpu("parameter arena missing".into()));
+        };
+        let offset = arena.host.len();
+        arena.host.extend_from_slice(params);
+        arena.host.resize(offset + arena.align as usize, 0);
+        let key = (
+            Arc::as_ptr(&pipeline) as usize,
+            buffers.iter().map(|b| (*b).clone()).collect::<Vec<_>>(),
+        );
+        let bind = match arena.bind_groups.get(&key) {
+            Some(b) => b.clone(),
+            None => {
+                if arena.bind_groups.len() >= MAX_BIND_GROUPS {
+                    arena.bind_groups.clear();
+                }
+                let mut entries = vec![wgpu::BindGroupEntry {
+                    binding: 0,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: &arena.buffer,
+                        offset: 0,
+                        size: std::num::NonZeroU64::new(PARAM_BYTES),
+                    }),
+                }];
+                for (i, b) in buffers.iter().enumerate() {
+                    entries.push(wgpu::BindGroupEntry {
+                        binding: i as u32 + 1,
+                        resource: b.as_entire_binding(),
+                    });
+                }
+                let bind = gpu.checked(&format!("binding {}", kernel.name()), || {
+                    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                        label: None,
+                        layout: &pipeline.layout,
+                        entries: &entries,
+                    })
+                })?;
+                arena.bind_groups.insert(key, bind.clone());
+                bind
+            }
+        };
+        self.items.push(Dispatch {
+            pipeline: Pipeline::Shared(pipeline),
+            bind,
+            groups,
+            offset: Some(offset as u32),
+        });
+        Ok(())
+    }
+
+    /// Submits what is recorded so far and goes on with an empty pass
+    /// (and arena), without waiting.
+    pub fn flush(&mut self) -> Result<(), GpuError> {
+        self.encode_and_submit(None)?;
+        self.items.clear();
+        if let Some(a) = self.arena.as_deref_mut() {
+            a.host.clear();
+        }
         Ok(())
     }
 
@@ -143,12 +310,26 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
+        self.matmul_rows(w, x, y, 0, n)
+    }
+
+    /// `y = x Wᵀ` for token rows `t_base..t_base + n` of `x` (`· × w.cols`)
+    /// into the same rows of `y` (`· × w.rows`): one expert's tokens of a
+    /// buffer laid out by expert.
+    pub fn matmul_rows(
+        &mut self,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        t_base: usize,
+        n: usize,
+    ) -> Result<(), GpuError> {
         const K: &str = "matmul";
         if n == 0 {
             return Ok(());
         }
-        holds(K, "x", x, n * w.cols)?;
-        holds(K, "y", y, n * w.rows)?;
+        holds(K, "x", x, (t_base + n) * w.cols)?;
+        holds(K, "y", y, (t_base + n) * w.rows)?;
         let unit = w.kind.unit() as usize;
         let kernel = Kernel::MatMul(w.kind);
         for part in &w.parts {
@@ -164,7 +345,7 @@ impl<'g> Pass<'g> {
                 gx,
                 w.group,
                 w.scale_f16 as u32,
-                0,
+                u32_of(K, "first token", t_base)?,
                 0,
             ]);
             let gz = u32_of(K, "token groups", n.div_ceil(4))?;
@@ -264,6 +445,22 @@ impl<'g> Pass<'g> {
         out: &wgpu::Buffer,
         s: AttentionShape,
     ) -> Result<(), GpuError> {
+        self.attention_causal(q, k, v, out, s, 1)
+    }
+
+    /// Causal attention of the last `n_q` of `s.len` positions (the
+    /// prefill chunk; the cache holds their keys and values already):
+    /// query `t` of `q` (`n_q × n_heads × head_dim`) sees the first
+    /// `s.len − n_q + 1 + t` positions; writes `out` (same shape as `q`).
+    pub fn attention_causal(
+        &mut self,
+        q: &wgpu::Buffer,
+        k: &wgpu::Buffer,
+        v: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        s: AttentionShape,
+        n_q: usize,
+    ) -> Result<(), GpuError> {
         const K: &str = "attention";
         let bad = |detail: String| GpuError::Shape { kernel: K, detail };
         if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
@@ -279,8 +476,11 @@ impl<'g> Pass<'g> {
                 4 * WG
             )));
         }
-        if s.len == 0 {
-            return Err(bad("no positions to attend to".into()));
+        if s.len == 0 || n_q == 0 || n_q > s.len {
+            return Err(bad(format!(
+                "{n_q} queries over {} positions (need 1 ≤ queries ≤ positions)",
+                s.len
+            )));
         }
         let kv_dim = s.n_kv_heads * s.head_dim;
         if s.k_stride < kv_dim
@@ -292,8 +492,8 @@ impl<'g> Pass<'g> {
                 s.k_stride, s.v_stride
             )));
         }
-        holds(K, "q", q, s.n_heads * s.head_dim)?;
-        holds(K, "out", out, s.n_heads * s.head_dim)?;
+        holds(K, "q", q, n_q * s.n_heads * s.head_dim)?;
+        holds(K, "out", out, n_q * s.n_heads * s.head_dim)?;
         // Sizes in f32 units: an f16 cache needs half the bytes.
         let cache = |stride: usize| {
             let elems = (s.len - 1) * stride + kv_dim;
@@ -314,38 +514,227 @@ impl<'g> Pass<'g> {
             u32_of(K, "k stride", s.k_stride)?,
             u32_of(K, "v stride", s.v_stride)?,
             scale.to_bits(),
-            0,
+            u32_of(K, "queries", n_q)?,
         ]);
         let heads = u32_of(K, "heads", s.n_heads)?;
-        if heads > self.gpu.limits.max_workgroups_per_dim {
-            return Err(bad(format!("{heads} heads")));
+        let queries = u32_of(K, "queries", n_q)?;
+        let max = self.gpu.limits.max_workgroups_per_dim;
+        if heads > max || queries > max {
+            return Err(bad(format!("{heads} heads × {queries} queries")));
         }
         self.push(
             Kernel::Attention { kv_f16: s.kv_f16 },
             &params,
             &[q, k, v, out],
-            [heads, 1, 1],
+            [heads, queries, 1],
         )
+    }
+
+    /// Writes `n` positions' rows of `src` (`n × dim` f32) into the cache
+    /// buffer `dst` at positions `pos0..pos0 + n` (position `j` at element
+    /// `j · stride`), as f16 (round to nearest even, as the CPU cache) or
+    /// f32.
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append(
+        &mut self,
+        src: &wgpu::Buffer,
+        dst: &wgpu::Buffer,
+        n: usize,
+        dim: usize,
+        pos0: usize,
+        stride: usize,
+        kv_f16: bool,
+    ) -> Result<(), GpuError> {
+        const K: &str = "kv_append";
+        if dim == 0
+            || stride < dim
+            || (kv_f16 && !(dim.is_multiple_of(2) && stride.is_multiple_of(2)))
+        {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{dim} values a position at stride {stride} (f16: both even)"),
+            });
+        }
+        if n == 0 {
+            return Ok(());
+        }
+        holds(K, "src", src, n * dim)?;
+        let end = (pos0 + n - 1) * stride + dim;
+        holds(K, "dst", dst, if kv_f16 { end.div_ceil(2) } else { end })?;
+        let threads = if kv_f16 { n * dim / 2 } else { n * dim };
+        u32_of(K, "cache elements", end)?;
+        let (gx, gy) = self.grid(threads.div_ceil(WG as usize))?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "dim", dim)?,
+            u32_of(K, "pos0", pos0)?,
+            u32_of(K, "stride", stride)?,
+            gx,
+            0,
+            0,
+            0,
+        ]);
+        self.push(
+            Kernel::KvAppend { kv_f16 },
+            &params,
+            &[src, dst],
+            [gx, gy, 1],
+        )
+    }
+
+    /// `x += o` over `len` values.
+    pub fn add(&mut self, x: &wgpu::Buffer, o: &wgpu::Buffer, len: usize) -> Result<(), GpuError> {
+        const K: &str = "add";
+        holds(K, "x", x, len)?;
+        holds(K, "o", o, len)?;
+        let (gx, gy) = self.grid(len.div_ceil(WG as usize))?;
+        let params = words(&[u32_of(K, "len", len)?, gx, 0, 0]);
+        self.push(Kernel::Add, &params, &[x, o], [gx, gy, 1])
+    }
+
+    /// `out[i] = src[idx[i]]` for `rows` rows of `dim` values (`idx`: u32).
+    pub fn gather(
+        &mut self,
+        src: &wgpu::Buffer,
+        idx: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        rows: usize,
+        dim: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "gather";
+        if rows == 0 {
+            return Ok(());
+        }
+        holds(K, "idx", idx, rows)?;
+        holds(K, "out", out, rows * dim)?;
+        u32_of(K, "values", rows * dim)?;
+        let (gx, gy) = self.grid((rows * dim).div_ceil(WG as usize))?;
+        let params = words(&[u32_of(K, "rows", rows)?, u32_of(K, "dim", dim)?, gx, 0]);
+        self.push(Kernel::Gather, &params, &[src, idx, out], [gx, gy, 1])
+    }
+
+    /// `x[t] += Σ_r w[t·k + r] · y[row[t·k + r]]` for `n` tokens of `dim`
+    /// values, in rank order (`row`: u32, `w`: f32, `n × k` each).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_combine(
+        &mut self,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        row: &wgpu::Buffer,
+        w: &wgpu::Buffer,
+        n: usize,
+        dim: usize,
+        k: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "moe_combine";
+        if n == 0 {
+            return Ok(());
+        }
+        holds(K, "x", x, n * dim)?;
+        holds(K, "y", y, n * k * dim)?;
+        holds(K, "row", row, n * k)?;
+        holds(K, "w", w, n * k)?;
+        u32_of(K, "values", n * k * dim)?;
+        let (gx, gy) = self.grid((n * dim).div_ceil(WG as usize))?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "dim", dim)?,
+            u32_of(K, "k", k)?,
+            gx,
+        ]);
+        self.push(Kernel::MoeCombine, &params, &[x, y, row, w], [gx, gy, 1])
+    }
+
+    /// Dispatches recorded so far.
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
     }
 
     /// Encodes every recorded dispatch into one compute pass and submits
     /// it (does not wait: read a result, or [`Gpu::wait`], to wait).
     pub fn submit(self) -> Result<(), GpuError> {
+        self.submit_with_copy(None)
+    }
+
+    /// Submits the pass followed, in the same submission, by a copy of the
+    /// first `len` f32 values of `src` into the readback buffer `staging`,
+    /// waits, and returns them: one submission and one wait for a layer's
+    /// result.
+    pub fn submit_and_read(
+        self,
+        src: &wgpu::Buffer,
+        len: usize,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<f32>, GpuError> {
         let gpu = self.gpu;
+        self.submit_with_copy(Some((src, 4 * len as u64, staging)))?;
+        gpu.map_f32(staging, len)
+    }
+
+    /// [`Pass::submit_and_read`] that goes on with an empty pass.
+    pub fn flush_and_read(
+        &mut self,
+        src: &wgpu::Buffer,
+        len: usize,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<f32>, GpuError> {
+        self.encode_and_submit(Some((src, 4 * len as u64, staging)))?;
+        self.items.clear();
+        if let Some(a) = self.arena.as_deref_mut() {
+            a.host.clear();
+        }
+        self.gpu.map_f32(staging, len)
+    }
+
+    fn submit_with_copy(
+        mut self,
+        copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
+    ) -> Result<(), GpuError> {
+        self.encode_and_submit(copy)
+    }
+
+    fn encode_and_submit(
+        &mut self,
+        copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
+    ) -> Result<(), GpuError> {
+        let gpu = self.gpu;
+        if let Some(a) = self.arena.as_deref() {
+            if !a.host.is_empty() {
+                // Lands before this submission, after every earlier one.
+                gpu.checked("writing parameters", || {
+                    gpu.queue.write_buffer(&a.buffer, 0, &a.host)
+                })?;
+            }
+        }
         let mut enc = gpu
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("pass"),
             });
         gpu.checked("encoding a pass", || {
-            let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("pass"),
-                timestamp_writes: None,
-            });
-            for d in &self.items {
-                pass.set_pipeline(&d.pipeline);
-                pass.set_bind_group(0, &d.bind, &[]);
-                pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+            if !self.items.is_empty() {
+                let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("pass"),
+                    timestamp_writes: None,
+                });
+                for d in &self.items {
+                    match &d.pipeline {
+                        Pipeline::Own(p) => pass.set_pipeline(p),
+                        Pipeline::Shared(p) => pass.set_pipeline(&p.pipeline),
+                    }
+                    match d.offset {
+                        Some(o) => pass.set_bind_group(0, &d.bind, &[o]),
+                        None => pass.set_bind_group(0, &d.bind, &[]),
+                    }
+                    pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                }
+            }
+            if let Some((src, bytes, dst)) = copy {
+                enc.copy_buffer_to_buffer(src, 0, dst, 0, bytes);
             }
         })?;
         let commands = gpu.checked("finishing a pass", || enc.finish())?;

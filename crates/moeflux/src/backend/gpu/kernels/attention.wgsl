@@ -1,14 +1,17 @@
-// Decode attention: one query token (q: n_heads × head_dim) over the first
-// `len` positions of a KV cache (position j's keys at k[j · k_stride ..],
-// values at v[j · v_stride ..], head group g at offset g · head_dim; f16
-// pairs packed in words when KV_F16, else f32 bits). Grouped-query: head h
+// Causal attention of n_q query tokens (q: n_q × n_heads × head_dim, the
+// last n_q of `len` positions, whose K/V the cache already holds): query t
+// attends to the first len − n_q + 1 + t positions of a KV cache
+// (position j's keys at k[j · k_stride ..], values at v[j · v_stride ..],
+// head group g at offset g · head_dim; f16 pairs packed in words when
+// KV_F16, else f32 bits). Grouped-query: head h
 // reads KV group h / (n_heads / n_kv_heads). Scores are q·k · scale; the
 // softmax and the weighted sum of values are exact in f32 (no
 // approximation), computed over chunks of CH positions with a running max
 // (each chunk's sums are rescaled by exp(old max − new max)), so the shared
 // memory is bounded whatever the context length.
 //
-// One workgroup per head; thread d (and d + WG, ...) owns output dimension
+// One workgroup per (head, query): wg.x is the head, wg.y the query (decode
+// is n_q = 1); thread d (and d + WG, ...) owns output dimension
 // d, so head_dim ≤ 4 · WG.
 
 struct Params {
@@ -19,7 +22,7 @@ struct Params {
     k_stride: u32,
     v_stride: u32,
     scale: f32,
-    _pad0: u32,
+    n_q: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -54,17 +57,21 @@ fn v_pair(i: u32) -> vec2<f32> {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let h = wg.x;
+    let t = wg.y;
     let hd = p.head_dim;
     let g = h / (p.n_heads / p.n_kv_heads);
+    // Positions this query sees (causal), and where its row starts.
+    let len = p.len - p.n_q + 1u + t;
+    let row = (t * p.n_heads + h) * hd;
     for (var d = lane.lid; d < hd; d += WG) {
-        qh[d] = q[h * hd + d];
+        qh[d] = q[row + d];
     }
     workgroupBarrier();
     var m = LOWEST; // running max of the scores
     var l = 0.0;    // running sum of exp(score − m)
     var o = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var c0 = 0u; c0 < p.len; c0 += CH) {
-        let cn = min(CH, p.len - c0);
+    for (var c0 = 0u; c0 < len; c0 += CH) {
+        let cn = min(CH, len - c0);
         var mx = LOWEST;
         for (var j = lane.lid; j < cn; j += WG) {
             let kb = (c0 + j) * p.k_stride + g * hd;
@@ -105,7 +112,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     for (var slot = 0u; slot < 4u; slot++) {
         let d = lane.lid + slot * WG;
         if d < hd {
-            out[h * hd + d] = o[slot] / l;
+            out[row + d] = o[slot] / l;
         }
     }
 }

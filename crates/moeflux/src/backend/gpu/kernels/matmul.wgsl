@@ -1,7 +1,9 @@
 // Y = X Wᵀ for one part (a range of rows) of a quantized weight matrix.
 //
-// X is n × cols f32 (row-major), Y is n × y_stride f32; this part's row r
-// is column row0 + r of Y. One workgroup computes one row for up to four
+// X is (t_base + n) × cols f32 (row-major), Y is (t_base + n) × y_stride
+// f32; tokens t_base..t_base + n are computed (so one expert's rows of a
+// buffer holding several experts' tokens can be used in place), and this
+// part's row r is column row0 + r of Y. One workgroup computes one row for up to four
 // tokens (workgroup z picks tokens 4z..4z+4), so each weight is decoded once
 // per four tokens; the row's units (UNIT consecutive columns, decoded
 // together: a quant block or a sub-block) are spread over the threads, and
@@ -24,7 +26,7 @@ struct Params {
     wg_x: u32,       // workgroups along x in this dispatch
     group: u32,      // MLX: columns per scale/bias group
     scale_f16: u32,  // MLX: 1 when scales/biases are f16, 0 for bf16
-    _pad0: u32,
+    t_base: u32,     // first token row of X and Y
     _pad1: u32,
 }
 
@@ -77,13 +79,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     }
     let t0 = wg.z * 4u;
     let last = p.n - 1u;
-    xrow = vec4<u32>(min(t0, last), min(t0 + 1u, last), min(t0 + 2u, last), min(t0 + 3u, last)) * p.cols;
+    xrow = (vec4<u32>(min(t0, last), min(t0 + 1u, last), min(t0 + 2u, last), min(t0 + 3u, last)) + p.t_base) * p.cols;
     var acc = vec4<f32>(0.0);
     for (var u = lane.lid; u < p.units; u += WG) {
         acc += unit_dot(r, u);
     }
     let s = wg_sum4(acc, lane);
     if lane.lid < 4u && t0 + lane.lid < p.n {
-        y[(t0 + lane.lid) * p.y_stride + p.row0 + r] = s[lane.lid];
+        y[(p.t_base + t0 + lane.lid) * p.y_stride + p.row0 + r] = s[lane.lid];
     }
 }

@@ -1,0 +1,113 @@
+//! A session's KV cache in GPU memory: per attention layer, a key and a
+//! value buffer of `capacity × dim` values, f16 (two per word) or f32 —
+//! the CPU cache's layout (`state::kv`), so its contents can be read back
+//! into a [`crate::state::KvCache`] (snapshots) or filled from one.
+
+use super::device::Gpu;
+use super::GpuError;
+use crate::state::kv::{KvCache, Rows};
+use crate::state::KvType;
+
+/// One layer's keys and values.
+pub struct GpuLayerKv {
+    pub k: wgpu::Buffer,
+    pub v: wgpu::Buffer,
+    /// Values per position.
+    pub dim: usize,
+}
+
+/// The cache: `layers[l]` is `None` for a layer without attention.
+pub struct GpuKv {
+    pub layers: Vec<Option<GpuLayerKv>>,
+    pub kv_f16: bool,
+    /// Positions it can hold.
+    pub capacity: usize,
+}
+
+impl GpuKv {
+    /// A cache for `capacity` positions; `dims[l]` is layer `l`'s values
+    /// per position (keys and values alike), `None` without attention.
+    pub fn new(
+        gpu: &Gpu,
+        dims: &[Option<usize>],
+        capacity: usize,
+        ty: KvType,
+    ) -> Result<GpuKv, GpuError> {
+        let kv_f16 = ty == KvType::F16;
+        let layers = dims
+            .iter()
+            .map(|d| {
+                d.map(|dim| {
+                    let bytes = (capacity as u64)
+                        .saturating_mul(dim as u64)
+                        .saturating_mul(ty.bytes());
+                    if bytes > gpu.limits.max_binding {
+                        return Err(GpuError::TooLarge {
+                            what: format!("a KV cache layer of {capacity} positions × {dim}"),
+                            bytes,
+                            limit: gpu.limits.max_binding,
+                        });
+                    }
+                    Ok(GpuLayerKv {
+                        k: gpu.storage("kv keys", &[], bytes)?,
+                        v: gpu.storage("kv values", &[], bytes)?,
+                        dim,
+                    })
+                })
+                .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(GpuKv {
+            layers,
+            kv_f16,
+            capacity,
+        })
+    }
+
+    /// Copies the first `len` positions into `cache` (whose layers must
+    /// match), replacing its rows: what a snapshot of a GPU session holds.
+    pub fn read_into(&self, gpu: &Gpu, cache: &mut KvCache, len: usize) -> Result<(), GpuError> {
+        for (g, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let Some(g) = g else { continue };
+            let n = len * g.dim;
+            for (buf, rows) in [(&g.k, &mut c.k), (&g.v, &mut c.v)] {
+                *rows = if self.kv_f16 {
+                    let words = gpu.read_f32(buf, n.div_ceil(2))?;
+                    let mut v = Vec::with_capacity(n);
+                    for w in words {
+                        let b = w.to_bits();
+                        v.push(half::f16::from_bits(b as u16));
+                        v.push(half::f16::from_bits((b >> 16) as u16));
+                    }
+                    v.truncate(n);
+                    Rows::F16(v)
+                } else {
+                    Rows::F32(gpu.read_f32(buf, n)?)
+                };
+            }
+        }
+        cache.len = len;
+        Ok(())
+    }
+
+    /// Uploads the rows of `cache` (a snapshot being restored).
+    pub fn write_from(&self, gpu: &Gpu, cache: &KvCache) -> Result<(), GpuError> {
+        for (g, c) in self.layers.iter().zip(cache.layers.iter()) {
+            let Some(g) = g else { continue };
+            for (buf, rows) in [(&g.k, &c.k), (&g.v, &c.v)] {
+                let bytes: Vec<u8> = match rows {
+                    Rows::F32(v) if !self.kv_f16 => bytemuck::cast_slice(v).to_vec(),
+                    Rows::F16(v) if self.kv_f16 => v.iter().flat_map(|h| h.to_le_bytes()).collect(),
+                    _ => {
+                        return Err(GpuError::Shape {
+                            kernel: "kv cache",
+                            detail: "the snapshot's KV type differs from the session's".into(),
+                        })
+                    }
+                };
+                gpu.write_padded(buf, &bytes)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,691 @@
+//! The GPU forward pass: a [`Model`] of softmax-attention MoE layers
+//! (Qwen3-MoE) computed with the WGSL kernels, with the same semantics as
+//! the CPU's [`Model::forward`].
+//!
+//! Dense weights are resident ([`GpuMatrix`], norms as f32 buffers);
+//! activations live in buffers sized once for the largest chunk; routed
+//! experts come through the GPU slot arena ([`GpuExperts`]) fed by the host
+//! [`ExpertStore`]. Per layer, one submission carries the previous layer's
+//! experts and combine, this layer's attention block and its router; the
+//! router logits are read back (the one host round trip of a layer) and
+//! routed on the host by [`Moe::route`] itself, so the experts and weights
+//! are bit-for-bit the CPU's choice for the same logits.
+//!
+//! What runs on the GPU equals the CPU reference level (dequantized
+//! weights, f32 activations) up to f32 rounding order; the CPU's integer
+//! levels quantize activations to 8 bits, the GPU does not.
+
+use std::sync::Arc;
+
+use super::device::Gpu;
+use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
+use super::kv::GpuKv;
+use super::matrix::GpuMatrix;
+use super::pass::{rope_table, AttentionShape, ParamArena, Pass};
+use super::GpuError;
+use crate::experts::{ExpertRef, ExpertStore};
+use crate::format::ModelFiles;
+use crate::model::moe::Moe;
+use crate::model::transformer::{Ffn, Layer};
+use crate::model::{Logits, Mixer, Model};
+use crate::state::KvType;
+use crate::tokenizer::TokenId;
+
+/// Logit rows computed per LM-head dispatch group (bounds the logits
+/// buffer: `LOGIT_ROWS × vocab` f32).
+const LOGIT_ROWS: usize = 16;
+
+/// How the GPU model is built.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuOptions {
+    /// Largest chunk of tokens one forward pass takes.
+    pub ubatch: usize,
+    /// Bytes of GPU memory for the expert slot arena (`None`: every expert
+    /// if the device allocates them; see [`GpuModel::new`]).
+    pub expert_mem: Option<u64>,
+}
+
+/// One layer's resident weights.
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    ffn_norm: wgpu::Buffer,
+    q_norm: Option<wgpu::Buffer>,
+    k_norm: Option<wgpu::Buffer>,
+    qk_eps: f32,
+    wq: GpuMatrix,
+    wk: GpuMatrix,
+    wv: GpuMatrix,
+    wo: GpuMatrix,
+    router: GpuMatrix,
+    moe: Moe,
+}
+
+/// Sizes every layer shares (checked when the model is built).
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    hidden: usize,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    /// Rotated pairs per head.
+    half: usize,
+    n_experts: usize,
+    k: usize,
+    ff: usize,
+    vocab: usize,
+    eps: f32,
+    ubatch: usize,
+}
+
+/// Activation buffers, f32 unless said (sizes for `ubatch` tokens).
+struct Activations {
+    /// Residual stream, `n × hidden`.
+    x: wgpu::Buffer,
+    /// Normalised state, `n × hidden`.
+    h: wgpu::Buffer,
+    /// Attention output projection, `n × hidden`.
+    o: wgpu::Buffer,
+    q: wgpu::Buffer,
+    k: wgpu::Buffer,
+    v: wgpu::Buffer,
+    /// q and k after their per-head norms (a kernel cannot read and write
+    /// one buffer through two bindings).
+    qn: wgpu::Buffer,
+    kn: wgpu::Buffer,
+    attn: wgpu::Buffer,
+    /// `(cos, sin)` of every token's rotary angles.
+    rope: wgpu::Buffer,
+    /// Router logits, `n × n_experts`.
+    router: wgpu::Buffer,
+    /// The experts' inputs and intermediates, one row per (token, rank)
+    /// pair grouped by expert: `n·k × hidden` and `n·k × ff`.
+    moe_in: wgpu::Buffer,
+    gate: wgpu::Buffer,
+    up: wgpu::Buffer,
+    act: wgpu::Buffer,
+    down: wgpu::Buffer,
+    /// u32: token of each expert-grouped row.
+    gather_idx: wgpu::Buffer,
+    /// u32: expert-grouped row of each (token, rank).
+    combine_row: wgpu::Buffer,
+    /// Routing weight of each (token, rank).
+    combine_w: wgpu::Buffer,
+    /// u32: which rows of `x` get logits.
+    out_idx: wgpu::Buffer,
+    /// Final-norm input rows and normalised rows, `LOGIT_ROWS × hidden`.
+    out_x: wgpu::Buffer,
+    out_h: wgpu::Buffer,
+    logits: wgpu::Buffer,
+    /// Host-readable target of the router and logit copies.
+    readback: wgpu::Buffer,
+}
+
+/// Host-side scratch of the MoE routing.
+#[derive(Default)]
+struct Routing_ {
+    choice: Vec<(u32, f32)>,
+    /// Start of each expert's rows in the grouped layout (`n_experts + 1`).
+    start: Vec<usize>,
+    gather: Vec<u32>,
+    rows: Vec<u32>,
+    weights: Vec<f32>,
+    used: Vec<u32>,
+}
+
+/// A model resident on the GPU.
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    layers: Vec<GpuLayer>,
+    output_norm: wgpu::Buffer,
+    lm_head: GpuMatrix,
+    inv_freq: Vec<f32>,
+    dims: Dims,
+    act: Activations,
+    experts: GpuExperts,
+    routing: Routing_,
+    /// Kernel parameters and cached bind groups of this model's passes
+    /// (taken out while a forward pass records).
+    params: Option<ParamArena>,
+}
+
+impl std::fmt::Debug for GpuModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuModel")
+            .field("adapter", &self.gpu.info.name)
+            .field("layers", &self.layers.len())
+            .field("expert_slots", &self.experts.n_slots())
+            .finish()
+    }
+}
+
+/// Why `model` cannot run on the GPU path (what is missing), if it cannot.
+pub fn unsupported(model: &Model) -> Option<String> {
+    for (i, l) in model.layers.iter().enumerate() {
+        match &l.mixer {
+            Mixer::Attention(a) if a.output_gate => {
+                return Some(format!(
+                    "layer {i}: gated attention output (Qwen3.5 / Qwen3-Next) has no GPU kernel yet"
+                ))
+            }
+            Mixer::Attention(_) => {}
+            Mixer::Linear(_) => {
+                return Some(format!(
+                    "layer {i}: linear-attention (Gated DeltaNet) layers have no GPU kernel yet"
+                ))
+            }
+        }
+        if l.shared.is_some() {
+            return Some(format!(
+                "layer {i}: shared experts are not wired on the GPU yet"
+            ));
+        }
+        match &l.ffn {
+            // Routing runs on the host with the layer's own `Moe::route`.
+            Ffn::Moe(_) => {}
+            Ffn::Dense(_) => {
+                return Some(format!(
+                    "layer {i}: dense FFN layers are not wired on the GPU yet"
+                ))
+            }
+        }
+    }
+    None
+}
+
+fn shape_err(detail: String) -> GpuError {
+    GpuError::Shape {
+        kernel: "model",
+        detail,
+    }
+}
+
+fn norm_buffer(gpu: &Gpu, w: &[f32]) -> Result<wgpu::Buffer, GpuError> {
+    gpu.upload_f32("norm", w)
+}
+
+impl GpuModel {
+    /// Uploads `model`'s dense weights and makes the activation buffers and
+    /// the expert arena. The arena gets `opts.expert_mem / slot` slots, at
+    /// least one; without a budget, one per expert on a discrete GPU (as
+    /// many as the device allocates, less a tenth for headroom: wgpu cannot
+    /// query free VRAM), and on a unified-memory or software adapter as many
+    /// as fit half the host's available memory.
+    pub fn new(
+        gpu: Arc<Gpu>,
+        model: &Model,
+        files: &ModelFiles,
+        experts: &[Vec<ExpertRef>],
+        opts: GpuOptions,
+    ) -> Result<GpuModel, GpuError> {
+        if let Some(why) = unsupported(model) {
+            return Err(GpuError::UnsupportedModel(why));
+        }
+        let cfg = &model.cfg;
+        let first = model
+            .layers
+            .first()
+            .ok_or_else(|| shape_err("a model without layers".into()))?;
+        let (a0, m0) = match (&first.mixer, &first.ffn) {
+            (Mixer::Attention(a), Ffn::Moe(m)) => (a, m),
+            _ => return Err(GpuError::Unsupported("the first layer's kind".into())),
+        };
+        let dims = Dims {
+            hidden: cfg.hidden,
+            n_heads: a0.n_heads,
+            n_kv_heads: a0.n_kv_heads,
+            head_dim: a0.head_dim,
+            half: a0.rope.inv_freq.len(),
+            n_experts: m0.n_experts,
+            k: m0.routing.k(),
+            ff: m0.expert_ff,
+            vocab: model.lm_head.rows,
+            eps: cfg.rms_eps,
+            ubatch: opts.ubatch.max(1),
+        };
+        let mut layers = Vec::with_capacity(model.layers.len());
+        for (i, l) in model.layers.iter().enumerate() {
+            layers.push(Self::layer(&gpu, files, l, i, &dims, &a0.rope.inv_freq)?);
+        }
+        let lm_head = GpuMatrix::upload(&gpu, &model.lm_head.view(files))?;
+        let output_norm = norm_buffer(&gpu, &model.output_norm)?;
+        let act = Self::activations(&gpu, &dims)?;
+
+        let (arrays, array_bytes) = GpuExperts::slot_layout(experts);
+        let total: usize = experts.iter().map(Vec::len).sum();
+        let slot: u64 = array_bytes.iter().sum::<u64>().max(1);
+        let count = match opts.expert_mem {
+            Some(bytes) => SlotCount::Exactly(((bytes / slot) as usize).clamp(1, total.max(1))),
+            None => match gpu.info.device_type {
+                wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu => {
+                    let avail = crate::experts::plan::available_memory().unwrap_or(8 << 30);
+                    SlotCount::Exactly(((avail / 2 / slot) as usize).clamp(1, total.max(1)))
+                }
+                _ => SlotCount::UpTo(total.max(1)),
+            },
+        };
+        let experts = GpuExperts::new(&gpu, arrays, array_bytes, count)?;
+        let params = Some(ParamArena::new(&gpu)?);
+        Ok(GpuModel {
+            gpu,
+            layers,
+            output_norm,
+            lm_head,
+            inv_freq: a0.rope.inv_freq.clone(),
+            dims,
+            act,
+            experts,
+            routing: Routing_::default(),
+            params,
+        })
+    }
+
+    fn layer(
+        gpu: &Gpu,
+        files: &ModelFiles,
+        l: &Layer,
+        i: usize,
+        d: &Dims,
+        inv_freq: &[f32],
+    ) -> Result<GpuLayer, GpuError> {
+        let (Mixer::Attention(a), Ffn::Moe(m)) = (&l.mixer, &l.ffn) else {
+            return Err(GpuError::Unsupported(format!("layer {i}'s kind")));
+        };
+        let same = (
+            a.n_heads,
+            a.n_kv_heads,
+            a.head_dim,
+            m.n_experts,
+            m.routing.k(),
+            m.expert_ff,
+        ) == (d.n_heads, d.n_kv_heads, d.head_dim, d.n_experts, d.k, d.ff);
+        if !same || a.rope.inv_freq != inv_freq {
+            return Err(GpuError::Unsupported(format!(
+                "layer {i} differs in shape or RoPE from layer 0"
+            )));
+        }
+        if a.head_dim > 4 * super::kernels::WG as usize || a.head_dim % 2 != 0 {
+            return Err(GpuError::Unsupported(format!(
+                "head_dim {} (the attention kernel takes even sizes up to {})",
+                a.head_dim,
+                4 * super::kernels::WG
+            )));
+        }
+        let up = |w: &crate::model::weights::WeightRef| GpuMatrix::upload(gpu, &w.view(files));
+        Ok(GpuLayer {
+            attn_norm: norm_buffer(gpu, &l.attn_norm)?,
+            ffn_norm: norm_buffer(gpu, &l.ffn_norm)?,
+            q_norm: a
+                .q_norm
+                .as_deref()
+                .map(|w| norm_buffer(gpu, w))
+                .transpose()?,
+            k_norm: a
+                .k_norm
+                .as_deref()
+                .map(|w| norm_buffer(gpu, w))
+                .transpose()?,
+            qk_eps: a.norm_eps,
+            wq: up(&a.wq)?,
+            wk: up(&a.wk)?,
+            wv: up(&a.wv)?,
+            wo: up(&a.wo)?,
+            router: up(&m.router)?,
+            moe: m.clone(),
+        })
+    }
+
+    fn activations(gpu: &Gpu, d: &Dims) -> Result<Activations, GpuError> {
+        let u = d.ubatch;
+        let q = u * d.n_heads * d.head_dim;
+        let kv = u * d.n_kv_heads * d.head_dim;
+        let rows = u * d.k;
+        let z = |label: &str, len: usize| gpu.zeros_f32(label, len);
+        let lr = LOGIT_ROWS.min(u);
+        let readback = (u * d.n_experts).max(lr * d.vocab);
+        Ok(Activations {
+            x: z("x", u * d.hidden)?,
+            h: z("h", u * d.hidden)?,
+            o: z("o", u * d.hidden)?,
+            q: z("q", q)?,
+            k: z("k", kv)?,
+            v: z("v", kv)?,
+            qn: z("qn", q)?,
+            kn: z("kn", kv)?,
+            attn: z("attn", q)?,
+            rope: z("rope", 2 * u * d.half.max(1))?,
+            router: z("router", u * d.n_experts)?,
+            moe_in: z("moe_in", rows * d.hidden)?,
+            gate: z("gate", rows * d.ff)?,
+            up: z("up", rows * d.ff)?,
+            act: z("act", rows * d.ff)?,
+            down: z("down", rows * d.hidden)?,
+            gather_idx: z("gather_idx", rows)?,
+            combine_row: z("combine_row", rows)?,
+            combine_w: z("combine_w", rows)?,
+            out_idx: z("out_idx", lr)?,
+            out_x: z("out_x", lr * d.hidden)?,
+            out_h: z("out_h", lr * d.hidden)?,
+            logits: z("logits", lr * d.vocab)?,
+            readback: gpu.readback_buffer(4 * readback as u64)?,
+        })
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Counters of the GPU expert tier.
+    pub fn expert_stats(&self) -> GpuExpertStats {
+        self.experts.stats()
+    }
+
+    /// An empty KV cache for `capacity` positions.
+    pub fn new_kv(&self, capacity: usize, ty: KvType) -> Result<GpuKv, GpuError> {
+        let dim = self.dims.n_kv_heads * self.dims.head_dim;
+        let dims = vec![Some(dim); self.layers.len()];
+        GpuKv::new(&self.gpu, &dims, capacity, ty)
+    }
+
+    /// Runs `tokens` at positions `pos0..` through the model, appending to
+    /// `kv`; returns the logits of the last position or of all (`n ×
+    /// vocab`). Token ids must be below the vocabulary size and `pos0 + n`
+    /// within the cache (checked by the caller; checked again here).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward(
+        &mut self,
+        model: &Model,
+        files: &ModelFiles,
+        store: &mut ExpertStore,
+        kv: &mut GpuKv,
+        pos0: usize,
+        tokens: &[TokenId],
+        which: Logits,
+    ) -> Result<Vec<f32>, crate::Error> {
+        let mut arena = self
+            .params
+            .take()
+            .ok_or_else(|| shape_err("the parameter arena is in use".into()))?;
+        let out = self.forward_in(&mut arena, model, files, store, kv, pos0, tokens, which);
+        self.params = Some(arena);
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_in(
+        &mut self,
+        arena: &mut ParamArena,
+        model: &Model,
+        files: &ModelFiles,
+        store: &mut ExpertStore,
+        kv: &mut GpuKv,
+        pos0: usize,
+        tokens: &[TokenId],
+        which: Logits,
+    ) -> Result<Vec<f32>, crate::Error> {
+        let d = self.dims;
+        let n = tokens.len();
+        if n == 0 || n > d.ubatch || pos0 + n > kv.capacity {
+            return Err(shape_err(format!(
+                "{n} tokens at position {pos0} (chunks of at most {}, cache of {})",
+                d.ubatch, kv.capacity
+            ))
+            .into());
+        }
+        let gpu = self.gpu.clone();
+        let gpu = &*gpu;
+        store.begin_step();
+        self.experts.tick();
+
+        // Embedding rows and rotary angles, on the host.
+        let embed = model.embed.view(files);
+        let mut x = vec![0f32; n * d.hidden];
+        for (t, &id) in tokens.iter().enumerate() {
+            if id as usize >= embed.rows {
+                return Err(crate::Error::TokenOutOfRange {
+                    token: id,
+                    vocab: embed.rows,
+                });
+            }
+            embed.row(id as usize, &mut x[t * d.hidden..(t + 1) * d.hidden]);
+        }
+        gpu.write_padded(&self.act.x, bytemuck::cast_slice(&x))?;
+        let table = rope_table(pos0, n, &self.inv_freq);
+        gpu.write_padded(&self.act.rope, bytemuck::cast_slice(&table))?;
+
+        let mut pass = Pass::with_arena(gpu, arena);
+        for l in 0..self.layers.len() {
+            self.attention_block(&mut pass, kv, l, n, pos0)?;
+            let layer = &self.layers[l];
+            pass.rms_norm(
+                &self.act.x,
+                &layer.ffn_norm,
+                &self.act.h,
+                n,
+                d.hidden,
+                d.eps,
+            )?;
+            pass.matmul(&layer.router, &self.act.h, &self.act.router, n)?;
+            let logits =
+                pass.flush_and_read(&self.act.router, n * d.n_experts, &self.act.readback)?;
+            self.route(l, logits, n)?;
+            self.experts_block(gpu, &mut pass, store, l, n)?;
+        }
+        self.logits(&mut pass, which, n)
+    }
+
+    /// Records layer `l`'s attention block: norm, projections, q/k norms,
+    /// RoPE, K/V append, attention, output projection, residual add.
+    fn attention_block(
+        &self,
+        pass: &mut Pass<'_>,
+        kv: &GpuKv,
+        l: usize,
+        n: usize,
+        pos0: usize,
+    ) -> Result<(), GpuError> {
+        let (d, a, layer) = (self.dims, &self.act, &self.layers[l]);
+        let cache = kv.layers[l]
+            .as_ref()
+            .ok_or_else(|| shape_err(format!("layer {l} has no KV cache")))?;
+        let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
+        pass.rms_norm(&a.x, &layer.attn_norm, &a.h, n, d.hidden, d.eps)?;
+        pass.matmul(&layer.wq, &a.h, &a.q, n)?;
+        pass.matmul(&layer.wk, &a.h, &a.k, n)?;
+        pass.matmul(&layer.wv, &a.h, &a.v, n)?;
+        let q = match &layer.q_norm {
+            Some(w) => {
+                pass.rms_norm(&a.q, w, &a.qn, n * nh, hd, layer.qk_eps)?;
+                &a.qn
+            }
+            None => &a.q,
+        };
+        let k = match &layer.k_norm {
+            Some(w) => {
+                pass.rms_norm(&a.k, w, &a.kn, n * nkv, hd, layer.qk_eps)?;
+                &a.kn
+            }
+            None => &a.k,
+        };
+        if d.half > 0 {
+            pass.rope(q, &a.rope, n, nh, hd, d.half)?;
+            pass.rope(k, &a.rope, n, nkv, hd, d.half)?;
+        }
+        let dim = nkv * hd;
+        pass.kv_append(k, &cache.k, n, dim, pos0, dim, kv.kv_f16)?;
+        pass.kv_append(&a.v, &cache.v, n, dim, pos0, dim, kv.kv_f16)?;
+        let shape = AttentionShape {
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            len: pos0 + n,
+            k_stride: dim,
+            v_stride: dim,
+            kv_f16: kv.kv_f16,
+        };
+        pass.attention_causal(q, &cache.k, &cache.v, &a.attn, shape, n)?;
+        pass.matmul(&layer.wo, &a.attn, &a.o, n)?;
+        pass.add(&a.x, &a.o, n * d.hidden)
+    }
+
+    /// Routes every token of layer `l` from its router logits (on the
+    /// host, with the CPU's own [`Moe::route`]), groups the (token, rank)
+    /// pairs by expert, and writes the gather, combine and weight tables.
+    fn route(&mut self, l: usize, mut logits: Vec<f32>, n: usize) -> Result<(), GpuError> {
+        let d = self.dims;
+        let (ne, k) = (d.n_experts, d.k);
+        let r = &mut self.routing;
+        let moe = &self.layers[l].moe;
+        r.choice.clear();
+        r.choice.resize(n * k, (0, 0.0));
+        for t in 0..n {
+            moe.route(
+                &mut logits[t * ne..(t + 1) * ne],
+                &mut r.choice[t * k..(t + 1) * k],
+            );
+        }
+        // Counting sort of the pairs by expert (stable: token order within
+        // an expert).
+        r.start.clear();
+        r.start.resize(ne + 1, 0);
+        for &(e, _) in &r.choice {
+            let e = e as usize;
+            if e >= ne {
+                return Err(shape_err(format!("router chose expert {e} of {ne}")));
+            }
+            r.start[e + 1] += 1;
+        }
+        for e in 0..ne {
+            r.start[e + 1] += r.start[e];
+        }
+        let mut fill = r.start.clone();
+        r.gather.clear();
+        r.gather.resize(n * k, 0);
+        r.rows.clear();
+        r.rows.resize(n * k, 0);
+        r.weights.clear();
+        for t in 0..n {
+            for rank in 0..k {
+                let (e, w) = r.choice[t * k + rank];
+                let at = fill[e as usize];
+                fill[e as usize] += 1;
+                r.gather[at] = t as u32;
+                r.rows[t * k + rank] = at as u32;
+                r.weights.push(w);
+            }
+        }
+        r.used.clear();
+        r.used
+            .extend((0..ne as u32).filter(|&e| r.start[e as usize + 1] > r.start[e as usize]));
+        let gpu = &self.gpu;
+        gpu.write_padded(&self.act.gather_idx, bytemuck::cast_slice(&r.gather))?;
+        gpu.write_padded(&self.act.combine_row, bytemuck::cast_slice(&r.rows))?;
+        gpu.write_padded(&self.act.combine_w, bytemuck::cast_slice(&r.weights))?;
+        Ok(())
+    }
+
+    /// Records layer `l`'s routed experts (in waves when the arena holds
+    /// fewer slots than the layer uses: each wave but the last is
+    /// submitted, so the next may reuse its slots) and the weighted
+    /// combine + residual add.
+    fn experts_block<'g>(
+        &mut self,
+        gpu: &'g Gpu,
+        pass: &mut Pass<'g>,
+        store: &mut ExpertStore,
+        l: usize,
+        n: usize,
+    ) -> Result<(), crate::Error> {
+        let d = self.dims;
+        let rows = n * d.k;
+        pass.gather(
+            &self.act.h,
+            &self.act.gather_idx,
+            &self.act.moe_in,
+            rows,
+            d.hidden,
+        )?;
+        let mut todo = std::mem::take(&mut self.routing.used);
+        let mut wave: Vec<(u32, u32)> = Vec::new();
+        let mut misses: Vec<(u32, u32)> = Vec::new();
+        while !todo.is_empty() {
+            self.experts.unpin_all();
+            wave.clear();
+            misses.clear();
+            for &e in &todo {
+                if let Some(s) = self.experts.hit(l, e) {
+                    wave.push((e, s));
+                } else if let Some(s) = self.experts.claim(l, e) {
+                    wave.push((e, s));
+                    misses.push((e, s));
+                } else {
+                    break;
+                }
+            }
+            if wave.is_empty() {
+                return Err(shape_err("the GPU expert arena has no slot".into()).into());
+            }
+            self.experts.upload(gpu, store, l, &misses)?;
+            let a = &self.act;
+            let start = &self.routing.start;
+            for &(e, s) in &wave {
+                let [g, u, _] = self.experts.matrices(s)?;
+                let (s0, m) = (start[e as usize], start[e as usize + 1] - start[e as usize]);
+                pass.matmul_rows(g, &a.moe_in, &a.gate, s0, m)?;
+                pass.matmul_rows(u, &a.moe_in, &a.up, s0, m)?;
+            }
+            pass.swiglu(&a.gate, &a.up, &a.act, rows * d.ff)?;
+            for &(e, s) in &wave {
+                let [_, _, dn] = self.experts.matrices(s)?;
+                let (s0, m) = (start[e as usize], start[e as usize + 1] - start[e as usize]);
+                pass.matmul_rows(dn, &a.act, &a.down, s0, m)?;
+            }
+            todo.retain(|e| !wave.iter().any(|w| w.0 == *e));
+            if !todo.is_empty() {
+                pass.flush()?;
+            }
+        }
+        self.routing.used = todo;
+        self.experts.unpin_all();
+        let a = &self.act;
+        pass.moe_combine(
+            &a.x,
+            &a.down,
+            &a.combine_row,
+            &a.combine_w,
+            n,
+            d.hidden,
+            d.k,
+        )?;
+        Ok(())
+    }
+
+    /// Final norm and LM head of the last row or of all `n` rows of the
+    /// residual stream, read back.
+    fn logits(
+        &self,
+        pass: &mut Pass<'_>,
+        which: Logits,
+        n: usize,
+    ) -> Result<Vec<f32>, crate::Error> {
+        let (d, a) = (self.dims, &self.act);
+        let gpu = &*self.gpu;
+        let (first, count) = match which {
+            Logits::Last => (n - 1, 1),
+            Logits::All => (0, n),
+        };
+        let group = LOGIT_ROWS.min(d.ubatch);
+        let mut out = Vec::with_capacity(count * d.vocab);
+        for g0 in (first..first + count).step_by(group) {
+            let m = group.min(first + count - g0);
+            let idx: Vec<u32> = (g0 as u32..(g0 + m) as u32).collect();
+            // Lands before the next submission: the recorded layers do not
+            // read it, the dispatches below do.
+            gpu.write_padded(&a.out_idx, bytemuck::cast_slice(&idx))?;
+            pass.gather(&a.x, &a.out_idx, &a.out_x, m, d.hidden)?;
+            pass.rms_norm(&a.out_x, &self.output_norm, &a.out_h, m, d.hidden, d.eps)?;
+            pass.matmul(&self.lm_head, &a.out_h, &a.logits, m)?;
+            out.extend(pass.flush_and_read(&a.logits, m * d.vocab, &a.readback)?);
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,353 @@
+//! The GPU forward pass end to end (`--backend gpu`), on the tiny fixture
+//! models, against the same references as the CPU tests (transformers,
+//! and transformers on the dequantized weights of each GGUF type: the GPU
+//! computes f32 activations with dequantized weights, i.e. the CPU's
+//! reference level) and against the CPU itself; and the expert store's
+//! standing test on the GPU: output never depends on the memory plan
+//! (GPU arena and host cache sizes).
+//!
+//! Runs on lavapipe in CI. Without an adapter the tests fail, naming the
+//! cause, unless `MOEFLUX_GPU_TESTS=skip` is set.
+
+mod common;
+
+use common::{
+    all_logits, assert_logits, fixture, fixture_ref, fixture_tokens, greedy, ref_ids, F32_REL,
+};
+use moeflux::engine::Backend;
+use moeflux::experts::Budget;
+use moeflux::sampling::argmax;
+use moeflux::state::KvType;
+use moeflux::{Engine, EngineOptions};
+
+/// Whether GPU tests are told to skip (then only when no adapter opens).
+fn skip() -> bool {
+    if !std::env::var("MOEFLUX_GPU_TESTS").is_ok_and(|v| v == "skip") {
+        return false;
+    }
+    match moeflux::backend::gpu::Gpu::shared() {
+        Ok(_) => false,
+        Err(e) => {
+            eprintln!("skipping a GPU test (MOEFLUX_GPU_TESTS=skip): {e}");
+            true
+        }
+    }
+}
+
+fn gpu_opts(kv_type: KvType) -> EngineOptions {
+    EngineOptions {
+        backend: Backend::Gpu,
+        kv_type,
+        threads: 2,
+        ..Default::default()
+    }
+}
+
+fn open(rel: &str, o: EngineOptions) -> Engine {
+    let e = Engine::open(&fixture(rel), o).unwrap_or_else(|e| panic!("{rel}: {e}"));
+    assert!(e.on_gpu() || e.backend() == "cpu", "{rel}: {}", e.backend());
+    e
+}
+
+fn open_gpu(rel: &str) -> Engine {
+    let e = open(rel, gpu_opts(KvType::F32));
+    assert!(e.on_gpu(), "{rel}: {}", e.backend());
+    e
+}
+
+#[test]
+fn hf_checkpoint_matches_transformers_and_the_cpu() {
+    if skip() {
+        return;
+    }
+    let family = "qwen3_moe";
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "hf_logits").to_f32().unwrap();
+    let want = ref_ids(family, "hf_greedy");
+    let engine = open_gpu(&format!("{family}/hf"));
+    eprintln!("{}", engine.backend());
+    assert_logits(
+        "qwen3_moe HF on the GPU",
+        &all_logits(&engine, &tokens),
+        &reference,
+        engine.vocab(),
+        F32_REL,
+        1.0,
+    );
+    let ours = greedy(&engine, &tokens, want.len());
+    assert_eq!(ours, want, "GPU greedy vs transformers");
+    let cpu = common::open_at(
+        &format!("{family}/hf"),
+        moeflux::backend::cpu::kernels::Level::Reference,
+    );
+    assert_eq!(ours, greedy(&cpu, &tokens, want.len()), "GPU greedy vs CPU");
+}
+
+/// Every quantized GGUF type against transformers run on its dequantized
+/// weights (tight: the GPU has f32 activations), greedy included.
+#[test]
+fn gguf_types_match_their_dequantized_references() {
+    if skip() {
+        return;
+    }
+    for (family, ty) in [
+        ("qwen3_moe", "F16"),
+        ("qwen3_moe", "Q8_0"),
+        ("qwen3_moe", "Q4_0"),
+        ("qwen3_moe_k", "Q4_K"),
+        ("qwen3_moe_k", "Q6_K"),
+    ] {
+        let tokens = fixture_tokens(family);
+        let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
+            .to_f32()
+            .unwrap();
+        let engine = open_gpu(&format!("{family}/gguf/{family}-{ty}.gguf"));
+        assert_logits(
+            &format!("{family} {ty} on the GPU vs dequantized reference"),
+            &all_logits(&engine, &tokens),
+            &dequant,
+            engine.vocab(),
+            F32_REL,
+            1.0,
+        );
+        let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
+        assert_eq!(
+            greedy(&engine, &tokens, want.len()),
+            want,
+            "{family} {ty} on the GPU: greedy"
+        );
+    }
+}
+
+#[test]
+fn gguf_f32_matches_llama_cpp_and_transformers() {
+    if skip() {
+        return;
+    }
+    let family = "qwen3_moe";
+    let tokens = fixture_tokens(family);
+    let engine = open_gpu(&format!("{family}/gguf/{family}-F32.gguf"));
+    let ours = all_logits(&engine, &tokens);
+    for (what, r) in [
+        ("llama.cpp", "gguf_F32_logits"),
+        ("transformers", "hf_logits"),
+    ] {
+        let reference = fixture_ref(family, r).to_f32().unwrap();
+        assert_logits(
+            &format!("GGUF F32 on the GPU vs {what}"),
+            &ours,
+            &reference,
+            engine.vocab(),
+            F32_REL,
+            1.0,
+        );
+    }
+    let want = ref_ids(family, "gguf_F32_greedy");
+    assert_eq!(greedy(&engine, &tokens, want.len()), want, "greedy");
+}
+
+#[test]
+fn mlx_checkpoint_matches_its_dequantized_reference() {
+    if skip() {
+        return;
+    }
+    let family = "qwen3_moe";
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
+    let engine = open_gpu(&format!("{family}/mlx"));
+    assert_logits(
+        "qwen3_moe MLX on the GPU",
+        &all_logits(&engine, &tokens),
+        &reference,
+        engine.vocab(),
+        F32_REL,
+        1.0,
+    );
+    let want = ref_ids(family, "mlx_greedy");
+    assert_eq!(greedy(&engine, &tokens, want.len()), want, "MLX greedy");
+}
+
+/// The f16 KV cache on the GPU (rounded as the CPU rounds) stays within
+/// the f32 tolerance of transformers, as the CPU's does.
+#[test]
+fn f16_kv_cache_stays_close() {
+    if skip() {
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_moe");
+    let reference = fixture_ref("qwen3_moe", "hf_logits").to_f32().unwrap();
+    let engine = open("qwen3_moe/hf", gpu_opts(KvType::F16));
+    assert_logits(
+        "qwen3_moe HF on the GPU, f16 KV",
+        &all_logits(&engine, &tokens),
+        &reference,
+        engine.vocab(),
+        F32_REL,
+        1.0,
+    );
+}
+
+/// All logits of the prompt, then 6 greedy steps' logits, as raw bits.
+fn bits(engine: &Engine, tokens: &[u32]) -> Vec<u32> {
+    let mut s = engine.new_session();
+    let mut out: Vec<u32> = s
+        .eval_all(tokens)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let mut last = s.eval(&[]).unwrap();
+    for _ in 0..6 {
+        last = s.eval(&[argmax(&last)]).unwrap();
+        out.extend(last.iter().map(|v| v.to_bits()));
+    }
+    out
+}
+
+/// Prompt chunking (the causal multi-query attention at a nonzero start)
+/// changes no bit: every query's arithmetic depends only on its position.
+#[test]
+fn prefill_chunking_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_moe");
+    let whole = bits(&open_gpu("qwen3_moe/hf"), &tokens);
+    for ubatch in [1, 3] {
+        let engine = open(
+            "qwen3_moe/hf",
+            EngineOptions {
+                ubatch,
+                ..gpu_opts(KvType::F32)
+            },
+        );
+        assert!(
+            bits(&engine, &tokens) == whole,
+            "chunks of {ubatch} differ from one chunk"
+        );
+    }
+}
+
+/// Principle 2 on the GPU: identical bits whatever the GPU arena size
+/// (one slot, one layer's top-k, a third of the experts, all of them) and
+/// host cache size; the counters show the tiers really evicted and
+/// uploaded.
+#[test]
+fn output_does_not_depend_on_the_memory_plan() {
+    if skip() {
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_moe");
+    for rel in ["qwen3_moe/gguf/qwen3_moe-Q8_0.gguf", "qwen3_moe/mlx"] {
+        let base = open(rel, gpu_opts(KvType::F16));
+        let want = bits(&base, &tokens);
+        let st = base.gpu_stats().unwrap();
+        let total = base.plan().input.total_experts;
+        assert_eq!(
+            st.slots as u64, total,
+            "{rel}: all experts resident by default"
+        );
+        let k = base.config().n_experts_used as u64;
+        let per_layer = total / base.config().n_layers as u64;
+        for (name, slots, host) in [
+            ("1 GPU slot, min host cache", 1, Budget::ExpertCacheMin),
+            ("top-k GPU slots", k, Budget::Total(1 << 30)),
+            (
+                "a layer's experts less one",
+                per_layer - 1,
+                Budget::ExpertCacheMin,
+            ),
+            ("a third", total / 3, Budget::Total(1 << 30)),
+        ] {
+            let engine = open(
+                rel,
+                EngineOptions {
+                    gpu_mem: Some(slots * st.slot_bytes),
+                    budget: Some(host),
+                    ..gpu_opts(KvType::F16)
+                },
+            );
+            let got = bits(&engine, &tokens);
+            let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                first_diff.is_none(),
+                "{rel}, {name}: differs at {first_diff:?}"
+            );
+            let g = engine.gpu_stats().unwrap();
+            assert_eq!(g.slots as u64, slots, "{rel}, {name}");
+            assert!(
+                g.misses > g.slots as u64 && g.bytes_uploaded > 0,
+                "{rel}, {name}: the GPU arena never evicted: {g:?}"
+            );
+            if slots == 1 {
+                assert!(g.misses > g.hits, "{rel}, {name}: {g:?}");
+            }
+        }
+    }
+}
+
+/// A snapshot of a GPU session reads its KV cache back: restoring it (on
+/// the GPU or on the CPU) continues exactly where it was.
+#[test]
+fn snapshots_cross_backends() {
+    if skip() {
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_moe");
+    let (head, tail) = tokens.split_at(tokens.len() / 2);
+    let gpu = open_gpu("qwen3_moe/hf");
+    let mut s = gpu.new_session();
+    s.eval(head).unwrap();
+    let snap = s.snapshot().unwrap();
+    let want = s.eval(tail).unwrap();
+    let mut r = gpu.new_session();
+    r.restore(&snap).unwrap();
+    assert_eq!(r.eval(tail).unwrap(), want, "restored on the GPU");
+    let cpu = common::open_at(
+        "qwen3_moe/hf",
+        moeflux::backend::cpu::kernels::Level::Reference,
+    );
+    let mut c = cpu.new_session();
+    c.restore(&snap).unwrap();
+    let got = c.eval(tail).unwrap();
+    assert_logits(
+        "GPU snapshot on the CPU",
+        &got,
+        &want,
+        cpu.vocab(),
+        F32_REL,
+        1.0,
+    );
+}
+
+/// `Auto` never picks a software rasterizer; `Gpu` refuses a model the GPU
+/// path cannot run with a typed error naming what is missing, and `Auto`
+/// falls back to the CPU for it.
+#[test]
+fn backend_selection() {
+    if skip() {
+        return;
+    }
+    let auto = EngineOptions {
+        backend: Backend::Auto,
+        threads: 2,
+        ..Default::default()
+    };
+    let engine = Engine::open(&fixture("qwen3_moe/hf"), auto.clone()).unwrap();
+    let software = moeflux::backend::gpu::Gpu::shared()
+        .map(|g| g.is_software())
+        .unwrap_or(true);
+    assert_eq!(engine.on_gpu(), !software, "{}", engine.backend());
+
+    let hybrid = fixture("qwen3_5_moe/hf");
+    let err = Engine::open(&hybrid, gpu_opts(KvType::F16))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(
+        err.contains("cannot run this model") && err.contains("Gated DeltaNet"),
+        "{err}"
+    );
+    let engine = Engine::open(&hybrid, auto).unwrap();
+    assert!(!engine.on_gpu() && engine.backend().starts_with("cpu"));
+}
