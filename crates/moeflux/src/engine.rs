@@ -748,17 +748,7 @@ impl Session {
                 }
             }
         }
-        match which {
-            Logits::All => {
-                let vocab = inner.model.lm_head.rows;
-                if all.len() >= vocab {
-                    self.logits.clear();
-                    self.logits.extend_from_slice(&all[all.len() - vocab..]);
-                }
-                Ok(all)
-            }
-            Logits::Last => Ok(self.logits.clone()),
-        }
+        Ok(self.chunks_done(all, which))
     }
 
     /// [`Session::run`] on the GPU backend: the same chunking, logits and
@@ -806,16 +796,22 @@ impl Session {
                 Logits::Last => self.logits = out,
             }
         }
+        Ok(self.chunks_done(all, which))
+    }
+
+    /// What [`Session::run`] returns once every chunk is in: all the
+    /// logits (the last row also kept as the session's), or the last row's.
+    fn chunks_done(&mut self, all: Vec<f32>, which: Logits) -> Vec<f32> {
         match which {
             Logits::All => {
-                let vocab = inner.model.lm_head.rows;
+                let vocab = self.engine.inner.model.lm_head.rows;
                 if all.len() >= vocab {
                     self.logits.clear();
                     self.logits.extend_from_slice(&all[all.len() - vocab..]);
                 }
-                Ok(all)
+                all
             }
-            Logits::Last => Ok(self.logits.clone()),
+            Logits::Last => self.logits.clone(),
         }
     }
 
