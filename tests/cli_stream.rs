@@ -56,6 +56,8 @@ fn peak_memory_stays_within_the_plan_while_streaming() {
         "buffered",
         "--backend",
         "cpu",
+        "-r",
+        "2",
         "--json",
     ]);
     assert!(ok, "{err}");
@@ -68,6 +70,25 @@ fn peak_memory_stays_within_the_plan_while_streaming() {
         expert_bytes > 4 * plan_total,
         "experts ({expert_bytes}) must exceed the budget several times over"
     );
+    // Two repetitions, the reported rate their median.
+    for (key, runs) in [
+        ("prompt_tok_s", "prompt_tok_s_runs"),
+        ("decode_tok_s", "decode_tok_s_runs"),
+    ] {
+        let v: Vec<f64> = r[runs]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(v.len(), 2, "{runs}");
+        let (lo, hi) = (v[0].min(v[1]), v[0].max(v[1]));
+        let m = r[key].as_f64().unwrap();
+        assert!(
+            lo > 0.0 && m >= lo * 0.999 && m <= hi * 1.001,
+            "{key} {m} outside {v:?}"
+        );
+    }
     let peak = r["peak_rss_bytes"].as_u64().unwrap();
     assert!(
         peak <= plan_total + RSS_TOLERANCE,

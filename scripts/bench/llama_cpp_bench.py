@@ -23,6 +23,8 @@ def main():
     ap.add_argument("--ctx", type=int, default=0)
     ap.add_argument("--no-mmap", action="store_true")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("-r", "--repetitions", type=int, default=1,
+                    help="measure prompt and decode this many times (the same tokens, the KV cache reset) and report the medians, as `moeflux bench -r`")
     ap.add_argument("--repack", type=int, default=1, help="llama.cpp's weight repacking (extra buffer types); 1 is its default")
     a = ap.parse_args()
 
@@ -57,16 +59,20 @@ def main():
     rng = np.random.default_rng(a.seed)
     prompt = [int(x) for x in rng.integers(300, min(vocab, 100000), size=a.prompt)]
 
-    t = time.time()
-    llm.eval(prompt)
-    prompt_s = time.time() - t
-
     # Like llama-bench, feed random tokens while generating (greedy decoding
     # of a random-weight model repeats one token and routes identically).
-    t = time.time()
-    for tok in rng.integers(300, min(vocab, 100000), size=a.n_gen):
-        llm.eval([int(tok)])
-    gen_s = time.time() - t
+    gen_tokens = [int(x) for x in rng.integers(300, min(vocab, 100000), size=a.n_gen)]
+    prompt_runs, gen_runs = [], []
+    for _ in range(max(1, a.repetitions)):
+        llm.reset()
+        t = time.time()
+        llm.eval(prompt)
+        prompt_runs.append(time.time() - t)
+        t = time.time()
+        for tok in gen_tokens:
+            llm.eval([tok])
+        gen_runs.append(time.time() - t)
+    prompt_s, gen_s = float(np.median(prompt_runs)), float(np.median(gen_runs))
     print(json.dumps({
         "engine": "llama.cpp",
         "llama_cpp_python": llama_cpp.__version__,
@@ -79,6 +85,9 @@ def main():
         "prompt_tok_s": round(a.prompt / prompt_s, 3),
         "gen_tokens": a.n_gen,
         "decode_tok_s": round(a.n_gen / gen_s, 3),
+        "repetitions": len(prompt_runs),
+        "prompt_tok_s_runs": [round(a.prompt / s, 3) for s in prompt_runs],
+        "decode_tok_s_runs": [round(a.n_gen / s, 3) for s in gen_runs],
     }))
 
 

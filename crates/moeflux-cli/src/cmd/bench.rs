@@ -56,6 +56,14 @@ pub struct Args {
     #[arg(long, value_name = "GB/S")]
     pub disk_gbps: Option<f64>,
 
+    /// Measure prompt and decode this many times (on a reset session,
+    /// the same tokens each time) and report the median of each; every
+    /// run's rate is in `--json`. On a machine whose speed wanders from
+    /// minute to minute, a median of alternating runs is what to compare.
+    #[arg(short = 'r', long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repetitions: u32,
+
     /// Print per-layer expert statistics.
     #[arg(long)]
     pub stats: bool,
@@ -91,24 +99,45 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         session.eval(&prompt)?;
         session.reset();
     }
-    let before_prompt = engine.store_stats();
-    let gpu_before = engine.gpu_stats();
-    let t = Instant::now();
-    let mut logits = session.eval(&prompt)?;
-    let prompt_s = t.elapsed().as_secs_f64();
-    let after_prompt = engine.store_stats();
-    let gpu_after_prompt = engine.gpu_stats();
-    let timings_prompt = session.timings();
-    let t = Instant::now();
-    for _ in 0..args.n_gen {
-        let next = if args.greedy {
-            argmax(&logits)
-        } else {
-            (rng.next_u64() % vocab) as u32
-        };
-        logits = session.eval(&[next])?;
+    // Each repetition: the same prompt, then the same decode tokens; the
+    // counters below are the last repetition's.
+    let decode_rng = rng;
+    let (mut prompt_runs, mut gen_runs) = (Vec::new(), Vec::new());
+    let mut last = None;
+    for _ in 0..args.repetitions {
+        session.reset();
+        let mut rng = decode_rng.clone();
+        let before_prompt = engine.store_stats();
+        let gpu_before = engine.gpu_stats();
+        let t = Instant::now();
+        let mut logits = session.eval(&prompt)?;
+        prompt_runs.push(t.elapsed().as_secs_f64());
+        let after_prompt = engine.store_stats();
+        let gpu_after_prompt = engine.gpu_stats();
+        let timings_prompt = session.timings();
+        let t = Instant::now();
+        for _ in 0..args.n_gen {
+            let next = if args.greedy {
+                argmax(&logits)
+            } else {
+                (rng.next_u64() % vocab) as u32
+            };
+            logits = session.eval(&[next])?;
+        }
+        gen_runs.push(t.elapsed().as_secs_f64());
+        last = Some((
+            before_prompt,
+            gpu_before,
+            after_prompt,
+            gpu_after_prompt,
+            timings_prompt,
+        ));
     }
-    let gen_s = t.elapsed().as_secs_f64();
+    let Some((before_prompt, gpu_before, after_prompt, gpu_after_prompt, timings_prompt)) = last
+    else {
+        anyhow::bail!("no repetition ran");
+    };
+    let (prompt_s, gen_s) = (median(&prompt_runs), median(&gen_runs));
     let decode = engine.store_stats().since(&after_prompt);
     // The GPU tier (when the GPU runs the model): hits, uploads.
     let gpu_decode = engine
@@ -151,6 +180,9 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "load_s": load_s,
         "prompt_tokens": args.n_prompt,
         "prompt_tok_s": prompt_tps,
+        "repetitions": args.repetitions,
+        "prompt_tok_s_runs": prompt_runs.iter().map(|s| args.n_prompt as f64 / s).collect::<Vec<_>>(),
+        "decode_tok_s_runs": gen_runs.iter().map(|s| args.n_gen as f64 / s).collect::<Vec<_>>(),
         "ttft_s": prompt_s,
         "gen_tokens": args.n_gen,
         "decode_tok_s": gen_tps,
@@ -186,11 +218,27 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         if args.cold { ", cold" } else { "" }
     );
     println!("backend {}", engine.backend());
+    // With repetitions, every run's rate after the median.
+    let runs = |n: usize, v: &[f64]| {
+        if v.len() < 2 {
+            return String::new();
+        }
+        let rates: Vec<String> = v.iter().map(|s| format!("{:.2}", n as f64 / s)).collect();
+        format!("  median of {}: {}", v.len(), rates.join(", "))
+    };
     println!(
-        "prompt  {:>5} tokens  {:>8.2} tok/s  (time to first token {:.2} s)",
-        args.n_prompt, prompt_tps, prompt_s
+        "prompt  {:>5} tokens  {:>8.2} tok/s  (time to first token {:.2} s){}",
+        args.n_prompt,
+        prompt_tps,
+        prompt_s,
+        runs(args.n_prompt, &prompt_runs)
     );
-    println!("decode  {:>5} tokens  {:>8.2} tok/s", args.n_gen, gen_tps);
+    println!(
+        "decode  {:>5} tokens  {:>8.2} tok/s{}",
+        args.n_gen,
+        gen_tps,
+        runs(args.n_gen, &gen_runs)
+    );
     print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
     if let Some(g) = gpu_decode {
         println!(
@@ -251,6 +299,17 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
         "bytes_uploaded": g.bytes_uploaded,
         "upload_gbps": g.bytes_uploaded as f64 / secs.max(1e-9) / 1e9,
     })
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
 }
 
 /// Reads experts into the free cache slots, with a progress bar.
