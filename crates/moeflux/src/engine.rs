@@ -727,15 +727,7 @@ impl Session {
             ) {
                 Ok(out) => out,
                 Err(e) => {
-                    // The chunk is lost; so is anything the cache held past
-                    // the tokens already accepted. A recurrent state may be
-                    // half-advanced, so a hybrid session falls back to its
-                    // newest checkpoint (`len()` tells where it stands).
-                    self.state.kv.truncate(self.tokens.len());
-                    self.logits.clear();
-                    if self.state.is_recurrent() {
-                        self.rewind_to_checkpoint(self.tokens.len());
-                    }
+                    self.chunk_failed();
                     return Err(e.into());
                 }
             };
@@ -782,10 +774,7 @@ impl Session {
             ) {
                 Ok(out) => out,
                 Err(e) => {
-                    // Positions past the accepted tokens are garbage now;
-                    // the count says where the cache stands.
-                    self.state.kv.truncate(self.tokens.len());
-                    self.logits.clear();
+                    self.chunk_failed();
                     return Err(e);
                 }
             };
@@ -797,6 +786,19 @@ impl Session {
             }
         }
         Ok(self.chunks_done(all, which))
+    }
+
+    /// After a chunk failed: it is lost, and so is anything the cache
+    /// held past the tokens already accepted (on the GPU the host count
+    /// says where the GPU cache stands). A recurrent state may be
+    /// half-advanced, so a hybrid session falls back to its newest
+    /// checkpoint (`len()` tells where it stands).
+    fn chunk_failed(&mut self) {
+        self.state.kv.truncate(self.tokens.len());
+        self.logits.clear();
+        if self.state.is_recurrent() {
+            self.rewind_to_checkpoint(self.tokens.len());
+        }
     }
 
     /// What [`Session::run`] returns once every chunk is in: all the

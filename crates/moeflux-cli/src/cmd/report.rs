@@ -5,8 +5,13 @@ use moeflux::experts::StoreStats;
 
 /// Peak resident memory of this process (`VmHWM`), in bytes.
 pub fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    proc_kib("/proc/self/status", "VmHWM:")
+}
+
+/// The `key  N kB` line of a `/proc` file, in bytes.
+fn proc_kib(path: &str, key: &str) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -15,10 +20,7 @@ pub fn peak_rss() -> Option<u64> {
 /// (`AnonHugePages` of `/proc/self/smaps_rollup`), in bytes: a decode
 /// whose weights sit in small pages pays TLB misses on every token.
 pub fn huge_page_bytes() -> Option<u64> {
-    let smaps = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
-    let line = smaps.lines().find(|l| l.starts_with("AnonHugePages:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    proc_kib("/proc/self/smaps_rollup", "AnonHugePages:")
 }
 
 /// The summary of a run's expert traffic; per layer too when `per_layer`.
