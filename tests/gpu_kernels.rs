@@ -14,7 +14,8 @@ use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softm
 use moeflux::backend::cpu::Matrix;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
-    rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, Pass, Reduce, Variant, WeightKind,
+    rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, MatShape, Pass, Reduce, Variant,
+    WeightKind,
 };
 use moeflux::quant::mlx::ScaleType;
 use moeflux::quant::{GgmlType, MlxAffine};
@@ -209,9 +210,8 @@ fn matmul_q6_k() {
 
 #[test]
 fn matmul_floats() {
-    // 203 columns: rows of odd byte length (F16/BF16) and a partial unit.
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
-        check_ggml(ty, 19, 203);
+        check_ggml(ty, 19, 224);
     }
 }
 
@@ -253,9 +253,10 @@ fn matmul_mlx_affine() {
 
 #[test]
 fn matmul_rows_beyond_one_dispatch_dimension() {
-    // 70 000 rows: more workgroups than one dimension must hold (65 535),
-    // so on most adapters rows are numbered over a 2-D grid.
-    check_ggml_split(GgmlType::F16, 70_000, 8, 30_000);
+    // 270 000 rows: more workgroups than one dimension must hold (65 535)
+    // for one token (four rows a workgroup) and for several (one row), so
+    // on most adapters rows are numbered over a 2-D grid.
+    check_ggml_split(GgmlType::F16, 270_000, 32, 100_000);
 }
 
 #[test]
@@ -263,6 +264,13 @@ fn unsupported_and_mismatched_inputs_are_typed_errors() {
     let Some(gpu) = gpu() else { return };
     let bytes = vec![0u8; GgmlType::Q5_K.type_size() * 2];
     let m = Matrix::ggml(GgmlType::Q5_K, 2, 256, &bytes).unwrap();
+    assert!(matches!(
+        GpuMatrix::upload(gpu, &m),
+        Err(GpuError::Unsupported(_))
+    ));
+    // Rows that are not whole 32-column units.
+    let bytes = random_ggml(GgmlType::F16, 2, 203, 1);
+    let m = Matrix::ggml(GgmlType::F16, 2, 203, &bytes).unwrap();
     assert!(matches!(
         GpuMatrix::upload(gpu, &m),
         Err(GpuError::Unsupported(_))
@@ -295,7 +303,7 @@ fn unsupported_and_mismatched_inputs_are_typed_errors() {
     let q = gpu.zeros_f32("q", 6 * 64).unwrap();
     let kv = gpu.zeros_f32("kv", 256).unwrap();
     assert!(matches!(
-        pass.attention(&q, &kv, &kv, &q, shape),
+        pass.attention(&q, &kv, &kv, &kv, &q, shape),
         Err(GpuError::Shape { .. })
     ));
 }
@@ -403,6 +411,140 @@ fn swiglu_matches_cpu() {
             g[i],
             u[i]
         );
+    }
+}
+
+/// Expert batches: three experts' matrices in one pool buffer at offsets,
+/// one dispatch over a job table computing each expert's rows of tokens —
+/// plain (`y = x Aᵀ`) and gate/up with SwiGLU — against the CPU reference,
+/// for one token per expert (the decode kernel) and for several.
+#[test]
+fn expert_batches_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (ff, hidden) = (40, 512);
+    let mut r = Rng::new(9);
+    let mut mlx = |rows: usize, cols: usize| {
+        let group = 64;
+        let weight: Vec<u8> = (0..rows * cols / 2).map(|_| r.next_u64() as u8).collect();
+        let ng = rows * cols / group;
+        let enc = |v: f32| ((v.to_bits() >> 16) as u16).to_le_bytes();
+        let scales: Vec<u8> = (0..ng)
+            .flat_map(|_| enc(0.01 + 0.01 * r.unit() as f32))
+            .collect();
+        let biases: Vec<u8> = (0..ng).flat_map(|_| enc(-0.05 * r.unit() as f32)).collect();
+        (weight, scales, biases)
+    };
+    let mlx_q = MlxAffine {
+        bits: 4,
+        group_size: 64,
+        scale_type: ScaleType::BF16,
+    };
+    // (gate, up) of three experts, each three arrays (GGML: one).
+    let mut cases: Vec<(String, Vec<[Vec<u8>; 3]>)> = Vec::new();
+    for ty in [GgmlType::Q4_K, GgmlType::Q4_0, GgmlType::Q6_K] {
+        let mats = (0..6)
+            .map(|i| [random_ggml(ty, ff, hidden, 50 + i), Vec::new(), Vec::new()])
+            .collect();
+        cases.push((ty.name().to_string(), mats));
+    }
+    let mats = (0..6)
+        .map(|_| {
+            let (w, s, b) = mlx(ff, hidden);
+            [w, s, b]
+        })
+        .collect();
+    cases.push(("MLX-Q4".into(), mats));
+    for (name, mats) in &cases {
+        let ggml = [GgmlType::Q4_K, GgmlType::Q4_0, GgmlType::Q6_K]
+            .into_iter()
+            .find(|t| t.name() == name);
+        let ms: Vec<Matrix<'_>> = mats
+            .iter()
+            .map(|a| match ggml {
+                Some(ty) => Matrix::ggml(ty, ff, hidden, &a[0]).unwrap(),
+                None => Matrix::mlx(mlx_q, ff, hidden, &a[0], &a[1], &a[2]).unwrap(),
+            })
+            .collect();
+        // Each matrix's arrays at 256-byte steps in one pool.
+        let mut at = Vec::new();
+        let mut room = Vec::new();
+        let mut end = 0u64;
+        for m in &ms {
+            let sizes = GpuMatrix::array_bytes(m);
+            let offs: Vec<u64> = sizes
+                .iter()
+                .map(|b| {
+                    let o = end;
+                    end = (end + b).next_multiple_of(256);
+                    o
+                })
+                .collect();
+            at.push(offs);
+            room.push(sizes);
+        }
+        let pool = gpu.storage("pool", &[], end).unwrap();
+        let shapes: Vec<MatShape> = ms
+            .iter()
+            .enumerate()
+            .map(|(i, m)| GpuMatrix::write_at(gpu, m, &pool, &at[i], &room[i]).unwrap())
+            .collect();
+        for counts in [[1usize, 1, 1], [2, 1, 3]] {
+            let rows: usize = counts.iter().sum();
+            let x = normals(rows * hidden, 70 + rows as u64);
+            let xb = gpu.upload_f32("x", &x).unwrap();
+            // Jobs: expert e has gate ms[2e], up ms[2e + 1].
+            let mut jobs: Vec<u32> = Vec::new();
+            let mut t0 = 0;
+            for (e, &c) in counts.iter().enumerate() {
+                for m in [2 * e, 2 * e + 1] {
+                    let o = &at[m];
+                    let w = |a: usize| o.get(a).map_or(0, |&v| if a == 0 { v } else { v / 4 });
+                    jobs.extend([w(0) as u32, w(1) as u32, w(2) as u32]);
+                }
+                jobs.extend([t0 as u32, c as u32]);
+                t0 += c;
+            }
+            let jb = gpu.storage("jobs", bytemuck::cast_slice(&jobs), 0).unwrap();
+            let most = *counts.iter().max().unwrap();
+            let mut want_plain = vec![0f32; rows * ff];
+            let mut want_glu = vec![0f32; rows * ff];
+            let mut wrow = vec![0f32; hidden];
+            let mut urow = vec![0f32; hidden];
+            let mut t0 = 0;
+            for (e, &c) in counts.iter().enumerate() {
+                for rr in 0..ff {
+                    ms[2 * e].row(rr, &mut wrow);
+                    ms[2 * e + 1].row(rr, &mut urow);
+                    for t in t0..t0 + c {
+                        let xt = &x[t * hidden..(t + 1) * hidden];
+                        let g = dot(&wrow, xt);
+                        want_plain[t * ff + rr] = g;
+                        want_glu[t * ff + rr] = silu(g) * dot(&urow, xt);
+                    }
+                }
+                t0 += c;
+            }
+            for variant in gpu.variants() {
+                for (glu, want) in [(false, &want_plain), (true, &want_glu)] {
+                    let yb = gpu.zeros_f32("y", rows * ff).unwrap();
+                    let mut pass = Pass::with_variant(gpu, variant);
+                    pass.expert_matmul(&shapes[0], glu, &pool, &xb, &yb, &jb, (0, 3), rows, most)
+                        .unwrap();
+                    pass.submit().unwrap();
+                    let got = gpu.read_f32(&yb, rows * ff).unwrap();
+                    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+                    for i in 0..rows * ff {
+                        assert!(
+                            (got[i] - want[i]).abs() <= 1e-5 * scale + 1e-6,
+                            "{name} {counts:?} glu={glu} {variant:?} [{i}]: {} vs {}",
+                            got[i],
+                            want[i]
+                        );
+                    }
+                    assert!(cosine(&got, want) >= 0.9999, "{name} {counts:?} glu={glu}");
+                }
+            }
+        }
     }
 }
 
@@ -556,14 +698,23 @@ fn decode_attention_matches_cpu() {
                 v_stride: kv.v_dim,
                 kv_f16: kv_type == KvType::F16,
             };
-            for variant in gpu.variants() {
+            // Scratch for one span (one workgroup reads the whole context),
+            // two, and as many as the context has (one per 64 positions).
+            for (variant, spans) in gpu
+                .variants()
+                .into_iter()
+                .flat_map(|v| [(v, 1), (v, 2), (v, len.div_ceil(64))])
+            {
+                let scratch = gpu.zeros_f32("spans", spans * nh * (hd + 2)).unwrap();
                 let out = gpu.zeros_f32("out", nh * hd).unwrap();
                 let mut pass = Pass::with_variant(gpu, variant);
-                pass.attention(&qb, &kb, &vb, &out, shape).unwrap();
+                pass.attention(&qb, &kb, &vb, &scratch, &out, shape)
+                    .unwrap();
                 pass.submit().unwrap();
                 let got = gpu.read_f32(&out, nh * hd).unwrap();
-                let what =
-                    format!("{nh}/{nkv} heads, hd {hd}, {len} positions, {kv_type:?}, {variant:?}");
+                let what = format!(
+                    "{nh}/{nkv} heads, hd {hd}, {len} positions, {kv_type:?}, {variant:?}, {spans} spans"
+                );
                 // Outputs are convex combinations of values in [-1, 1]:
                 // f32 rounding of the scores and sums stays far below 1e-5.
                 for (i, (g, e)) in got.iter().zip(&want).enumerate() {
@@ -630,10 +781,11 @@ fn every_kernel_translates_to_msl_and_spirv() {
             checked += 1;
         }
     }
-    // Matmul (9 formats) and attention (2 caches): four variants each;
-    // the norm two; rope, swiglu, KV append (2 caches), add, gather and
-    // the MoE combine one.
-    assert_eq!(checked, 4 * (WeightKind::all().len() + 2) + 2 + 2 + 5);
+    // Products (9 formats × one or four tokens × alone, expert batch,
+    // expert batch with SwiGLU) and attention (2 caches): four variants
+    // each; the norm two; rope, swiglu, the attention merge, KV append (2
+    // caches), add, gather and the MoE combine one.
+    assert_eq!(checked, 4 * (6 * WeightKind::all().len() + 2) + 2 + 2 + 6);
 }
 
 /// K/V append: f32 rows copied exactly; f16 rows rounded exactly as the
@@ -839,6 +991,7 @@ fn causal_attention_matches_cpu() {
             let (kb, vb) = (upload_rows(gpu, &kv.k), upload_rows(gpu, &kv.v));
             let qb = gpu.upload_f32("q", &q).unwrap();
             let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
+            let scratch = gpu.zeros_f32("spans", 3 * nq * nh * (hd + 2)).unwrap();
             let shape = AttentionShape {
                 n_heads: nh,
                 n_kv_heads: nkv,
@@ -849,7 +1002,7 @@ fn causal_attention_matches_cpu() {
                 kv_f16: kv_type == KvType::F16,
             };
             let mut pass = Pass::new(gpu);
-            pass.attention_causal(&qb, &kb, &vb, &out, shape, nq)
+            pass.attention_causal(&qb, &kb, &vb, &scratch, &out, shape, nq)
                 .unwrap();
             pass.submit().unwrap();
             let got = gpu.read_f32(&out, nq * nh * hd).unwrap();
@@ -861,7 +1014,7 @@ fn causal_attention_matches_cpu() {
             }
             let mut pass = Pass::new(gpu);
             assert!(pass
-                .attention_causal(&qb, &kb, &vb, &out, shape, len + 1)
+                .attention_causal(&qb, &kb, &vb, &scratch, &out, shape, len + 1)
                 .is_err());
         }
     }

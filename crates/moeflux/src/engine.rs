@@ -351,6 +351,27 @@ impl Engine {
         None
     }
 
+    /// GPU time per kernel so far — `(kernel, dispatches, ms)`, largest
+    /// first — when the GPU backend runs the model and profiling is on
+    /// (`MOEFLUX_GPU_PROFILE`); `reset` starts the totals over.
+    pub fn gpu_profile(&self, reset: bool) -> Option<Vec<(String, u64, f64)>> {
+        #[cfg(feature = "gpu")]
+        return self.inner.gpu.as_ref().and_then(|g| {
+            let g = g.lock().unwrap_or_else(|p| p.into_inner());
+            let p = g.gpu().profiler.as_ref()?;
+            let r = p.report();
+            if reset {
+                p.reset();
+            }
+            Some(r)
+        });
+        #[cfg(not(feature = "gpu"))]
+        {
+            let _ = reset;
+            None
+        }
+    }
+
     /// The expert store's counters so far.
     pub fn store_stats(&self) -> StoreStats {
         self.inner
@@ -771,6 +792,7 @@ impl Session {
                 pos0,
                 chunk,
                 which,
+                &mut self.ws.timings,
             ) {
                 Ok(out) => out,
                 Err(e) => {

@@ -115,6 +115,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         let after_prompt = engine.store_stats();
         let gpu_after_prompt = engine.gpu_stats();
         let timings_prompt = session.timings();
+        engine.gpu_profile(true);
         let t = Instant::now();
         for _ in 0..args.n_gen {
             let next = if args.greedy {
@@ -250,6 +251,21 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9
         );
     }
+    if let Some(kernels) = engine.gpu_profile(false) {
+        let per = args.n_gen.max(1) as f64;
+        let total: f64 = kernels.iter().map(|k| k.2).sum();
+        println!(
+            "kernels {:.2} ms/token of GPU time ({} is set): {}",
+            total / per,
+            "MOEFLUX_GPU_PROFILE",
+            kernels
+                .iter()
+                .take(12)
+                .map(|(k, n, ms)| format!("{k} {:.3} ({:.0}×)", ms / per, *n as f64 / per))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let total: f64 = split.iter().map(|(_, v)| v).sum();
     println!(
         "split   {} ms/token: {}",
@@ -343,5 +359,7 @@ fn time_split(t: &moeflux::model::Timings, stall_ns: u64, n: usize) -> Vec<(&'st
         ("shared_ffn", per(t.dense_ffn)),
         ("prefetch", per(t.prefetch)),
         ("other", per(t.other)),
+        ("gpu_submit", per(t.gpu_submit)),
+        ("gpu_wait", per(t.gpu_wait)),
     ]
 }

@@ -20,6 +20,12 @@ pub struct Timings {
     pub prefetch: Duration,
     /// Embedding, norms, residual adds and the LM head.
     pub other: Duration,
+    /// GPU backend: the host waiting for submitted work (the GPU's own
+    /// compute time, as far as recording did not overlap it). The parts
+    /// above then count the host's time to record and route.
+    pub gpu_wait: Duration,
+    /// GPU backend: encoding recorded dispatches and submitting them.
+    pub gpu_submit: Duration,
 }
 
 impl Timings {
@@ -32,11 +38,20 @@ impl Timings {
             dense_ffn: self.dense_ffn.saturating_sub(earlier.dense_ffn),
             prefetch: self.prefetch.saturating_sub(earlier.prefetch),
             other: self.other.saturating_sub(earlier.other),
+            gpu_wait: self.gpu_wait.saturating_sub(earlier.gpu_wait),
+            gpu_submit: self.gpu_submit.saturating_sub(earlier.gpu_submit),
         }
     }
 
     pub fn total(&self) -> Duration {
-        self.linear_attn + self.full_attn + self.moe + self.dense_ffn + self.prefetch + self.other
+        self.linear_attn
+            + self.full_attn
+            + self.moe
+            + self.dense_ffn
+            + self.prefetch
+            + self.other
+            + self.gpu_wait
+            + self.gpu_submit
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Gpu {
     /// widening where available.
     pub variant: Variant,
     pub(super) kernels: super::kernels::Kernels,
+    /// GPU time per kernel (see [`super::profile`]), when asked for.
+    pub profiler: Option<super::profile::Profiler>,
 }
 
 /// Preference order of adapter types: hardware first, software last.
@@ -141,7 +143,11 @@ impl Gpu {
     /// operations when it has them.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {
         let info = adapter.get_info();
-        let features = adapter.features() & wgpu::Features::SUBGROUP;
+        let mut wanted = wgpu::Features::SUBGROUP;
+        if std::env::var_os(super::profile::ENV).is_some() {
+            wanted |= super::profile::Profiler::features();
+        }
+        let features = adapter.features() & wanted;
         let required_limits = adapter.limits();
         let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
             label: Some("moeflux"),
@@ -172,12 +178,13 @@ impl Gpu {
             .flags
             .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
         Ok(Gpu {
-            device,
-            queue,
             info,
             limits,
             variant: Variant { reduce, f16_native },
             kernels: Default::default(),
+            profiler: super::profile::Profiler::new(&device, &queue),
+            device,
+            queue,
         })
     }
 
@@ -269,22 +276,34 @@ impl Gpu {
     /// rounded up to whole words): write_buffer needs whole words, so the
     /// tail is padded with zeros. Takes effect before the next submission.
     pub fn write_padded(&self, buf: &wgpu::Buffer, data: &[u8]) -> Result<(), GpuError> {
+        self.write_padded_at(buf, 0, data)
+    }
+
+    /// [`Gpu::write_padded`] at byte `offset` (a multiple of 4) of `buf`.
+    pub fn write_padded_at(
+        &self,
+        buf: &wgpu::Buffer,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), GpuError> {
         let whole = data.len() / 4 * 4;
-        if (data.len() as u64).next_multiple_of(4) > buf.size() {
+        if !offset.is_multiple_of(4)
+            || offset + (data.len() as u64).next_multiple_of(4) > buf.size()
+        {
             return Err(GpuError::TooLarge {
-                what: "a buffer write".into(),
+                what: format!("a buffer write at byte {offset}"),
                 bytes: data.len() as u64,
                 limit: buf.size(),
             });
         }
         self.checked("writing a buffer", || {
             if whole > 0 {
-                self.queue.write_buffer(buf, 0, &data[..whole]);
+                self.queue.write_buffer(buf, offset, &data[..whole]);
             }
             if whole < data.len() {
                 let mut tail = [0u8; 4];
                 tail[..data.len() - whole].copy_from_slice(&data[whole..]);
-                self.queue.write_buffer(buf, whole as u64, &tail);
+                self.queue.write_buffer(buf, offset + whole as u64, &tail);
             }
         })
     }

@@ -1,13 +1,21 @@
 //! The GPU tier of the expert store: a fixed arena of equal-sized expert
 //! slots in GPU memory, fed from the host tier ([`ExpertStore`]).
 //!
-//! Each slot holds one routed expert's gate, up and down matrices in their
-//! file format (one buffer per array: GGML weights, or MLX weights, scales
-//! and biases), sized for the largest expert of the model, so any expert
-//! fits any slot. A host-side map `(layer, expert) → slot` finds residents;
-//! a miss takes the least recently used unpinned slot, and its bytes come
-//! from the host store (acquire, wait, view, `Queue::write_buffer`,
-//! release).
+//! Slots live in a few large pool buffers (each within the adapter's
+//! largest storage binding and 2 GiB, so byte offsets fit a kernel's u32),
+//! so that one dispatch can compute a whole layer's experts from a job
+//! table of offsets (see `matmul.wgsl`) instead of one dispatch per expert
+//! and matrix. A slot holds one routed expert's gate, up and down arrays in
+//! their file format (one array per matrix for GGML; weights, scales and
+//! biases for MLX), each at a fixed offset, sized for the largest expert of
+//! the model, so any expert fits any slot.
+//!
+//! A host-side map `(layer, expert) → slot` finds residents. When every
+//! expert of the model has a slot, expert `e` of layer `l` always takes
+//! slot `first[l] + e`, so a layer's experts sit together (in one or two
+//! pools: one or two dispatches per product). Otherwise a miss takes the
+//! least recently used unpinned slot, and its bytes come from the host
+//! store (acquire, wait, view, `Queue::write_buffer`, release).
 //!
 //! Ordering rule (why slots are pinned per wave): `write_buffer` lands
 //! before the *next* submission, so a slot read by recorded but not yet
@@ -17,7 +25,7 @@
 use std::collections::HashMap;
 
 use super::device::Gpu;
-use super::matrix::GpuMatrix;
+use super::matrix::{GpuMatrix, MatShape, MAX_PART_BYTES};
 use super::GpuError;
 use crate::experts::store::{ExpertRef, ExpertView};
 use crate::experts::{ExpertStore, StoreError};
@@ -25,25 +33,43 @@ use crate::experts::{ExpertStore, StoreError};
 /// Counters of the GPU tier (defined with the store's other counters).
 pub use crate::experts::GpuTierStats as GpuExpertStats;
 
+/// Alignment of an array inside a slot, and of a slot in its pool (bytes).
+const ARRAY_ALIGN: u64 = 16;
+const SLOT_ALIGN: u64 = 256;
+
 struct Slot {
-    /// The slot's arrays: gate's, then up's, then down's (one each for
-    /// GGML, three each for MLX).
-    buffers: Vec<wgpu::Buffer>,
     owner: Option<(u32, u32)>,
     last_used: u64,
     pinned: bool,
-    /// Gate, up and down over `buffers` while an expert is loaded.
-    mats: Option<Box<[GpuMatrix; 3]>>,
+    /// Gate, up and down while an expert is loaded.
+    shapes: Option<[MatShape; 3]>,
+}
+
+/// Where a slot's bytes are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Place {
+    /// Index of its pool.
+    pub pool: usize,
+    /// Byte offset of the slot in the pool.
+    pub base: u64,
 }
 
 /// The arena.
 pub struct GpuExperts {
     /// Arrays per matrix (1: GGML, 3: MLX).
     arrays: usize,
-    /// Bytes of each of the `3 · arrays` buffers of a slot.
+    /// Bytes of each of the `3 · arrays` arrays of a slot, and where each
+    /// starts in the slot.
     array_bytes: Vec<u64>,
+    array_off: Vec<u64>,
+    /// Bytes from one slot to the next.
+    stride: u64,
+    per_pool: usize,
+    pools: Vec<wgpu::Buffer>,
     slots: Vec<Slot>,
     map: HashMap<(u32, u32), u32>,
+    /// When every expert has a slot: the first slot of each layer.
+    fixed: Option<Vec<u32>>,
     clock: u64,
     stats: GpuExpertStats,
 }
@@ -60,7 +86,7 @@ pub enum SlotCount {
 }
 
 impl GpuExperts {
-    /// Bytes of each slot buffer for the experts of `layers` (the largest
+    /// Bytes of each slot array for the experts of `layers` (the largest
     /// of each array over all experts), and the arrays per matrix.
     pub fn slot_layout(layers: &[Vec<ExpertRef>]) -> (usize, Vec<u64>) {
         let mut arrays = 1;
@@ -80,13 +106,14 @@ impl GpuExperts {
         (arrays, bytes)
     }
 
-    /// An arena of slots with buffers of `array_bytes` (see
-    /// [`GpuExperts::slot_layout`]).
+    /// An arena of slots with arrays of `array_bytes` (see
+    /// [`GpuExperts::slot_layout`]) for layers of `per_layer` experts.
     pub fn new(
         gpu: &Gpu,
         arrays: usize,
         array_bytes: Vec<u64>,
         count: SlotCount,
+        per_layer: &[usize],
     ) -> Result<GpuExperts, GpuError> {
         if array_bytes.len() != 3 * arrays {
             return Err(GpuError::Shape {
@@ -97,44 +124,80 @@ impl GpuExperts {
                 ),
             });
         }
+        let mut array_off = Vec::with_capacity(array_bytes.len());
+        let mut stride = 0u64;
+        for &b in &array_bytes {
+            array_off.push(stride);
+            stride += b.next_multiple_of(ARRAY_ALIGN);
+        }
+        let stride = stride.next_multiple_of(SLOT_ALIGN).max(SLOT_ALIGN);
+        let pool_limit = gpu
+            .limits
+            .max_binding
+            .min(gpu.limits.max_buffer)
+            .min(MAX_PART_BYTES);
+        if stride > pool_limit {
+            return Err(GpuError::TooLarge {
+                what: "one expert slot".into(),
+                bytes: stride,
+                limit: pool_limit,
+            });
+        }
+        let per_pool = (pool_limit / stride) as usize;
         let want = match count {
             SlotCount::Exactly(n) | SlotCount::UpTo(n) => n.max(1),
         };
-        let mut slots = Vec::with_capacity(want.min(1 << 20));
-        for i in 0..want {
-            let made: Result<Vec<wgpu::Buffer>, GpuError> = array_bytes
-                .iter()
-                .map(|&b| gpu.storage("expert slot", &[], b))
-                .collect();
-            match made {
-                Ok(buffers) => slots.push(Slot {
-                    buffers,
-                    owner: None,
-                    last_used: 0,
-                    pinned: false,
-                    mats: None,
-                }),
+        let n_pools = want.div_ceil(per_pool);
+        let mut pools = Vec::with_capacity(n_pools.min(1 << 16));
+        for i in 0..n_pools {
+            let slots = per_pool.min(want - i * per_pool);
+            match gpu.storage("expert pool", &[], slots as u64 * stride) {
+                Ok(b) => pools.push(b),
                 Err(e @ GpuError::OutOfMemory(_)) if matches!(count, SlotCount::UpTo(_)) => {
                     if i == 0 {
                         return Err(e);
                     }
-                    slots.truncate((i - i / 10).max(1));
+                    pools.truncate((i - i / 10).max(1));
                     break;
                 }
                 Err(e) => return Err(e),
             }
         }
+        let n_slots = want.min(pools.len() * per_pool);
+        let slots: Vec<Slot> = (0..n_slots)
+            .map(|_| Slot {
+                owner: None,
+                last_used: 0,
+                pinned: false,
+                shapes: None,
+            })
+            .collect();
+        let total: usize = per_layer.iter().sum();
+        let fixed = (n_slots >= total).then(|| {
+            let mut first = Vec::with_capacity(per_layer.len());
+            let mut at = 0u32;
+            for &n in per_layer {
+                first.push(at);
+                at += n as u32;
+            }
+            first
+        });
         let slot_bytes = array_bytes.iter().sum();
         Ok(GpuExperts {
             arrays,
             array_bytes,
+            array_off,
+            stride,
+            per_pool,
             stats: GpuExpertStats {
                 slots: slots.len(),
                 slot_bytes,
                 ..Default::default()
             },
+            pools,
             slots,
             map: HashMap::new(),
+            fixed,
             clock: 0,
         })
     }
@@ -150,6 +213,31 @@ impl GpuExperts {
     /// Bytes of one slot.
     pub fn slot_bytes(&self) -> u64 {
         self.array_bytes.iter().sum()
+    }
+
+    /// Arrays per matrix (1: GGML, 3: MLX: weights, scales, biases).
+    pub fn arrays(&self) -> usize {
+        self.arrays
+    }
+
+    /// Byte offset in its slot of array `a` of matrix `m` (0: gate, 1: up,
+    /// 2: down).
+    pub fn array_offset(&self, m: usize, a: usize) -> u64 {
+        self.array_off[m * self.arrays + a]
+    }
+
+    /// Where slot `slot` is.
+    pub fn place(&self, slot: u32) -> Place {
+        let s = slot as usize;
+        Place {
+            pool: s / self.per_pool,
+            base: (s % self.per_pool) as u64 * self.stride,
+        }
+    }
+
+    /// Pool `i`'s buffer.
+    pub fn pool(&self, i: usize) -> &wgpu::Buffer {
+        &self.pools[i]
     }
 
     /// Ends a wave: every slot may be evicted again.
@@ -172,23 +260,32 @@ impl GpuExperts {
         Some(slot)
     }
 
-    /// A slot for a missing expert: a free one, else the least recently
-    /// used unpinned one (evicted); pinned. `None` when every slot is
-    /// pinned by this wave. The caller must [`GpuExperts::fill`] it before
-    /// submitting.
+    /// A slot for a missing expert: its own when every expert has one,
+    /// else a free one, else the least recently used unpinned one
+    /// (evicted); pinned. `None` when every slot is pinned by this wave.
+    /// The caller must [`GpuExperts::fill`] it before submitting.
     pub fn claim(&mut self, layer: usize, expert: u32) -> Option<u32> {
-        let slot = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.pinned)
-            .min_by_key(|(_, s)| (s.owner.is_some(), s.last_used))
-            .map(|(i, _)| i as u32)?;
+        let own = self
+            .fixed
+            .as_ref()
+            .and_then(|f| f.get(layer))
+            .map(|&first| first + expert)
+            .filter(|&s| (s as usize) < self.slots.len());
+        let slot = match own {
+            Some(s) => s,
+            None => self
+                .slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.pinned)
+                .min_by_key(|(_, s)| (s.owner.is_some(), s.last_used))
+                .map(|(i, _)| i as u32)?,
+        };
         let s = &mut self.slots[slot as usize];
         if let Some(old) = s.owner.take() {
             self.map.remove(&old);
         }
-        s.mats = None;
+        s.shapes = None;
         s.pinned = true;
         s.last_used = self.clock;
         s.owner = Some((layer as u32, expert));
@@ -200,22 +297,23 @@ impl GpuExperts {
     /// Writes an expert's matrices into its claimed slot.
     pub fn fill(&mut self, gpu: &Gpu, slot: u32, x: &ExpertView<'_>) -> Result<(), GpuError> {
         let a = self.arrays;
-        let s = &mut self.slots[slot as usize];
-        let b = &s.buffers;
+        let place = self.place(slot);
+        let buf = &self.pools[place.pool];
+        let at: Vec<u64> = self.array_off.iter().map(|o| place.base + o).collect();
         let write = |m: &crate::backend::cpu::Matrix<'_>, i: usize| {
-            let scales = (a == 3).then(|| (&b[i + 1], &b[i + 2]));
-            GpuMatrix::write_into(gpu, m, &b[i], scales)
+            let r = i * a..(i + 1) * a;
+            GpuMatrix::write_at(gpu, m, buf, &at[r.clone()], &self.array_bytes[r])
         };
         let result =
-            (|| Ok::<_, GpuError>([write(&x.gate, 0)?, write(&x.up, a)?, write(&x.down, 2 * a)?]))(
-            );
+            (|| Ok::<_, GpuError>([write(&x.gate, 0)?, write(&x.up, 1)?, write(&x.down, 2)?]))();
+        let s = &mut self.slots[slot as usize];
         match result {
             Ok(m) => {
                 self.stats.bytes_uploaded += [&x.gate, &x.up, &x.down]
                     .into_iter()
                     .flat_map(GpuMatrix::array_bytes)
                     .sum::<u64>();
-                s.mats = Some(Box::new(m));
+                s.shapes = Some(m);
                 Ok(())
             }
             Err(e) => {
@@ -229,10 +327,10 @@ impl GpuExperts {
     }
 
     /// Gate, up and down of the expert in `slot`.
-    pub fn matrices(&self, slot: u32) -> Result<&[GpuMatrix; 3], GpuError> {
+    pub fn shapes(&self, slot: u32) -> Result<&[MatShape; 3], GpuError> {
         self.slots
             .get(slot as usize)
-            .and_then(|s| s.mats.as_deref())
+            .and_then(|s| s.shapes.as_ref())
             .ok_or_else(|| GpuError::Shape {
                 kernel: "expert arena",
                 detail: format!("slot {slot} holds no expert"),

@@ -6,7 +6,7 @@
 //! defines the entry point's `Lane` builtins and `wg_sum4`/`wg_max`) and
 //! the f16 widening (`f16x2`), then the kernel's own files: for a matrix
 //! product the shared `matmul.wgsl` skeleton and one weight-format file
-//! defining `UNIT` and `unit_dot`.
+//! defining `part_cols` and `part`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,6 +36,7 @@ const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
 const ROPE: &str = include_str!("kernels/rope.wgsl");
 const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
+const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
 const KV_APPEND: &str = include_str!("kernels/kv_append.wgsl");
 const ADD: &str = include_str!("kernels/add.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
@@ -91,19 +92,80 @@ impl WeightKind {
         self.source().is_some()
     }
 
-    /// Columns one `unit_dot` call covers (the matching `UNIT` constant).
-    pub fn unit(self) -> u32 {
-        match self {
-            WeightKind::Ggml(GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => 8,
-            _ => 32,
-        }
-    }
+    /// Columns of a unit (the `UNIT` of `matmul.wgsl`): every matrix the
+    /// kernels take has a whole number of units per row.
+    pub const UNIT: usize = 32;
 
     pub fn name(self) -> String {
         match self {
             WeightKind::Ggml(t) => t.name().into(),
             WeightKind::Mlx { bits } => format!("MLX-Q{bits}"),
         }
+    }
+}
+
+/// The shape of a matrix-product kernel (see `matmul.wgsl`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Product {
+    pub kind: WeightKind,
+    /// One token, four rows per workgroup (decode); else one row for four
+    /// tokens per workgroup (prompts).
+    pub one_token: bool,
+    pub batch: Batch,
+}
+
+/// What one matrix-product dispatch covers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Batch {
+    /// One part of one matrix.
+    One,
+    /// The same product for several experts (a job table).
+    Experts,
+    /// Experts' gate and up projections with SwiGLU applied.
+    ExpertsGlu,
+}
+
+impl Product {
+    /// Every shape of every format.
+    pub fn all() -> Vec<Product> {
+        let mut v = Vec::new();
+        for kind in WeightKind::all() {
+            for one_token in [true, false] {
+                for batch in [Batch::One, Batch::Experts, Batch::ExpertsGlu] {
+                    v.push(Product {
+                        kind,
+                        one_token,
+                        batch,
+                    });
+                }
+            }
+        }
+        v
+    }
+
+    /// Rows one workgroup computes.
+    pub fn rows_per_group(self) -> usize {
+        if self.one_token {
+            4
+        } else {
+            1
+        }
+    }
+
+    /// Tokens one workgroup computes.
+    pub fn tokens_per_group(self) -> usize {
+        if self.one_token {
+            1
+        } else {
+            4
+        }
+    }
+
+    /// Storage buffers bound after the parameters: x, y, the weights, MLX
+    /// scales and biases, the job table.
+    pub fn n_buffers(self) -> usize {
+        let mlx = matches!(self.kind, WeightKind::Mlx { .. });
+        3 + if mlx { 2 } else { 0 } + usize::from(self.batch != Batch::One)
     }
 }
 
@@ -114,8 +176,9 @@ fn float_consts(bytes: u32, bf16: bool) -> String {
 /// One compute kernel (one WGSL module with one entry point, `main`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Kernel {
-    /// `Y = X Wᵀ` over one part of a weight matrix.
-    MatMul(WeightKind),
+    /// `Y = X Wᵀ` over one part of a weight matrix, or over a batch of
+    /// experts' matrices.
+    MatMul(Product),
     RmsNorm,
     Rope,
     SwiGlu,
@@ -124,6 +187,8 @@ pub enum Kernel {
     Attention {
         kv_f16: bool,
     },
+    /// The spans of an attention call combined.
+    AttentionMerge,
     /// New positions' keys or values written into an f16 or f32 cache.
     KvAppend {
         kv_f16: bool,
@@ -139,13 +204,14 @@ pub enum Kernel {
 impl Kernel {
     /// Every kernel (for the translation tests).
     pub fn all() -> Vec<Kernel> {
-        let mut v: Vec<_> = WeightKind::all().into_iter().map(Kernel::MatMul).collect();
+        let mut v: Vec<_> = Product::all().into_iter().map(Kernel::MatMul).collect();
         v.extend([
             Kernel::RmsNorm,
             Kernel::Rope,
             Kernel::SwiGlu,
             Kernel::Attention { kv_f16: true },
             Kernel::Attention { kv_f16: false },
+            Kernel::AttentionMerge,
             Kernel::KvAppend { kv_f16: true },
             Kernel::KvAppend { kv_f16: false },
             Kernel::Add,
@@ -185,12 +251,22 @@ impl Kernel {
 
     pub fn name(self) -> String {
         match self {
-            Kernel::MatMul(k) => format!("matmul {}", k.name()),
+            Kernel::MatMul(p) => format!(
+                "{} {}{}",
+                if p.one_token { "matvec" } else { "matmul" },
+                p.kind.name(),
+                match p.batch {
+                    Batch::One => "",
+                    Batch::Experts => " experts",
+                    Batch::ExpertsGlu => " experts SwiGLU",
+                }
+            ),
             Kernel::RmsNorm => "rms_norm".into(),
             Kernel::Rope => "rope".into(),
             Kernel::SwiGlu => "swiglu".into(),
             Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
             Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
+            Kernel::AttentionMerge => "attention_merge".into(),
             Kernel::KvAppend { kv_f16: true } => "kv_append f16".into(),
             Kernel::KvAppend { kv_f16: false } => "kv_append f32".into(),
             Kernel::Add => "add".into(),
@@ -208,11 +284,28 @@ impl Kernel {
             self.name()
         );
         let body: &[&str] = match self {
-            Kernel::MatMul(kind) => {
-                let (consts, decoder) = kind
+            Kernel::MatMul(p) => {
+                let (consts, decoder) = p
+                    .kind
                     .source()
-                    .ok_or_else(|| GpuError::Unsupported(kind.name()))?;
+                    .ok_or_else(|| GpuError::Unsupported(p.kind.name()))?;
                 s.push_str(&consts);
+                s.push_str(&format!(
+                    "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n",
+                    p.tokens_per_group(),
+                    p.batch != Batch::One,
+                    p.batch == Batch::ExpertsGlu
+                ));
+                // The job table, bound after the other buffers.
+                if p.batch == Batch::One {
+                    s.push_str("fn job_word(i: u32) -> u32 {\n    return 0u;\n}\n");
+                } else {
+                    s.push_str(&format!(
+                        "@group(0) @binding({}) var<storage, read> jobs: array<u32>;\n\
+                         fn job_word(i: u32) -> u32 {{\n    return jobs[i];\n}}\n",
+                        p.n_buffers()
+                    ));
+                }
                 &[MATMUL, decoder]
             }
             Kernel::RmsNorm => &[RMS_NORM],
@@ -226,6 +319,7 @@ impl Kernel {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[KV_APPEND]
             }
+            Kernel::AttentionMerge => &[ATTENTION_MERGE],
             Kernel::Add => &[ADD],
             Kernel::Gather => &[GATHER],
             Kernel::MoeCombine => &[MOE_COMBINE],

@@ -9,7 +9,7 @@ use crate::quant::mlx::ScaleType;
 
 /// Byte addresses inside a kernel are u32: a part never exceeds 2 GiB,
 /// whatever binding size the adapter allows.
-const MAX_PART_BYTES: u64 = 1 << 31;
+pub(super) const MAX_PART_BYTES: u64 = 1 << 31;
 
 /// A `rows × cols` weight on the GPU, in its file format (no conversion:
 /// the kernels decode the same bytes the CPU reference does).
@@ -24,6 +24,18 @@ pub struct GpuMatrix {
     pub(super) group: u32,
     pub(super) scale_f16: bool,
     pub(super) parts: Vec<Part>,
+}
+
+/// A matrix's format and sizes: what a product kernel needs besides the
+/// bytes (for expert batches, whose bytes lie in a pool at offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatShape {
+    pub rows: usize,
+    pub cols: usize,
+    pub kind: WeightKind,
+    pub(super) row_bytes: usize,
+    pub(super) group: u32,
+    pub(super) scale_f16: bool,
 }
 
 /// Rows `row0..row0 + rows` of a matrix, in buffers of their own.
@@ -66,6 +78,7 @@ impl GpuMatrix {
         if !kind.supported() {
             return Err(GpuError::Unsupported(kind.name()));
         }
+        whole_units(kind, cols)?;
         let widest = weight
             .row_bytes
             .max(scales.map_or(0, |(s, b)| s.row_bytes.max(b.row_bytes)))
@@ -104,63 +117,74 @@ impl GpuMatrix {
         })
     }
 
-    /// Writes `m` into existing buffers (an expert slot's), as one part:
-    /// `weight` takes the weight bytes, `scales` the MLX scales and biases.
-    /// Each buffer must hold its array (rounded up to whole words). The
-    /// write is queued (`Queue::write_buffer`): it lands before the next
-    /// submission, so no submitted-but-unfinished work may still read the
-    /// buffers' old contents after that submission starts — the caller's
-    /// slot pinning guarantees it.
-    pub fn write_into(
+    /// What a kernel needs to know of the matrix besides its bytes.
+    pub fn shape(&self) -> MatShape {
+        MatShape {
+            rows: self.rows,
+            cols: self.cols,
+            kind: self.kind,
+            row_bytes: self.row_bytes,
+            group: self.group,
+            scale_f16: self.scale_f16,
+        }
+    }
+
+    /// Writes `m`'s arrays into `buf` at byte offsets `at` (weights, then
+    /// MLX scales and biases; each a multiple of 4 with room for its array
+    /// rounded up to whole words: see [`GpuMatrix::array_bytes`]) — an
+    /// expert slot of a pool. The write is queued (`Queue::write_buffer`):
+    /// it lands before the next submission, so no submitted-but-unfinished
+    /// work may still read the old contents after that submission starts —
+    /// the caller's slot pinning guarantees it.
+    pub fn write_at(
         gpu: &Gpu,
         m: &Matrix<'_>,
-        weight: &wgpu::Buffer,
-        scales: Option<(&wgpu::Buffer, &wgpu::Buffer)>,
-    ) -> Result<GpuMatrix, GpuError> {
+        buf: &wgpu::Buffer,
+        at: &[u64],
+        room: &[u64],
+    ) -> Result<MatShape, GpuError> {
         let (rows, cols) = (m.rows, m.cols);
         let (kind, group, scale_f16, w, sb) = layout(m)?;
         if !kind.supported() {
             return Err(GpuError::Unsupported(kind.name()));
         }
-        let put = |what: &str, a: Array<'_>, buf: &wgpu::Buffer| -> Result<(), GpuError> {
+        whole_units(kind, cols)?;
+        let mut arrays = vec![w];
+        if let Some((s, b)) = sb {
+            arrays.extend([s, b]);
+        }
+        if arrays.len() > at.len() || arrays.len() > room.len() {
+            return Err(GpuError::Shape {
+                kernel: "expert arena",
+                detail: format!(
+                    "{} arrays of a {} expert matrix in a slot of {}",
+                    arrays.len(),
+                    kind.name(),
+                    at.len()
+                ),
+            });
+        }
+        for ((a, &off), &room) in arrays.iter().zip(at).zip(room) {
             let need = (a.bytes.len() as u64).next_multiple_of(4);
-            if need > buf.size() || need > gpu.limits.max_binding.min(MAX_PART_BYTES) {
+            if need > room {
                 return Err(GpuError::TooLarge {
-                    what: format!("{what} of a {rows} × {cols} {} expert matrix", kind.name()),
+                    what: format!(
+                        "an array of a {rows} × {cols} {} expert matrix",
+                        kind.name()
+                    ),
                     bytes: need,
-                    limit: buf.size().min(gpu.limits.max_binding),
+                    limit: room,
                 });
             }
-            gpu.write_padded(buf, a.bytes)
-        };
-        put("weights", w, weight)?;
-        let scales = match (sb, scales) {
-            (Some((s, b)), Some((sbuf, bbuf))) => {
-                put("scales", s, sbuf)?;
-                put("biases", b, bbuf)?;
-                Some((sbuf.clone(), bbuf.clone()))
-            }
-            (None, _) => None,
-            (Some(_), None) => {
-                return Err(GpuError::Shape {
-                    kernel: "matmul",
-                    detail: "an MLX matrix needs scale and bias buffers".into(),
-                })
-            }
-        };
-        Ok(GpuMatrix {
+            gpu.write_padded_at(buf, off, a.bytes)?;
+        }
+        Ok(MatShape {
             rows,
             cols,
             kind,
             row_bytes: w.row_bytes,
             group,
             scale_f16,
-            parts: vec![Part {
-                row0: 0,
-                rows,
-                weight: weight.clone(),
-                scales,
-            }],
         })
     }
 
@@ -185,6 +209,19 @@ impl GpuMatrix {
     pub fn n_parts(&self) -> usize {
         self.parts.len()
     }
+}
+
+/// The kernels take rows of whole 32-column units (every quantized format's
+/// blocks are; float weights of real models are too).
+fn whole_units(kind: WeightKind, cols: usize) -> Result<(), GpuError> {
+    if !cols.is_multiple_of(WeightKind::UNIT) {
+        return Err(GpuError::Unsupported(format!(
+            "{} rows of {cols} columns (the GPU kernels take multiples of {})",
+            kind.name(),
+            WeightKind::UNIT
+        )));
+    }
+    Ok(())
 }
 
 /// What the kernels need to know of `m`: its format, MLX group size and

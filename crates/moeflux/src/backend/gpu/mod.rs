@@ -144,6 +144,7 @@ pub mod kv;
 pub mod matrix;
 pub mod model;
 pub mod pass;
+pub mod profile;
 
 /// The wgpu version the backend is built on, for callers that hold its
 /// buffers.
@@ -153,7 +154,7 @@ pub use device::{Gpu, GpuLimits, Reduce, Variant};
 pub use experts::{GpuExpertStats, GpuExperts};
 pub use kernels::{Kernel, WeightKind};
 pub use kv::GpuKv;
-pub use matrix::GpuMatrix;
+pub use matrix::{GpuMatrix, MatShape};
 pub use model::{GpuModel, GpuOptions};
 pub use pass::{rope_table, AttentionShape, Pass};
 

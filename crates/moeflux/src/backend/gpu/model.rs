@@ -20,14 +20,15 @@ use std::sync::Arc;
 use super::device::Gpu;
 use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
 use super::kv::GpuKv;
-use super::matrix::GpuMatrix;
+use super::matrix::{GpuMatrix, MatShape};
 use super::pass::{rope_table, AttentionShape, ParamArena, Pass};
 use super::GpuError;
 use crate::experts::{ExpertRef, ExpertStore};
 use crate::format::ModelFiles;
 use crate::model::moe::Moe;
+use crate::model::timings::Lap;
 use crate::model::transformer::{Ffn, Layer};
-use crate::model::{Logits, Mixer, Model};
+use crate::model::{Logits, Mixer, Model, Timings};
 use crate::state::KvType;
 use crate::tokenizer::TokenId;
 
@@ -93,15 +94,16 @@ struct Activations {
     qn: wgpu::Buffer,
     kn: wgpu::Buffer,
     attn: wgpu::Buffer,
+    /// Partial results of attention spans (see `Pass::attention_causal`).
+    attn_parts: wgpu::Buffer,
     /// `(cos, sin)` of every token's rotary angles.
     rope: wgpu::Buffer,
     /// Router logits, `n × n_experts`.
     router: wgpu::Buffer,
-    /// The experts' inputs and intermediates, one row per (token, rank)
-    /// pair grouped by expert: `n·k × hidden` and `n·k × ff`.
+    /// The experts' inputs, SwiGLU outputs and down projections, one row
+    /// per (token, rank) pair grouped by expert: `n·k × hidden`, `n·k ×
+    /// ff`, `n·k × hidden`.
     moe_in: wgpu::Buffer,
-    gate: wgpu::Buffer,
-    up: wgpu::Buffer,
     act: wgpu::Buffer,
     down: wgpu::Buffer,
     /// u32: token of each expert-grouped row.
@@ -110,6 +112,8 @@ struct Activations {
     combine_row: wgpu::Buffer,
     /// Routing weight of each (token, rank).
     combine_w: wgpu::Buffer,
+    /// u32: the expert products' job tables (see `Pass::expert_matmul`).
+    jobs: wgpu::Buffer,
     /// u32: which rows of `x` get logits.
     out_idx: wgpu::Buffer,
     /// Final-norm input rows and normalised rows, `LOGIT_ROWS × hidden`.
@@ -130,6 +134,8 @@ struct Routing_ {
     rows: Vec<u32>,
     weights: Vec<f32>,
     used: Vec<u32>,
+    /// The job tables of a wave.
+    jobs: Vec<u32>,
 }
 
 /// A model resident on the GPU.
@@ -263,7 +269,8 @@ impl GpuModel {
                 _ => SlotCount::UpTo(total.max(1)),
             },
         };
-        let experts = GpuExperts::new(&gpu, arrays, array_bytes, count)?;
+        let per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
+        let experts = GpuExperts::new(&gpu, arrays, array_bytes, count, &per_layer)?;
         let params = Some(ParamArena::new(&gpu)?);
         Ok(GpuModel {
             gpu,
@@ -352,16 +359,21 @@ impl GpuModel {
             qn: z("qn", q)?,
             kn: z("kn", kv)?,
             attn: z("attn", q)?,
+            // Room for 32 Ki spans × heads: a decode step over 64 Ki
+            // positions uses 1 Ki spans of each of 32 heads.
+            attn_parts: z(
+                "attention spans",
+                (u * d.n_heads).max(1 << 15) * (d.head_dim + 2),
+            )?,
             rope: z("rope", 2 * u * d.half.max(1))?,
             router: z("router", u * d.n_experts)?,
             moe_in: z("moe_in", rows * d.hidden)?,
-            gate: z("gate", rows * d.ff)?,
-            up: z("up", rows * d.ff)?,
             act: z("act", rows * d.ff)?,
             down: z("down", rows * d.hidden)?,
             gather_idx: z("gather_idx", rows)?,
             combine_row: z("combine_row", rows)?,
             combine_w: z("combine_w", rows)?,
+            jobs: z("jobs", 2 * 8 * rows)?,
             out_idx: z("out_idx", lr)?,
             out_x: z("out_x", lr * d.hidden)?,
             out_h: z("out_h", lr * d.hidden)?,
@@ -400,12 +412,15 @@ impl GpuModel {
         pos0: usize,
         tokens: &[TokenId],
         which: Logits,
+        timings: &mut Timings,
     ) -> Result<Vec<f32>, crate::Error> {
         let mut arena = self
             .params
             .take()
             .ok_or_else(|| shape_err("the parameter arena is in use".into()))?;
-        let out = self.forward_in(&mut arena, model, files, store, kv, pos0, tokens, which);
+        let out = self.forward_in(
+            &mut arena, model, files, store, kv, pos0, tokens, which, timings,
+        );
         self.params = Some(arena);
         out
     }
@@ -421,6 +436,7 @@ impl GpuModel {
         pos0: usize,
         tokens: &[TokenId],
         which: Logits,
+        t: &mut Timings,
     ) -> Result<Vec<f32>, crate::Error> {
         let d = self.dims;
         let n = tokens.len();
@@ -433,6 +449,7 @@ impl GpuModel {
         }
         let gpu = self.gpu.clone();
         let gpu = &*gpu;
+        let mut lap = Lap::start();
         store.begin_step();
         self.experts.tick();
 
@@ -451,10 +468,12 @@ impl GpuModel {
         gpu.write_padded(&self.act.x, bytemuck::cast_slice(&x))?;
         let table = rope_table(pos0, n, &self.inv_freq);
         gpu.write_padded(&self.act.rope, bytemuck::cast_slice(&table))?;
+        lap.charge(&mut t.other);
 
         let mut pass = Pass::with_arena(gpu, arena);
         for l in 0..self.layers.len() {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
+            lap.charge(&mut t.full_attn);
             let layer = &self.layers[l];
             pass.rms_norm(
                 &self.act.x,
@@ -465,12 +484,17 @@ impl GpuModel {
                 d.eps,
             )?;
             pass.matmul(&layer.router, &self.act.h, &self.act.router, n)?;
-            let logits =
-                pass.flush_and_read(&self.act.router, n * d.n_experts, &self.act.readback)?;
+            lap.charge(&mut t.moe);
+            let len = n * d.n_experts;
+            pass.flush_with_copy(&self.act.router, len, &self.act.readback)?;
+            lap.charge(&mut t.gpu_submit);
+            let logits = gpu.map_f32(&self.act.readback, len)?;
+            lap.charge(&mut t.gpu_wait);
             self.route(l, logits, n)?;
             self.experts_block(gpu, &mut pass, store, l, n)?;
+            lap.charge(&mut t.moe);
         }
-        self.logits(&mut pass, which, n)
+        self.logits(&mut pass, which, n, &mut lap, t)
     }
 
     /// Records layer `l`'s attention block: norm, projections, q/k norms,
@@ -522,7 +546,7 @@ impl GpuModel {
             v_stride: dim,
             kv_f16: kv.kv_f16,
         };
-        pass.attention_causal(q, &cache.k, &cache.v, &a.attn, shape, n)?;
+        pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
         pass.matmul(&layer.wo, &a.attn, &a.o, n)?;
         pass.add(&a.x, &a.o, n * d.hidden)
     }
@@ -586,7 +610,9 @@ impl GpuModel {
     /// Records layer `l`'s routed experts (in waves when the arena holds
     /// fewer slots than the layer uses: each wave but the last is
     /// submitted, so the next may reuse its slots) and the weighted
-    /// combine + residual add.
+    /// combine + residual add. A wave is two products per pool its experts
+    /// lie in (gate and up with SwiGLU, then down), each over all those
+    /// experts at once.
     fn experts_block<'g>(
         &mut self,
         gpu: &'g Gpu,
@@ -605,6 +631,7 @@ impl GpuModel {
             d.hidden,
         )?;
         let mut todo = std::mem::take(&mut self.routing.used);
+        let mut jobs = std::mem::take(&mut self.routing.jobs);
         let mut wave: Vec<(u32, u32)> = Vec::new();
         let mut misses: Vec<(u32, u32)> = Vec::new();
         while !todo.is_empty() {
@@ -625,19 +652,90 @@ impl GpuModel {
                 return Err(shape_err("the GPU expert arena has no slot".into()).into());
             }
             self.experts.upload(gpu, store, l, &misses)?;
-            let a = &self.act;
+            // Batches: experts of one pool and one shape, in slot order.
+            wave.sort_by_key(|&(_, s)| s);
+            let mut batches: Vec<(usize, [MatShape; 3], usize, usize, usize)> = Vec::new();
+            jobs.clear();
+            let ex = &self.experts;
             let start = &self.routing.start;
-            for &(e, s) in &wave {
-                let [g, u, _] = self.experts.matrices(s)?;
-                let (s0, m) = (start[e as usize], start[e as usize + 1] - start[e as usize]);
-                pass.matmul_rows(g, &a.moe_in, &a.gate, s0, m)?;
-                pass.matmul_rows(u, &a.moe_in, &a.up, s0, m)?;
+            let job = |jobs: &mut Vec<u32>, e: u32, s: u32, ms: &[usize]| {
+                let base = ex.place(s).base;
+                for m in [ms[0], ms[ms.len() - 1]] {
+                    for a in 0..3 {
+                        let off = if a < ex.arrays() {
+                            base + ex.array_offset(m, a)
+                        } else {
+                            0
+                        };
+                        // Scales and biases are addressed in words.
+                        jobs.push(if a == 0 { off } else { off / 4 } as u32);
+                    }
+                }
+                let (s0, s1) = (start[e as usize], start[e as usize + 1]);
+                jobs.extend([s0 as u32, (s1 - s0) as u32]);
+            };
+            let mut i = 0;
+            while i < wave.len() {
+                let pool = ex.place(wave[i].1).pool;
+                let shapes = *ex.shapes(wave[i].1)?;
+                let mut j = i;
+                let mut most = 0;
+                while j < wave.len()
+                    && ex.place(wave[j].1).pool == pool
+                    && ex.shapes(wave[j].1)? == &shapes
+                {
+                    let e = wave[j].0 as usize;
+                    most = most.max(start[e + 1] - start[e]);
+                    j += 1;
+                }
+                batches.push((pool, shapes, i, j - i, most));
+                i = j;
             }
-            pass.swiglu(&a.gate, &a.up, &a.act, rows * d.ff)?;
-            for &(e, s) in &wave {
-                let [_, _, dn] = self.experts.matrices(s)?;
-                let (s0, m) = (start[e as usize], start[e as usize + 1] - start[e as usize]);
-                pass.matmul_rows(dn, &a.act, &a.down, s0, m)?;
+            // Gate and up jobs of every batch, then down jobs.
+            for &(_, _, i, count, _) in &batches {
+                for &(e, s) in &wave[i..i + count] {
+                    job(&mut jobs, e, s, &[0, 1]);
+                }
+            }
+            for &(_, _, i, count, _) in &batches {
+                for &(e, s) in &wave[i..i + count] {
+                    job(&mut jobs, e, s, &[2]);
+                }
+            }
+            gpu.write_padded(&self.act.jobs, bytemuck::cast_slice(&jobs))?;
+            let a = &self.act;
+            let mut j0 = 0;
+            for &(pool, shapes, _, count, most) in &batches {
+                let p = ex.pool(pool);
+                let [g, _, _] = &shapes;
+                pass.expert_matmul(
+                    g,
+                    true,
+                    p,
+                    &a.moe_in,
+                    &a.act,
+                    &a.jobs,
+                    (j0, count),
+                    rows,
+                    most,
+                )?;
+                j0 += count;
+            }
+            for &(pool, shapes, _, count, most) in &batches {
+                let p = ex.pool(pool);
+                let [_, _, dn] = &shapes;
+                pass.expert_matmul(
+                    dn,
+                    false,
+                    p,
+                    &a.act,
+                    &a.down,
+                    &a.jobs,
+                    (j0, count),
+                    rows,
+                    most,
+                )?;
+                j0 += count;
             }
             todo.retain(|e| !wave.iter().any(|w| w.0 == *e));
             if !todo.is_empty() {
@@ -645,6 +743,7 @@ impl GpuModel {
             }
         }
         self.routing.used = todo;
+        self.routing.jobs = jobs;
         self.experts.unpin_all();
         let a = &self.act;
         pass.moe_combine(
@@ -666,6 +765,8 @@ impl GpuModel {
         pass: &mut Pass<'_>,
         which: Logits,
         n: usize,
+        lap: &mut Lap,
+        t: &mut Timings,
     ) -> Result<Vec<f32>, crate::Error> {
         let (d, a) = (self.dims, &self.act);
         let gpu = &*self.gpu;
@@ -684,7 +785,11 @@ impl GpuModel {
             pass.gather(&a.x, &a.out_idx, &a.out_x, m, d.hidden)?;
             pass.rms_norm(&a.out_x, &self.output_norm, &a.out_h, m, d.hidden, d.eps)?;
             pass.matmul(&self.lm_head, &a.out_h, &a.logits, m)?;
-            out.extend(pass.flush_and_read(&a.logits, m * d.vocab, &a.readback)?);
+            lap.charge(&mut t.other);
+            pass.flush_with_copy(&a.logits, m * d.vocab, &a.readback)?;
+            lap.charge(&mut t.gpu_submit);
+            out.extend(gpu.map_f32(&a.readback, m * d.vocab)?);
+            lap.charge(&mut t.gpu_wait);
         }
         Ok(out)
     }

@@ -9,12 +9,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Kernel, SharedParamsPipeline, WG};
-use super::matrix::GpuMatrix;
+use super::kernels::{Batch, Kernel, Product, SharedParamsPipeline, WeightKind, WG};
+use super::matrix::{GpuMatrix, MatShape};
+use super::profile::MAX_STAMPS;
 use super::GpuError;
 
 /// One recorded dispatch.
 struct Dispatch {
+    kernel: Kernel,
     pipeline: Pipeline,
     bind: wgpu::BindGroup,
     groups: [u32; 3],
@@ -109,6 +111,11 @@ pub struct AttentionShape {
     /// Whether the cache holds f16 (else f32).
     pub kv_f16: bool,
 }
+
+/// Positions of one attention span (a multiple of the kernel's CH): a
+/// decode step over a long context is cut into spans of this many
+/// positions, each read by its own workgroups.
+pub const ATTENTION_SPAN: usize = 64;
 
 /// Little-endian u32 words of a parameter block.
 fn words(v: &[u32]) -> Vec<u8> {
@@ -213,6 +220,7 @@ impl<'g> Pass<'g> {
             })
         })?;
         self.items.push(Dispatch {
+            kernel,
             pipeline: Pipeline::Own(pipeline),
             bind,
             groups,
@@ -282,6 +290,7 @@ impl<'g> Pass<'g> {
             }
         };
         self.items.push(Dispatch {
+            kernel,
             pipeline: Pipeline::Shared(pipeline),
             bind,
             groups,
@@ -330,10 +339,13 @@ impl<'g> Pass<'g> {
         }
         holds(K, "x", x, (t_base + n) * w.cols)?;
         holds(K, "y", y, (t_base + n) * w.rows)?;
-        let unit = w.kind.unit() as usize;
-        let kernel = Kernel::MatMul(w.kind);
+        let shape = Product {
+            kind: w.kind,
+            one_token: n == 1,
+            batch: Batch::One,
+        };
         for part in &w.parts {
-            let (gx, gy) = self.grid(part.rows)?;
+            let (gx, gy) = self.grid(part.rows.div_ceil(shape.rows_per_group()))?;
             let params = words(&[
                 u32_of(K, "rows", part.rows)?,
                 u32_of(K, "cols", w.cols)?,
@@ -341,21 +353,96 @@ impl<'g> Pass<'g> {
                 u32_of(K, "first row", part.row0)?,
                 u32_of(K, "rows", w.rows)?,
                 u32_of(K, "row bytes", w.row_bytes)?,
-                u32_of(K, "units", w.cols.div_ceil(unit))?,
+                u32_of(K, "units", w.cols / WeightKind::UNIT)?,
                 gx,
                 w.group,
                 w.scale_f16 as u32,
                 u32_of(K, "first token", t_base)?,
                 0,
             ]);
-            let gz = u32_of(K, "token groups", n.div_ceil(4))?;
+            let gz = u32_of(K, "token groups", n.div_ceil(shape.tokens_per_group()))?;
             let mut bufs = vec![x, y, &part.weight];
             if let Some((s, b)) = &part.scales {
                 bufs.extend([s, b]);
             }
-            self.push(kernel, &params, &bufs, [gx, gy, gz])?;
+            self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, gz])?;
         }
         Ok(())
+    }
+
+    /// One product for a batch of experts whose matrices (all of shape
+    /// `m`) lie in `pool`: jobs `job0..job0 + count` of the table `jobs`
+    /// (eight u32 words a job, see `matmul.wgsl`: A's byte offset, A's
+    /// scale and bias word offsets, the same for B, first token row, token
+    /// count). `Batch::Experts`: `y = x Aᵀ`; `Batch::ExpertsGlu`:
+    /// `y = silu(x Aᵀ) · x Bᵀ`. `x` and `y` hold `rows` token rows (of
+    /// `m.cols` and `m.rows` values); `max_tokens` is the most tokens of a
+    /// job (one: the decode kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_matmul(
+        &mut self,
+        m: &MatShape,
+        glu: bool,
+        pool: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        jobs: &wgpu::Buffer,
+        (job0, count): (usize, usize),
+        rows: usize,
+        max_tokens: usize,
+    ) -> Result<(), GpuError> {
+        const K: &str = "expert matmul";
+        if count == 0 || max_tokens == 0 {
+            return Ok(());
+        }
+        holds(K, "x", x, rows * m.cols)?;
+        holds(K, "y", y, rows * m.rows)?;
+        holds(K, "jobs", jobs, 8 * (job0 + count))?;
+        let shape = Product {
+            kind: m.kind,
+            one_token: max_tokens == 1,
+            batch: if glu {
+                Batch::ExpertsGlu
+            } else {
+                Batch::Experts
+            },
+        };
+        let gx = u32_of(K, "row groups", m.rows.div_ceil(shape.rows_per_group()))?;
+        let gy = u32_of(K, "jobs", count)?;
+        let gz = u32_of(
+            K,
+            "token groups",
+            max_tokens.div_ceil(shape.tokens_per_group()),
+        )?;
+        let max = self.gpu.limits.max_workgroups_per_dim;
+        if gx > max || gy > max || gz > max {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{gx} × {gy} × {gz} workgroups (at most {max} a dimension)"),
+            });
+        }
+        let params = words(&[
+            u32_of(K, "rows", m.rows)?,
+            u32_of(K, "cols", m.cols)?,
+            0,
+            0,
+            u32_of(K, "rows", m.rows)?,
+            u32_of(K, "row bytes", m.row_bytes)?,
+            u32_of(K, "units", m.cols / WeightKind::UNIT)?,
+            gx,
+            m.group,
+            m.scale_f16 as u32,
+            0,
+            u32_of(K, "first job", job0)?,
+        ]);
+        // MLX scales and biases are read from the pool too (at the job's
+        // word offsets).
+        let mut bufs = vec![x, y, pool];
+        if matches!(m.kind, WeightKind::Mlx { .. }) {
+            bufs.extend([pool, pool]);
+        }
+        bufs.push(jobs);
+        self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, gz])
     }
 
     /// RMSNorm of each `dim`-long row of `x` (`rows` rows) into `out`.
@@ -437,26 +524,36 @@ impl<'g> Pass<'g> {
 
     /// Decode attention of one token's queries `q` (`n_heads × head_dim`)
     /// over the cache `k`, `v`; writes `out` (`n_heads × head_dim`).
+    /// `scratch` holds the partial results of spans of the context (see
+    /// [`Pass::attention_causal`]).
     pub fn attention(
         &mut self,
         q: &wgpu::Buffer,
         k: &wgpu::Buffer,
         v: &wgpu::Buffer,
+        scratch: &wgpu::Buffer,
         out: &wgpu::Buffer,
         s: AttentionShape,
     ) -> Result<(), GpuError> {
-        self.attention_causal(q, k, v, out, s, 1)
+        self.attention_causal(q, k, v, scratch, out, s, 1)
     }
 
     /// Causal attention of the last `n_q` of `s.len` positions (the
     /// prefill chunk; the cache holds their keys and values already):
     /// query `t` of `q` (`n_q × n_heads × head_dim`) sees the first
     /// `s.len − n_q + 1 + t` positions; writes `out` (same shape as `q`).
+    /// The context is cut into spans computed by separate workgroups and
+    /// merged by a second dispatch; `scratch` holds a partial result
+    /// (`head_dim + 2` f32) per span, head and query: at least `n_q ·
+    /// n_heads` of them, and the more it holds (up to one span per
+    /// [`ATTENTION_SPAN`] positions) the more workgroups share the work.
+    #[allow(clippy::too_many_arguments)]
     pub fn attention_causal(
         &mut self,
         q: &wgpu::Buffer,
         k: &wgpu::Buffer,
         v: &wgpu::Buffer,
+        scratch: &wgpu::Buffer,
         out: &wgpu::Buffer,
         s: AttentionShape,
         n_q: usize,
@@ -505,6 +602,20 @@ impl<'g> Pass<'g> {
         };
         holds(K, "k", k, cache(s.k_stride))?;
         holds(K, "v", v, cache(s.v_stride))?;
+        // Spans: as many as the scratch holds, one per ATTENTION_SPAN
+        // positions at most.
+        let row = s.head_dim + 2;
+        let fits = (scratch.size() as usize / 4 / row) / (n_q * s.n_heads);
+        if fits == 0 {
+            return Err(bad(format!(
+                "a scratch of {} bytes for {n_q} queries × {} heads",
+                scratch.size(),
+                s.n_heads
+            )));
+        }
+        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).max(1);
+        let span = s.len.div_ceil(spans).next_multiple_of(ATTENTION_SPAN);
+        let spans = s.len.div_ceil(span);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
         let params = words(&[
             u32_of(K, "heads", s.n_heads)?,
@@ -515,17 +626,30 @@ impl<'g> Pass<'g> {
             u32_of(K, "v stride", s.v_stride)?,
             scale.to_bits(),
             u32_of(K, "queries", n_q)?,
+            u32_of(K, "span", span)?,
+            u32_of(K, "spans", spans)?,
+            0,
+            0,
         ]);
         let heads = u32_of(K, "heads", s.n_heads)?;
         let queries = u32_of(K, "queries", n_q)?;
         let max = self.gpu.limits.max_workgroups_per_dim;
-        if heads > max || queries > max {
-            return Err(bad(format!("{heads} heads × {queries} queries")));
+        if heads > max || queries > max || spans as u32 > max {
+            return Err(bad(format!(
+                "{heads} heads × {queries} queries × {spans} spans"
+            )));
         }
         self.push(
             Kernel::Attention { kv_f16: s.kv_f16 },
             &params,
-            &[q, k, v, out],
+            &[q, k, v, scratch],
+            [heads, queries, spans as u32],
+        )?;
+        let params = words(&[heads, u32_of(K, "head_dim", s.head_dim)?, spans as u32, 0]);
+        self.push(
+            Kernel::AttentionMerge,
+            &params,
+            &[scratch, out],
             [heads, queries, 1],
         )
     }
@@ -682,12 +806,25 @@ impl<'g> Pass<'g> {
         len: usize,
         staging: &wgpu::Buffer,
     ) -> Result<Vec<f32>, GpuError> {
+        self.flush_with_copy(src, len, staging)?;
+        self.gpu.map_f32(staging, len)
+    }
+
+    /// Submits what is recorded, followed by a copy of the first `len` f32
+    /// values of `src` into the readback buffer `staging` (read it with
+    /// [`Gpu::map_f32`]), and goes on with an empty pass.
+    pub fn flush_with_copy(
+        &mut self,
+        src: &wgpu::Buffer,
+        len: usize,
+        staging: &wgpu::Buffer,
+    ) -> Result<(), GpuError> {
         self.encode_and_submit(Some((src, 4 * len as u64, staging)))?;
         self.items.clear();
         if let Some(a) = self.arena.as_deref_mut() {
             a.host.clear();
         }
-        self.gpu.map_f32(staging, len)
+        Ok(())
     }
 
     fn submit_with_copy(
@@ -715,13 +852,19 @@ impl<'g> Pass<'g> {
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                 label: Some("pass"),
             });
+        let prof = gpu.profiler.as_ref();
+        // Timestamps: one before the first dispatch, one after each.
+        let stamps = prof.map_or(0, |_| (self.items.len() + 1).min(MAX_STAMPS as usize));
         gpu.checked("encoding a pass", || {
             if !self.items.is_empty() {
                 let mut pass = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
                     label: Some("pass"),
                     timestamp_writes: None,
                 });
-                for d in &self.items {
+                if let Some(p) = prof {
+                    pass.write_timestamp(&p.queries, 0);
+                }
+                for (i, d) in self.items.iter().enumerate() {
                     match &d.pipeline {
                         Pipeline::Own(p) => pass.set_pipeline(p),
                         Pipeline::Shared(p) => pass.set_pipeline(&p.pipeline),
@@ -731,7 +874,14 @@ impl<'g> Pass<'g> {
                         None => pass.set_bind_group(0, &d.bind, &[]),
                     }
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
+                    if let Some(p) = prof.filter(|_| i + 1 < stamps) {
+                        pass.write_timestamp(&p.queries, i as u32 + 1);
+                    }
                 }
+            }
+            if let (Some(p), true) = (prof, stamps > 1 && !self.items.is_empty()) {
+                enc.resolve_query_set(&p.queries, 0..stamps as u32, &p.resolve, 0);
+                enc.copy_buffer_to_buffer(&p.resolve, 0, &p.readback, 0, 8 * stamps as u64);
             }
             if let Some((src, bytes, dst)) = copy {
                 enc.copy_buffer_to_buffer(src, 0, dst, 0, bytes);
@@ -739,6 +889,15 @@ impl<'g> Pass<'g> {
         })?;
         let commands = gpu.checked("finishing a pass", || enc.finish())?;
         gpu.checked("submitting a pass", || gpu.queue.submit([commands]))?;
+        if let (Some(p), true) = (prof, stamps > 1 && !self.items.is_empty()) {
+            let words = gpu.map_f32(&p.readback, 2 * stamps)?;
+            let ticks: Vec<u64> = words
+                .chunks_exact(2)
+                .map(|w| w[0].to_bits() as u64 | (w[1].to_bits() as u64) << 32)
+                .collect();
+            let names: Vec<String> = self.items.iter().map(|d| d.kernel.name()).collect();
+            p.add(&names, &ticks);
+        }
         Ok(())
     }
 }

@@ -10,9 +10,16 @@
 // (each chunk's sums are rescaled by exp(old max − new max)), so the shared
 // memory is bounded whatever the context length.
 //
-// One workgroup per (head, query): wg.x is the head, wg.y the query (decode
-// is n_q = 1); thread d (and d + WG, ...) owns output dimension
-// d, so head_dim ≤ 4 · WG.
+// The positions are split into spans of p.span (a multiple of CH) so that
+// a long context is read by many workgroups at once (one workgroup per
+// head reading all of a 500-token cache took half a millisecond a layer on
+// an H100). One workgroup per (head, query, span): wg.x is the head, wg.y
+// the query (decode is n_q = 1), wg.z the span; thread d (and d + WG, ...)
+// owns output dimension d, so head_dim ≤ 4 · WG. Each writes its span's
+// partial result — the unnormalised weighted sum of values, the running
+// max m and the sum l of exp(score − m) — as row (query · n_heads + head)
+// · spans + span of `part` (head_dim + 2 values); attention_merge.wgsl
+// combines the spans. A span past the query's causal end writes l = 0.
 
 struct Params {
     n_heads: u32,
@@ -23,15 +30,19 @@ struct Params {
     v_stride: u32,
     scale: f32,
     n_q: u32,
+    span: u32,
+    spans: u32,
+    _pad0: u32,
+    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<f32>;
 @group(0) @binding(2) var<storage, read> k: array<u32>;
 @group(0) @binding(3) var<storage, read> v: array<u32>;
-@group(0) @binding(4) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> part: array<f32>;
 
-const CH: u32 = 256u;
+const CH: u32 = 64u;
 const MAX_HD: u32 = 4u * WG;
 // Finite stand-in for −∞: exp(LOWEST − m) is 0 for any finite score m.
 const LOWEST: f32 = -3.4028235e38;
@@ -60,9 +71,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let t = wg.y;
     let hd = p.head_dim;
     let g = h / (p.n_heads / p.n_kv_heads);
-    // Positions this query sees (causal), and where its row starts.
-    let len = p.len - p.n_q + 1u + t;
+    // Positions this query sees (causal), this span's share of them, and
+    // where its rows start.
+    let seen = p.len - p.n_q + 1u + t;
+    let first = wg.z * p.span;
+    let len = min(seen, first + p.span);
     let row = (t * p.n_heads + h) * hd;
+    let out = ((t * p.n_heads + h) * p.spans + wg.z) * (hd + 2u);
     for (var d = lane.lid; d < hd; d += WG) {
         qh[d] = q[row + d];
     }
@@ -70,7 +85,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var m = LOWEST; // running max of the scores
     var l = 0.0;    // running sum of exp(score − m)
     var o = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var c0 = 0u; c0 < len; c0 += CH) {
+    for (var c0 = first; c0 < len; c0 += CH) {
         let cn = min(CH, len - c0);
         var mx = LOWEST;
         for (var j = lane.lid; j < cn; j += WG) {
@@ -112,7 +127,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     for (var slot = 0u; slot < 4u; slot++) {
         let d = lane.lid + slot * WG;
         if d < hd {
-            out[row + d] = o[slot] / l;
+            part[out + d] = o[slot];
         }
+    }
+    if lane.lid == 0u {
+        part[out + hd] = m;
+        part[out + hd + 1u] = l;
     }
 }

@@ -1,6 +1,8 @@
-// F32, F16 and BF16 weights (FLOAT_BYTES: 4, 2, or 2 with BF16 true): a
-// unit is 8 columns; the last unit of a row may be partial.
-const UNIT: u32 = 8u;
+// F32, F16 and BF16 weights (FLOAT_BYTES: 4, 2, or 2 with BF16 true).
+// Part q is columns 8q..8q + 8 of its unit.
+fn part_cols(q: u32) -> vec2<u32> {
+    return vec2<u32>(8u * q, 8u * q + 4u);
+}
 
 fn weight(b: u32) -> f32 {
     if FLOAT_BYTES == 4u {
@@ -13,14 +15,11 @@ fn weight(b: u32) -> f32 {
     return f16_at(b);
 }
 
-fn unit_dot(r: u32, u: u32) -> vec4<f32> {
-    let b = r * p.row_bytes;
-    var s = vec4<f32>(0.0);
-    for (var k = 0u; k < UNIT; k++) {
-        let c = u * UNIT + k;
-        if c < p.cols {
-            s += weight(b + c * FLOAT_BYTES) * xv(c);
-        }
-    }
-    return s;
+fn part(r: u32, u: u32, q: u32) -> Part {
+    let b = wb + r * p.row_bytes + (u * UNIT + 8u * q) * FLOAT_BYTES;
+    let s = FLOAT_BYTES;
+    return Part(
+        vec4<f32>(weight(b), weight(b + s), weight(b + 2u * s), weight(b + 3u * s)),
+        vec4<f32>(weight(b + 4u * s), weight(b + 5u * s), weight(b + 6u * s), weight(b + 7u * s)),
+    );
 }

@@ -1,19 +1,40 @@
 // Y = X Wᵀ for one part (a range of rows) of a quantized weight matrix.
 //
-// X is (t_base + n) × cols f32 (row-major), Y is (t_base + n) × y_stride
-// f32; tokens t_base..t_base + n are computed (so one expert's rows of a
-// buffer holding several experts' tokens can be used in place), and this
-// part's row r is column row0 + r of Y. One workgroup computes one row for up to four
-// tokens (workgroup z picks tokens 4z..4z+4), so each weight is decoded once
-// per four tokens; the row's units (UNIT consecutive columns, decoded
-// together: a quant block or a sub-block) are spread over the threads, and
-// the partial sums are reduced across the workgroup. Rows are numbered
-// wg.x + wg.y * wg_x, because one dispatch dimension holds at most 65535
-// workgroups and an LM head has more rows.
+// X is (t_base + n) × cols f32 (row-major, read as vec4s: cols is a
+// multiple of 32), Y is (t_base + n) × y_stride f32; tokens t_base..t_base
+// + n are computed (so one expert's rows of a buffer holding several
+// experts' tokens can be used in place), and this part's row r is column
+// row0 + r of Y.
 //
-// The format file appended to this one defines UNIT and
-// `unit_dot(r, u) -> vec4<f32>`: Σ over the unit's columns c of
-// W[r][c] · X[t][c], for the four tokens t of the workgroup.
+// A row is cut into units of 32 columns (a quant block or sub-block) and
+// each unit into four parts of eight columns; thread i of a workgroup
+// takes parts i, i + WG, ..., so neighbouring threads read neighbouring
+// weights and neighbouring activations (coalesced loads: reading x with a
+// stride of a whole unit per thread made every load touch as many cache
+// lines as there are threads). The format file appended to this one
+// decodes one part of one row into eight f32 weights (`part`) and says
+// which eight columns they are (`part_cols`).
+//
+// Two shapes, by TOK (a constant of the module):
+// - TOK = 1 (decode): a workgroup computes four rows for one token
+//   (workgroup z), the activations loaded once for the four rows;
+// - TOK = 4 (prompts): a workgroup computes one row for four tokens
+//   (workgroup z picks tokens 4z..4z+4), each weight decoded once for the
+//   four.
+// The four sums of a workgroup are one vec4, reduced across the workgroup
+// at the end. Row groups are numbered wg.x + wg.y * wg_x, because one
+// dispatch dimension holds at most 65535 workgroups and an LM head has
+// more rows.
+//
+// Expert batches (BATCH, a constant of the module): one dispatch computes
+// the same product for several experts, each a job of the job table
+// (`job_word`, generated with the module): workgroup y is job p.job0 + y,
+// row groups are workgroup x. A job is eight words: the byte offset in w
+// of its matrix A, the word offsets of A's MLX scales and biases, the same
+// three for a matrix B, the job's first token row (of X and Y) and its
+// token count. With GLU, A and B are an expert's gate and up projections,
+// both are computed from the same activations, and Y gets
+// silu(X Aᵀ) · (X Bᵀ) (SwiGLU, as the CPU computes it).
 
 struct Params {
     rows: u32,       // rows in this part
@@ -22,27 +43,36 @@ struct Params {
     row0: u32,       // first row of this part in the whole matrix
     y_stride: u32,   // rows of the whole matrix (Y's row length)
     row_bytes: u32,  // GGML formats: bytes of one row
-    units: u32,      // units per row: ceil(cols / UNIT)
+    units: u32,      // units per row: cols / 32
     wg_x: u32,       // workgroups along x in this dispatch
     group: u32,      // MLX: columns per scale/bias group
     scale_f16: u32,  // MLX: 1 when scales/biases are f16, 0 for bf16
     t_base: u32,     // first token row of X and Y
-    _pad1: u32,
+    job0: u32,       // BATCH: first job of this dispatch
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 // The part's weight bytes, little-endian, packed into words; blocks need
 // not start on a word boundary (Q4_0 blocks are 18 bytes, Q6_K 210).
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
-// Offsets in x of the four tokens' rows (tokens past n repeat the last one;
-// their sums are computed and dropped).
-var<private> xrow: vec4<u32>;
+const UNIT: u32 = 32u;
+// Rows of one workgroup.
+const R: u32 = select(1u, 4u, TOK == 1u);
 
-fn xv(c: u32) -> vec4<f32> {
-    return vec4<f32>(x[xrow.x + c], x[xrow.y + c], x[xrow.z + c], x[xrow.w + c]);
+// Where the matrix being decoded starts: a byte offset in w and, for MLX,
+// word offsets in the scales and biases (zero but for expert batches).
+var<private> wb: u32;
+var<private> sb: u32;
+var<private> bb: u32;
+
+// Eight decoded weights: columns part_cols(q).x .. +4 and part_cols(q).y .. +4
+// of their unit.
+struct Part {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
 }
 
 // Byte b of the weights.
@@ -70,22 +100,105 @@ fn f16_at(b: u32) -> f32 {
     return f16x2(half_at(b)).x;
 }
 
+// Decodes from matrix m (0: A, 1: B) of offsets o.
+fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
+    wb = o[m].x;
+    sb = o[m].y;
+    bb = o[m].z;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
-    let r = wg.x + wg.y * p.wg_x;
+    var g = wg.x + wg.y * p.wg_x;
+    var t_base = p.t_base;
+    var n = p.n;
+    // Offsets of matrices A and B.
+    var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
+    if BATCH {
+        g = wg.x;
+        let j = (p.job0 + wg.y) * 8u;
+        o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+        o[1] = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
+        t_base = job_word(j + 6u);
+        n = job_word(j + 7u);
+    }
+    let r0 = g * R;
+    let t0 = wg.z * TOK;
     // Uniform over the workgroup, so the barriers below stay uniform.
-    if r >= p.rows {
+    if r0 >= p.rows || t0 >= n {
         return;
     }
-    let t0 = wg.z * 4u;
-    let last = p.n - 1u;
-    xrow = (vec4<u32>(min(t0, last), min(t0 + 1u, last), min(t0 + 2u, last), min(t0 + 3u, last)) + p.t_base) * p.cols;
+    let c4 = p.cols / 4u;
+    let parts = p.units * 4u;
+    // Sums of A's rows, and of B's (GLU).
     var acc = vec4<f32>(0.0);
-    for (var u = lane.lid; u < p.units; u += WG) {
-        acc += unit_dot(r, u);
+    var acc2 = vec4<f32>(0.0);
+    if TOK == 1u {
+        // Rows past the end repeat the last one; their sums are dropped.
+        let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
+        let xr = (t_base + t0) * c4;
+        for (var i = lane.lid; i < parts; i += WG) {
+            let u = i >> 2u;
+            let q = i & 3u;
+            let pc = (u * UNIT + part_cols(q)) / 4u;
+            let xl = x[xr + pc.x];
+            let xh = x[xr + pc.y];
+            for (var m = 0u; m < select(1u, 2u, GLU); m++) {
+                use_matrix(o, m);
+                let a = part(rr.x, u, q);
+                let b = part(rr.y, u, q);
+                let c = part(rr.z, u, q);
+                let d = part(rr.w, u, q);
+                let s = vec4<f32>(
+                    dot(a.lo, xl) + dot(a.hi, xh),
+                    dot(b.lo, xl) + dot(b.hi, xh),
+                    dot(c.lo, xl) + dot(c.hi, xh),
+                    dot(d.lo, xl) + dot(d.hi, xh),
+                );
+                if m == 0u {
+                    acc += s;
+                } else {
+                    acc2 += s;
+                }
+            }
+        }
+    } else {
+        // Tokens past n repeat the last one; their sums are dropped.
+        let tt = min(vec4<u32>(t0, t0 + 1u, t0 + 2u, t0 + 3u), vec4<u32>(n - 1u));
+        let xr = (tt + t_base) * c4;
+        for (var i = lane.lid; i < parts; i += WG) {
+            let u = i >> 2u;
+            let q = i & 3u;
+            let pc = (u * UNIT + part_cols(q)) / 4u;
+            for (var m = 0u; m < select(1u, 2u, GLU); m++) {
+                use_matrix(o, m);
+                let a = part(r0, u, q);
+                let s = vec4<f32>(
+                    dot(a.lo, x[xr.x + pc.x]) + dot(a.hi, x[xr.x + pc.y]),
+                    dot(a.lo, x[xr.y + pc.x]) + dot(a.hi, x[xr.y + pc.y]),
+                    dot(a.lo, x[xr.z + pc.x]) + dot(a.hi, x[xr.z + pc.y]),
+                    dot(a.lo, x[xr.w + pc.x]) + dot(a.hi, x[xr.w + pc.y]),
+                );
+                if m == 0u {
+                    acc += s;
+                } else {
+                    acc2 += s;
+                }
+            }
+        }
     }
-    let s = wg_sum4(acc, lane);
-    if lane.lid < 4u && t0 + lane.lid < p.n {
-        y[(p.t_base + t0 + lane.lid) * p.y_stride + p.row0 + r] = s[lane.lid];
+    var s = wg_sum4(acc, lane);
+    if GLU {
+        let up = wg_sum4(acc2, lane);
+        s = s / (1.0 + exp(-s)) * up;
+    }
+    if lane.lid < 4u {
+        if TOK == 1u {
+            if r0 + lane.lid < p.rows {
+                y[(t_base + t0) * p.y_stride + p.row0 + r0 + lane.lid] = s[lane.lid];
+            }
+        } else if t0 + lane.lid < n {
+            y[(t_base + t0 + lane.lid) * p.y_stride + p.row0 + r0] = s[lane.lid];
+        }
     }
 }

@@ -1,0 +1,90 @@
+//! GPU kernels on the first adapter wgpu finds, reported as GB/s of weights
+//! read (criterion's throughput), and the cost of a dispatch. Run with
+//! `cargo bench -p moeflux-bench --features gpu --bench gpu`.
+//!
+//! Each iteration records several products into one pass, submits it and
+//! waits, so the ~75 µs of a submit-and-wait round trip is spread over
+//! them; the matrices are larger than a data-centre GPU's L2 cache (50 MB
+//! on an H100), so every pass reads them from memory.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::pass::ParamArena;
+use moeflux::backend::gpu::{Gpu, GpuMatrix, Pass};
+use moeflux::quant::GgmlType;
+use moeflux::synth::{fill_blocks, Rng};
+
+/// Products recorded per pass.
+const REPEAT: usize = 8;
+
+fn bench(c: &mut Criterion) {
+    let gpu = match Gpu::new() {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("no GPU adapter: {e}");
+            return;
+        }
+    };
+    eprintln!("adapter: {}", gpu.info.name);
+    // Parameters and bind groups as the model's passes get them.
+    let mut arena = ParamArena::new(&gpu).unwrap();
+    // 32768 × 4096: 72 MiB at Q4_0. Decode (one token) and a prompt chunk.
+    let (rows, cols) = (32768usize, 4096usize);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_0,
+    ] {
+        let mut group = c.benchmark_group(format!("gpu/{ty}"));
+        group.sample_size(20);
+        let len = ty.row_bytes(cols as u64).unwrap() as usize * rows;
+        let mut bytes = vec![0u8; len];
+        fill_blocks(ty, &mut Rng::new(1), 0.05, &mut bytes).unwrap();
+        let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+        let w = GpuMatrix::upload(&gpu, &m).unwrap();
+        for n in [1usize, 16] {
+            let mut r = Rng::new(2);
+            let x: Vec<f32> = (0..n * cols).map(|_| r.normal() as f32).collect();
+            let xb = gpu.upload_f32("x", &x).unwrap();
+            let yb = gpu.zeros_f32("y", n * rows).unwrap();
+            group.throughput(Throughput::Bytes((len * REPEAT) as u64));
+            group.bench_function(BenchmarkId::new(format!("{rows}x{cols}"), n), |b| {
+                b.iter(|| {
+                    let mut pass = Pass::with_arena(&gpu, &mut arena);
+                    for _ in 0..REPEAT {
+                        pass.matmul(&w, &xb, &yb, n).unwrap();
+                    }
+                    pass.submit().unwrap();
+                    gpu.wait().unwrap();
+                })
+            });
+        }
+        group.finish();
+    }
+    // Dispatch cost: 256 one-row products in one pass (criterion's time
+    // divided by 256 is the cost of one dispatch inside a pass).
+    let mut group = c.benchmark_group("gpu/dispatch");
+    let ty = GgmlType::Q4_0;
+    let bytes = vec![0u8; ty.row_bytes(32).unwrap() as usize];
+    let m = Matrix::ggml(ty, 1, 32, &bytes).unwrap();
+    let w = GpuMatrix::upload(&gpu, &m).unwrap();
+    let xb = gpu.zeros_f32("x", 32).unwrap();
+    let yb = gpu.zeros_f32("y", 1).unwrap();
+    for count in [1usize, 256] {
+        group.bench_function(BenchmarkId::new("one-row products per pass", count), |b| {
+            b.iter(|| {
+                let mut pass = Pass::with_arena(&gpu, &mut arena);
+                for _ in 0..count {
+                    pass.matmul(&w, &xb, &yb, 1).unwrap();
+                }
+                pass.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
