@@ -501,7 +501,7 @@ fn expert_batches_match_cpu() {
                     let w = |a: usize| o.get(a).map_or(0, |&v| if a == 0 { v } else { v / 4 });
                     jobs.extend([w(0) as u32, w(1) as u32, w(2) as u32]);
                 }
-                jobs.extend([t0 as u32, c as u32]);
+                jobs.extend([t0 as u32, c as u32, t0 as u32, 0, 0, 0]);
                 t0 += c;
             }
             let jb = gpu.storage("jobs", bytemuck::cast_slice(&jobs), 0).unwrap();
@@ -528,8 +528,18 @@ fn expert_batches_match_cpu() {
                 for (glu, want) in [(false, &want_plain), (true, &want_glu)] {
                     let yb = gpu.zeros_f32("y", rows * ff).unwrap();
                     let mut pass = Pass::with_variant(gpu, variant);
-                    pass.expert_matmul(&shapes[0], glu, &pool, &xb, &yb, &jb, (0, 3), rows, most)
-                        .unwrap();
+                    pass.expert_matmul(
+                        &shapes[0],
+                        glu,
+                        &pool,
+                        &xb,
+                        &yb,
+                        &jb,
+                        (0, 3),
+                        (rows, rows),
+                        most,
+                    )
+                    .unwrap();
                     pass.submit().unwrap();
                     let got = gpu.read_f32(&yb, rows * ff).unwrap();
                     let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -545,6 +555,116 @@ fn expert_batches_match_cpu() {
                 }
             }
         }
+    }
+}
+
+/// GPU routing against the CPU's softmax and a plain top-k: the same
+/// experts in the same order (lower id first on ties) and weights within
+/// f32 rounding, with and without renormalisation; and the expert jobs and
+/// combine tables it writes for one token.
+#[test]
+fn moe_route_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (n, ne, k) = (5, 128, 8);
+    let mut logits = normals(n * ne, 31);
+    // Token 4: all equal (ties everywhere: experts 0..k in order).
+    logits[4 * ne..].iter_mut().for_each(|v| *v = 0.5);
+    let lb = gpu.upload_f32("logits", &logits).unwrap();
+    let choice = gpu.zeros_f32("choice", 2 * n * k).unwrap();
+    let jobs = gpu.zeros_f32("jobs", 2 * k * 12).unwrap();
+    let rows = gpu.zeros_f32("rows", k).unwrap();
+    let weights = gpu.zeros_f32("weights", k).unwrap();
+    let out = moeflux::backend::gpu::pass::RouteOut {
+        choice: &choice,
+        jobs: &jobs,
+        rows: &rows,
+        weights: &weights,
+    };
+    for norm in [false, true] {
+        let mut want = Vec::new();
+        for t in 0..n {
+            let mut p = logits[t * ne..(t + 1) * ne].to_vec();
+            softmax(&mut p);
+            let mut order: Vec<usize> = (0..ne).collect();
+            // Stable: equal probabilities keep the lower id first.
+            order.sort_by(|&a, &b| p[b].total_cmp(&p[a]));
+            let top: Vec<(u32, f32)> = order[..k].iter().map(|&e| (e as u32, p[e])).collect();
+            let sum: f32 = top.iter().map(|c| c.1).sum();
+            want.extend(
+                top.iter()
+                    .map(|&(e, w)| (e, if norm { w / sum } else { w })),
+            );
+        }
+        for variant in gpu.variants() {
+            let mut pass = Pass::with_variant(gpu, variant);
+            pass.moe_route(&lb, out, (n, ne, k, norm), None).unwrap();
+            pass.submit().unwrap();
+            let got = gpu.read_f32(&choice, 2 * n * k).unwrap();
+            for (i, (&(e, w), c)) in want.iter().zip(got.chunks_exact(2)).enumerate() {
+                let (ge, gw) = (c[0].to_bits(), c[1]);
+                assert_eq!(
+                    ge,
+                    e,
+                    "token {} rank {} ({variant:?}, norm {norm})",
+                    i / k,
+                    i % k
+                );
+                assert!(
+                    (gw - w).abs() <= 1e-6 * w.abs().max(1e-3),
+                    "token {} rank {}: weight {gw} vs {w}",
+                    i / k,
+                    i % k
+                );
+            }
+        }
+    }
+    // One token with jobs: expert e at slot 3 + e, slots 1024 bytes apart.
+    let place = moeflux::backend::gpu::pass::ExpertPlace {
+        first: 3,
+        stride: 1024,
+        offsets: [[0, 0, 0], [256, 0, 0], [512, 0, 0]],
+    };
+    let mut pass = Pass::new(gpu);
+    pass.moe_route(&lb, out, (1, ne, k, true), Some(place))
+        .unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&choice, 2 * k).unwrap();
+    let j: Vec<u32> = gpu
+        .read_f32(&jobs, 2 * k * 12)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    let w = gpu.read_f32(&weights, k).unwrap();
+    let r: Vec<u32> = gpu
+        .read_f32(&rows, k)
+        .unwrap()
+        .iter()
+        .map(|v| v.to_bits())
+        .collect();
+    for rank in 0..k {
+        let e = got[2 * rank].to_bits();
+        let base = (3 + e) * 1024;
+        let g = &j[rank * 12..rank * 12 + 9];
+        assert_eq!(
+            g,
+            &[
+                base,
+                base / 4,
+                base / 4,
+                base + 256,
+                base / 4,
+                base / 4,
+                rank as u32,
+                1,
+                0
+            ]
+        );
+        let d = &j[(k + rank) * 12..(k + rank) * 12 + 9];
+        assert_eq!(d[0], base + 512);
+        assert_eq!(&d[6..9], &[rank as u32, 1, rank as u32]);
+        assert_eq!(w[rank], got[2 * rank + 1]);
+        assert_eq!(r[rank], rank as u32);
     }
 }
 
@@ -783,9 +903,12 @@ fn every_kernel_translates_to_msl_and_spirv() {
     }
     // Products (9 formats × one or four tokens × alone, expert batch,
     // expert batch with SwiGLU) and attention (2 caches): four variants
-    // each; the norm two; rope, swiglu, the attention merge, KV append (2
-    // caches), add, gather and the MoE combine one.
-    assert_eq!(checked, 4 * (6 * WeightKind::all().len() + 2) + 2 + 2 + 6);
+    // each; the norm and the MoE routing two; rope, swiglu, the attention
+    // merge, KV append (2 caches), add, gather and the MoE combine one.
+    assert_eq!(
+        checked,
+        4 * (6 * WeightKind::all().len() + 2) + 2 + 2 + 2 + 6
+    );
 }
 
 /// K/V append: f32 rows copied exactly; f16 rows rounded exactly as the

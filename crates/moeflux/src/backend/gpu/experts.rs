@@ -70,6 +70,10 @@ pub struct GpuExperts {
     map: HashMap<(u32, u32), u32>,
     /// When every expert has a slot: the first slot of each layer.
     fixed: Option<Vec<u32>>,
+    /// Whether `fixed` holds and a pool holds whole layers.
+    whole_layers: bool,
+    /// Whether every expert is loaded (`load_all`).
+    loaded: bool,
     clock: u64,
     stats: GpuExpertStats,
 }
@@ -143,10 +147,20 @@ impl GpuExperts {
                 limit: pool_limit,
             });
         }
-        let per_pool = (pool_limit / stride) as usize;
+        let mut per_pool = (pool_limit / stride) as usize;
         let want = match count {
             SlotCount::Exactly(n) | SlotCount::UpTo(n) => n.max(1),
         };
+        // With a slot for every expert and layers of equal size, a pool
+        // holds whole layers, so that one dispatch covers any of a layer's
+        // experts (the GPU's own routing relies on it).
+        let total: usize = per_layer.iter().sum();
+        let e0 = per_layer.first().copied().unwrap_or(0);
+        let whole_layers =
+            want >= total && e0 > 0 && per_layer.iter().all(|&e| e == e0) && per_pool >= e0;
+        if whole_layers {
+            per_pool = per_pool / e0 * e0;
+        }
         let n_pools = want.div_ceil(per_pool);
         let mut pools = Vec::with_capacity(n_pools.min(1 << 16));
         for i in 0..n_pools {
@@ -172,7 +186,6 @@ impl GpuExperts {
                 shapes: None,
             })
             .collect();
-        let total: usize = per_layer.iter().sum();
         let fixed = (n_slots >= total).then(|| {
             let mut first = Vec::with_capacity(per_layer.len());
             let mut at = 0u32;
@@ -197,9 +210,98 @@ impl GpuExperts {
             pools,
             slots,
             map: HashMap::new(),
+            whole_layers: whole_layers && n_slots >= total,
+            loaded: false,
             fixed,
             clock: 0,
         })
+    }
+
+    /// Whether every expert of the model is loaded, each layer's in one
+    /// pool (see [`GpuExperts::load_all`]): the GPU may then route by
+    /// itself.
+    pub fn all_resident(&self) -> bool {
+        self.loaded
+    }
+
+    /// The pool and the first slot (counted within that pool) of layer
+    /// `l`'s experts, when every expert has its own slot and a pool holds
+    /// whole layers.
+    pub fn layer_place(&self, l: usize) -> Option<(usize, u32)> {
+        if !self.whole_layers {
+            return None;
+        }
+        let first = *self.fixed.as_ref()?.get(l)? as usize;
+        Some((first / self.per_pool, (first % self.per_pool) as u32))
+    }
+
+    /// Bytes from one slot to the next in a pool.
+    pub fn stride(&self) -> u64 {
+        self.stride
+    }
+
+    /// Loads every expert of every layer into its own slot, when every
+    /// expert has one and a pool holds whole layers (else does nothing):
+    /// afterwards [`GpuExperts::all_resident`]. Submits (empty) work after
+    /// each layer so that the queued writes' staging memory is bounded by
+    /// a layer's experts.
+    pub fn load_all(
+        &mut self,
+        gpu: &Gpu,
+        store: &mut ExpertStore,
+        per_layer: &[usize],
+    ) -> Result<(), crate::Error> {
+        if self.loaded || !self.whole_layers {
+            return Ok(());
+        }
+        for (l, &n) in per_layer.iter().enumerate() {
+            let mut misses = Vec::new();
+            for e in 0..n as u32 {
+                if self.map.contains_key(&(l as u32, e)) {
+                    continue;
+                }
+                if let Some(s) = self.claim(l, e) {
+                    misses.push((e, s));
+                }
+            }
+            self.upload(gpu, store, l, &misses)?;
+            self.unpin_all();
+            gpu.queue.submit([]);
+            if l % 8 == 7 {
+                gpu.wait()?;
+            }
+        }
+        gpu.wait()?;
+        // One dispatch computes a layer's experts with one shape: the GPU
+        // routes only when every layer's experts share theirs.
+        self.loaded = (0..per_layer.len()).all(|l| {
+            let first = self.fixed.as_ref().and_then(|f| f.get(l)).copied();
+            let n = per_layer[l] as u32;
+            first.is_some_and(|f| {
+                let s0 = self.shapes(f).ok().copied();
+                s0.is_some() && (f..f + n).all(|s| self.shapes(s).ok().copied() == s0)
+            })
+        });
+        Ok(())
+    }
+
+    /// Gate, up and down shapes of layer `l`'s experts, once
+    /// [`GpuExperts::all_resident`].
+    pub fn layer_shapes(&self, l: usize) -> Result<[MatShape; 3], GpuError> {
+        let first = self.fixed.as_ref().and_then(|f| f.get(l)).copied();
+        match first {
+            Some(f) if self.loaded => self.shapes(f).copied(),
+            _ => Err(GpuError::Shape {
+                kernel: "expert arena",
+                detail: format!("layer {l}'s experts are not all resident"),
+            }),
+        }
+    }
+
+    /// Counts `n` hits that the GPU's own routing made (every expert is
+    /// resident, so every use is one).
+    pub fn count_hits(&mut self, n: usize) {
+        self.stats.hits += n as u64;
     }
 
     pub fn n_slots(&self) -> usize {

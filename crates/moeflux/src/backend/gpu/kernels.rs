@@ -40,6 +40,7 @@ const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
 const KV_APPEND: &str = include_str!("kernels/kv_append.wgsl");
 const ADD: &str = include_str!("kernels/add.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
+const MOE_ROUTE: &str = include_str!("kernels/moe_route.wgsl");
 const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
 
 /// A weight format the matrix kernels decode.
@@ -103,6 +104,11 @@ impl WeightKind {
         }
     }
 }
+
+/// Words of one job of an expert batch (see `matmul.wgsl`): A's weight
+/// byte offset, scale and bias word offsets; the same for B; the first
+/// row of Y; the token count; the first row of X; three unused.
+pub const JOB_WORDS: usize = 12;
 
 /// The shape of a matrix-product kernel (see `matmul.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -199,6 +205,8 @@ pub enum Kernel {
     Gather,
     /// The routed experts' weighted sum in rank order, added to `x`.
     MoeCombine,
+    /// One token's routing and expert jobs, on the GPU.
+    MoeRoute,
 }
 
 impl Kernel {
@@ -217,6 +225,7 @@ impl Kernel {
             Kernel::Add,
             Kernel::Gather,
             Kernel::MoeCombine,
+            Kernel::MoeRoute,
         ]);
         v
     }
@@ -226,7 +235,7 @@ impl Kernel {
     pub fn reduces(self) -> bool {
         matches!(
             self,
-            Kernel::MatMul(_) | Kernel::RmsNorm | Kernel::Attention { .. }
+            Kernel::MatMul(_) | Kernel::RmsNorm | Kernel::Attention { .. } | Kernel::MoeRoute
         )
     }
 
@@ -272,6 +281,7 @@ impl Kernel {
             Kernel::Add => "add".into(),
             Kernel::Gather => "gather".into(),
             Kernel::MoeCombine => "moe_combine".into(),
+            Kernel::MoeRoute => "moe_route".into(),
         }
     }
 
@@ -291,7 +301,8 @@ impl Kernel {
                     .ok_or_else(|| GpuError::Unsupported(p.kind.name()))?;
                 s.push_str(&consts);
                 s.push_str(&format!(
-                    "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n",
+                    "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n\
+                     const JOB_WORDS: u32 = {JOB_WORDS}u;\n",
                     p.tokens_per_group(),
                     p.batch != Batch::One,
                     p.batch == Batch::ExpertsGlu
@@ -323,6 +334,10 @@ impl Kernel {
             Kernel::Add => &[ADD],
             Kernel::Gather => &[GATHER],
             Kernel::MoeCombine => &[MOE_COMBINE],
+            Kernel::MoeRoute => {
+                s.push_str(&format!("const JOB_WORDS: u32 = {JOB_WORDS}u;\n"));
+                &[MOE_ROUTE]
+            }
         };
         if self.reduces() {
             s.push_str(match v.reduce {

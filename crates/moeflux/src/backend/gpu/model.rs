@@ -5,11 +5,16 @@
 //! Dense weights are resident ([`GpuMatrix`], norms as f32 buffers);
 //! activations live in buffers sized once for the largest chunk; routed
 //! experts come through the GPU slot arena ([`GpuExperts`]) fed by the host
-//! [`ExpertStore`]. Per layer, one submission carries the previous layer's
-//! experts and combine, this layer's attention block and its router; the
-//! router logits are read back (the one host round trip of a layer) and
-//! routed on the host by [`Moe::route`] itself, so the experts and weights
-//! are bit-for-bit the CPU's choice for the same logits.
+//! [`ExpertStore`]. The GPU routes (`moe_route.wgsl`: the softmax and
+//! top-k of [`Moe::route`], in the GPU's f32). When every expert of the
+//! model is in GPU memory (loaded on the first step), a decode step never
+//! returns to the host: the routing kernel writes the expert jobs itself
+//! and the whole token is one submission. Otherwise, per layer, one
+//! submission carries the previous layer's experts and combine, this
+//! layer's attention block, router and routing; the choices are read back
+//! (the one host round trip of a layer) so the host can bring the experts
+//! in. Both ways use the same routing kernel and the same product kernels,
+//! so the output does not depend on the memory plan.
 //!
 //! What runs on the GPU equals the CPU reference level (dequantized
 //! weights, f32 activations) up to f32 rounding order; the CPU's integer
@@ -19,13 +24,14 @@ use std::sync::Arc;
 
 use super::device::Gpu;
 use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
+use super::kernels::JOB_WORDS;
 use super::kv::GpuKv;
 use super::matrix::{GpuMatrix, MatShape};
-use super::pass::{rope_table, AttentionShape, ParamArena, Pass};
+use super::pass::{rope_table, AttentionShape, ExpertPlace, ParamArena, Pass, RouteOut};
 use super::GpuError;
 use crate::experts::{ExpertRef, ExpertStore};
 use crate::format::ModelFiles;
-use crate::model::moe::Moe;
+use crate::model::moe::{Moe, Routing};
 use crate::model::timings::Lap;
 use crate::model::transformer::{Ffn, Layer};
 use crate::model::{Logits, Mixer, Model, Timings};
@@ -114,6 +120,9 @@ struct Activations {
     combine_w: wgpu::Buffer,
     /// u32: the expert products' job tables (see `Pass::expert_matmul`).
     jobs: wgpu::Buffer,
+    /// u32 pairs: each (token, rank)'s expert and weight bits, as the
+    /// GPU routed them.
+    choice: wgpu::Buffer,
     /// u32: which rows of `x` get logits.
     out_idx: wgpu::Buffer,
     /// Final-norm input rows and normalised rows, `LOGIT_ROWS × hidden`.
@@ -152,6 +161,8 @@ pub struct GpuModel {
     /// Kernel parameters and cached bind groups of this model's passes
     /// (taken out while a forward pass records).
     params: Option<ParamArena>,
+    /// Experts of each layer.
+    per_layer: Vec<usize>,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -186,7 +197,14 @@ pub fn unsupported(model: &Model) -> Option<String> {
             ));
         }
         match &l.ffn {
-            // Routing runs on the host with the layer's own `Moe::route`.
+            Ffn::Moe(m) if m.n_experts > super::pass::MAX_ROUTED || m.routing.k() > 64 => {
+                return Some(format!(
+                    "layer {i}: top-{} of {} experts (the GPU routes up to {} experts, k ≤ 64)",
+                    m.routing.k(),
+                    m.n_experts,
+                    super::pass::MAX_ROUTED
+                ))
+            }
             Ffn::Moe(_) => {}
             Ffn::Dense(_) => {
                 return Some(format!(
@@ -283,6 +301,7 @@ impl GpuModel {
             experts,
             routing: Routing_::default(),
             params,
+            per_layer,
         })
     }
 
@@ -348,7 +367,7 @@ impl GpuModel {
         let rows = u * d.k;
         let z = |label: &str, len: usize| gpu.zeros_f32(label, len);
         let lr = LOGIT_ROWS.min(u);
-        let readback = (u * d.n_experts).max(lr * d.vocab);
+        let readback = (2 * u * d.k).max(lr * d.vocab);
         Ok(Activations {
             x: z("x", u * d.hidden)?,
             h: z("h", u * d.hidden)?,
@@ -373,7 +392,8 @@ impl GpuModel {
             gather_idx: z("gather_idx", rows)?,
             combine_row: z("combine_row", rows)?,
             combine_w: z("combine_w", rows)?,
-            jobs: z("jobs", 2 * 8 * rows)?,
+            jobs: z("jobs", 2 * JOB_WORDS * rows.max(d.k))?,
+            choice: z("choice", 2 * rows)?,
             out_idx: z("out_idx", lr)?,
             out_x: z("out_x", lr * d.hidden)?,
             out_h: z("out_h", lr * d.hidden)?,
@@ -470,6 +490,10 @@ impl GpuModel {
         gpu.write_padded(&self.act.rope, bytemuck::cast_slice(&table))?;
         lap.charge(&mut t.other);
 
+        // With every expert in GPU memory (loaded on the first step), a
+        // decode step routes on the GPU: the whole token is one submission.
+        self.experts.load_all(gpu, store, &self.per_layer)?;
+        let on_gpu = n == 1 && self.experts.all_resident();
         let mut pass = Pass::with_arena(gpu, arena);
         for l in 0..self.layers.len() {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
@@ -484,13 +508,21 @@ impl GpuModel {
                 d.eps,
             )?;
             pass.matmul(&layer.router, &self.act.h, &self.act.router, n)?;
+            if on_gpu {
+                self.experts_routed_on_gpu(&mut pass, l)?;
+                lap.charge(&mut t.moe);
+                continue;
+            }
+            let a = &self.act;
+            let dims = (n, d.n_experts, d.k, self.norm_topk(l));
+            pass.moe_route(&a.router, self.route_out(), dims, None)?;
             lap.charge(&mut t.moe);
-            let len = n * d.n_experts;
-            pass.flush_with_copy(&self.act.router, len, &self.act.readback)?;
+            let len = 2 * n * d.k;
+            pass.flush_with_copy(&a.choice, len, &a.readback)?;
             lap.charge(&mut t.gpu_submit);
-            let logits = gpu.map_f32(&self.act.readback, len)?;
+            let choice = gpu.map_f32(&a.readback, len)?;
             lap.charge(&mut t.gpu_wait);
-            self.route(l, logits, n)?;
+            self.route(&choice, n)?;
             self.experts_block(gpu, &mut pass, store, l, n)?;
             lap.charge(&mut t.moe);
         }
@@ -551,22 +583,76 @@ impl GpuModel {
         pass.add(&a.x, &a.o, n * d.hidden)
     }
 
-    /// Routes every token of layer `l` from its router logits (on the
-    /// host, with the CPU's own [`Moe::route`]), groups the (token, rank)
-    /// pairs by expert, and writes the gather, combine and weight tables.
-    fn route(&mut self, l: usize, mut logits: Vec<f32>, n: usize) -> Result<(), GpuError> {
+    /// Records layer `l`'s MoE block for one token with every expert
+    /// resident: the GPU routes (`moe_route.wgsl`, the same softmax and
+    /// top-k as [`Moe::route`]) and writes the expert jobs, then one
+    /// dispatch computes the k experts' gate/up with SwiGLU, one their
+    /// down projections, and the combine adds them to `x`. No host round
+    /// trip.
+    fn experts_routed_on_gpu(&mut self, pass: &mut Pass<'_>, l: usize) -> Result<(), GpuError> {
+        let (d, a) = (self.dims, &self.act);
+        let ex = &self.experts;
+        let (pool, first) = ex
+            .layer_place(l)
+            .ok_or_else(|| shape_err(format!("layer {l}'s experts have no fixed place")))?;
+        let [g, _, dn] = ex.layer_shapes(l)?;
+        let off = |m: usize| -> [u64; 3] {
+            std::array::from_fn(|i| {
+                if i < ex.arrays() {
+                    ex.array_offset(m, i)
+                } else {
+                    0
+                }
+            })
+        };
+        let k = d.k;
+        let place = ExpertPlace {
+            first,
+            stride: ex.stride(),
+            offsets: [off(0), off(1), off(2)],
+        };
+        let dims = (1, d.n_experts, k, self.norm_topk(l));
+        pass.moe_route(&a.router, self.route_out(), dims, Some(place))?;
+        let p = ex.pool(pool);
+        pass.expert_matmul(&g, true, p, &a.h, &a.act, &a.jobs, (0, k), (1, k), 1)?;
+        pass.expert_matmul(&dn, false, p, &a.act, &a.down, &a.jobs, (k, k), (k, k), 1)?;
+        pass.moe_combine(&a.x, &a.down, &a.combine_row, &a.combine_w, 1, d.hidden, k)?;
+        self.experts.count_hits(k);
+        Ok(())
+    }
+
+    /// Whether layer `l` renormalises its top-k weights.
+    fn norm_topk(&self, l: usize) -> bool {
+        match self.layers[l].moe.routing {
+            Routing::SoftmaxTopK { norm, .. } => norm,
+        }
+    }
+
+    /// Where the routing kernel writes.
+    fn route_out(&self) -> RouteOut<'_> {
+        let a = &self.act;
+        RouteOut {
+            choice: &a.choice,
+            jobs: &a.jobs,
+            rows: &a.combine_row,
+            weights: &a.combine_w,
+        }
+    }
+
+    /// Takes every token's routing as the GPU chose it (`choice`: expert
+    /// id and weight bits per (token, rank), as f32 bits), groups the
+    /// (token, rank) pairs by expert, and writes the gather, combine and
+    /// weight tables.
+    fn route(&mut self, choice: &[f32], n: usize) -> Result<(), GpuError> {
         let d = self.dims;
         let (ne, k) = (d.n_experts, d.k);
         let r = &mut self.routing;
-        let moe = &self.layers[l].moe;
         r.choice.clear();
-        r.choice.resize(n * k, (0, 0.0));
-        for t in 0..n {
-            moe.route(
-                &mut logits[t * ne..(t + 1) * ne],
-                &mut r.choice[t * k..(t + 1) * k],
-            );
-        }
+        r.choice.extend(
+            choice[..2 * n * k]
+                .chunks_exact(2)
+                .map(|c| (c[0].to_bits(), f32::from_bits(c[1].to_bits()))),
+        );
         // Counting sort of the pairs by expert (stable: token order within
         // an expert).
         r.start.clear();
@@ -672,7 +758,8 @@ impl GpuModel {
                     }
                 }
                 let (s0, s1) = (start[e as usize], start[e as usize + 1]);
-                jobs.extend([s0 as u32, (s1 - s0) as u32]);
+                // Rows of the expert-grouped input and output alike.
+                jobs.extend([s0 as u32, (s1 - s0) as u32, s0 as u32, 0, 0, 0]);
             };
             let mut i = 0;
             while i < wave.len() {
@@ -716,7 +803,7 @@ impl GpuModel {
                     &a.act,
                     &a.jobs,
                     (j0, count),
-                    rows,
+                    (rows, rows),
                     most,
                 )?;
                 j0 += count;
@@ -732,7 +819,7 @@ impl GpuModel {
                     &a.down,
                     &a.jobs,
                     (j0, count),
-                    rows,
+                    (rows, rows),
                     most,
                 )?;
                 j0 += count;

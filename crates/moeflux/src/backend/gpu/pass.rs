@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Batch, Kernel, Product, SharedParamsPipeline, WeightKind, WG};
+use super::kernels::{Batch, Kernel, Product, SharedParamsPipeline, WeightKind, JOB_WORDS, WG};
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
 use super::GpuError;
@@ -29,8 +29,9 @@ enum Pipeline {
     Shared(Arc<SharedParamsPipeline>),
 }
 
-/// Bytes a dispatch's parameter block may have (the largest is 48).
-const PARAM_BYTES: u64 = 64;
+/// Bytes a dispatch's parameter block may have (the largest, the GPU
+/// routing's, has 80).
+const PARAM_BYTES: u64 = 128;
 
 /// Parameter blocks a [`ParamArena`] holds before a pass flushes.
 const ARENA_DISPATCHES: u64 = 4096;
@@ -116,6 +117,33 @@ pub struct AttentionShape {
 /// decode step over a long context is cut into spans of this many
 /// positions, each read by its own workgroups.
 pub const ATTENTION_SPAN: usize = 64;
+
+/// Where [`Pass::moe_route`] writes: every token's choice; with an
+/// [`ExpertPlace`], one token's expert jobs and the combine's rows and
+/// weights.
+#[derive(Clone, Copy)]
+pub struct RouteOut<'a> {
+    pub choice: &'a wgpu::Buffer,
+    pub jobs: &'a wgpu::Buffer,
+    pub rows: &'a wgpu::Buffer,
+    pub weights: &'a wgpu::Buffer,
+}
+
+/// Where a layer's experts are, for the jobs [`Pass::moe_route`] writes.
+#[derive(Clone, Copy, Debug)]
+pub struct ExpertPlace {
+    /// Slot of the layer's expert 0 in its pool.
+    pub first: u32,
+    /// Bytes from one slot to the next.
+    pub stride: u64,
+    /// Byte offsets in a slot of gate's, up's and down's arrays (weights,
+    /// MLX scales, MLX biases; zero where absent).
+    pub offsets: [[u64; 3]; 3],
+}
+
+/// Experts a layer may have for the GPU's own routing (moe_route.wgsl's
+/// MAX_E).
+pub const MAX_ROUTED: usize = 1024;
 
 /// Little-endian u32 words of a parameter block.
 fn words(v: &[u32]) -> Vec<u8> {
@@ -372,12 +400,12 @@ impl<'g> Pass<'g> {
 
     /// One product for a batch of experts whose matrices (all of shape
     /// `m`) lie in `pool`: jobs `job0..job0 + count` of the table `jobs`
-    /// (eight u32 words a job, see `matmul.wgsl`: A's byte offset, A's
-    /// scale and bias word offsets, the same for B, first token row, token
-    /// count). `Batch::Experts`: `y = x Aᵀ`; `Batch::ExpertsGlu`:
-    /// `y = silu(x Aᵀ) · x Bᵀ`. `x` and `y` hold `rows` token rows (of
-    /// `m.cols` and `m.rows` values); `max_tokens` is the most tokens of a
-    /// job (one: the decode kernel).
+    /// ([`JOB_WORDS`] u32 words a job, see `matmul.wgsl`: A's byte offset,
+    /// A's scale and bias word offsets, the same for B, first row of `y`,
+    /// token count, first row of `x`). `Batch::Experts`: `y = x Aᵀ`;
+    /// `Batch::ExpertsGlu`: `y = silu(x Aᵀ) · x Bᵀ`. `x` and `y` hold
+    /// `rows.0` and `rows.1` token rows (of `m.cols` and `m.rows` values);
+    /// `max_tokens` is the most tokens of a job (one: the decode kernel).
     #[allow(clippy::too_many_arguments)]
     pub fn expert_matmul(
         &mut self,
@@ -388,16 +416,16 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         jobs: &wgpu::Buffer,
         (job0, count): (usize, usize),
-        rows: usize,
+        rows: (usize, usize),
         max_tokens: usize,
     ) -> Result<(), GpuError> {
         const K: &str = "expert matmul";
         if count == 0 || max_tokens == 0 {
             return Ok(());
         }
-        holds(K, "x", x, rows * m.cols)?;
-        holds(K, "y", y, rows * m.rows)?;
-        holds(K, "jobs", jobs, 8 * (job0 + count))?;
+        holds(K, "x", x, rows.0 * m.cols)?;
+        holds(K, "y", y, rows.1 * m.rows)?;
+        holds(K, "jobs", jobs, JOB_WORDS * (job0 + count))?;
         let shape = Product {
             kind: m.kind,
             one_token: max_tokens == 1,
@@ -767,6 +795,65 @@ impl<'g> Pass<'g> {
             gx,
         ]);
         self.push(Kernel::MoeCombine, &params, &[x, y, row, w], [gx, gy, 1])
+    }
+
+    /// Routing of `n` tokens on the GPU (see `moe_route.wgsl`): from the
+    /// router `logits` (`n × n_experts` f32), each token's `k` experts
+    /// and weights into `out.choice` (`n · k` pairs of u32: expert id,
+    /// weight bits). With `place` (one token only), also the k experts'
+    /// product jobs (k gate/up jobs, then k down jobs) into `out.jobs` and
+    /// the combine's rows and weights.
+    pub fn moe_route(
+        &mut self,
+        logits: &wgpu::Buffer,
+        out: RouteOut<'_>,
+        (n, n_experts, k, norm): (usize, usize, usize, bool),
+        place: Option<ExpertPlace>,
+    ) -> Result<(), GpuError> {
+        const K: &str = "moe_route";
+        if n_experts == 0 || n_experts > MAX_ROUTED || k == 0 || k > 64 || k > n_experts {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!(
+                    "top-{k} of {n_experts} experts (the kernel takes up to {MAX_ROUTED} experts and k ≤ 64)"
+                ),
+            });
+        }
+        if n == 0 || (place.is_some() && n != 1) {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{n} tokens (expert jobs are written for one)"),
+            });
+        }
+        holds(K, "logits", logits, n * n_experts)?;
+        holds(K, "choice", out.choice, 2 * n * k)?;
+        let mut v = vec![n_experts as u32, k as u32, norm as u32];
+        match place {
+            Some(pl) => {
+                holds(K, "jobs", out.jobs, 2 * k * JOB_WORDS)?;
+                holds(K, "rows", out.rows, k)?;
+                holds(K, "weights", out.weights, k)?;
+                let last = (pl.first as u64 + n_experts as u64) * pl.stride;
+                u32_of(K, "pool bytes", last as usize)?;
+                v.extend([
+                    pl.first,
+                    u32_of(K, "slot stride", pl.stride as usize)?,
+                    1,
+                    0,
+                    0,
+                ]);
+                for m in pl.offsets {
+                    for o in m {
+                        v.push(u32_of(K, "array offset", o as usize)?);
+                    }
+                    v.push(0);
+                }
+            }
+            None => v.extend([0; 17]),
+        }
+        let groups = u32_of(K, "tokens", n)?;
+        let bufs = [logits, out.choice, out.jobs, out.rows, out.weights];
+        self.push(Kernel::MoeRoute, &words(&v), &bufs, [groups, 1, 1])
     }
 
     /// Dispatches recorded so far.

@@ -29,10 +29,10 @@
 // Expert batches (BATCH, a constant of the module): one dispatch computes
 // the same product for several experts, each a job of the job table
 // (`job_word`, generated with the module): workgroup y is job p.job0 + y,
-// row groups are workgroup x. A job is eight words: the byte offset in w
-// of its matrix A, the word offsets of A's MLX scales and biases, the same
-// three for a matrix B, the job's first token row (of X and Y) and its
-// token count. With GLU, A and B are an expert's gate and up projections,
+// row groups are workgroup x. A job is JOB_WORDS words: the byte offset
+// in w of its matrix A, the word offsets of A's MLX scales and biases, the
+// same three for a matrix B, the job's first row of Y, its token count,
+// and its first row of X (the rest unused). With GLU, A and B are an expert's gate and up projections,
 // both are computed from the same activations, and Y gets
 // silu(X Aᵀ) · (X Bᵀ) (SwiGLU, as the CPU computes it).
 
@@ -110,17 +110,20 @@ fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var g = wg.x + wg.y * p.wg_x;
-    var t_base = p.t_base;
+    // First token rows of X and of Y.
+    var x_base = p.t_base;
+    var y_base = p.t_base;
     var n = p.n;
     // Offsets of matrices A and B.
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
     if BATCH {
         g = wg.x;
-        let j = (p.job0 + wg.y) * 8u;
+        let j = (p.job0 + wg.y) * JOB_WORDS;
         o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
         o[1] = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
-        t_base = job_word(j + 6u);
+        y_base = job_word(j + 6u);
         n = job_word(j + 7u);
+        x_base = job_word(j + 8u);
     }
     let r0 = g * R;
     let t0 = wg.z * TOK;
@@ -136,7 +139,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if TOK == 1u {
         // Rows past the end repeat the last one; their sums are dropped.
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
-        let xr = (t_base + t0) * c4;
+        let xr = (x_base + t0) * c4;
         for (var i = lane.lid; i < parts; i += WG) {
             let u = i >> 2u;
             let q = i & 3u;
@@ -165,7 +168,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     } else {
         // Tokens past n repeat the last one; their sums are dropped.
         let tt = min(vec4<u32>(t0, t0 + 1u, t0 + 2u, t0 + 3u), vec4<u32>(n - 1u));
-        let xr = (tt + t_base) * c4;
+        let xr = (tt + x_base) * c4;
         for (var i = lane.lid; i < parts; i += WG) {
             let u = i >> 2u;
             let q = i & 3u;
@@ -195,10 +198,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if lane.lid < 4u {
         if TOK == 1u {
             if r0 + lane.lid < p.rows {
-                y[(t_base + t0) * p.y_stride + p.row0 + r0 + lane.lid] = s[lane.lid];
+                y[(y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid] = s[lane.lid];
             }
         } else if t0 + lane.lid < n {
-            y[(t_base + t0 + lane.lid) * p.y_stride + p.row0 + r0] = s[lane.lid];
+            y[(y_base + t0 + lane.lid) * p.y_stride + p.row0 + r0] = s[lane.lid];
         }
     }
 }

@@ -1,0 +1,153 @@
+// MoE routing on the GPU, one workgroup per token (wg.x): softmax over
+// the token's router logits, the k largest probabilities (lower expert id
+// first on ties, as the CPU's `Moe::route`), renormalised to sum to 1 when
+// p.norm is 1, written to `choice` (token t, rank r: the expert id and the
+// weight's bits at 2 (t·k + r)). Every routing decision of the GPU path is
+// this kernel's, whether the host reads it back to bring experts in or the
+// GPU goes on alone, so the results do not depend on the memory plan.
+//
+// With p.jobs = 1 (one token, every expert of the model resident), it also
+// writes the layer's expert product jobs (see matmul.wgsl: k gate/up jobs
+// reading row 0 of X, then k down jobs reading row r of the SwiGLU output,
+// rank r writing row r) and the MoE combine's rows (rank r: row r) and
+// weights.
+//
+// Expert e of the layer is slot p.first + e of the pool, at byte
+// (p.first + e) · p.stride; p.gate, p.up and p.down give the byte offsets
+// of each matrix's arrays (weights, MLX scales, MLX biases) in a slot.
+
+struct Params {
+    n_experts: u32,
+    k: u32,
+    norm: u32,
+    first: u32,
+    stride: u32,
+    jobs: u32,
+    _pad1: u32,
+    _pad2: u32,
+    gate: vec4<u32>,
+    up: vec4<u32>,
+    down: vec4<u32>,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> logits: array<f32>;
+@group(0) @binding(2) var<storage, read_write> choice: array<u32>;
+@group(0) @binding(3) var<storage, read_write> jobs: array<u32>;
+@group(0) @binding(4) var<storage, read_write> rows: array<u32>;
+@group(0) @binding(5) var<storage, read_write> weights: array<f32>;
+
+const MAX_E: u32 = 1024u;
+const MAX_K: u32 = 64u;
+const LOWEST: f32 = -3.4028235e38;
+
+var<workgroup> prob: array<f32, MAX_E>;
+var<workgroup> best_v: array<f32, WG>;
+var<workgroup> best_i: array<u32, WG>;
+var<workgroup> chosen: array<u32, MAX_K>;
+var<workgroup> chosen_p: array<f32, MAX_K>;
+var<workgroup> total: f32;
+
+// Whether (v, i) ranks before (bv, bi): larger, or equal with a lower id.
+fn before(v: f32, i: u32, bv: f32, bi: u32) -> bool {
+    return v > bv || (v == bv && i < bi);
+}
+
+// The job of matrix offsets o (weights, scales, biases in bytes) for
+// expert e, as words (byte offset, scale and bias word offsets).
+fn put(at: u32, e: u32, o: vec4<u32>) {
+    let base = (p.first + e) * p.stride;
+    jobs[at] = base + o.x;
+    jobs[at + 1u] = (base + o.y) / 4u;
+    jobs[at + 2u] = (base + o.z) / 4u;
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
+    let ne = p.n_experts;
+    let t = wg.x;
+    var mx = LOWEST;
+    for (var e = lane.lid; e < ne; e += WG) {
+        let v = logits[t * ne + e];
+        prob[e] = v;
+        mx = max(mx, v);
+    }
+    let m = wg_max(mx, lane);
+    var s = 0.0;
+    for (var e = lane.lid; e < ne; e += WG) {
+        let v = exp(prob[e] - m);
+        prob[e] = v;
+        s += v;
+    }
+    let sum = wg_sum4(vec4<f32>(s, 0.0, 0.0, 0.0), lane).x;
+    for (var e = lane.lid; e < ne; e += WG) {
+        prob[e] = prob[e] / sum;
+    }
+    workgroupBarrier();
+    for (var r = 0u; r < p.k; r++) {
+        // Each thread's best, then a tree over the threads.
+        var bv = -1.0;
+        var bi = 0xffffffffu;
+        for (var e = lane.lid; e < ne; e += WG) {
+            if before(prob[e], e, bv, bi) {
+                bv = prob[e];
+                bi = e;
+            }
+        }
+        best_v[lane.lid] = bv;
+        best_i[lane.lid] = bi;
+        workgroupBarrier();
+        for (var h = WG / 2u; h > 0u; h = h >> 1u) {
+            if lane.lid < h && before(best_v[lane.lid + h], best_i[lane.lid + h], best_v[lane.lid], best_i[lane.lid]) {
+                best_v[lane.lid] = best_v[lane.lid + h];
+                best_i[lane.lid] = best_i[lane.lid + h];
+            }
+            workgroupBarrier();
+        }
+        if lane.lid == 0u {
+            let e = min(best_i[0], ne - 1u);
+            chosen[r] = e;
+            chosen_p[r] = best_v[0];
+            // Probabilities are ≥ 0: a chosen expert is never chosen again.
+            prob[e] = -1.0;
+        }
+        workgroupBarrier();
+    }
+    if lane.lid == 0u {
+        // In rank order, as the CPU sums them.
+        var t = 0.0;
+        for (var r = 0u; r < p.k; r++) {
+            t += chosen_p[r];
+        }
+        total = t;
+    }
+    workgroupBarrier();
+    for (var r = lane.lid; r < p.k; r += WG) {
+        var w = chosen_p[r];
+        if p.norm == 1u {
+            w = w / total;
+        }
+        choice[2u * (t * p.k + r)] = chosen[r];
+        choice[2u * (t * p.k + r) + 1u] = bitcast<u32>(w);
+        if p.jobs == 0u {
+            continue;
+        }
+        weights[r] = w;
+        rows[r] = r;
+        let e = chosen[r];
+        // Gate and up: SwiGLU into row r, from row 0 of the input.
+        let g = r * JOB_WORDS;
+        put(g, e, p.gate);
+        put(g + 3u, e, p.up);
+        jobs[g + 6u] = r;
+        jobs[g + 7u] = 1u;
+        jobs[g + 8u] = 0u;
+        // Down: row r of the SwiGLU output into row r.
+        let d = (p.k + r) * JOB_WORDS;
+        put(d, e, p.down);
+        put(d + 3u, e, p.down);
+        jobs[d + 6u] = r;
+        jobs[d + 7u] = 1u;
+        jobs[d + 8u] = r;
+    }
+}
