@@ -350,70 +350,6 @@ fn rms_norm_matches_cpu() {
     }
 }
 
-#[test]
-fn rope_matches_cpu() {
-    let Some(gpu) = gpu() else { return };
-    // Full and partial rotation (Qwen3.5 rotates a quarter of each head),
-    // at positions far from zero where angles are large.
-    for (heads, hd, n_rot, pos0) in [(4, 64, 64, 0), (3, 128, 32, 5000), (2, 16, 8, 40_000)] {
-        let n = 3;
-        let inv = rope_inv_freq(n_rot, 1e6);
-        let x = normals(n * heads * hd, 9);
-        let mut want = x.clone();
-        for t in 0..n {
-            rope_neox(
-                &mut want[t * heads * hd..(t + 1) * heads * hd],
-                hd,
-                pos0 + t,
-                &inv,
-            );
-        }
-        let xb = gpu.upload_f32("x", &x).unwrap();
-        let table = gpu.upload_f32("rope", &rope_table(pos0, n, &inv)).unwrap();
-        let mut pass = Pass::new(gpu);
-        pass.rope(&xb, &table, n, heads, hd, inv.len()).unwrap();
-        pass.submit().unwrap();
-        let got = gpu.read_f32(&xb, x.len()).unwrap();
-        for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-            // Same f32 operations on the same cos/sin: at most an ulp or
-            // two from a fused multiply-add.
-            assert!(
-                (g - e).abs() <= 1e-6 * (e.abs() + 1.0),
-                "rope heads {heads} hd {hd} rot {n_rot} at {pos0} [{i}]: {g} vs {e}"
-            );
-        }
-    }
-}
-
-#[test]
-fn swiglu_matches_cpu() {
-    let Some(gpu) = gpu() else { return };
-    let len = 1000;
-    let g: Vec<f32> = normals(len, 1).iter().map(|v| v * 4.0).collect();
-    let u = normals(len, 2);
-    let want: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
-    let (gb, ub) = (
-        gpu.upload_f32("g", &g).unwrap(),
-        gpu.upload_f32("u", &u).unwrap(),
-    );
-    let out = gpu.zeros_f32("out", len).unwrap();
-    let mut pass = Pass::new(gpu);
-    pass.swiglu(&gb, &ub, &out, len).unwrap();
-    pass.submit().unwrap();
-    let got = gpu.read_f32(&out, len).unwrap();
-    for i in 0..len {
-        // exp within a few ulps.
-        assert!(
-            (got[i] - want[i]).abs() <= 1e-5 * want[i].abs() + 1e-7,
-            "swiglu [{i}]: {} vs {} (gate {}, up {})",
-            got[i],
-            want[i],
-            g[i],
-            u[i]
-        );
-    }
-}
-
 /// Expert batches: three experts' matrices in one pool buffer at offsets,
 /// one dispatch over a job table computing each expert's rows of tokens —
 /// plain (`y = x Aᵀ`) and gate/up with SwiGLU — against the CPU reference,
@@ -668,7 +604,7 @@ fn moe_route_matches_cpu() {
     }
 }
 
-/// A dense SwiGLU FFN block — RMSNorm, gate and up projections, SwiGLU,
+/// A SwiGLU FFN block — RMSNorm, gate and up projections with SwiGLU,
 /// down projection — recorded as one pass and one submission: the kernels'
 /// results must chain through their buffers with no host step between
 /// them (the layer plan rests on this), and match the CPU chain.
@@ -708,24 +644,27 @@ fn one_pass_chains_an_ffn_block() {
     let a: Vec<f32> = g.iter().zip(&u).map(|(g, u)| silu(*g) * u).collect();
     let want = project(&down_m, &a);
 
-    // GPU chain: one pass.
-    let (gate_w, up_w, down_w) = (
-        GpuMatrix::upload(gpu, &gate_m).unwrap(),
-        GpuMatrix::upload(gpu, &up_m).unwrap(),
-        GpuMatrix::upload(gpu, &down_m).unwrap(),
-    );
+    // GPU chain: one pass; gate and up (with SwiGLU) as a one-expert
+    // batch from a pool holding both.
+    let down_w = GpuMatrix::upload(gpu, &down_m).unwrap();
+    let up_at = (GpuMatrix::array_bytes(&gate_m)[0]).next_multiple_of(256);
+    let pool = gpu
+        .storage("pool", &[], up_at + GpuMatrix::array_bytes(&up_m)[0])
+        .unwrap();
+    let room = [up_at];
+    let gate_shape = GpuMatrix::write_at(gpu, &gate_m, &pool, &[0], &room).unwrap();
+    GpuMatrix::write_at(gpu, &up_m, &pool, &[up_at], &room).unwrap();
+    let job: Vec<u32> = vec![0, 0, 0, up_at as u32, 0, 0, 0, n as u32, 0, 0, 0, 0];
+    let jb = gpu.storage("jobs", bytemuck::cast_slice(&job), 0).unwrap();
     let xb = gpu.upload_f32("x", &x).unwrap();
     let nb = gpu.upload_f32("norm", &norm).unwrap();
     let hb = gpu.zeros_f32("h", n * hidden).unwrap();
-    let gb = gpu.zeros_f32("gate", n * ffn).unwrap();
-    let ub = gpu.zeros_f32("up", n * ffn).unwrap();
     let ab = gpu.zeros_f32("act", n * ffn).unwrap();
     let ob = gpu.zeros_f32("out", n * hidden).unwrap();
     let mut pass = Pass::new(gpu);
     pass.rms_norm(&xb, &nb, &hb, n, hidden, eps).unwrap();
-    pass.matmul(&gate_w, &hb, &gb, n).unwrap();
-    pass.matmul(&up_w, &hb, &ub, n).unwrap();
-    pass.swiglu(&gb, &ub, &ab, n * ffn).unwrap();
+    pass.expert_matmul(&gate_shape, true, &pool, &hb, &ab, &jb, (0, 1), (n, n), n)
+        .unwrap();
     pass.matmul(&down_w, &ab, &ob, n).unwrap();
     pass.submit().unwrap();
     let got = gpu.read_f32(&ob, n * hidden).unwrap();
@@ -903,24 +842,26 @@ fn every_kernel_translates_to_msl_and_spirv() {
     }
     // Products (9 formats × one or four tokens × alone, expert batch,
     // expert batch with SwiGLU) and attention (2 caches): four variants
-    // each; the norm and the MoE routing two; rope, swiglu, the attention
-    // merge, KV append (2 caches), add, gather and the MoE combine one.
+    // each (reduction × f16 widening); attention_prep (2 caches), the norm
+    // and the MoE routing two (reduction); the attention merge, add,
+    // gather and the MoE combine one.
     assert_eq!(
         checked,
-        4 * (6 * WeightKind::all().len() + 2) + 2 + 2 + 2 + 6
+        4 * (6 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 4
     );
 }
 
-/// K/V append: f32 rows copied exactly; f16 rows rounded exactly as the
-/// CPU cache rounds (half's conversion, nearest-even), including
-/// subnormals, ties, overflow and infinities, at a position offset and a
-/// stride wider than the rows.
+/// The steps between the projections and the attention in one kernel,
+/// against the CPU: q and k rows normalised per head (with, without, or
+/// only q's norm) and rotated (full and partial RoPE, at positions far
+/// from zero); k and v written into an f16 cache rounded exactly as the
+/// CPU's cache rounds (v rows carry the hard cases: subnormals, ties,
+/// overflow, infinities) or an f32 cache bit for bit; positions before
+/// pos0 untouched.
 #[test]
-fn kv_append_matches_the_cpu_cache() {
+fn attention_prep_matches_cpu() {
     let Some(gpu) = gpu() else { return };
-    let (n, dim, stride, pos0) = (5, 12, 16, 3);
-    let mut src = normals(n * dim, 11);
-    // Hard cases for the f16 rounding.
+    let eps = 1e-6;
     let special = [
         0.0,
         -0.0,
@@ -935,49 +876,161 @@ fn kv_append_matches_the_cpu_cache() {
         1.0 + 3.0 / 2048.0, // a tie, rounds up to even
         6.1035156e-5,       // smallest normal f16
     ];
-    src[..special.len()].copy_from_slice(&special);
-    let sb = gpu.upload_f32("src", &src).unwrap();
-    for kv_f16 in [true, false] {
-        let words = ((pos0 + n) * stride).div_ceil(if kv_f16 { 2 } else { 1 });
-        let dst = gpu.zeros_f32("dst", words).unwrap();
-        let mut pass = Pass::new(gpu);
-        pass.kv_append(&sb, &dst, n, dim, pos0, stride, kv_f16)
-            .unwrap();
-        pass.submit().unwrap();
-        let got: Vec<u32> = gpu
-            .read_f32(&dst, words)
-            .unwrap()
-            .iter()
-            .map(|v| v.to_bits())
-            .collect();
+    for (nh, nkv, hd, n_rot, pos0, norm) in [
+        (4, 2, 64, 64, 0, (true, true)),
+        (3, 1, 128, 32, 5000, (true, false)),
+        (2, 2, 16, 8, 40_000, (false, false)),
+    ] {
+        let n = 3;
+        let width = (nh + 2 * nkv) * hd;
+        let inv = rope_inv_freq(n_rot, 1e6);
+        let mut qkv = normals(n * width, hd as u64);
+        // The first v row of token 0 starts with the hard cases.
+        let v0 = (nh + nkv) * hd;
+        let m = special.len().min(hd);
+        qkv[v0..v0 + m].copy_from_slice(&special[..m]);
+        let norms: Vec<f32> = normals(2 * hd, 7).iter().map(|v| 1.0 + 0.2 * v).collect();
+        // CPU: every head row normalised and rotated as the model does.
+        let mut want = qkv.clone();
         for t in 0..n {
-            for c in 0..dim {
-                let v = src[t * dim + c];
-                let at = (pos0 + t) * stride + c;
-                let (bits, want) = if kv_f16 {
-                    (
-                        (got[at / 2] >> (16 * (at % 2))) & 0xffff,
-                        f16::from_f32(v).to_bits() as u32,
-                    )
-                } else {
-                    (got[at], v.to_bits())
-                };
-                assert_eq!(bits, want, "kv_f16 {kv_f16}, t {t}, c {c}: value {v}");
+            for slot in 0..nh + nkv {
+                let at = t * width + slot * hd;
+                let is_q = slot < nh;
+                let row = &mut want[at..at + hd];
+                if (is_q && norm.0) || (!is_q && norm.1) {
+                    let w = if is_q { &norms[..hd] } else { &norms[hd..] };
+                    let x = row.to_vec();
+                    rms_norm(&x, w, eps, row);
+                }
+                rope_neox(row, hd, pos0 + t, &inv);
             }
         }
-        // Positions before pos0 and columns past dim are untouched.
-        assert!(got[..pos0 * stride / if kv_f16 { 2 } else { 1 }]
-            .iter()
-            .all(|&w| w == 0));
+        let qb = gpu.upload_f32("qkv", &qkv).unwrap();
+        let nb = gpu.upload_f32("norms", &norms).unwrap();
+        let table = gpu.upload_f32("rope", &rope_table(pos0, n, &inv)).unwrap();
+        let stride = nkv * hd;
+        for kv_f16 in [true, false] {
+            let words = ((pos0 + n) * stride).div_ceil(if kv_f16 { 2 } else { 1 });
+            let (kc, vc) = (
+                gpu.zeros_f32("k", words).unwrap(),
+                gpu.zeros_f32("v", words).unwrap(),
+            );
+            let qn = gpu.zeros_f32("qn", n * nh * hd).unwrap();
+            let shape = AttentionShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                len: pos0 + n,
+                k_stride: stride,
+                v_stride: stride,
+                kv_f16,
+            };
+            for variant in gpu.variants() {
+                let mut pass = Pass::with_variant(gpu, variant);
+                pass.attention_prep(
+                    &qb,
+                    &nb,
+                    &table,
+                    &qn,
+                    (&kc, &vc),
+                    shape,
+                    (n, pos0, inv.len()),
+                    (norm, eps),
+                )
+                .unwrap();
+                pass.submit().unwrap();
+                let what =
+                    format!("{nh}/{nkv}/{hd} rot {n_rot} at {pos0}, f16 {kv_f16}, {variant:?}");
+                let got_q = gpu.read_f32(&qn, n * nh * hd).unwrap();
+                let bits = |b: &moeflux::backend::gpu::wgpu::Buffer| -> Vec<u32> {
+                    gpu.read_f32(b, words)
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect()
+                };
+                let (got_k, got_v) = (bits(&kc), bits(&vc));
+                let cached = |w: &[u32], at: usize| -> u32 {
+                    if kv_f16 {
+                        (w[at / 2] >> (16 * (at % 2))) & 0xffff
+                    } else {
+                        w[at]
+                    }
+                };
+                for t in 0..n {
+                    for h in 0..nh {
+                        for d in 0..hd {
+                            let (g, e) =
+                                (got_q[(t * nh + h) * hd + d], want[t * width + h * hd + d]);
+                            // A norm's sum in another order, then the same
+                            // rotation: a few ulps.
+                            assert!(
+                                (g - e).abs() <= 1e-5 * (e.abs() + 1.0),
+                                "q {what} t {t} h {h} d {d}: {g} vs {e}"
+                            );
+                        }
+                    }
+                    for h in 0..nkv {
+                        for d in 0..hd {
+                            let at = (pos0 + t) * stride + h * hd + d;
+                            let e = want[t * width + (nh + h) * hd + d];
+                            let g = cached(&got_k, at);
+                            let g = if kv_f16 {
+                                f16::from_bits(g as u16).to_f32()
+                            } else {
+                                f32::from_bits(g)
+                            };
+                            let tol = if kv_f16 { 1e-3 } else { 1e-5 };
+                            assert!(
+                                (g - e).abs() <= tol * (e.abs() + 1.0),
+                                "k {what} t {t} h {h} d {d}: {g} vs {e}"
+                            );
+                            // v: no norm, no rotation, rounded exactly.
+                            let v = qkv[t * width + (nh + nkv + h) * hd + d];
+                            let want_v = if kv_f16 {
+                                f16::from_f32(v).to_bits() as u32
+                            } else {
+                                v.to_bits()
+                            };
+                            assert_eq!(
+                                cached(&got_v, at),
+                                want_v,
+                                "v {what} t {t} h {h} d {d}: value {v}"
+                            );
+                        }
+                    }
+                }
+                let before = pos0 * stride / if kv_f16 { 2 } else { 1 };
+                assert!(
+                    got_v[..before].iter().all(|&w| w == 0),
+                    "{what}: positions before pos0 written"
+                );
+            }
+        }
     }
-    let dst = gpu.zeros_f32("dst", 4).unwrap();
+    // Bad shapes are typed errors.
+    let b = gpu.zeros_f32("b", 16).unwrap();
+    let shape = AttentionShape {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim: 8,
+        len: 1,
+        k_stride: 8,
+        v_stride: 8,
+        kv_f16: false,
+    };
     let mut pass = Pass::new(gpu);
     assert!(matches!(
-        pass.kv_append(&sb, &dst, n, dim, pos0, stride, false),
-        Err(GpuError::Shape { .. })
-    ));
-    assert!(matches!(
-        pass.kv_append(&sb, &dst, 1, 3, 0, 3, true),
+        pass.attention_prep(
+            &b,
+            &b,
+            &b,
+            &b,
+            (&b, &b),
+            shape,
+            (1, 0, 4),
+            ((false, false), eps)
+        ),
         Err(GpuError::Shape { .. })
     ));
 }
@@ -1048,33 +1101,61 @@ fn add_gather_and_combine_match_cpu() {
     }
 }
 
-/// A matrix product over one range of token rows (one expert's tokens in
-/// a buffer grouped by expert) writes exactly those rows.
+/// Two projections of the same input written side by side into one
+/// buffer (the attention block's q, k and v) give the bits each gives
+/// alone, and nothing else of the rows is written.
 #[test]
-fn matmul_over_a_row_range() {
+fn matmul_into_columns() {
     let Some(gpu) = gpu() else { return };
-    let (rows, cols, total, t_base, n) = (40, 64, 9, 3, 5);
-    let bytes = random_ggml(GgmlType::Q8_0, rows, cols, 31);
-    let m = Matrix::ggml(GgmlType::Q8_0, rows, cols, &bytes).unwrap();
-    let w = GpuMatrix::upload(gpu, &m).unwrap();
-    let x = normals(total * cols, 32);
+    let (cols, n) = (64, 5);
+    let rows = [40, 24];
+    let width = 70;
+    let mats: Vec<Vec<u8>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| random_ggml(GgmlType::Q8_0, r, cols, 31 + i as u64))
+        .collect();
+    let ws: Vec<GpuMatrix> = mats
+        .iter()
+        .zip(rows)
+        .map(|(b, r)| {
+            GpuMatrix::upload(gpu, &Matrix::ggml(GgmlType::Q8_0, r, cols, b).unwrap()).unwrap()
+        })
+        .collect();
+    let x = normals(n * cols, 32);
     let xb = gpu.upload_f32("x", &x).unwrap();
-    let all = gpu.zeros_f32("all", total * rows).unwrap();
-    let part = gpu.zeros_f32("part", total * rows).unwrap();
+    let both = gpu.zeros_f32("both", n * width).unwrap();
     let mut pass = Pass::new(gpu);
-    pass.matmul(&w, &xb, &all, total).unwrap();
-    pass.matmul_rows(&w, &xb, &part, t_base, n).unwrap();
+    pass.matmul_into(&ws[0], &xb, &both, n, (0, width)).unwrap();
+    pass.matmul_into(&ws[1], &xb, &both, n, (rows[0] + 3, width))
+        .unwrap();
+    assert!(matches!(
+        pass.matmul_into(&ws[1], &xb, &both, n, (width - 1, width)),
+        Err(GpuError::Shape { .. })
+    ));
     pass.submit().unwrap();
-    let all = gpu.read_f32(&all, total * rows).unwrap();
-    let part = gpu.read_f32(&part, total * rows).unwrap();
-    for t in 0..total {
-        for r in 0..rows {
-            let (a, p) = (all[t * rows + r], part[t * rows + r]);
-            if (t_base..t_base + n).contains(&t) {
-                assert_eq!(a.to_bits(), p.to_bits(), "token {t}, row {r}");
-            } else {
-                assert_eq!(p, 0.0, "token {t} outside the range was written");
+    let both = gpu.read_f32(&both, n * width).unwrap();
+    for (w, col0) in [(&ws[0], 0), (&ws[1], rows[0] + 3)] {
+        for (t, alone) in gpu_matmul(gpu, w, &x, n, gpu.variant)
+            .chunks(w.rows)
+            .enumerate()
+        {
+            for (r, a) in alone.iter().enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    both[t * width + col0 + r].to_bits(),
+                    "token {t}, row {r}"
+                );
             }
+        }
+    }
+    for t in 0..n {
+        for c in (rows[0]..rows[0] + 3).chain(rows[0] + 3 + rows[1]..width) {
+            assert_eq!(
+                both[t * width + c],
+                0.0,
+                "token {t}, column {c} was written"
+            );
         }
     }
 }

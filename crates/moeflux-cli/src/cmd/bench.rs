@@ -255,9 +255,8 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         let per = args.n_gen.max(1) as f64;
         let total: f64 = kernels.iter().map(|k| k.2).sum();
         println!(
-            "kernels {:.2} ms/token of GPU time ({} is set): {}",
+            "kernels {:.2} ms/token of GPU time (MOEFLUX_GPU_PROFILE is set): {}",
             total / per,
-            "MOEFLUX_GPU_PROFILE",
             kernels
                 .iter()
                 .take(12)

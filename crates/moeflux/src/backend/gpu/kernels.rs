@@ -33,11 +33,10 @@ const Q6_K: &str = include_str!("kernels/q6_k.wgsl");
 const FLOAT: &str = include_str!("kernels/float.wgsl");
 const MLX: &str = include_str!("kernels/mlx.wgsl");
 const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
-const ROPE: &str = include_str!("kernels/rope.wgsl");
-const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
-const KV_APPEND: &str = include_str!("kernels/kv_append.wgsl");
+const F16_ROUND: &str = include_str!("kernels/f16_round.wgsl");
+const ATTENTION_PREP: &str = include_str!("kernels/attention_prep.wgsl");
 const ADD: &str = include_str!("kernels/add.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
 const MOE_ROUTE: &str = include_str!("kernels/moe_route.wgsl");
@@ -186,8 +185,6 @@ pub enum Kernel {
     /// experts' matrices.
     MatMul(Product),
     RmsNorm,
-    Rope,
-    SwiGlu,
     /// Causal attention of one or more queries over an f16 (`kv_f16`) or
     /// f32 KV cache.
     Attention {
@@ -195,8 +192,8 @@ pub enum Kernel {
     },
     /// The spans of an attention call combined.
     AttentionMerge,
-    /// New positions' keys or values written into an f16 or f32 cache.
-    KvAppend {
+    /// q/k norms, RoPE and the K/V cache writes of an attention block.
+    AttentionPrep {
         kv_f16: bool,
     },
     /// Residual add `x += o`.
@@ -215,13 +212,11 @@ impl Kernel {
         let mut v: Vec<_> = Product::all().into_iter().map(Kernel::MatMul).collect();
         v.extend([
             Kernel::RmsNorm,
-            Kernel::Rope,
-            Kernel::SwiGlu,
             Kernel::Attention { kv_f16: true },
             Kernel::Attention { kv_f16: false },
             Kernel::AttentionMerge,
-            Kernel::KvAppend { kv_f16: true },
-            Kernel::KvAppend { kv_f16: false },
+            Kernel::AttentionPrep { kv_f16: true },
+            Kernel::AttentionPrep { kv_f16: false },
             Kernel::Add,
             Kernel::Gather,
             Kernel::MoeCombine,
@@ -235,7 +230,11 @@ impl Kernel {
     pub fn reduces(self) -> bool {
         matches!(
             self,
-            Kernel::MatMul(_) | Kernel::RmsNorm | Kernel::Attention { .. } | Kernel::MoeRoute
+            Kernel::MatMul(_)
+                | Kernel::RmsNorm
+                | Kernel::Attention { .. }
+                | Kernel::AttentionPrep { .. }
+                | Kernel::MoeRoute
         )
     }
 
@@ -271,13 +270,11 @@ impl Kernel {
                 }
             ),
             Kernel::RmsNorm => "rms_norm".into(),
-            Kernel::Rope => "rope".into(),
-            Kernel::SwiGlu => "swiglu".into(),
             Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
             Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
             Kernel::AttentionMerge => "attention_merge".into(),
-            Kernel::KvAppend { kv_f16: true } => "kv_append f16".into(),
-            Kernel::KvAppend { kv_f16: false } => "kv_append f32".into(),
+            Kernel::AttentionPrep { kv_f16: true } => "attention_prep f16 KV".into(),
+            Kernel::AttentionPrep { kv_f16: false } => "attention_prep f32 KV".into(),
             Kernel::Add => "add".into(),
             Kernel::Gather => "gather".into(),
             Kernel::MoeCombine => "moe_combine".into(),
@@ -320,15 +317,13 @@ impl Kernel {
                 &[MATMUL, decoder]
             }
             Kernel::RmsNorm => &[RMS_NORM],
-            Kernel::Rope => &[ROPE],
-            Kernel::SwiGlu => &[SWIGLU],
             Kernel::Attention { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[ATTENTION]
             }
-            Kernel::KvAppend { kv_f16 } => {
+            Kernel::AttentionPrep { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
-                &[KV_APPEND]
+                &[F16_ROUND, ATTENTION_PREP]
             }
             Kernel::AttentionMerge => &[ATTENTION_MERGE],
             Kernel::Add => &[ADD],

@@ -56,8 +56,10 @@ pub struct GpuOptions {
 struct GpuLayer {
     attn_norm: wgpu::Buffer,
     ffn_norm: wgpu::Buffer,
-    q_norm: Option<wgpu::Buffer>,
-    k_norm: Option<wgpu::Buffer>,
+    /// The per-head q and k norm weights, `2 × head_dim` (zeros where
+    /// a model has none), and which the model has.
+    qk_norms: wgpu::Buffer,
+    qk_norm: (bool, bool),
     qk_eps: f32,
     wq: GpuMatrix,
     wk: GpuMatrix,
@@ -92,13 +94,11 @@ struct Activations {
     h: wgpu::Buffer,
     /// Attention output projection, `n × hidden`.
     o: wgpu::Buffer,
-    q: wgpu::Buffer,
-    k: wgpu::Buffer,
-    v: wgpu::Buffer,
-    /// q and k after their per-head norms (a kernel cannot read and write
-    /// one buffer through two bindings).
+    /// Each token's q, k and v projections side by side, `n × (n_heads +
+    /// 2 n_kv_heads) · head_dim`.
+    qkv: wgpu::Buffer,
+    /// q after its per-head norm and RoPE.
     qn: wgpu::Buffer,
-    kn: wgpu::Buffer,
     attn: wgpu::Buffer,
     /// Partial results of attention spans (see `Pass::attention_causal`).
     attn_parts: wgpu::Buffer,
@@ -340,16 +340,23 @@ impl GpuModel {
         Ok(GpuLayer {
             attn_norm: norm_buffer(gpu, &l.attn_norm)?,
             ffn_norm: norm_buffer(gpu, &l.ffn_norm)?,
-            q_norm: a
-                .q_norm
-                .as_deref()
-                .map(|w| norm_buffer(gpu, w))
-                .transpose()?,
-            k_norm: a
-                .k_norm
-                .as_deref()
-                .map(|w| norm_buffer(gpu, w))
-                .transpose()?,
+            qk_norms: {
+                let hd = a.head_dim;
+                let mut w = vec![0f32; 2 * hd];
+                for (i, n) in [&a.q_norm, &a.k_norm].into_iter().enumerate() {
+                    if let Some(n) = n.as_deref() {
+                        if n.len() != hd {
+                            return Err(shape_err(format!(
+                                "layer {i}: a q/k norm of {} values for heads of {hd}",
+                                n.len()
+                            )));
+                        }
+                        w[i * hd..(i + 1) * hd].copy_from_slice(n);
+                    }
+                }
+                norm_buffer(gpu, &w)?
+            },
+            qk_norm: (a.q_norm.is_some(), a.k_norm.is_some()),
             qk_eps: a.norm_eps,
             wq: up(&a.wq)?,
             wk: up(&a.wk)?,
@@ -372,11 +379,8 @@ impl GpuModel {
             x: z("x", u * d.hidden)?,
             h: z("h", u * d.hidden)?,
             o: z("o", u * d.hidden)?,
-            q: z("q", q)?,
-            k: z("k", kv)?,
-            v: z("v", kv)?,
+            qkv: z("qkv", q + 2 * kv)?,
             qn: z("qn", q)?,
-            kn: z("kn", kv)?,
             attn: z("attn", q)?,
             // Room for 32 Ki spans × heads: a decode step over 64 Ki
             // positions uses 1 Ki spans of each of 32 heads.
@@ -545,30 +549,13 @@ impl GpuModel {
             .ok_or_else(|| shape_err(format!("layer {l} has no KV cache")))?;
         let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
         pass.rms_norm(&a.x, &layer.attn_norm, &a.h, n, d.hidden, d.eps)?;
-        pass.matmul(&layer.wq, &a.h, &a.q, n)?;
-        pass.matmul(&layer.wk, &a.h, &a.k, n)?;
-        pass.matmul(&layer.wv, &a.h, &a.v, n)?;
-        let q = match &layer.q_norm {
-            Some(w) => {
-                pass.rms_norm(&a.q, w, &a.qn, n * nh, hd, layer.qk_eps)?;
-                &a.qn
-            }
-            None => &a.q,
-        };
-        let k = match &layer.k_norm {
-            Some(w) => {
-                pass.rms_norm(&a.k, w, &a.kn, n * nkv, hd, layer.qk_eps)?;
-                &a.kn
-            }
-            None => &a.k,
-        };
-        if d.half > 0 {
-            pass.rope(q, &a.rope, n, nh, hd, d.half)?;
-            pass.rope(k, &a.rope, n, nkv, hd, d.half)?;
-        }
+        // q, k and v side by side in one buffer, then norms, RoPE and the
+        // cache writes in one dispatch.
+        let width = (nh + 2 * nkv) * hd;
+        pass.matmul_into(&layer.wq, &a.h, &a.qkv, n, (0, width))?;
+        pass.matmul_into(&layer.wk, &a.h, &a.qkv, n, (nh * hd, width))?;
+        pass.matmul_into(&layer.wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;
         let dim = nkv * hd;
-        pass.kv_append(k, &cache.k, n, dim, pos0, dim, kv.kv_f16)?;
-        pass.kv_append(&a.v, &cache.v, n, dim, pos0, dim, kv.kv_f16)?;
         let shape = AttentionShape {
             n_heads: nh,
             n_kv_heads: nkv,
@@ -578,6 +565,17 @@ impl GpuModel {
             v_stride: dim,
             kv_f16: kv.kv_f16,
         };
+        pass.attention_prep(
+            &a.qkv,
+            &layer.qk_norms,
+            &a.rope,
+            &a.qn,
+            (&cache.k, &cache.v),
+            shape,
+            (n, pos0, d.half),
+            (layer.qk_norm, layer.qk_eps),
+        )?;
+        let q = &a.qn;
         pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
         pass.matmul(&layer.wo, &a.attn, &a.o, n)?;
         pass.add(&a.x, &a.o, n * d.hidden)

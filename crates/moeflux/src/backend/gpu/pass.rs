@@ -347,26 +347,32 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.matmul_rows(w, x, y, 0, n)
+        self.matmul_into(w, x, y, n, (0, w.rows))
     }
 
-    /// `y = x Wᵀ` for token rows `t_base..t_base + n` of `x` (`· × w.cols`)
-    /// into the same rows of `y` (`· × w.rows`): one expert's tokens of a
-    /// buffer laid out by expert.
-    pub fn matmul_rows(
+    /// `y = x Wᵀ` into columns `col0..col0 + w.rows` of `y`, whose rows
+    /// are `width` values long (`x`: `n × w.cols`): several projections of
+    /// the same input side by side in one buffer.
+    pub fn matmul_into(
         &mut self,
         w: &GpuMatrix,
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
-        t_base: usize,
         n: usize,
+        (col0, width): (usize, usize),
     ) -> Result<(), GpuError> {
         const K: &str = "matmul";
         if n == 0 {
             return Ok(());
         }
-        holds(K, "x", x, (t_base + n) * w.cols)?;
-        holds(K, "y", y, (t_base + n) * w.rows)?;
+        if col0 + w.rows > width {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{} rows at column {col0} of rows of {width}", w.rows),
+            });
+        }
+        holds(K, "x", x, n * w.cols)?;
+        holds(K, "y", y, n * width)?;
         let shape = Product {
             kind: w.kind,
             one_token: n == 1,
@@ -378,14 +384,14 @@ impl<'g> Pass<'g> {
                 u32_of(K, "rows", part.rows)?,
                 u32_of(K, "cols", w.cols)?,
                 u32_of(K, "tokens", n)?,
-                u32_of(K, "first row", part.row0)?,
-                u32_of(K, "rows", w.rows)?,
+                u32_of(K, "first row", col0 + part.row0)?,
+                u32_of(K, "row width", width)?,
                 u32_of(K, "row bytes", w.row_bytes)?,
                 u32_of(K, "units", w.cols / WeightKind::UNIT)?,
                 gx,
                 w.group,
                 w.scale_f16 as u32,
-                u32_of(K, "first token", t_base)?,
+                0,
                 0,
             ]);
             let gz = u32_of(K, "token groups", n.div_ceil(shape.tokens_per_group()))?;
@@ -495,59 +501,6 @@ impl<'g> Pass<'g> {
             eps.to_bits(),
         ]);
         self.push(Kernel::RmsNorm, &params, &[x, weight, out], [gx, gy, 1])
-    }
-
-    /// NEOX rotary embedding, in place, of `x` (`n × heads × head_dim`),
-    /// with the angles' `(cos, sin)` from [`rope_table`] (`n × half` pairs).
-    pub fn rope(
-        &mut self,
-        x: &wgpu::Buffer,
-        table: &wgpu::Buffer,
-        n: usize,
-        heads: usize,
-        head_dim: usize,
-        half: usize,
-    ) -> Result<(), GpuError> {
-        const K: &str = "rope";
-        if 2 * half > head_dim {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!("{half} rotated pairs in a head of {head_dim}"),
-            });
-        }
-        holds(K, "x", x, n * heads * head_dim)?;
-        holds(K, "table", table, 2 * n * half)?;
-        let threads = n * heads * half;
-        let (gx, gy) = self.grid(threads.div_ceil(WG as usize))?;
-        let params = words(&[
-            u32_of(K, "tokens", n)?,
-            u32_of(K, "heads", heads)?,
-            u32_of(K, "head_dim", head_dim)?,
-            u32_of(K, "half", half)?,
-            gx,
-            0,
-            0,
-            0,
-        ]);
-        u32_of(K, "threads", threads)?;
-        self.push(Kernel::Rope, &params, &[x, table], [gx, gy, 1])
-    }
-
-    /// `out = silu(gate) · up` over `len` values.
-    pub fn swiglu(
-        &mut self,
-        gate: &wgpu::Buffer,
-        up: &wgpu::Buffer,
-        out: &wgpu::Buffer,
-        len: usize,
-    ) -> Result<(), GpuError> {
-        const K: &str = "swiglu";
-        for (what, b) in [("gate", gate), ("up", up), ("out", out)] {
-            holds(K, what, b, len)?;
-        }
-        let (gx, gy) = self.grid(len.div_ceil(WG as usize))?;
-        let params = words(&[u32_of(K, "len", len)?, gx, 0, 0]);
-        self.push(Kernel::SwiGlu, &params, &[gate, up, out], [gx, gy, 1])
     }
 
     /// Decode attention of one token's queries `q` (`n_heads × head_dim`)
@@ -682,55 +635,78 @@ impl<'g> Pass<'g> {
         )
     }
 
-    /// Writes `n` positions' rows of `src` (`n × dim` f32) into the cache
-    /// buffer `dst` at positions `pos0..pos0 + n` (position `j` at element
-    /// `j · stride`), as f16 (round to nearest even, as the CPU cache) or
-    /// f32.
+    /// The steps between an attention block's projections and its
+    /// attention (see `attention_prep.wgsl`): `qkv` holds each token's q,
+    /// k and v head rows side by side; q rows are normalised with
+    /// `norms[..head_dim]` (when `norm.0`) and rotated into `qn`, k rows
+    /// normalised with `norms[head_dim..]` (when `norm.1`), rotated and
+    /// written into the cache `k` at positions `pos0..pos0 + n`, v rows
+    /// into `v`. `cs` is the (cos, sin) table of [`rope_table`] (`n ×
+    /// half` pairs).
     #[allow(clippy::too_many_arguments)]
-    pub fn kv_append(
+    pub fn attention_prep(
         &mut self,
-        src: &wgpu::Buffer,
-        dst: &wgpu::Buffer,
-        n: usize,
-        dim: usize,
-        pos0: usize,
-        stride: usize,
-        kv_f16: bool,
+        qkv: &wgpu::Buffer,
+        norms: &wgpu::Buffer,
+        cs: &wgpu::Buffer,
+        qn: &wgpu::Buffer,
+        (k, v): (&wgpu::Buffer, &wgpu::Buffer),
+        s: AttentionShape,
+        (n, pos0, half): (usize, usize, usize),
+        (norm, eps): ((bool, bool), f32),
     ) -> Result<(), GpuError> {
-        const K: &str = "kv_append";
-        if dim == 0
-            || stride < dim
-            || (kv_f16 && !(dim.is_multiple_of(2) && stride.is_multiple_of(2)))
-        {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!("{dim} values a position at stride {stride} (f16: both even)"),
-            });
+        const K: &str = "attention_prep";
+        let bad = |detail: String| GpuError::Shape { kernel: K, detail };
+        let hd = s.head_dim;
+        if hd == 0 || !hd.is_multiple_of(2) || hd > 4 * WG as usize || 2 * half > hd {
+            return Err(bad(format!("head_dim {hd} with {half} rotated pairs")));
         }
-        if n == 0 {
-            return Ok(());
+        if s.n_kv_heads == 0 || n == 0 {
+            return Err(bad(format!("{} KV heads, {n} tokens", s.n_kv_heads)));
         }
-        holds(K, "src", src, n * dim)?;
-        let end = (pos0 + n - 1) * stride + dim;
-        holds(K, "dst", dst, if kv_f16 { end.div_ceil(2) } else { end })?;
-        let threads = if kv_f16 { n * dim / 2 } else { n * dim };
-        u32_of(K, "cache elements", end)?;
-        let (gx, gy) = self.grid(threads.div_ceil(WG as usize))?;
+        let width = (s.n_heads + 2 * s.n_kv_heads) * hd;
+        holds(K, "qkv", qkv, n * width)?;
+        holds(K, "qn", qn, n * s.n_heads * hd)?;
+        holds(K, "cs", cs, 2 * n * half)?;
+        if norm.0 || norm.1 {
+            holds(K, "norms", norms, 2 * hd)?;
+        }
+        let kv_dim = s.n_kv_heads * hd;
+        if s.k_stride != s.v_stride || s.k_stride < kv_dim || !s.k_stride.is_multiple_of(2) {
+            return Err(bad(format!(
+                "cache strides {} / {}",
+                s.k_stride, s.v_stride
+            )));
+        }
+        let end = (pos0 + n - 1) * s.k_stride + kv_dim;
+        let words_needed = if s.kv_f16 { end.div_ceil(2) } else { end };
+        holds(K, "k", k, words_needed)?;
+        holds(K, "v", v, words_needed)?;
         let params = words(&[
-            u32_of(K, "tokens", n)?,
-            u32_of(K, "dim", dim)?,
+            u32_of(K, "heads", s.n_heads)?,
+            u32_of(K, "kv heads", s.n_kv_heads)?,
+            u32_of(K, "head_dim", hd)?,
+            u32_of(K, "half", half)?,
             u32_of(K, "pos0", pos0)?,
-            u32_of(K, "stride", stride)?,
-            gx,
+            u32_of(K, "stride", s.k_stride)?,
+            eps.to_bits(),
+            norm.0 as u32,
+            norm.1 as u32,
             0,
             0,
             0,
         ]);
+        let rows = u32_of(K, "head rows", s.n_heads + 2 * s.n_kv_heads)?;
+        let tokens = u32_of(K, "tokens", n)?;
+        let max = self.gpu.limits.max_workgroups_per_dim;
+        if rows > max || tokens > max {
+            return Err(bad(format!("{rows} head rows × {tokens} tokens")));
+        }
         self.push(
-            Kernel::KvAppend { kv_f16 },
+            Kernel::AttentionPrep { kv_f16: s.kv_f16 },
             &params,
-            &[src, dst],
-            [gx, gy, 1],
+            &[qkv, norms, cs, qn, k, v],
+            [rows, tokens, 1],
         )
     }
 
