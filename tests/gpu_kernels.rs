@@ -350,6 +350,37 @@ fn rms_norm_matches_cpu() {
     }
 }
 
+/// Large writes (expert uploads, copied into staging memory by several
+/// threads) land intact at an offset, an odd tail included, and leave
+/// the bytes around them alone.
+#[test]
+fn large_writes_land_intact() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(5);
+    let data: Vec<u8> = (0..(3 << 20) + 7).map(|_| r.next_u64() as u8).collect();
+    let buf = gpu.storage("big", &[], 4 << 20).unwrap();
+    let off = 4096u64;
+    gpu.write_padded_at(&buf, off, &data).unwrap();
+    let words = gpu.read_f32(&buf, (4 << 20) / 4).unwrap();
+    let bytes: Vec<u8> = words
+        .iter()
+        .flat_map(|w| w.to_bits().to_le_bytes())
+        .collect();
+    let at = off as usize;
+    assert!(
+        bytes[..at].iter().all(|&b| b == 0),
+        "bytes before the write changed"
+    );
+    assert!(
+        bytes[at..at + data.len()] == data[..],
+        "the written bytes differ"
+    );
+    assert!(
+        bytes[at + data.len()..].iter().all(|&b| b == 0),
+        "bytes after the write changed"
+    );
+}
+
 /// Expert batches: three experts' matrices in one pool buffer at offsets,
 /// one dispatch over a job table computing each expert's rows of tokens —
 /// plain (`y = x Aᵀ`) and gate/up with SwiGLU — against the CPU reference,

@@ -297,7 +297,17 @@ impl Gpu {
             });
         }
         self.checked("writing a buffer", || {
-            if whole > 0 {
+            if whole >= PARALLEL_COPY_BYTES {
+                // Large writes (experts on their way to the GPU): the copy
+                // into wgpu's staging memory is split over threads; one
+                // thread's memcpy held a streamed model to ~6 GB/s.
+                let size = std::num::NonZeroU64::new(whole as u64);
+                if let Some(mut view) =
+                    size.and_then(|n| self.queue.write_buffer_with(buf, offset, n))
+                {
+                    copy_parallel(view.slice(..), &data[..whole]);
+                }
+            } else if whole > 0 {
                 self.queue.write_buffer(buf, offset, &data[..whole]);
             }
             if whole < data.len() {
@@ -401,6 +411,40 @@ impl Gpu {
         staging.unmap();
         Ok(out)
     }
+}
+
+/// Writes at least this long are copied into staging memory by several
+/// threads.
+const PARALLEL_COPY_BYTES: usize = 1 << 20;
+
+/// Copies `src` into `dst` (the same length) with up to eight threads, in
+/// pieces of whole 64-byte lines.
+fn copy_parallel(mut dst: wgpu::WriteOnly<'_, [u8]>, src: &[u8]) {
+    let len = src.len().min(dst.len());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let piece = len.div_ceil(threads).next_multiple_of(64).max(64);
+    // wgpu's write-only view is not `Send` for slices; its address is.
+    let base = dst.as_raw_element_ptr().as_ptr() as usize;
+    std::thread::scope(|s| {
+        for (i, chunk) in src[..len].chunks(piece).enumerate() {
+            s.spawn(move || {
+                // SAFETY: piece i covers bytes i·piece .. i·piece +
+                // chunk.len() ≤ len of the view, which stays alive (and
+                // borrowed, so not otherwise written) until the scope has
+                // joined every thread; the pieces are disjoint, and the
+                // source is a separate allocation of at least `len` bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        chunk.as_ptr(),
+                        (base as *mut u8).add(i * piece),
+                        chunk.len(),
+                    )
+                }
+            });
+        }
+    });
 }
 
 /// Drives a future to completion on this thread. wgpu's native futures

@@ -15,7 +15,8 @@ use super::device::{Gpu, Reduce, Variant};
 use super::GpuError;
 use crate::quant::GgmlType;
 
-/// Threads per workgroup of every kernel: a power of two (the shared-memory
+/// Threads per workgroup of every kernel but RMSNorm (see
+/// [`Kernel::workgroup_size`]): a power of two (the shared-memory
 /// tree halves it). Any subgroup size works: wgpu's smallest is 4, so at
 /// most WG / 4 subgroups need a slot; a subgroup larger than WG (128 on
 /// some adapters) is simply partly idle.
@@ -282,13 +283,25 @@ impl Kernel {
         }
     }
 
+    /// Threads per workgroup: [`WG`], but for RMSNorm, whose one
+    /// workgroup per row of the hidden state walks the whole row (2048
+    /// values and more) twice: with 64 threads it took ~30 µs a row on an
+    /// H100, latency-bound.
+    pub fn workgroup_size(self) -> u32 {
+        match self {
+            Kernel::RmsNorm => 4 * WG,
+            _ => WG,
+        }
+    }
+
     /// The module's WGSL source in variant `v` (choices the kernel does not
     /// depend on are ignored).
     pub fn source(self, v: Variant) -> Result<String, GpuError> {
         let v = self.normalize(v);
         let mut s = format!(
-            "// moeflux kernel: {}\nconst WG: u32 = {WG}u;\n",
-            self.name()
+            "// moeflux kernel: {}\nconst WG: u32 = {}u;\n",
+            self.name(),
+            self.workgroup_size()
         );
         let body: &[&str] = match self {
             Kernel::MatMul(p) => {
