@@ -874,11 +874,11 @@ fn every_kernel_translates_to_msl_and_spirv() {
     // Products (9 formats × one or four tokens × alone, expert batch,
     // expert batch with SwiGLU) and attention (2 caches): four variants
     // each (reduction × f16 widening); attention_prep (2 caches), the norm
-    // and the MoE routing two (reduction); the attention merge, add,
-    // gather and the MoE combine one.
+    // and the MoE routing two (reduction); the attention merge, gather and
+    // the MoE combine one.
     assert_eq!(
         checked,
-        4 * (6 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 4
+        4 * (6 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
     );
 }
 
@@ -1066,22 +1066,33 @@ fn attention_prep_matches_cpu() {
     ));
 }
 
-/// The residual add, the expert-grouped gather and the rank-ordered MoE
+/// The residual add (a projection added to the stream in the product's
+/// own dispatch), the expert-grouped gather and the rank-ordered MoE
 /// combine against the CPU's arithmetic.
 #[test]
 fn add_gather_and_combine_match_cpu() {
     let Some(gpu) = gpu() else { return };
     let (n, dim, k) = (3, 70, 2);
     let x = normals(n * dim, 21);
-    let o = normals(n * dim, 22);
-    let xb = gpu.upload_f32("x", &x).unwrap();
-    let ob = gpu.upload_f32("o", &o).unwrap();
-    let mut pass = Pass::new(gpu);
-    pass.add(&xb, &ob, n * dim).unwrap();
-    pass.submit().unwrap();
-    let got = gpu.read_f32(&xb, n * dim).unwrap();
-    for i in 0..n * dim {
-        assert_eq!(got[i].to_bits(), (x[i] + o[i]).to_bits(), "add [{i}]");
+    let bytes = random_ggml(GgmlType::Q8_0, dim, 64, 22);
+    let w =
+        GpuMatrix::upload(gpu, &Matrix::ggml(GgmlType::Q8_0, dim, 64, &bytes).unwrap()).unwrap();
+    for n in [1, n] {
+        let z = normals(n * 64, 23);
+        let zb = gpu.upload_f32("z", &z).unwrap();
+        let xb = gpu.upload_f32("x", &x[..n * dim]).unwrap();
+        let mut pass = Pass::new(gpu);
+        pass.matmul_add(&w, &zb, &xb, n).unwrap();
+        pass.submit().unwrap();
+        let got = gpu.read_f32(&xb, n * dim).unwrap();
+        let o = gpu_matmul(gpu, &w, &z, n, gpu.variant);
+        for i in 0..n * dim {
+            assert_eq!(
+                got[i].to_bits(),
+                (x[i] + o[i]).to_bits(),
+                "add, {n} tokens [{i}]"
+            );
+        }
     }
 
     // Gather: rows of x by index (repeats allowed).
@@ -1265,12 +1276,24 @@ fn parameter_arena_chains_and_flushes() {
     let len = 100;
     let steps = 4100; // more than one arena's worth of dispatches
     let x = gpu.zeros_f32("x", len).unwrap();
-    let ones = gpu.upload_f32("ones", &vec![1.0; len]).unwrap();
+    // x += W e₀ with W's first column all ones: every row gains 1; the
+    // second matrix has one row less.
+    let e0: Vec<f32> = (0..32).map(|c| if c == 0 { 1.0 } else { 0.0 }).collect();
+    let z = gpu.upload_f32("e0", &e0).unwrap();
+    let ws: Vec<GpuMatrix> = [len, len - 1]
+        .iter()
+        .map(|&rows| {
+            let w: Vec<u8> = (0..rows * 32)
+                .flat_map(|i| if i % 32 == 0 { 1f32 } else { 0.0 }.to_le_bytes())
+                .collect();
+            GpuMatrix::upload(gpu, &Matrix::ggml(GgmlType::F32, rows, 32, &w).unwrap()).unwrap()
+        })
+        .collect();
     let mut arena = ParamArena::new(gpu).unwrap();
     let mut pass = Pass::with_arena(gpu, &mut arena);
     for i in 0..steps {
-        // Varying lengths: each dispatch reads its own parameters.
-        pass.add(&x, &ones, len - (i % 2)).unwrap();
+        // Alternating shapes: each dispatch reads its own parameters.
+        pass.matmul_add(&ws[i % 2], &z, &x, 1).unwrap();
     }
     let got = pass
         .flush_and_read(&x, len, &gpu.readback_buffer(4 * len as u64).unwrap())
@@ -1284,7 +1307,7 @@ fn parameter_arena_chains_and_flushes() {
     );
     assert_eq!(
         arena.bind_groups(),
-        1,
-        "one bind group for one kernel over the same buffers"
+        2,
+        "one bind group for each kernel and set of buffers"
     );
 }

@@ -38,7 +38,6 @@ const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
 const F16_ROUND: &str = include_str!("kernels/f16_round.wgsl");
 const ATTENTION_PREP: &str = include_str!("kernels/attention_prep.wgsl");
-const ADD: &str = include_str!("kernels/add.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
 const MOE_ROUTE: &str = include_str!("kernels/moe_route.wgsl");
 const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
@@ -197,8 +196,6 @@ pub enum Kernel {
     AttentionPrep {
         kv_f16: bool,
     },
-    /// Residual add `x += o`.
-    Add,
     /// Rows gathered by index (the MoE layer's expert-grouped inputs).
     Gather,
     /// The routed experts' weighted sum in rank order, added to `x`.
@@ -218,7 +215,6 @@ impl Kernel {
             Kernel::AttentionMerge,
             Kernel::AttentionPrep { kv_f16: true },
             Kernel::AttentionPrep { kv_f16: false },
-            Kernel::Add,
             Kernel::Gather,
             Kernel::MoeCombine,
             Kernel::MoeRoute,
@@ -276,7 +272,6 @@ impl Kernel {
             Kernel::AttentionMerge => "attention_merge".into(),
             Kernel::AttentionPrep { kv_f16: true } => "attention_prep f16 KV".into(),
             Kernel::AttentionPrep { kv_f16: false } => "attention_prep f32 KV".into(),
-            Kernel::Add => "add".into(),
             Kernel::Gather => "gather".into(),
             Kernel::MoeCombine => "moe_combine".into(),
             Kernel::MoeRoute => "moe_route".into(),
@@ -339,7 +334,6 @@ impl Kernel {
                 &[F16_ROUND, ATTENTION_PREP]
             }
             Kernel::AttentionMerge => &[ATTENTION_MERGE],
-            Kernel::Add => &[ADD],
             Kernel::Gather => &[GATHER],
             Kernel::MoeCombine => &[MOE_COMBINE],
             Kernel::MoeRoute => {

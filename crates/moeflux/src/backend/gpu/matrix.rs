@@ -117,6 +117,61 @@ impl GpuMatrix {
         })
     }
 
+    /// Uploads matrices of one format and width stacked by rows into one
+    /// (`ms[0]`'s rows, then `ms[1]`'s, ...): one dispatch computes them
+    /// all (an attention block's q, k and v projections). `None` when they
+    /// differ in format or width.
+    pub fn upload_stacked<'a>(
+        gpu: &Gpu,
+        ms: &[&Matrix<'a>],
+    ) -> Result<Option<GpuMatrix>, GpuError> {
+        let Some(first) = ms.first() else {
+            return Ok(None);
+        };
+        let rows: usize = ms.iter().map(|m| m.rows).sum();
+        let cols = first.cols;
+        if ms.iter().any(|m| m.cols != cols) {
+            return Ok(None);
+        }
+        let bad = |e: crate::backend::cpu::matrix::MatrixError| GpuError::Shape {
+            kernel: "matmul",
+            detail: format!("stacked matrices: {e}"),
+        };
+        match first.data {
+            MatrixData::Ggml { ty, .. } => {
+                let Some(bytes) = concat(ms, |d| match *d {
+                    MatrixData::Ggml { ty: t, bytes } if t == ty => Some(bytes),
+                    _ => None,
+                }) else {
+                    return Ok(None);
+                };
+                let m = Matrix::ggml(ty, rows, cols, &bytes).map_err(bad)?;
+                GpuMatrix::upload(gpu, &m).map(Some)
+            }
+            MatrixData::Mlx { q, .. } => {
+                let arrays: Vec<Option<Vec<u8>>> = (0..3)
+                    .map(|i| {
+                        concat(ms, |d| match *d {
+                            MatrixData::Mlx {
+                                q: q2,
+                                weight,
+                                scales,
+                                biases,
+                            } if q2 == q => Some([weight, scales, biases][i]),
+                            _ => None,
+                        })
+                    })
+                    .collect();
+                let (Some(w), Some(sc), Some(bi)) = (&arrays[0], &arrays[1], &arrays[2]) else {
+                    return Ok(None);
+                };
+                let m = Matrix::mlx(q, rows, cols, w, sc, bi).map_err(bad)?;
+                GpuMatrix::upload(gpu, &m).map(Some)
+            }
+            MatrixData::Interleaved { .. } => Ok(None),
+        }
+    }
+
     /// What a kernel needs to know of the matrix besides its bytes.
     pub fn shape(&self) -> MatShape {
         MatShape {
@@ -209,6 +264,19 @@ impl GpuMatrix {
     pub fn n_parts(&self) -> usize {
         self.parts.len()
     }
+}
+
+/// The bytes `pick` chooses of each matrix, one after the other; `None` if
+/// it declines any.
+fn concat<'a>(
+    ms: &[&Matrix<'a>],
+    pick: impl Fn(&MatrixData<'a>) -> Option<&'a [u8]>,
+) -> Option<Vec<u8>> {
+    let mut v = Vec::new();
+    for m in ms {
+        v.extend_from_slice(pick(&m.data)?);
+    }
+    Some(v)
 }
 
 /// The kernels take rows of whole 32-column units (every quantized format's

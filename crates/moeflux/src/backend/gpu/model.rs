@@ -61,9 +61,9 @@ struct GpuLayer {
     qk_norms: wgpu::Buffer,
     qk_norm: (bool, bool),
     qk_eps: f32,
-    wq: GpuMatrix,
-    wk: GpuMatrix,
-    wv: GpuMatrix,
+    /// q, k and v projections: stacked into one matrix when they share a
+    /// format (one dispatch), else apart.
+    qkv: Result<GpuMatrix, [GpuMatrix; 3]>,
     wo: GpuMatrix,
     router: GpuMatrix,
     moe: Moe,
@@ -92,8 +92,6 @@ struct Activations {
     x: wgpu::Buffer,
     /// Normalised state, `n × hidden`.
     h: wgpu::Buffer,
-    /// Attention output projection, `n × hidden`.
-    o: wgpu::Buffer,
     /// Each token's q, k and v projections side by side, `n × (n_heads +
     /// 2 n_kv_heads) · head_dim`.
     qkv: wgpu::Buffer,
@@ -358,9 +356,13 @@ impl GpuModel {
             },
             qk_norm: (a.q_norm.is_some(), a.k_norm.is_some()),
             qk_eps: a.norm_eps,
-            wq: up(&a.wq)?,
-            wk: up(&a.wk)?,
-            wv: up(&a.wv)?,
+            qkv: {
+                let (q, k, v) = (a.wq.view(files), a.wk.view(files), a.wv.view(files));
+                match GpuMatrix::upload_stacked(gpu, &[&q, &k, &v])? {
+                    Some(m) => Ok(m),
+                    None => Err([up(&a.wq)?, up(&a.wk)?, up(&a.wv)?]),
+                }
+            },
             wo: up(&a.wo)?,
             router: up(&m.router)?,
             moe: m.clone(),
@@ -378,7 +380,6 @@ impl GpuModel {
         Ok(Activations {
             x: z("x", u * d.hidden)?,
             h: z("h", u * d.hidden)?,
-            o: z("o", u * d.hidden)?,
             qkv: z("qkv", q + 2 * kv)?,
             qn: z("qn", q)?,
             attn: z("attn", q)?,
@@ -552,9 +553,14 @@ impl GpuModel {
         // q, k and v side by side in one buffer, then norms, RoPE and the
         // cache writes in one dispatch.
         let width = (nh + 2 * nkv) * hd;
-        pass.matmul_into(&layer.wq, &a.h, &a.qkv, n, (0, width))?;
-        pass.matmul_into(&layer.wk, &a.h, &a.qkv, n, (nh * hd, width))?;
-        pass.matmul_into(&layer.wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;
+        match &layer.qkv {
+            Ok(m) => pass.matmul_into(m, &a.h, &a.qkv, n, (0, width))?,
+            Err([wq, wk, wv]) => {
+                pass.matmul_into(wq, &a.h, &a.qkv, n, (0, width))?;
+                pass.matmul_into(wk, &a.h, &a.qkv, n, (nh * hd, width))?;
+                pass.matmul_into(wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;
+            }
+        }
         let dim = nkv * hd;
         let shape = AttentionShape {
             n_heads: nh,
@@ -577,8 +583,7 @@ impl GpuModel {
         )?;
         let q = &a.qn;
         pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
-        pass.matmul(&layer.wo, &a.attn, &a.o, n)?;
-        pass.add(&a.x, &a.o, n * d.hidden)
+        pass.matmul_add(&layer.wo, &a.attn, &a.x, n)
     }
 
     /// Records layer `l`'s MoE block for one token with every expert

@@ -347,7 +347,19 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.matmul_into(w, x, y, n, (0, w.rows))
+        self.product(w, x, y, n, (0, w.rows), false)
+    }
+
+    /// `y += x Wᵀ` (`x`: `n × w.cols`, `y`: `n × w.rows`): a projection
+    /// and its residual add in one dispatch.
+    pub fn matmul_add(
+        &mut self,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+    ) -> Result<(), GpuError> {
+        self.product(w, x, y, n, (0, w.rows), true)
     }
 
     /// `y = x Wᵀ` into columns `col0..col0 + w.rows` of `y`, whose rows
@@ -359,7 +371,20 @@ impl<'g> Pass<'g> {
         x: &wgpu::Buffer,
         y: &wgpu::Buffer,
         n: usize,
+        cols: (usize, usize),
+    ) -> Result<(), GpuError> {
+        self.product(w, x, y, n, cols, false)
+    }
+
+    /// [`Pass::matmul_into`], adding to `y` when `acc`.
+    fn product(
+        &mut self,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
         (col0, width): (usize, usize),
+        acc: bool,
     ) -> Result<(), GpuError> {
         const K: &str = "matmul";
         if n == 0 {
@@ -391,6 +416,10 @@ impl<'g> Pass<'g> {
                 gx,
                 w.group,
                 w.scale_f16 as u32,
+                0,
+                0,
+                acc as u32,
+                0,
                 0,
                 0,
             ]);
@@ -468,6 +497,10 @@ impl<'g> Pass<'g> {
             m.scale_f16 as u32,
             0,
             u32_of(K, "first job", job0)?,
+            0,
+            0,
+            0,
+            0,
         ]);
         // MLX scales and biases are read from the pool too (at the job's
         // word offsets).
@@ -708,16 +741,6 @@ impl<'g> Pass<'g> {
             &[qkv, norms, cs, qn, k, v],
             [rows, tokens, 1],
         )
-    }
-
-    /// `x += o` over `len` values.
-    pub fn add(&mut self, x: &wgpu::Buffer, o: &wgpu::Buffer, len: usize) -> Result<(), GpuError> {
-        const K: &str = "add";
-        holds(K, "x", x, len)?;
-        holds(K, "o", o, len)?;
-        let (gx, gy) = self.grid(len.div_ceil(WG as usize))?;
-        let params = words(&[u32_of(K, "len", len)?, gx, 0, 0]);
-        self.push(Kernel::Add, &params, &[x, o], [gx, gy, 1])
     }
 
     /// `out[i] = src[idx[i]]` for `rows` rows of `dim` values (`idx`: u32).

@@ -49,6 +49,10 @@ struct Params {
     scale_f16: u32,  // MLX: 1 when scales/biases are f16, 0 for bf16
     t_base: u32,     // first token row of X and Y
     job0: u32,       // BATCH: first job of this dispatch
+    acc: u32,        // 1: Y += X Wᵀ (a residual add), else Y = X Wᵀ
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -196,12 +200,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         s = s / (1.0 + exp(-s)) * up;
     }
     if lane.lid < 4u {
+        var at = 0xffffffffu;
         if TOK == 1u {
             if r0 + lane.lid < p.rows {
-                y[(y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid] = s[lane.lid];
+                at = (y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid;
             }
         } else if t0 + lane.lid < n {
-            y[(y_base + t0 + lane.lid) * p.y_stride + p.row0 + r0] = s[lane.lid];
+            at = (y_base + t0 + lane.lid) * p.y_stride + p.row0 + r0;
+        }
+        if at != 0xffffffffu {
+            if p.acc == 1u {
+                y[at] = y[at] + s[lane.lid];
+            } else {
+                y[at] = s[lane.lid];
+            }
         }
     }
 }
