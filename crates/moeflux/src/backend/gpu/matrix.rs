@@ -243,7 +243,7 @@ impl GpuMatrix {
         })
     }
 
-    /// Bytes of each array of `m` as [`GpuMatrix::write_into`] stores them
+    /// Bytes of each array of `m` as [`GpuMatrix::write_at`] stores them
     /// (weights, then MLX scales and biases), rounded up to whole words.
     pub fn array_bytes(m: &Matrix<'_>) -> Vec<u64> {
         let r = |b: &[u8]| (b.len() as u64).next_multiple_of(4).max(4);

@@ -13,7 +13,10 @@
 //!   (`Session::run` calls it instead of `Model::forward`);
 //! - [`experts`]: the GPU tier of the expert store (a slot arena fed from
 //!   the host slots);
-//! - [`kv`]: a session's KV cache in GPU memory.
+//! - [`kv`]: a session's KV cache in GPU memory;
+//!
+//! - [`profile`]: GPU time per kernel from timestamps
+//!   (`MOEFLUX_GPU_PROFILE=1 moeflux bench ...` prints it).
 //!
 //! Every kernel is checked against the CPU reference in
 //! `tests/gpu_kernels.rs` (on lavapipe in CI), in every variant the adapter
@@ -21,48 +24,52 @@
 //! path compiles on every commit.
 //!
 //! # Status
-//! Kernels and their tests exist: quantized matmul (Q8_0, Q4_0, Q4_K, Q6_K,
-//! F32/F16/BF16, MLX 4/8-bit; over a range of token rows), RMSNorm, NEOX
-//! RoPE, SwiGLU, causal attention (one or many queries), K/V append (f16
-//! rounded exactly as the CPU), residual add, row gather, MoE combine.
+//! Kernels and their tests: quantized matrix products (Q8_0, Q4_0, Q4_K,
+//! Q6_K, F32/F16/BF16, MLX 4/8-bit; one token or a chunk; alone, into
+//! columns of a wider buffer, added into it, or batched over experts with
+//! SwiGLU fused), RMSNorm, the attention block's q/k norms + RoPE + K/V
+//! cache writes in one kernel (f16 rounded exactly as the CPU), causal
+//! attention over spans of the context with a merge, MoE routing
+//! (softmax, top-k, renormalisation), row gather, MoE combine.
 //! End to end ([`GpuModel`], `--backend gpu`): Qwen3-MoE decode and
 //! prefill, checked against the fixtures' transformers references, the
-//! CPU, and for independence from the GPU arena and host cache sizes
-//! (`tests/gpu_model.rs`). Routing: the router logits are read back and
-//! routed on the host by `Moe::route` itself (bit-exact expert choice and
-//! weights; one submit-and-wait per layer).
-//! Kernel parameters come from a per-model parameter arena with cached
-//! bind groups (no buffer or bind group is made per token once warm).
-//! Not yet: top-k on the GPU and the expert-indexed matmul (a whole token
-//! in one submission when every expert is resident; today one
-//! submit-and-wait per layer, ~75 µs each on an H100 via Vulkan, 3.6 ms a
-//! token for 48 layers), fused Q/K/V matrices, a tiled prefill matmul, lookahead prefetch on the GPU path, the
-//! delta-net step and gated attention (Qwen3.5 / Qwen3-Next are refused
-//! with a typed error, or run on the CPU under `--backend auto`), shared
-//! experts and dense FFN layers.
+//! CPU, and for independence from the GPU arena and host cache sizes and
+//! from prompt chunking (`tests/gpu_model.rs`). With every expert in GPU
+//! memory a decode token is one submission; otherwise one submit-and-wait
+//! per layer brings the routed experts in.
+//! Not yet: a tiled prefill matmul (prompts run the same kernels with
+//! four tokens a workgroup), lookahead prefetch and overlapped uploads on
+//! the GPU path, the delta-net step and gated attention (Qwen3.5 /
+//! Qwen3-Next are refused with a typed error, or run on the CPU under
+//! `--backend auto`), shared experts and dense FFN layers.
 
 //! # Buffers
 //! - **Activations** are f32, row-major, `n × width` (`n` tokens), one
-//!   storage buffer per role (hidden state, normed state, q, k, v, attention
-//!   output, gate, up, ...), to be allocated once per session for the
-//!   largest prefill chunk and reused by every layer.
+//!   storage buffer per role (hidden state, normed state, q|k|v side by
+//!   side, attention output, SwiGLU output, ...), allocated once per model
+//!   for the largest prefill chunk and reused by every layer.
 //! - **Weights** ([`GpuMatrix`]) keep their file bytes: GGML rows of blocks
 //!   (`rows × row_bytes`), or MLX's three arrays (packed words, scales,
 //!   biases). Blocks are not word-aligned (Q4_0 is 18 bytes, Q6_K 210), so
 //!   kernels bind `array<u32>` and assemble bytes with shifts; f16 fields are
 //!   widened exactly ([`Variant::f16_native`] picks `unpack2x16float` or
-//!   integer operations).
+//!   integer operations). q, k and v of a layer are stacked into one
+//!   matrix when they share a format.
 //! - **KV cache** ([`GpuKv`], one per session): per attention layer two
 //!   buffers of `capacity × stride` values, f16 (two per word) or f32;
 //!   position `j` at `j · stride`, KV group `g` at `+ g · head_dim` (the
 //!   CPU cache's layout, see `state::kv`), so snapshots read it back into
 //!   the CPU's form and either backend can restore them.
-//! - **Experts** ([`GpuExperts`]): equal-sized slots, one buffer per array
-//!   (gate, up, down; MLX: each with scales and biases), sized for the
-//!   largest expert; a host map `(layer, expert) → slot`, LRU eviction; a
-//!   miss is staged through the host store. A layer whose experts exceed
-//!   the arena runs in waves, each submitted before the next overwrites
-//!   slots (`write_buffer` lands before the next submission).
+//! - **Experts** ([`GpuExperts`]): equal-sized slots in a few pool buffers
+//!   (each within the largest storage binding and 2 GiB), every array of a
+//!   slot (gate, up, down; MLX: each with scales and biases) at a fixed
+//!   offset, sized for the largest expert; a host map `(layer, expert) →
+//!   slot`, LRU eviction; a miss is staged through the host store. With a
+//!   slot for every expert, expert `e` of layer `l` has its own slot and a
+//!   pool holds whole layers, so one dispatch reaches any of a layer's
+//!   experts. A layer whose experts exceed the arena runs in waves, each
+//!   submitted before the next overwrites slots (`write_buffer` lands
+//!   before the next submission).
 //! - **RoPE angles**: the `(cos, sin)` of each token's angles are computed
 //!   on the host exactly as the CPU does ([`rope_table`]) and uploaded once
 //!   per step for all layers, so no result depends on GPU sin/cos accuracy.
@@ -76,20 +83,6 @@
 //!   token creates no buffer and, once warm, no bind group. Pipelines for
 //!   it have explicit layouts read from the WGSL with naga. A plain
 //!   [`Pass::new`] (tests) still makes one uniform buffer per dispatch.
-//! - **Experts** ([`GpuExperts`]): equal-sized slots, one buffer per array
-//!   (gate, up, down; MLX: each with scales and biases), sized for the
-//!   largest expert; a host map `(layer, expert) → slot`, LRU eviction; a
-//!   miss is staged through the host store. A layer whose experts exceed
-//!   the arena runs in waves, each submitted before the next overwrites
-//!   slots (`write_buffer` lands before the next submission).
-//! - **RoPE angles**: the `(cos, sin)` of each token's angles are computed
-//!   on the host exactly as the CPU does ([`rope_table`]) and uploaded once
-//!   per step for all layers, so no result depends on GPU sin/cos accuracy.
-//! - **Parameters**: a small uniform block per dispatch (today one buffer
-//!   each; a per-step parameter arena, written once before the submission,
-//!   should replace that: `Queue::write_buffer` takes effect before the
-//!   next submission starts, so one buffer cannot carry two different
-//!   parameter sets within one submission).
 //!
 //! # Binding split
 //! A storage binding holds at most `max_storage_buffer_binding_size` bytes
@@ -99,43 +92,28 @@
 //! most 2 GiB because kernel byte addresses are u32). Each part is one
 //! dispatch writing its own columns `row0..row0 + rows` of `Y`, so parts
 //! need no combining step: a 151 936-row Q8_0 LM head at hidden 2048
-//! (330 MB) is three dispatches on lavapipe and one on an H100. Expert
-//! slots will be equal-sized ranges of a few large arena buffers, bound with
-//! offsets rounded to `min_storage_buffer_offset_alignment`.
+//! (330 MB) is three dispatches on lavapipe and one on an H100.
 //!
 //! # Dispatch plan for one decode layer
-//! Implemented today (stage 1): steps 1–6 with the router's logits read
-//! back at the end of each layer's submission and routed on the host;
-//! the next submission gathers the tokens' rows grouped by expert, runs
-//! each chosen expert's gate/up matmuls over its rows, one SwiGLU, the
-//! down matmuls, and the rank-ordered combine + residual, then continues
-//! with the next layer's attention. The plan below is the target.
-//!
-//! One compute pass per layer, ideally per token, one submission (costs
-//! measured on H100 via Vulkan: ~7 µs a dispatch inside a pass, ~55 µs a
-//! separate pass, ~75 µs a submit-and-wait):
+//! On an H100 via Vulkan a dispatch costs ~5 µs inside a pass when
+//! independent and 10–30 µs in a chain of small dependent kernels (the
+//! profile's per-kernel times), a submit-and-wait ~85 µs; so a layer is as
+//! few dispatches as the data flow allows, and a token one submission:
 //! 1. RMSNorm of the hidden state;
-//! 2. Q, K, V projections (one dispatch per matrix part; fusing them into
-//!    one matrix of concatenated rows saves two dispatches);
-//! 3. per-head q/k RMSNorm (rows = heads), RoPE of q and k;
-//! 4. K/V append into the cache at the position (a small kernel: copies
-//!    are not allowed inside a compute pass);
-//! 5. decode attention (one workgroup per head), output gate where the
-//!    model has one, output projection, residual add;
-//! 6. RMSNorm, router projection, top-k and its normalisation on the GPU,
-//!    writing expert ids and weights to a small buffer;
-//! 7. resident experts computed at once from a GPU-side table
-//!    `expert id → slot` (indirect dispatch), the shared expert alongside;
-//! 8. the only host round trip: the ids are read back (mapped) so the
-//!    expert store can fetch the misses; their FFNs run in a second pass
-//!    when the bytes have arrived; the weighted combine adds expert outputs
-//!    in router-rank order (principle 2) and the residual.
-//!
-//! With everything resident, steps 7–8 need no read-back and a whole token
-//! is one submission. A matrix product's workgroup handles one row for
-//! four tokens (`z` picks the token group), so decode (`n = 1`) reads
-//! each weight once; prefill wants a tiled kernel that reuses each decoded
-//! block for many more tokens.
+//! 2. the q|k|v product (one matrix when stacked);
+//! 3. `attention_prep`: q/k RMSNorm, RoPE, K/V cache writes;
+//! 4. attention over spans of the context, and the merge of the spans;
+//! 5. the output projection added into the hidden state;
+//! 6. RMSNorm, router product, `moe_route` (softmax, top-k; with every
+//!    expert resident it also writes the expert jobs);
+//! 7. one product for every routed expert's gate and up with SwiGLU, one
+//!    for their down projections, the rank-ordered combine + residual.
+//! When experts must come from the host, step 6's choices are read back
+//! (the layer's one round trip) and the host writes the jobs of the
+//! experts it brought in. A matrix product's workgroup handles four rows
+//! of one token, or one row of four tokens (prompts), with neighbouring
+//! threads on neighbouring weights; a tiled prefill kernel that reuses
+//! each decoded block for many more tokens is still to come.
 
 pub mod device;
 pub mod experts;
