@@ -108,6 +108,7 @@
 //!    expert resident it also writes the expert jobs);
 //! 7. one product for every routed expert's gate and up with SwiGLU, one
 //!    for their down projections, the rank-ordered combine + residual.
+//!
 //! When experts must come from the host, step 6's choices are read back
 //! (the layer's one round trip) and the host writes the jobs of the
 //! experts it brought in. A matrix product's workgroup handles four rows
