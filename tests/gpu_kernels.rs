@@ -99,11 +99,11 @@ fn random_ggml(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
 /// Runs `y = x Wᵀ` on the GPU.
 fn gpu_matmul(gpu: &Gpu, w: &GpuMatrix, x: &[f32], n: usize, variant: Variant) -> Vec<f32> {
     let xb = gpu.upload_f32("x", x).unwrap();
-    let yb = gpu.zeros_f32("y", n * w.rows).unwrap();
+    let yb = gpu.zeros_f32("y", n * w.shape.rows).unwrap();
     let mut pass = Pass::with_variant(gpu, variant);
     pass.matmul(w, &xb, &yb, n).unwrap();
     pass.submit().unwrap();
-    gpu.read_f32(&yb, n * w.rows).unwrap()
+    gpu.read_f32(&yb, n * w.shape.rows).unwrap()
 }
 
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
@@ -1179,7 +1179,7 @@ fn matmul_into_columns() {
     let both = gpu.read_f32(&both, n * width).unwrap();
     for (w, col0) in [(&ws[0], 0), (&ws[1], rows[0] + 3)] {
         for (t, alone) in gpu_matmul(gpu, w, &x, n, gpu.variant)
-            .chunks(w.rows)
+            .chunks(w.shape.rows)
             .enumerate()
         {
             for (r, a) in alone.iter().enumerate() {

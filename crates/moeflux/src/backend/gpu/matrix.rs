@@ -15,25 +15,20 @@ pub(super) const MAX_PART_BYTES: u64 = 1 << 31;
 /// the kernels decode the same bytes the CPU reference does).
 #[derive(Debug)]
 pub struct GpuMatrix {
+    pub shape: MatShape,
+    pub(super) parts: Vec<Part>,
+}
+
+/// A matrix's format and sizes: what a product kernel needs besides the
+/// bytes (an expert batch's matrices lie in a pool at offsets).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatShape {
     pub rows: usize,
     pub cols: usize,
     pub kind: WeightKind,
     /// GGML: bytes of one row.
     pub(super) row_bytes: usize,
     /// MLX: columns per scale group and whether scales are f16 (else bf16).
-    pub(super) group: u32,
-    pub(super) scale_f16: bool,
-    pub(super) parts: Vec<Part>,
-}
-
-/// A matrix's format and sizes: what a product kernel needs besides the
-/// bytes (for expert batches, whose bytes lie in a pool at offsets).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MatShape {
-    pub rows: usize,
-    pub cols: usize,
-    pub kind: WeightKind,
-    pub(super) row_bytes: usize,
     pub(super) group: u32,
     pub(super) scale_f16: bool,
 }
@@ -107,12 +102,14 @@ impl GpuMatrix {
             });
         }
         Ok(GpuMatrix {
-            rows,
-            cols,
-            kind,
-            row_bytes: weight.row_bytes,
-            group,
-            scale_f16,
+            shape: MatShape {
+                rows,
+                cols,
+                kind,
+                row_bytes: weight.row_bytes,
+                group,
+                scale_f16,
+            },
             parts,
         })
     }
@@ -169,18 +166,6 @@ impl GpuMatrix {
                 GpuMatrix::upload(gpu, &m).map(Some)
             }
             MatrixData::Interleaved { .. } => Ok(None),
-        }
-    }
-
-    /// What a kernel needs to know of the matrix besides its bytes.
-    pub fn shape(&self) -> MatShape {
-        MatShape {
-            rows: self.rows,
-            cols: self.cols,
-            kind: self.kind,
-            row_bytes: self.row_bytes,
-            group: self.group,
-            scale_f16: self.scale_f16,
         }
     }
 

@@ -782,50 +782,33 @@ impl GpuModel {
                 i = j;
             }
             // Gate and up jobs of every batch, then down jobs.
-            for &(_, _, i, count, _) in &batches {
-                for &(e, s) in &wave[i..i + count] {
-                    job(&mut jobs, e, s, &[0, 1]);
-                }
-            }
-            for &(_, _, i, count, _) in &batches {
-                for &(e, s) in &wave[i..i + count] {
-                    job(&mut jobs, e, s, &[2]);
+            for ms in [&[0, 1][..], &[2]] {
+                for &(_, _, i, count, _) in &batches {
+                    for &(e, s) in &wave[i..i + count] {
+                        job(&mut jobs, e, s, ms);
+                    }
                 }
             }
             gpu.write_padded(&self.act.jobs, bytemuck::cast_slice(&jobs))?;
             let a = &self.act;
             let mut j0 = 0;
-            for &(pool, shapes, _, count, most) in &batches {
-                let p = ex.pool(pool);
-                let [g, _, _] = &shapes;
-                pass.expert_matmul(
-                    g,
-                    true,
-                    p,
-                    &a.moe_in,
-                    &a.act,
-                    &a.jobs,
-                    (j0, count),
-                    (rows, rows),
-                    most,
-                )?;
-                j0 += count;
-            }
-            for &(pool, shapes, _, count, most) in &batches {
-                let p = ex.pool(pool);
-                let [_, _, dn] = &shapes;
-                pass.expert_matmul(
-                    dn,
-                    false,
-                    p,
-                    &a.act,
-                    &a.down,
-                    &a.jobs,
-                    (j0, count),
-                    (rows, rows),
-                    most,
-                )?;
-                j0 += count;
+            // Gate and up with SwiGLU into the activations, then down.
+            for (glu, m, x, y) in [(true, 0, &a.moe_in, &a.act), (false, 2, &a.act, &a.down)] {
+                for &(pool, shapes, _, count, most) in &batches {
+                    let (p, jobs) = (ex.pool(pool), (j0, count));
+                    pass.expert_matmul(
+                        &shapes[m],
+                        glu,
+                        p,
+                        x,
+                        y,
+                        &a.jobs,
+                        jobs,
+                        (rows, rows),
+                        most,
+                    )?;
+                    j0 += count;
+                }
             }
             todo.retain(|e| !wave.iter().any(|w| w.0 == *e));
             if !todo.is_empty() {

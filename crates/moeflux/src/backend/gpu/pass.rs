@@ -150,6 +150,39 @@ fn words(v: &[u32]) -> Vec<u8> {
     v.iter().flat_map(|w| w.to_le_bytes()).collect()
 }
 
+/// The parameter block of `matmul.wgsl` for a product with matrix `m`:
+/// `rows` of it (this part's rows, the column of Y its first row goes to,
+/// Y's row width), `n` tokens, `wg_x` workgroups along x, the first job of
+/// an expert batch, and whether Y is added to.
+fn product_params(
+    m: &MatShape,
+    (rows, row0, width): (usize, usize, usize),
+    n: usize,
+    wg_x: u32,
+    job0: usize,
+    acc: bool,
+) -> Result<Vec<u8>, GpuError> {
+    const K: &str = "matmul";
+    Ok(words(&[
+        u32_of(K, "rows", rows)?,
+        u32_of(K, "cols", m.cols)?,
+        u32_of(K, "tokens", n)?,
+        u32_of(K, "first row", row0)?,
+        u32_of(K, "row width", width)?,
+        u32_of(K, "row bytes", m.row_bytes)?,
+        u32_of(K, "units", m.cols / WeightKind::UNIT)?,
+        wg_x,
+        m.group,
+        m.scale_f16 as u32,
+        0, // first token: the products of one matrix start at row 0
+        u32_of(K, "first job", job0)?,
+        acc as u32,
+        0,
+        0,
+        0,
+    ]))
+}
+
 /// Converts a size to the u32 a kernel parameter holds.
 fn u32_of(kernel: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::Shape {
@@ -347,7 +380,7 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.product(w, x, y, n, (0, w.rows), false)
+        self.product(w, x, y, n, (0, w.shape.rows), false)
     }
 
     /// `y += x Wᵀ` (`x`: `n × w.cols`, `y`: `n × w.rows`): a projection
@@ -359,7 +392,7 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.product(w, x, y, n, (0, w.rows), true)
+        self.product(w, x, y, n, (0, w.shape.rows), true)
     }
 
     /// `y = x Wᵀ` into columns `col0..col0 + w.rows` of `y`, whose rows
@@ -390,39 +423,24 @@ impl<'g> Pass<'g> {
         if n == 0 {
             return Ok(());
         }
-        if col0 + w.rows > width {
+        let m = &w.shape;
+        if col0 + m.rows > width {
             return Err(GpuError::Shape {
                 kernel: K,
-                detail: format!("{} rows at column {col0} of rows of {width}", w.rows),
+                detail: format!("{} rows at column {col0} of rows of {width}", m.rows),
             });
         }
-        holds(K, "x", x, n * w.cols)?;
+        holds(K, "x", x, n * m.cols)?;
         holds(K, "y", y, n * width)?;
         let shape = Product {
-            kind: w.kind,
+            kind: m.kind,
             one_token: n == 1,
             batch: Batch::One,
         };
         for part in &w.parts {
             let (gx, gy) = self.grid(part.rows.div_ceil(shape.rows_per_group()))?;
-            let params = words(&[
-                u32_of(K, "rows", part.rows)?,
-                u32_of(K, "cols", w.cols)?,
-                u32_of(K, "tokens", n)?,
-                u32_of(K, "first row", col0 + part.row0)?,
-                u32_of(K, "row width", width)?,
-                u32_of(K, "row bytes", w.row_bytes)?,
-                u32_of(K, "units", w.cols / WeightKind::UNIT)?,
-                gx,
-                w.group,
-                w.scale_f16 as u32,
-                0,
-                0,
-                acc as u32,
-                0,
-                0,
-                0,
-            ]);
+            let rows = (part.rows, col0 + part.row0, width);
+            let params = product_params(m, rows, n, gx, 0, acc)?;
             let gz = u32_of(K, "token groups", n.div_ceil(shape.tokens_per_group()))?;
             let mut bufs = vec![x, y, &part.weight];
             if let Some((s, b)) = &part.scales {
@@ -484,24 +502,8 @@ impl<'g> Pass<'g> {
                 detail: format!("{gx} × {gy} × {gz} workgroups (at most {max} a dimension)"),
             });
         }
-        let params = words(&[
-            u32_of(K, "rows", m.rows)?,
-            u32_of(K, "cols", m.cols)?,
-            0,
-            0,
-            u32_of(K, "rows", m.rows)?,
-            u32_of(K, "row bytes", m.row_bytes)?,
-            u32_of(K, "units", m.cols / WeightKind::UNIT)?,
-            gx,
-            m.group,
-            m.scale_f16 as u32,
-            0,
-            u32_of(K, "first job", job0)?,
-            0,
-            0,
-            0,
-            0,
-        ]);
+        // Tokens come from each job.
+        let params = product_params(m, (m.rows, 0, m.rows), 0, gx, job0, false)?;
         // MLX scales and biases are read from the pool too (at the job's
         // word offsets).
         let mut bufs = vec![x, y, pool];
