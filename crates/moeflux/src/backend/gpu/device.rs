@@ -302,6 +302,8 @@ impl Gpu {
                 // into wgpu's staging memory is split over threads; one
                 // thread's memcpy held a streamed model to ~6 GB/s.
                 let size = std::num::NonZeroU64::new(whole as u64);
+                // `None` comes with a validation error, which `checked`
+                // turns into this call's error.
                 if let Some(mut view) =
                     size.and_then(|n| self.queue.write_buffer_with(buf, offset, n))
                 {

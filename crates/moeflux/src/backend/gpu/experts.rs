@@ -242,9 +242,10 @@ impl GpuExperts {
 
     /// Loads every expert of every layer into its own slot, when every
     /// expert has one and a pool holds whole layers (else does nothing):
-    /// afterwards [`GpuExperts::all_resident`]. Submits (empty) work after
-    /// each layer so that the queued writes' staging memory is bounded by
-    /// a layer's experts.
+    /// afterwards [`GpuExperts::all_resident`] unless a layer's experts
+    /// differ in shape (then the host routes, and this is not tried again).
+    /// Submits (empty) work after each layer and waits every eight, so the
+    /// queued writes' staging memory stays within eight layers' experts.
     pub fn load_all(
         &mut self,
         gpu: &Gpu,
@@ -274,7 +275,7 @@ impl GpuExperts {
         gpu.wait()?;
         // One dispatch computes a layer's experts with one shape: the GPU
         // routes only when every layer's experts share theirs.
-        self.loaded = (0..per_layer.len()).all(|l| {
+        let same = (0..per_layer.len()).all(|l| {
             let first = self.fixed.as_ref().and_then(|f| f.get(l)).copied();
             let n = per_layer[l] as u32;
             first.is_some_and(|f| {
@@ -282,6 +283,9 @@ impl GpuExperts {
                 s0.is_some() && (f..f + n).all(|s| self.shapes(s).ok().copied() == s0)
             })
         });
+        self.loaded = same;
+        // Not again on every step.
+        self.whole_layers = same;
         Ok(())
     }
 
@@ -317,15 +321,16 @@ impl GpuExperts {
         self.array_bytes.iter().sum()
     }
 
-    /// Arrays per matrix (1: GGML, 3: MLX: weights, scales, biases).
-    pub fn arrays(&self) -> usize {
-        self.arrays
-    }
-
-    /// Byte offset in its slot of array `a` of matrix `m` (0: gate, 1: up,
-    /// 2: down).
-    pub fn array_offset(&self, m: usize, a: usize) -> u64 {
-        self.array_off[m * self.arrays + a]
+    /// Byte offsets in a slot of matrix `m`'s arrays (0: gate, 1: up, 2:
+    /// down; weights, MLX scales, MLX biases; zero where absent).
+    pub fn matrix_offsets(&self, m: usize) -> [u64; 3] {
+        std::array::from_fn(|a| {
+            if a < self.arrays {
+                self.array_off[m * self.arrays + a]
+            } else {
+                0
+            }
+        })
     }
 
     /// Where slot `slot` is.
@@ -406,8 +411,22 @@ impl GpuExperts {
             let r = i * a..(i + 1) * a;
             GpuMatrix::write_at(gpu, m, buf, &at[r.clone()], &self.array_bytes[r])
         };
-        let result =
-            (|| Ok::<_, GpuError>([write(&x.gate, 0)?, write(&x.up, 1)?, write(&x.down, 2)?]))();
+        let result = (|| {
+            let m = [write(&x.gate, 0)?, write(&x.up, 1)?, write(&x.down, 2)?];
+            // One dispatch decodes gate and up with one format (SwiGLU).
+            if m[0] != m[1] {
+                return Err(GpuError::Unsupported(format!(
+                    "an expert whose gate ({} {}×{}) and up ({} {}×{}) projections differ",
+                    m[0].kind.name(),
+                    m[0].rows,
+                    m[0].cols,
+                    m[1].kind.name(),
+                    m[1].rows,
+                    m[1].cols
+                )));
+            }
+            Ok(m)
+        })();
         let s = &mut self.slots[slot as usize];
         match result {
             Ok(m) => {

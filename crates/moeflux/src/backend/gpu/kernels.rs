@@ -71,7 +71,7 @@ impl WeightKind {
         v
     }
 
-    /// The format's decoder (constants + `unit_dot`), or `None` when there
+    /// The format's decoder (constants + `part_cols` and `part`), or `None` when there
     /// is no GPU kernel for it.
     fn source(self) -> Option<(String, &'static str)> {
         Some(match self {

@@ -599,20 +599,11 @@ impl GpuModel {
             .layer_place(l)
             .ok_or_else(|| shape_err(format!("layer {l}'s experts have no fixed place")))?;
         let [g, _, dn] = ex.layer_shapes(l)?;
-        let off = |m: usize| -> [u64; 3] {
-            std::array::from_fn(|i| {
-                if i < ex.arrays() {
-                    ex.array_offset(m, i)
-                } else {
-                    0
-                }
-            })
-        };
         let k = d.k;
         let place = ExpertPlace {
             first,
             stride: ex.stride(),
-            offsets: [off(0), off(1), off(2)],
+            offsets: [0, 1, 2].map(|m| ex.matrix_offsets(m)),
         };
         let dims = (1, d.n_experts, k, self.norm_topk(l));
         pass.moe_route(&a.router, self.route_out(), dims, Some(place))?;
@@ -750,15 +741,9 @@ impl GpuModel {
             let job = |jobs: &mut Vec<u32>, e: u32, s: u32, ms: &[usize]| {
                 let base = ex.place(s).base;
                 for m in [ms[0], ms[ms.len() - 1]] {
-                    for a in 0..3 {
-                        let off = if a < ex.arrays() {
-                            base + ex.array_offset(m, a)
-                        } else {
-                            0
-                        };
-                        // Scales and biases are addressed in words.
-                        jobs.push(if a == 0 { off } else { off / 4 } as u32);
-                    }
+                    let [w, sc, bi] = ex.matrix_offsets(m).map(|o| base + o);
+                    // Scales and biases are addressed in words.
+                    jobs.extend([w as u32, (sc / 4) as u32, (bi / 4) as u32]);
                 }
                 let (s0, s1) = (start[e as usize], start[e as usize + 1]);
                 // Rows of the expert-grouped input and output alike.

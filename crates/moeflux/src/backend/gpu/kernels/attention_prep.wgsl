@@ -4,11 +4,12 @@
 // heads, head_dim values each) are
 // - q: normalised (RMSNorm with the per-head weight norms[0..head_dim],
 //   when p.norm_q), rotated (NEOX RoPE of the first 2 · half dimensions,
-//   angles from the host's (cos, sin) table cs[t · half + i], as
-//   rope.wgsl), written to qn;
+//   angles from the host's (cos, sin) table cs[t · half + i], computed as
+//   the CPU computes them), written to qn;
 // - k: the same with norms[head_dim..2 · head_dim] (p.norm_k), written
 //   into the cache at position pos0 + t (element (pos0 + t) · stride +
-//   head · head_dim), as f16 rounded like kv_append.wgsl (KV_F16) or f32;
+//   head · head_dim), as f16 rounded to nearest-even exactly as the CPU's
+//   cache (`f16_bits`, f16_round.wgsl; KV_F16) or f32;
 // - v: written into its cache the same way.
 // One workgroup per (head row, token): wg.x < n_heads is a q head, then the
 // k heads, then the v heads; wg.y is the token. head_dim ≤ 4 · WG, even.
