@@ -174,7 +174,7 @@ fn product_params(
         wg_x,
         m.group,
         m.scale_f16 as u32,
-        0, // first token: the products of one matrix start at row 0
+        0,
         u32_of(K, "first job", job0)?,
         acc as u32,
         0,

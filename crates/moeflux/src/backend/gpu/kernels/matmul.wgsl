@@ -1,10 +1,8 @@
 // Y = X Wᵀ for one part (a range of rows) of a quantized weight matrix.
 //
-// X is (t_base + n) × cols f32 (row-major, read as vec4s: cols is a
-// multiple of 32), Y is (t_base + n) × y_stride f32; tokens t_base..t_base
-// + n are computed (so one expert's rows of a buffer holding several
-// experts' tokens can be used in place), and this part's row r is column
-// row0 + r of Y.
+// X is n × cols f32 (row-major, read as vec4s: cols is a multiple of 32),
+// Y is n × y_stride f32, and this part's row r is column row0 + r of Y
+// (an expert batch's jobs each name their own first rows of X and Y).
 //
 // A row is cut into units of 32 columns (a quant block or sub-block) and
 // each unit into four parts of eight columns; thread i of a workgroup
@@ -47,12 +45,12 @@ struct Params {
     wg_x: u32,       // workgroups along x in this dispatch
     group: u32,      // MLX: columns per scale/bias group
     scale_f16: u32,  // MLX: 1 when scales/biases are f16, 0 for bf16
-    t_base: u32,     // first token row of X and Y
+    _pad0: u32,
     job0: u32,       // BATCH: first job of this dispatch
     acc: u32,        // 1: Y += X Wᵀ (a residual add), else Y = X Wᵀ
-    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
+    _pad3: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -115,8 +113,8 @@ fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var g = wg.x + wg.y * p.wg_x;
     // First token rows of X and of Y.
-    var x_base = p.t_base;
-    var y_base = p.t_base;
+    var x_base = 0u;
+    var y_base = 0u;
     var n = p.n;
     // Offsets of matrices A and B.
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
