@@ -360,15 +360,16 @@ impl Kernel {
 /// Compiled pipelines of one device, by kernel and variant.
 #[derive(Debug, Default)]
 pub struct Kernels {
-    cache: Mutex<HashMap<(Kernel, Variant), Arc<wgpu::ComputePipeline>>>,
-    shared_params: Mutex<HashMap<(Kernel, Variant), Arc<SharedParamsPipeline>>>,
+    cache: Mutex<HashMap<(Kernel, Variant), Arc<KernelPipeline>>>,
 }
 
-/// A kernel's pipeline whose parameter block (binding 0) is read at a
-/// dynamic offset of a shared parameter buffer, so one bind group serves
-/// every dispatch over the same buffers whatever its parameters.
+/// A kernel's pipeline, with the bind group layout read from its WGSL: the
+/// parameter block (binding 0) is read at a dynamic offset — of a model's
+/// shared parameter arena, so one bind group serves every dispatch over
+/// the same buffers whatever its parameters, or 0 of a test pass's own
+/// uniform buffer.
 #[derive(Debug)]
-pub struct SharedParamsPipeline {
+pub struct KernelPipeline {
     pub pipeline: wgpu::ComputePipeline,
     pub layout: wgpu::BindGroupLayout,
 }
@@ -405,13 +406,9 @@ fn layout_entries(label: &str, source: &str) -> Result<Vec<wgpu::BindGroupLayout
 }
 
 impl Gpu {
-    /// The pipeline of `kernel` in variant `v` for a shared parameter
-    /// buffer (see [`SharedParamsPipeline`]), compiled on first use.
-    pub fn pipeline_shared_params(
-        &self,
-        kernel: Kernel,
-        v: Variant,
-    ) -> Result<Arc<SharedParamsPipeline>, GpuError> {
+    /// The pipeline of `kernel` in variant `v` (see [`KernelPipeline`]),
+    /// compiled on first use.
+    pub fn pipeline(&self, kernel: Kernel, v: Variant) -> Result<Arc<KernelPipeline>, GpuError> {
         let v = kernel.normalize(v);
         if !self.variants().contains(&v) {
             return Err(GpuError::Unsupported(format!(
@@ -421,11 +418,8 @@ impl Gpu {
             )));
         }
         let key = (kernel, v);
-        let mut cache = self
-            .kernels
-            .shared_params
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        // A panic while compiling cannot leave the map half-updated.
+        let mut cache = self.kernels.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = cache.get(&key) {
             return Ok(p.clone());
         }
@@ -462,54 +456,10 @@ impl Gpu {
                     compilation_options: Default::default(),
                     cache: None,
                 });
-            SharedParamsPipeline { pipeline, layout }
+            KernelPipeline { pipeline, layout }
         })?;
         let made = Arc::new(made);
         cache.insert(key, made.clone());
         Ok(made)
-    }
-
-    /// The pipeline of `kernel` in variant `v`, compiled on first use.
-    pub fn pipeline(
-        &self,
-        kernel: Kernel,
-        v: Variant,
-    ) -> Result<Arc<wgpu::ComputePipeline>, GpuError> {
-        let v = kernel.normalize(v);
-        if !self.variants().contains(&v) {
-            return Err(GpuError::Unsupported(format!(
-                "{} as {v:?} on {}",
-                kernel.name(),
-                self.info.name
-            )));
-        }
-        let key = (kernel, v);
-        // A panic while compiling cannot leave the map half-updated.
-        let mut cache = self.kernels.cache.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = cache.get(&key) {
-            return Ok(p.clone());
-        }
-        let source = kernel.source(v)?;
-        let label = kernel.name();
-        let pipeline = self.checked(&format!("compiling kernel {label}"), || {
-            let module = self
-                .device
-                .create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(&label),
-                    source: wgpu::ShaderSource::Wgsl(source.into()),
-                });
-            self.device
-                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-                    label: Some(&label),
-                    layout: None,
-                    module: &module,
-                    entry_point: Some("main"),
-                    compilation_options: Default::default(),
-                    cache: None,
-                })
-        })?;
-        let pipeline = Arc::new(pipeline);
-        cache.insert(key, pipeline.clone());
-        Ok(pipeline)
     }
 }

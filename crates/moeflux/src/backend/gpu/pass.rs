@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Batch, Kernel, Product, SharedParamsPipeline, WeightKind, JOB_WORDS, WG};
+use super::kernels::{Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, WG};
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
 use super::GpuError;
@@ -17,16 +17,12 @@ use super::GpuError;
 /// One recorded dispatch.
 struct Dispatch {
     kernel: Kernel,
-    pipeline: Pipeline,
+    pipeline: Arc<KernelPipeline>,
     bind: wgpu::BindGroup,
     groups: [u32; 3],
-    /// Offset of its parameters in the arena's buffer (arena passes).
-    offset: Option<u32>,
-}
-
-enum Pipeline {
-    Own(Arc<wgpu::ComputePipeline>),
-    Shared(Arc<SharedParamsPipeline>),
+    /// Offset of its parameters in the bound uniform buffer (the arena's;
+    /// 0 for a dispatch with a buffer of its own).
+    offset: u32,
 }
 
 /// Bytes a dispatch's parameter block may have (the largest, the GPU
@@ -276,16 +272,16 @@ impl<'g> Pass<'g> {
         let bind = gpu.checked(&format!("binding {}", kernel.name()), || {
             gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
                 label: None,
-                layout: &pipeline.get_bind_group_layout(0),
+                layout: &pipeline.layout,
                 entries: &entries,
             })
         })?;
         self.items.push(Dispatch {
             kernel,
-            pipeline: Pipeline::Own(pipeline),
+            pipeline,
             bind,
             groups,
-            offset: None,
+            offset: 0,
         });
         Ok(())
     }
@@ -308,7 +304,7 @@ impl<'g> Pass<'g> {
         if self.arena.as_ref().is_some_and(|a| a.full()) {
             self.flush()?;
         }
-        let pipeline = gpu.pipeline_shared_params(kernel, self.variant)?;
+        let pipeline = gpu.pipeline(kernel, self.variant)?;
         let Some(arena) = self.arena.as_deref_mut() else {
             return Err(GpuError::Wgpu("parameter arena missing".into()));
         };
@@ -352,10 +348,10 @@ impl<'g> Pass<'g> {
         };
         self.items.push(Dispatch {
             kernel,
-            pipeline: Pipeline::Shared(pipeline),
+            pipeline,
             bind,
             groups,
-            offset: Some(offset as u32),
+            offset: offset as u32,
         });
         Ok(())
     }
@@ -953,14 +949,8 @@ impl<'g> Pass<'g> {
                     pass.write_timestamp(&p.queries, 0);
                 }
                 for (i, d) in self.items.iter().enumerate() {
-                    match &d.pipeline {
-                        Pipeline::Own(p) => pass.set_pipeline(p),
-                        Pipeline::Shared(p) => pass.set_pipeline(&p.pipeline),
-                    }
-                    match d.offset {
-                        Some(o) => pass.set_bind_group(0, &d.bind, &[o]),
-                        None => pass.set_bind_group(0, &d.bind, &[]),
-                    }
+                    pass.set_pipeline(&d.pipeline.pipeline);
+                    pass.set_bind_group(0, &d.bind, &[d.offset]);
                     pass.dispatch_workgroups(d.groups[0], d.groups[1], d.groups[2]);
                     if let Some(p) = prof.filter(|_| i + 1 < stamps) {
                         pass.write_timestamp(&p.queries, i as u32 + 1);
