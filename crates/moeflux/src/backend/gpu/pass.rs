@@ -359,12 +359,7 @@ impl<'g> Pass<'g> {
     /// Submits what is recorded so far and goes on with an empty pass
     /// (and arena), without waiting.
     pub fn flush(&mut self) -> Result<(), GpuError> {
-        self.encode_and_submit(None)?;
-        self.items.clear();
-        if let Some(a) = self.arena.as_deref_mut() {
-            a.host.clear();
-        }
-        Ok(())
+        self.flush_then(None)
     }
 
     /// `y = x Wᵀ`: `x` is `n × w.cols`, `y` is `n × w.rows` (f32,
@@ -864,26 +859,13 @@ impl<'g> Pass<'g> {
 
     /// Encodes every recorded dispatch into one compute pass and submits
     /// it (does not wait: read a result, or [`Gpu::wait`], to wait).
-    pub fn submit(self) -> Result<(), GpuError> {
-        self.submit_with_copy(None)
+    pub fn submit(mut self) -> Result<(), GpuError> {
+        self.encode_and_submit(None)
     }
 
-    /// Submits the pass followed, in the same submission, by a copy of the
-    /// first `len` f32 values of `src` into the readback buffer `staging`,
-    /// waits, and returns them: one submission and one wait for a layer's
-    /// result.
-    pub fn submit_and_read(
-        self,
-        src: &wgpu::Buffer,
-        len: usize,
-        staging: &wgpu::Buffer,
-    ) -> Result<Vec<f32>, GpuError> {
-        let gpu = self.gpu;
-        self.submit_with_copy(Some((src, 4 * len as u64, staging)))?;
-        gpu.map_f32(staging, len)
-    }
-
-    /// [`Pass::submit_and_read`] that goes on with an empty pass.
+    /// Submits what is recorded followed, in the same submission, by a
+    /// copy of the first `len` f32 values of `src` into the readback buffer
+    /// `staging`, waits, returns them, and goes on with an empty pass.
     pub fn flush_and_read(
         &mut self,
         src: &wgpu::Buffer,
@@ -903,19 +885,21 @@ impl<'g> Pass<'g> {
         len: usize,
         staging: &wgpu::Buffer,
     ) -> Result<(), GpuError> {
-        self.encode_and_submit(Some((src, 4 * len as u64, staging)))?;
+        self.flush_then(Some((src, 4 * len as u64, staging)))
+    }
+
+    /// Submits what is recorded (and `copy`) and goes on with an empty pass
+    /// and arena.
+    fn flush_then(
+        &mut self,
+        copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
+    ) -> Result<(), GpuError> {
+        self.encode_and_submit(copy)?;
         self.items.clear();
         if let Some(a) = self.arena.as_deref_mut() {
             a.host.clear();
         }
         Ok(())
-    }
-
-    fn submit_with_copy(
-        mut self,
-        copy: Option<(&wgpu::Buffer, u64, &wgpu::Buffer)>,
-    ) -> Result<(), GpuError> {
-        self.encode_and_submit(copy)
     }
 
     fn encode_and_submit(
