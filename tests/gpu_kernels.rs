@@ -350,6 +350,89 @@ fn rms_norm_matches_cpu() {
     }
 }
 
+/// A product whose input is RMS-normalised inside it: the normalised rows
+/// it stores match the CPU's rms_norm, the product matches the reference
+/// product of those rows, and a token's normalised row and outputs have
+/// the same bits whether it is computed alone (the one-token kernel) or
+/// among several (the four-token kernel).
+#[test]
+fn normalising_product_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, cols, n) = (40, 320, 6);
+    let x: Vec<f32> = normals(n * cols, 31)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % 37 == 5 { v * 20.0 } else { *v })
+        .collect();
+    let nw: Vec<f32> = normals(cols, 32).iter().map(|v| 1.0 + 0.2 * v).collect();
+    let eps = 1e-6;
+    let bytes = random_ggml(GgmlType::Q8_0, rows, cols, 33);
+    let m = Matrix::ggml(GgmlType::Q8_0, rows, cols, &bytes).unwrap();
+    let w = GpuMatrix::upload(gpu, &m).unwrap();
+    let mut h = vec![0f32; n * cols];
+    for t in 0..n {
+        let r = t * cols..(t + 1) * cols;
+        rms_norm(&x[r.clone()], &nw, eps, &mut h[r]);
+    }
+    let mut wrow = vec![0f32; cols];
+    let want: Vec<f32> = (0..n)
+        .flat_map(|t| {
+            (0..rows)
+                .map(|r| {
+                    m.row(r, &mut wrow);
+                    let hr = &h[t * cols..(t + 1) * cols];
+                    wrow.iter().zip(hr).map(|(a, b)| a * b).sum::<f32>()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let nwb = gpu.upload_f32("norm", &nw).unwrap();
+    for variant in gpu.variants() {
+        let run = |xs: &[f32], n: usize| {
+            let xb = gpu.upload_f32("x", xs).unwrap();
+            let hb = gpu.zeros_f32("normed", n * cols).unwrap();
+            let yb = gpu.zeros_f32("y", n * rows).unwrap();
+            let mut pass = Pass::with_variant(gpu, variant);
+            pass.matmul_normed(&w, &xb, (&nwb, eps), &hb, &yb, n, (0, rows))
+                .unwrap();
+            pass.submit().unwrap();
+            (
+                gpu.read_f32(&hb, n * cols).unwrap(),
+                gpu.read_f32(&yb, n * rows).unwrap(),
+            )
+        };
+        let (got_h, got_y) = run(&x, n);
+        for (i, (g, e)) in got_h.iter().zip(&h).enumerate() {
+            assert!(
+                (g - e).abs() <= 4e-6 * e.abs() + 1e-7,
+                "normed {variant:?} [{i}]: {g} vs {e}"
+            );
+        }
+        let cos = cosine(&got_y, &want);
+        assert!(cos >= 0.9999, "normed product {variant:?}: cosine {cos}");
+        for (i, (g, e)) in got_y.iter().zip(&want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                "y {variant:?} [{i}]: {g} vs {e}"
+            );
+        }
+        for t in [0, n - 1] {
+            let (one_h, one_y) = run(&x[t * cols..(t + 1) * cols], 1);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&one_h),
+                bits(&got_h[t * cols..(t + 1) * cols]),
+                "token {t} normed alone"
+            );
+            assert_eq!(
+                bits(&one_y),
+                bits(&got_y[t * rows..(t + 1) * rows]),
+                "token {t} product alone"
+            );
+        }
+    }
+}
+
 /// Large writes (expert uploads, copied into staging memory by several
 /// threads) land intact at an offset, an odd tail included, and leave
 /// the bytes around them alone.
@@ -379,6 +462,46 @@ fn large_writes_land_intact() {
         bytes[at + data.len()..].iter().all(|&b| b == 0),
         "bytes after the write changed"
     );
+}
+
+/// Writes through the staging ring: more than the ring holds before any
+/// submission (so it submits its oldest chunk and waits for it to come
+/// back), writes split across chunks, and a range rewritten after a
+/// submission — every byte read back must be the last one written.
+#[test]
+fn staged_writes_wrap_the_ring() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = Rng::new(11);
+    let size = 96usize << 20;
+    let bufs: Vec<_> = (0..3)
+        .map(|i| gpu.storage(&format!("dst {i}"), &[], size as u64).unwrap())
+        .collect();
+    let mut want: Vec<Vec<u8>> = vec![vec![0; size]; 3];
+    // 3 × 96 MiB before a submission: beyond the ring's 4 × 64 MiB.
+    for (b, w) in bufs.iter().zip(want.iter_mut()) {
+        for (i, x) in w.iter_mut().enumerate().skip(4) {
+            *x = (r.next_u64() as u8) ^ (i as u8);
+        }
+        gpu.write_padded_at(b, 4, &w[4..]).unwrap();
+    }
+    gpu.submit([]);
+    // Rewrite a range of the first after that submission.
+    let (at, len) = (1 << 20, 3 << 20);
+    for x in &mut want[0][at..at + len] {
+        *x = r.next_u64() as u8;
+    }
+    gpu.write_padded_at(&bufs[0], at as u64, &want[0][at..at + len])
+        .unwrap();
+    for (i, (b, w)) in bufs.iter().zip(&want).enumerate() {
+        let got: Vec<u8> = gpu
+            .read_f32(b, size / 4)
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect();
+        let bad = got.iter().zip(w).position(|(a, b)| a != b);
+        assert_eq!(bad, None, "buffer {i}: first wrong byte");
+    }
 }
 
 /// Expert batches: three experts' matrices in one pool buffer at offsets,
@@ -749,14 +872,17 @@ fn upload_rows(gpu: &Gpu, rows: &Rows) -> moeflux::backend::gpu::wgpu::Buffer {
 fn decode_attention_matches_cpu() {
     let Some(gpu) = gpu() else { return };
     // (heads, kv heads, head_dim, positions): GQA and MHA, head dims that
-    // use 1, 2 and 4 of a thread's output slots, contexts below, across and
-    // well past one 64-position span.
+    // are 3 to 128 16-byte loads a row (24 and 96: loads that do not divide
+    // the workgroup; 512 f32: chunks of 8 positions), contexts below,
+    // across and well past one 64-position span.
     for (nh, nkv, hd, len) in [
         (8, 2, 64, 1),
         (8, 2, 128, 300),
         (4, 4, 256, 37),
         (16, 4, 128, 700),
-        (6, 1, 2, 257),
+        (6, 1, 24, 257),
+        (4, 2, 96, 130),
+        (2, 1, 512, 90),
     ] {
         let mut rng = Rng::new(len as u64 * 7 + hd as u64);
         let mut rand = |n: usize, s: f32| -> Vec<f32> {
@@ -871,14 +997,14 @@ fn every_kernel_translates_to_msl_and_spirv() {
             checked += 1;
         }
     }
-    // Products (9 formats × one or four tokens × alone, expert batch,
-    // expert batch with SwiGLU) and attention (2 caches): four variants
+    // Products (9 formats × one or four tokens × alone, alone with the
+    // input normalised, expert batch, expert batch with SwiGLU) and attention (2 caches): four variants
     // each (reduction × f16 widening); attention_prep (2 caches), the norm
     // and the MoE routing two (reduction); the attention merge, gather and
     // the MoE combine one.
     assert_eq!(
         checked,
-        4 * (6 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
+        4 * (8 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
     );
 }
 

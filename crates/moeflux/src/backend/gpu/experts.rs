@@ -267,7 +267,7 @@ impl GpuExperts {
             }
             self.upload(gpu, store, l, &misses)?;
             self.unpin_all();
-            gpu.queue.submit([]);
+            gpu.submit([]);
             if l % 8 == 7 {
                 gpu.wait()?;
             }

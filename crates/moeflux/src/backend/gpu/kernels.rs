@@ -124,6 +124,9 @@ pub struct Product {
 pub enum Batch {
     /// One part of one matrix.
     One,
+    /// One part of one matrix whose input rows are RMS-normalised on the
+    /// fly (the normalised rows are stored too, for later products).
+    OneNormed,
     /// The same product for several experts (a job table).
     Experts,
     /// Experts' gate and up projections with SwiGLU applied.
@@ -136,7 +139,12 @@ impl Product {
         let mut v = Vec::new();
         for kind in WeightKind::all() {
             for one_token in [true, false] {
-                for batch in [Batch::One, Batch::Experts, Batch::ExpertsGlu] {
+                for batch in [
+                    Batch::One,
+                    Batch::OneNormed,
+                    Batch::Experts,
+                    Batch::ExpertsGlu,
+                ] {
                     v.push(Product {
                         kind,
                         one_token,
@@ -166,11 +174,22 @@ impl Product {
         }
     }
 
+    /// Whether the product runs over a job table of experts.
+    pub fn experts(self) -> bool {
+        matches!(self.batch, Batch::Experts | Batch::ExpertsGlu)
+    }
+
     /// Storage buffers bound after the parameters: x, y, the weights, MLX
-    /// scales and biases, the job table.
+    /// scales and biases, then the job table (experts) or the norm weights
+    /// and the normalised rows (`OneNormed`).
     pub fn n_buffers(self) -> usize {
         let mlx = matches!(self.kind, WeightKind::Mlx { .. });
-        3 + if mlx { 2 } else { 0 } + usize::from(self.batch != Batch::One)
+        let extra = match self.batch {
+            Batch::One => 0,
+            Batch::OneNormed => 2,
+            Batch::Experts | Batch::ExpertsGlu => 1,
+        };
+        3 + if mlx { 2 } else { 0 } + extra
     }
 }
 
@@ -262,6 +281,7 @@ impl Kernel {
                 p.kind.name(),
                 match p.batch {
                     Batch::One => "",
+                    Batch::OneNormed => " normed",
                     Batch::Experts => " experts",
                     Batch::ExpertsGlu => " experts SwiGLU",
                 }
@@ -285,6 +305,9 @@ impl Kernel {
     pub fn workgroup_size(self) -> u32 {
         match self {
             Kernel::RmsNorm => 4 * WG,
+            // Two threads a position of a 64-position chunk with 128-value
+            // heads (see attention.wgsl).
+            Kernel::Attention { .. } => 2 * WG,
             _ => WG,
         }
     }
@@ -307,20 +330,33 @@ impl Kernel {
                 s.push_str(&consts);
                 s.push_str(&format!(
                     "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n\
-                     const JOB_WORDS: u32 = {JOB_WORDS}u;\n",
+                     const NORM: bool = {};\nconst JOB_WORDS: u32 = {JOB_WORDS}u;\n",
                     p.tokens_per_group(),
-                    p.batch != Batch::One,
-                    p.batch == Batch::ExpertsGlu
+                    p.experts(),
+                    p.batch == Batch::ExpertsGlu,
+                    p.batch == Batch::OneNormed,
                 ));
-                // The job table, bound after the other buffers.
-                if p.batch == Batch::One {
-                    s.push_str("fn job_word(i: u32) -> u32 {\n    return 0u;\n}\n");
-                } else {
-                    s.push_str(&format!(
-                        "@group(0) @binding({}) var<storage, read> jobs: array<u32>;\n\
-                         fn job_word(i: u32) -> u32 {{\n    return jobs[i];\n}}\n",
-                        p.n_buffers()
-                    ));
+                // The job table, or the norm weights and normalised rows,
+                // bound after the other buffers.
+                let last = p.n_buffers();
+                s.push_str(&match p.batch {
+                    Batch::One => "fn job_word(i: u32) -> u32 {\n    return 0u;\n}\n".into(),
+                    Batch::Experts | Batch::ExpertsGlu => format!(
+                        "@group(0) @binding({last}) var<storage, read> jobs: array<u32>;\n\
+                         fn job_word(i: u32) -> u32 {{\n    return jobs[i];\n}}\n"
+                    ),
+                    Batch::OneNormed => format!(
+                        "@group(0) @binding({}) var<storage, read> norm_w: array<vec4<f32>>;\n\
+                         @group(0) @binding({last}) var<storage, read_write> normed: array<vec4<f32>>;\n\
+                         fn job_word(i: u32) -> u32 {{\n    return 0u;\n}}\n",
+                        last - 1
+                    ),
+                });
+                if p.batch != Batch::OneNormed {
+                    s.push_str(
+                        "var<private> norm_w: array<vec4<f32>, 1>;\n\
+                         var<private> normed: array<vec4<f32>, 1>;\n",
+                    );
                 }
                 &[MATMUL, decoder]
             }

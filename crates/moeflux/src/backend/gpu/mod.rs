@@ -124,6 +124,7 @@ pub mod matrix;
 pub mod model;
 pub mod pass;
 pub mod profile;
+mod staging;
 
 /// The wgpu version the backend is built on, for callers that hold its
 /// buffers.

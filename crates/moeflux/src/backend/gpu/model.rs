@@ -504,15 +504,12 @@ impl GpuModel {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
             lap.charge(&mut t.full_attn);
             let layer = &self.layers[l];
-            pass.rms_norm(
-                &self.act.x,
-                &layer.ffn_norm,
-                &self.act.h,
-                n,
-                d.hidden,
-                d.eps,
-            )?;
-            pass.matmul(&layer.router, &self.act.h, &self.act.router, n)?;
+            // The FFN norm inside the router product, which leaves the
+            // normalised rows in `h` for the experts.
+            let a = &self.act;
+            let norm = (&layer.ffn_norm, d.eps);
+            let width = (0, layer.router.shape.rows);
+            pass.matmul_normed(&layer.router, &a.x, norm, &a.h, &a.router, n, width)?;
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
                 lap.charge(&mut t.moe);
@@ -549,14 +546,15 @@ impl GpuModel {
             .as_ref()
             .ok_or_else(|| shape_err(format!("layer {l} has no KV cache")))?;
         let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
-        pass.rms_norm(&a.x, &layer.attn_norm, &a.h, n, d.hidden, d.eps)?;
-        // q, k and v side by side in one buffer, then norms, RoPE and the
-        // cache writes in one dispatch.
+        // The norm inside the first projection; q, k and v side by side
+        // in one buffer, then norms, RoPE and the cache writes in one
+        // dispatch.
         let width = (nh + 2 * nkv) * hd;
+        let norm = (&layer.attn_norm, d.eps);
         match &layer.qkv {
-            Ok(m) => pass.matmul_into(m, &a.h, &a.qkv, n, (0, width))?,
+            Ok(m) => pass.matmul_normed(m, &a.x, norm, &a.h, &a.qkv, n, (0, width))?,
             Err([wq, wk, wv]) => {
-                pass.matmul_into(wq, &a.h, &a.qkv, n, (0, width))?;
+                pass.matmul_normed(wq, &a.x, norm, &a.h, &a.qkv, n, (0, width))?;
                 pass.matmul_into(wk, &a.h, &a.qkv, n, (nh * hd, width))?;
                 pass.matmul_into(wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;
             }

@@ -149,7 +149,8 @@ fn words(v: &[u32]) -> Vec<u8> {
 /// The parameter block of `matmul.wgsl` for a product with matrix `m`:
 /// `rows` of it (this part's rows, the column of Y its first row goes to,
 /// Y's row width), `n` tokens, `wg_x` workgroups along x, the first job of
-/// an expert batch, and whether Y is added to.
+/// an expert batch, whether Y is added to, and the RMSNorm epsilon of a
+/// normalising product.
 fn product_params(
     m: &MatShape,
     (rows, row0, width): (usize, usize, usize),
@@ -157,6 +158,7 @@ fn product_params(
     wg_x: u32,
     job0: usize,
     acc: bool,
+    eps: f32,
 ) -> Result<Vec<u8>, GpuError> {
     const K: &str = "matmul";
     Ok(words(&[
@@ -170,7 +172,7 @@ fn product_params(
         wg_x,
         m.group,
         m.scale_f16 as u32,
-        0,
+        eps.to_bits(),
         u32_of(K, "first job", job0)?,
         acc as u32,
         0,
@@ -371,7 +373,7 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.product(w, x, y, n, (0, w.shape.rows), false)
+        self.product(w, x, y, n, (0, w.shape.rows), false, None)
     }
 
     /// `y += x Wᵀ` (`x`: `n × w.cols`, `y`: `n × w.rows`): a projection
@@ -383,7 +385,7 @@ impl<'g> Pass<'g> {
         y: &wgpu::Buffer,
         n: usize,
     ) -> Result<(), GpuError> {
-        self.product(w, x, y, n, (0, w.shape.rows), true)
+        self.product(w, x, y, n, (0, w.shape.rows), true, None)
     }
 
     /// `y = x Wᵀ` into columns `col0..col0 + w.rows` of `y`, whose rows
@@ -397,10 +399,30 @@ impl<'g> Pass<'g> {
         n: usize,
         cols: (usize, usize),
     ) -> Result<(), GpuError> {
-        self.product(w, x, y, n, cols, false)
+        self.product(w, x, y, n, cols, false, None)
     }
 
-    /// [`Pass::matmul_into`], adding to `y` when `acc`.
+    /// [`Pass::matmul_into`] of `x`'s rows RMS-normalised with `norm`
+    /// (weights of `w.cols` values, epsilon), which also leaves the
+    /// normalised rows in `normed` (`n × w.cols`): an RMSNorm and the first
+    /// product that reads it in one dispatch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn matmul_normed(
+        &mut self,
+        w: &GpuMatrix,
+        x: &wgpu::Buffer,
+        norm: (&wgpu::Buffer, f32),
+        normed: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+        cols: (usize, usize),
+    ) -> Result<(), GpuError> {
+        self.product(w, x, y, n, cols, false, Some((norm.0, normed, norm.1)))
+    }
+
+    /// [`Pass::matmul_into`], adding to `y` when `acc`, normalising `x`
+    /// when `norm` (weights, normalised rows, epsilon).
+    #[allow(clippy::too_many_arguments)]
     fn product(
         &mut self,
         w: &GpuMatrix,
@@ -409,6 +431,7 @@ impl<'g> Pass<'g> {
         n: usize,
         (col0, width): (usize, usize),
         acc: bool,
+        norm: Option<(&wgpu::Buffer, &wgpu::Buffer, f32)>,
     ) -> Result<(), GpuError> {
         const K: &str = "matmul";
         if n == 0 {
@@ -423,19 +446,31 @@ impl<'g> Pass<'g> {
         }
         holds(K, "x", x, n * m.cols)?;
         holds(K, "y", y, n * width)?;
+        if let Some((weights, normed, _)) = norm {
+            holds(K, "norm weights", weights, m.cols)?;
+            holds(K, "normed", normed, n * m.cols)?;
+        }
         let shape = Product {
             kind: m.kind,
             one_token: n == 1,
-            batch: Batch::One,
+            batch: if norm.is_some() {
+                Batch::OneNormed
+            } else {
+                Batch::One
+            },
         };
+        let eps = norm.map_or(0.0, |n| n.2);
         for part in &w.parts {
             let (gx, gy) = self.grid(part.rows.div_ceil(shape.rows_per_group()))?;
             let rows = (part.rows, col0 + part.row0, width);
-            let params = product_params(m, rows, n, gx, 0, acc)?;
+            let params = product_params(m, rows, n, gx, 0, acc, eps)?;
             let gz = u32_of(K, "token groups", n.div_ceil(shape.tokens_per_group()))?;
             let mut bufs = vec![x, y, &part.weight];
             if let Some((s, b)) = &part.scales {
                 bufs.extend([s, b]);
+            }
+            if let Some((weights, normed, _)) = norm {
+                bufs.extend([weights, normed]);
             }
             self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, gz])?;
         }
@@ -494,7 +529,7 @@ impl<'g> Pass<'g> {
             });
         }
         // Tokens come from each job.
-        let params = product_params(m, (m.rows, 0, m.rows), 0, gx, job0, false)?;
+        let params = product_params(m, (m.rows, 0, m.rows), 0, gx, job0, false, 0.0)?;
         // MLX scales and biases are read from the pool too (at the job's
         // word offsets).
         let mut bufs = vec![x, y, pool];
@@ -573,11 +608,12 @@ impl<'g> Pass<'g> {
                 s.n_heads, s.n_kv_heads
             )));
         }
-        if s.head_dim == 0 || !s.head_dim.is_multiple_of(2) || s.head_dim > 4 * WG as usize {
+        // 16-byte loads of whole rows, at most one load a thread a row.
+        let max_hd = 4 * (2 * WG as usize);
+        if s.head_dim == 0 || !s.head_dim.is_multiple_of(8) || s.head_dim > max_hd {
             return Err(bad(format!(
-                "head_dim {} (must be even and at most {})",
-                s.head_dim,
-                4 * WG
+                "head_dim {} (must be a multiple of 8 and at most {max_hd})",
+                s.head_dim
             )));
         }
         if s.len == 0 || n_q == 0 || n_q > s.len {
@@ -589,10 +625,10 @@ impl<'g> Pass<'g> {
         let kv_dim = s.n_kv_heads * s.head_dim;
         if s.k_stride < kv_dim
             || s.v_stride < kv_dim
-            || !(s.k_stride.is_multiple_of(2) && s.v_stride.is_multiple_of(2))
+            || !(s.k_stride.is_multiple_of(8) && s.v_stride.is_multiple_of(8))
         {
             return Err(bad(format!(
-                "cache strides {} / {} for {kv_dim} values a position (must be even)",
+                "cache strides {} / {} for {kv_dim} values a position (must be multiples of 8)",
                 s.k_stride, s.v_stride
             )));
         }
@@ -624,6 +660,13 @@ impl<'g> Pass<'g> {
         let span = s.len.div_ceil(spans).next_multiple_of(ATTENTION_SPAN);
         let spans = s.len.div_ceil(span);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
+        // Positions a chunk (see attention.wgsl): a power of two dividing
+        // the span, its partial dot products (L a row) within the kernel's
+        // 1024 shared slots, its rows within eight rounds of WG / L.
+        let loads = s.head_dim / if s.kv_f16 { 8 } else { 4 };
+        let rows_a_round = (2 * WG as usize) / loads;
+        let most = 64usize.min(1024 / loads).min(8 * rows_a_round);
+        let chunk = 1usize << most.ilog2();
         let params = words(&[
             u32_of(K, "heads", s.n_heads)?,
             u32_of(K, "kv heads", s.n_kv_heads)?,
@@ -635,7 +678,7 @@ impl<'g> Pass<'g> {
             u32_of(K, "queries", n_q)?,
             u32_of(K, "span", span)?,
             u32_of(K, "spans", spans)?,
-            0,
+            chunk as u32,
             0,
         ]);
         let heads = u32_of(K, "heads", s.n_heads)?;
@@ -950,7 +993,7 @@ impl<'g> Pass<'g> {
             }
         })?;
         let commands = gpu.checked("finishing a pass", || enc.finish())?;
-        gpu.checked("submitting a pass", || gpu.queue.submit([commands]))?;
+        gpu.checked("submitting a pass", || gpu.submit([commands]))?;
         if let (Some(p), true) = (prof, stamps > 1 && !self.items.is_empty()) {
             let words = gpu.map_f32(&p.readback, 2 * stamps)?;
             let ticks: Vec<u64> = words

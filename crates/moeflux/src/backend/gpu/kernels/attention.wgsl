@@ -6,20 +6,32 @@
 // KV_F16, else f32 bits). Grouped-query: head h
 // reads KV group h / (n_heads / n_kv_heads). Scores are q·k · scale; the
 // softmax and the weighted sum of values are exact in f32 (no
-// approximation), computed over chunks of CH positions with a running max
-// (each chunk's sums are rescaled by exp(old max − new max)), so the shared
-// memory is bounded whatever the context length.
+// approximation), computed over chunks of p.chunk positions with a running
+// max (each chunk's sums are rescaled by exp(old max − new max)), so the
+// shared memory is bounded whatever the context length.
 //
-// The positions are split into spans of p.span (a multiple of CH) so that
-// a long context is read by many workgroups at once (one workgroup per
-// head reading all of a 500-token cache took half a millisecond a layer on
-// an H100). One workgroup per (head, query, span): wg.x is the head, wg.y
-// the query (decode is n_q = 1), wg.z the span; thread d (and d + WG, ...)
-// owns output dimension d, so head_dim ≤ 4 · WG. Each writes its span's
-// partial result — the unnormalised weighted sum of values, the running
-// max m and the sum l of exp(score − m) — as row (query · n_heads + head)
-// · spans + span of `part` (head_dim + 2 values); attention_merge.wgsl
-// combines the spans. A span past the query's causal end writes l = 0.
+// The positions are split into spans of p.span (a multiple of the chunk)
+// so that a long context is read by many workgroups at once. One workgroup
+// per (head, query, span): wg.x is the head, wg.y the query (decode is
+// n_q = 1), wg.z the span. Each writes its span's partial result — the
+// unnormalised weighted sum of values, the running max m and the sum l of
+// exp(score − m) — as row (query · n_heads + head) · spans + span of
+// `part` (head_dim + 2 values); attention_merge.wgsl combines the spans. A
+// span past the query's causal end writes l = 0.
+//
+// Memory is read in 16-byte loads (U = 8 f16 or 4 f32 values; a row is
+// L = head_dim / U loads), every thread issuing all of a chunk's loads
+// before it uses any: a chunk is one memory round trip, not one per
+// position (the per-position loop this replaces spent ~70 µs a layer on an
+// H100, waiting on one value row at a time).
+// - Scores: thread (r, i) = (lid / L, lid % L) takes load i of rows r,
+//   r + RPR, ... of the chunk (RPR = WG / L rows a round, at most 8
+//   rounds: p.chunk · L ≤ 1024), so neighbouring threads read neighbouring
+//   bytes of a row; each writes its partial dot product to `sp`, and
+//   thread j then sums row j's L partials in order.
+// - Values: thread (r, i) takes values i·U .. i·U + U of rows r, r + RPR,
+//   ...; the RPR partial sums of each output value meet in `sv` and are
+//   added in lane order.
 
 struct Params {
     n_heads: u32,
@@ -32,37 +44,45 @@ struct Params {
     n_q: u32,
     span: u32,
     spans: u32,
+    chunk: u32, // positions a chunk: a power of two ≤ 64, chunk · L ≤ 1024
     _pad0: u32,
-    _pad1: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> q: array<f32>;
-@group(0) @binding(2) var<storage, read> k: array<u32>;
-@group(0) @binding(3) var<storage, read> v: array<u32>;
+@group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
+@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
 
-const CH: u32 = 64u;
-const MAX_HD: u32 = 4u * WG;
+// Values in one 16-byte load.
+const U: u32 = select(4u, 8u, KV_F16);
+const MAX_CH: u32 = 64u;
+const ROUNDS: u32 = 8u;
+// Output values a thread keeps (head_dim ≤ SLOTS · WG).
+const SLOTS: u32 = 8u;
 // Finite stand-in for −∞: exp(LOWEST − m) is 0 for any finite score m.
 const LOWEST: f32 = -3.4028235e38;
 
-var<workgroup> qh: array<f32, MAX_HD>;
-var<workgroup> ps: array<f32, CH>;
+// Partial dot products (chunk · L ≤ 1024), then partial value sums
+// (RPR · head_dim ≤ WG · U ≤ 1024).
+var<workgroup> sp: array<f32, 1024>;
+var<workgroup> ps: array<f32, MAX_CH>;
 
-// Elements i and i + 1 (i even) of the keys or the values.
-fn k_pair(i: u32) -> vec2<f32> {
-    if KV_F16 {
-        return f16x2(k[i >> 1u]);
-    }
-    return vec2<f32>(bitcast<f32>(k[i]), bitcast<f32>(k[i + 1u]));
+// The U values of a 16-byte load, as two vec4s (the second zero for f32).
+struct Vals {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
 }
 
-fn v_pair(i: u32) -> vec2<f32> {
+fn widen(w: vec4<u32>) -> Vals {
     if KV_F16 {
-        return f16x2(v[i >> 1u]);
+        let a = f16x2(w.x);
+        let b = f16x2(w.y);
+        let c = f16x2(w.z);
+        let d = f16x2(w.w);
+        return Vals(vec4<f32>(a, b), vec4<f32>(c, d));
     }
-    return vec2<f32>(bitcast<f32>(v[i]), bitcast<f32>(v[i + 1u]));
+    return Vals(bitcast<vec4<f32>>(w), vec4<f32>(0.0));
 }
 
 @compute @workgroup_size(WG)
@@ -71,6 +91,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let t = wg.y;
     let hd = p.head_dim;
     let g = h / (p.n_heads / p.n_kv_heads);
+    let nl = hd / U;       // L: loads a row
+    let rpr = WG / nl;     // rows a round
+    let rounds = (p.chunk + rpr - 1u) / rpr;
+    let li = lane.lid % nl;
+    let lr = lane.lid / nl;
+    let busy = lr < rpr;
     // Positions this query sees (causal), this span's share of them, and
     // where its rows start.
     let seen = p.len - p.n_q + 1u + t;
@@ -78,53 +104,97 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let len = min(seen, first + p.span);
     let row = (t * p.n_heads + h) * hd;
     let out = ((t * p.n_heads + h) * p.spans + wg.z) * (hd + 2u);
-    for (var d = lane.lid; d < hd; d += WG) {
-        qh[d] = q[row + d];
+    // This thread's U query values (its load i of a row).
+    var qv = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
+    if busy {
+        qv.lo = q[(row + li * U) / 4u];
+        if KV_F16 {
+            qv.hi = q[(row + li * U) / 4u + 1u];
+        }
     }
-    workgroupBarrier();
+    let kcol = (g * hd) / U + li;
     var m = LOWEST; // running max of the scores
     var l = 0.0;    // running sum of exp(score − m)
-    var o = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var c0 = first; c0 < len; c0 += CH) {
-        let cn = min(CH, len - c0);
-        var mx = LOWEST;
-        for (var j = lane.lid; j < cn; j += WG) {
-            let kb = (c0 + j) * p.k_stride + g * hd;
-            var s = 0.0;
-            for (var d = 0u; d < hd; d += 2u) {
-                let kk = k_pair(kb + d);
-                s += qh[d] * kk.x + qh[d + 1u] * kk.y;
+    var o: array<f32, SLOTS>;
+    for (var c0 = first; c0 < len; c0 += p.chunk) {
+        let cn = min(p.chunk, len - c0);
+        // Scores: every load first, then the partial dot products.
+        var kw: array<vec4<u32>, ROUNDS>;
+        for (var r = 0u; r < ROUNDS; r++) {
+            let j = r * rpr + lr;
+            if busy && r < rounds && j < cn {
+                kw[r] = k[((c0 + j) * p.k_stride) / U + kcol];
             }
-            s *= p.scale;
-            ps[j] = s;
-            mx = max(mx, s);
         }
-        let nm = max(m, wg_max(mx, lane));
+        for (var r = 0u; r < ROUNDS; r++) {
+            let j = r * rpr + lr;
+            if busy && r < rounds && j < cn {
+                let kk = widen(kw[r]);
+                sp[j * nl + li] = dot(kk.lo, qv.lo) + dot(kk.hi, qv.hi);
+            }
+        }
+        workgroupBarrier();
+        var s = LOWEST;
+        if lane.lid < cn {
+            var acc = 0.0;
+            for (var i = 0u; i < nl; i++) {
+                acc += sp[lane.lid * nl + i];
+            }
+            s = acc * p.scale;
+        }
+        let nm = max(m, wg_max(s, lane));
         let f = exp(m - nm);
-        var ls = 0.0;
-        for (var j = lane.lid; j < cn; j += WG) {
-            let e = exp(ps[j] - nm);
-            ps[j] = e;
-            ls += e;
+        var e = 0.0;
+        if lane.lid < cn {
+            e = exp(s - nm);
+            ps[lane.lid] = e;
         }
-        // The reduction's barrier also publishes every ps[j].
-        l = l * f + wg_sum4(vec4<f32>(ls, 0.0, 0.0, 0.0), lane).x;
-        for (var slot = 0u; slot < 4u; slot++) {
+        // The reduction's barriers also publish every ps[j] and keep sp
+        // from being overwritten before every row's sum is read.
+        l = l * f + wg_sum4(vec4<f32>(e, 0.0, 0.0, 0.0), lane).x;
+        // Values: every load first, then the weighted sums.
+        var vw: array<vec4<u32>, ROUNDS>;
+        for (var r = 0u; r < ROUNDS; r++) {
+            let j = r * rpr + lr;
+            if busy && r < rounds && j < cn {
+                vw[r] = v[((c0 + j) * p.v_stride) / U + kcol];
+            }
+        }
+        var acc = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
+        for (var r = 0u; r < ROUNDS; r++) {
+            let j = r * rpr + lr;
+            if busy && r < rounds && j < cn {
+                let vv = widen(vw[r]);
+                let pj = ps[j];
+                acc.lo += pj * vv.lo;
+                acc.hi += pj * vv.hi;
+            }
+        }
+        if busy {
+            let b = lr * hd + li * U;
+            for (var u = 0u; u < 4u; u++) {
+                sp[b + u] = acc.lo[u];
+                if KV_F16 {
+                    sp[b + 4u + u] = acc.hi[u];
+                }
+            }
+        }
+        workgroupBarrier();
+        for (var slot = 0u; slot < SLOTS; slot++) {
             let d = lane.lid + slot * WG;
             if d < hd {
-                let vb = g * hd + (d & ~1u);
-                var acc = 0.0;
-                for (var j = 0u; j < cn; j++) {
-                    acc += ps[j] * v_pair((c0 + j) * p.v_stride + vb)[d & 1u];
+                var sum = 0.0;
+                for (var r = 0u; r < rpr; r++) {
+                    sum += sp[r * hd + d];
                 }
-                o[slot] = o[slot] * f + acc;
+                o[slot] = o[slot] * f + sum;
             }
         }
         m = nm;
-        // The next chunk overwrites ps.
+        // The next chunk overwrites sp and ps.
         workgroupBarrier();
     }
-    for (var slot = 0u; slot < 4u; slot++) {
+    for (var slot = 0u; slot < SLOTS; slot++) {
         let d = lane.lid + slot * WG;
         if d < hd {
             part[out + d] = o[slot];

@@ -33,6 +33,14 @@
 // and its first row of X (the rest unused). With GLU, A and B are an expert's gate and up projections,
 // both are computed from the same activations, and Y gets
 // silu(X Aᵀ) · (X Bᵀ) (SwiGLU, as the CPU computes it).
+//
+// NORM (a constant of the module): X's rows are RMS-normalised as they are
+// read — x · (1 / sqrt(mean(x²) + eps)) · norm_w, each workgroup finding
+// its tokens' mean squares itself (one extra read of rows that are a few
+// KiB, against a dispatch of its own) — and the workgroups of the first
+// rows store the normalised rows in `normed` for the products after this
+// one. The mean square is summed the same way for one token and four, so
+// a token's normalised row has the same bits in either shape.
 
 struct Params {
     rows: u32,       // rows in this part
@@ -45,7 +53,7 @@ struct Params {
     wg_x: u32,       // workgroups along x in this dispatch
     group: u32,      // MLX: columns per scale/bias group
     scale_f16: u32,  // MLX: 1 when scales/biases are f16, 0 for bf16
-    _pad0: u32,
+    eps: f32,        // NORM: the RMSNorm epsilon
     job0: u32,       // BATCH: first job of this dispatch
     acc: u32,        // 1: Y += X Wᵀ (a residual add), else Y = X Wᵀ
     _pad1: u32,
@@ -102,6 +110,30 @@ fn f16_at(b: u32) -> f32 {
     return f16x2(half_at(b)).x;
 }
 
+// NORM: 1 / sqrt(mean(x²) + eps) of the token rows starting at (vec4)
+// indices `rows`.
+fn inv_rms(rows: vec4<u32>, c4: u32, lane: Lane) -> vec4<f32> {
+    var ss = vec4<f32>(0.0);
+    for (var i = lane.lid; i < c4; i += WG) {
+        let a = x[rows.x + i];
+        let b = x[rows.y + i];
+        let c = x[rows.z + i];
+        let d = x[rows.w + i];
+        ss += vec4<f32>(dot(a, a), dot(b, b), dot(c, c), dot(d, d));
+    }
+    let total = wg_sum4(ss, lane);
+    return 1.0 / sqrt(total / f32(p.cols) + p.eps);
+}
+
+// Four activations from (vec4) index c of the token row starting at
+// `row`, normalised with inverse RMS `s` when NORM.
+fn x_at(row: u32, c: u32, s: f32) -> vec4<f32> {
+    if NORM {
+        return x[row + c] * s * norm_w[c];
+    }
+    return x[row + c];
+}
+
 // Decodes from matrix m (0: A, 1: B) of offsets o.
 fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
     wb = o[m].x;
@@ -142,12 +174,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // Rows past the end repeat the last one; their sums are dropped.
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
         let xr = (x_base + t0) * c4;
+        var sc = 1.0;
+        if NORM {
+            sc = inv_rms(vec4<u32>(xr), c4, lane).x;
+            if r0 == 0u {
+                for (var i = lane.lid; i < c4; i += WG) {
+                    normed[xr + i] = x_at(xr, i, sc);
+                }
+            }
+        }
         for (var i = lane.lid; i < parts; i += WG) {
             let u = i >> 2u;
             let q = i & 3u;
             let pc = (u * UNIT + part_cols(q)) / 4u;
-            let xl = x[xr + pc.x];
-            let xh = x[xr + pc.y];
+            let xl = x_at(xr, pc.x, sc);
+            let xh = x_at(xr, pc.y, sc);
             for (var m = 0u; m < select(1u, 2u, GLU); m++) {
                 use_matrix(o, m);
                 let a = part(rr.x, u, q);
@@ -171,6 +212,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // Tokens past n repeat the last one; their sums are dropped.
         let tt = min(vec4<u32>(t0, t0 + 1u, t0 + 2u, t0 + 3u), vec4<u32>(n - 1u));
         let xr = (tt + x_base) * c4;
+        var sc = vec4<f32>(1.0);
+        if NORM {
+            sc = inv_rms(xr, c4, lane);
+            if r0 == 0u {
+                for (var t = 0u; t < 4u; t++) {
+                    if t0 + t < n {
+                        for (var i = lane.lid; i < c4; i += WG) {
+                            normed[xr[t] + i] = x_at(xr[t], i, sc[t]);
+                        }
+                    }
+                }
+            }
+        }
         for (var i = lane.lid; i < parts; i += WG) {
             let u = i >> 2u;
             let q = i & 3u;
@@ -179,10 +233,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 use_matrix(o, m);
                 let a = part(r0, u, q);
                 let s = vec4<f32>(
-                    dot(a.lo, x[xr.x + pc.x]) + dot(a.hi, x[xr.x + pc.y]),
-                    dot(a.lo, x[xr.y + pc.x]) + dot(a.hi, x[xr.y + pc.y]),
-                    dot(a.lo, x[xr.z + pc.x]) + dot(a.hi, x[xr.z + pc.y]),
-                    dot(a.lo, x[xr.w + pc.x]) + dot(a.hi, x[xr.w + pc.y]),
+                    dot(a.lo, x_at(xr.x, pc.x, sc.x)) + dot(a.hi, x_at(xr.x, pc.y, sc.x)),
+                    dot(a.lo, x_at(xr.y, pc.x, sc.y)) + dot(a.hi, x_at(xr.y, pc.y, sc.y)),
+                    dot(a.lo, x_at(xr.z, pc.x, sc.z)) + dot(a.hi, x_at(xr.z, pc.y, sc.z)),
+                    dot(a.lo, x_at(xr.w, pc.x, sc.w)) + dot(a.hi, x_at(xr.w, pc.y, sc.w)),
                 );
                 if m == 0u {
                     acc += s;
