@@ -84,6 +84,35 @@ fn bench(c: &mut Criterion) {
         });
     }
     group.finish();
+    // Uploads as a streamed model makes them: writes of an expert's size
+    // (10 MiB, a qwen3-235b-a22b Q4_0 expert) into a device buffer,
+    // submitted and waited for; beside it, one thread's host memcpy of the
+    // same bytes.
+    let mut group = c.benchmark_group("gpu/upload");
+    group.sample_size(10);
+    let (piece, count) = (10usize << 20, 12usize);
+    let src: Vec<u8> = (0..piece).map(|i| (i * 7 + 3) as u8).collect();
+    let dst = gpu.storage("upload", &[], (piece * count) as u64).unwrap();
+    group.throughput(Throughput::Bytes((piece * count) as u64));
+    group.bench_function("10 MiB writes", |b| {
+        b.iter(|| {
+            for i in 0..count {
+                gpu.write_padded_at(&dst, (i * piece) as u64, &src).unwrap();
+            }
+            gpu.submit([]);
+            gpu.wait().unwrap();
+        })
+    });
+    let mut host = vec![0u8; piece * count];
+    group.bench_function("host memcpy, one thread", |b| {
+        b.iter(|| {
+            for chunk in host.chunks_mut(piece) {
+                chunk.copy_from_slice(&src);
+            }
+            std::hint::black_box(&host);
+        })
+    });
+    group.finish();
 }
 
 criterion_group!(benches, bench);

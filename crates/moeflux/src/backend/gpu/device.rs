@@ -8,11 +8,12 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use super::staging::Staging;
 use super::GpuError;
+use crate::backend::cpu::pool::ThreadPool;
 
 /// How a workgroup reduces its threads' partial sums.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -447,33 +448,37 @@ impl Gpu {
 /// threads.
 const PARALLEL_COPY_BYTES: usize = 1 << 20;
 
-/// Copies `src` into `dst` (the same length) with up to eight threads, in
-/// pieces of whole 64-byte lines.
+/// Pieces a large write is cut into for the copy threads (bytes; whole
+/// 64-byte lines).
+const COPY_PIECE: usize = 256 << 10;
+
+/// The threads that copy large writes into staging memory: one per core up
+/// to sixteen (staging memory may sit behind the PCIe BAR, where one
+/// thread's writes reach a few GB/s).
+fn copier() -> &'static ThreadPool {
+    static POOL: OnceLock<ThreadPool> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+        ThreadPool::new(n.clamp(1, 16))
+    })
+}
+
+/// Copies `src` into `dst` (the same length) on the copy threads, in
+/// pieces of [`COPY_PIECE`] bytes.
 pub(super) fn copy_parallel(mut dst: wgpu::WriteOnly<'_, [u8]>, src: &[u8]) {
     let len = src.len().min(dst.len());
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8);
-    let piece = len.div_ceil(threads).next_multiple_of(64).max(64);
     // wgpu's write-only view is not `Send` for slices; its address is.
     let base = dst.as_raw_element_ptr().as_ptr() as usize;
-    std::thread::scope(|s| {
-        for (i, chunk) in src[..len].chunks(piece).enumerate() {
-            s.spawn(move || {
-                // SAFETY: piece i covers bytes i·piece .. i·piece +
-                // chunk.len() ≤ len of the view, which stays alive (and
-                // borrowed, so not otherwise written) until the scope has
-                // joined every thread; the pieces are disjoint, and the
-                // source is a separate allocation of at least `len` bytes.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        chunk.as_ptr(),
-                        (base as *mut u8).add(i * piece),
-                        chunk.len(),
-                    )
-                }
-            });
-        }
+    let pieces = len.div_ceil(COPY_PIECE);
+    copier().run(pieces, &|i, _| {
+        let at = i * COPY_PIECE;
+        let n = COPY_PIECE.min(len - at);
+        // SAFETY: piece i covers bytes at .. at + n ≤ len of the view,
+        // which stays alive (and borrowed, so not otherwise written) until
+        // `run` has returned, i.e. every piece is copied; the pieces are
+        // disjoint, and the source is a separate allocation of at least
+        // `len` bytes.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr().add(at), (base as *mut u8).add(at), n) }
     });
 }
 

@@ -38,6 +38,8 @@ use crate::model::{Logits, Mixer, Model, Timings};
 use crate::state::KvType;
 use crate::tokenizer::TokenId;
 
+/// Layers of a GPU-routed decode step submitted together.
+const SUBMIT_EVERY: usize = 8;
 /// Logit rows computed per LM-head dispatch group (bounds the logits
 /// buffer: `LOGIT_ROWS × vocab` f32).
 const LOGIT_ROWS: usize = 16;
@@ -513,6 +515,13 @@ impl GpuModel {
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
                 lap.charge(&mut t.moe);
+                // Submitted in pieces, so the GPU runs the first layers
+                // while the host encodes the rest (encoding a token's
+                // ~500 dispatches took 1.5 ms on an H100 host).
+                if l % SUBMIT_EVERY == SUBMIT_EVERY - 1 && l + 1 < self.layers.len() {
+                    pass.flush()?;
+                    lap.charge(&mut t.gpu_submit);
+                }
                 continue;
             }
             let a = &self.act;

@@ -69,6 +69,10 @@ struct Params {
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
 const UNIT: u32 = 32u;
+// Parts a thread decodes before it adds any: their loads are issued
+// together (one memory round trip, not UNROLL), and the sums are still
+// added in part order, so the result is the same as one part at a time.
+const UNROLL: u32 = 4u;
 // Rows of one workgroup.
 const R: u32 = select(1u, 4u, TOK == 1u);
 
@@ -134,6 +138,41 @@ fn x_at(row: u32, c: u32, s: f32) -> vec4<f32> {
     return x[row + c];
 }
 
+// Part i (of 4 · units) of rows rr against one token's activations (row
+// `xr`, inverse RMS `sc`): the four rows' partial sums.
+fn rows_part(rr: vec4<u32>, xr: u32, sc: f32, i: u32) -> vec4<f32> {
+    let u = i >> 2u;
+    let q = i & 3u;
+    let pc = (u * UNIT + part_cols(q)) / 4u;
+    let xl = x_at(xr, pc.x, sc);
+    let xh = x_at(xr, pc.y, sc);
+    let a = part(rr.x, u, q);
+    let b = part(rr.y, u, q);
+    let c = part(rr.z, u, q);
+    let d = part(rr.w, u, q);
+    return vec4<f32>(
+        dot(a.lo, xl) + dot(a.hi, xh),
+        dot(b.lo, xl) + dot(b.hi, xh),
+        dot(c.lo, xl) + dot(c.hi, xh),
+        dot(d.lo, xl) + dot(d.hi, xh),
+    );
+}
+
+// Part i of row r against four tokens' activations (rows `xr`, inverse
+// RMS `sc`): the four tokens' partial sums.
+fn tokens_part(r: u32, xr: vec4<u32>, sc: vec4<f32>, i: u32) -> vec4<f32> {
+    let u = i >> 2u;
+    let q = i & 3u;
+    let pc = (u * UNIT + part_cols(q)) / 4u;
+    let a = part(r, u, q);
+    return vec4<f32>(
+        dot(a.lo, x_at(xr.x, pc.x, sc.x)) + dot(a.hi, x_at(xr.x, pc.y, sc.x)),
+        dot(a.lo, x_at(xr.y, pc.x, sc.y)) + dot(a.hi, x_at(xr.y, pc.y, sc.y)),
+        dot(a.lo, x_at(xr.z, pc.x, sc.z)) + dot(a.hi, x_at(xr.z, pc.y, sc.z)),
+        dot(a.lo, x_at(xr.w, pc.x, sc.w)) + dot(a.hi, x_at(xr.w, pc.y, sc.w)),
+    );
+}
+
 // Decodes from matrix m (0: A, 1: B) of offsets o.
 fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
     wb = o[m].x;
@@ -183,28 +222,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 }
             }
         }
-        for (var i = lane.lid; i < parts; i += WG) {
-            let u = i >> 2u;
-            let q = i & 3u;
-            let pc = (u * UNIT + part_cols(q)) / 4u;
-            let xl = x_at(xr, pc.x, sc);
-            let xh = x_at(xr, pc.y, sc);
-            for (var m = 0u; m < select(1u, 2u, GLU); m++) {
-                use_matrix(o, m);
-                let a = part(rr.x, u, q);
-                let b = part(rr.y, u, q);
-                let c = part(rr.z, u, q);
-                let d = part(rr.w, u, q);
-                let s = vec4<f32>(
-                    dot(a.lo, xl) + dot(a.hi, xh),
-                    dot(b.lo, xl) + dot(b.hi, xh),
-                    dot(c.lo, xl) + dot(c.hi, xh),
-                    dot(d.lo, xl) + dot(d.hi, xh),
-                );
-                if m == 0u {
-                    acc += s;
-                } else {
-                    acc2 += s;
+        for (var i0 = lane.lid; i0 < parts; i0 += UNROLL * WG) {
+            var s: array<vec4<f32>, UNROLL>;
+            var s2: array<vec4<f32>, UNROLL>;
+            for (var k = 0u; k < UNROLL; k++) {
+                let i = min(i0 + k * WG, parts - 1u);
+                use_matrix(o, 0u);
+                s[k] = rows_part(rr, xr, sc, i);
+                if GLU {
+                    use_matrix(o, 1u);
+                    s2[k] = rows_part(rr, xr, sc, i);
+                }
+            }
+            for (var k = 0u; k < UNROLL; k++) {
+                if i0 + k * WG < parts {
+                    acc += s[k];
+                    acc2 += s2[k];
                 }
             }
         }
@@ -225,23 +258,22 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 }
             }
         }
-        for (var i = lane.lid; i < parts; i += WG) {
-            let u = i >> 2u;
-            let q = i & 3u;
-            let pc = (u * UNIT + part_cols(q)) / 4u;
-            for (var m = 0u; m < select(1u, 2u, GLU); m++) {
-                use_matrix(o, m);
-                let a = part(r0, u, q);
-                let s = vec4<f32>(
-                    dot(a.lo, x_at(xr.x, pc.x, sc.x)) + dot(a.hi, x_at(xr.x, pc.y, sc.x)),
-                    dot(a.lo, x_at(xr.y, pc.x, sc.y)) + dot(a.hi, x_at(xr.y, pc.y, sc.y)),
-                    dot(a.lo, x_at(xr.z, pc.x, sc.z)) + dot(a.hi, x_at(xr.z, pc.y, sc.z)),
-                    dot(a.lo, x_at(xr.w, pc.x, sc.w)) + dot(a.hi, x_at(xr.w, pc.y, sc.w)),
-                );
-                if m == 0u {
-                    acc += s;
-                } else {
-                    acc2 += s;
+        for (var i0 = lane.lid; i0 < parts; i0 += UNROLL * WG) {
+            var s: array<vec4<f32>, UNROLL>;
+            var s2: array<vec4<f32>, UNROLL>;
+            for (var k = 0u; k < UNROLL; k++) {
+                let i = min(i0 + k * WG, parts - 1u);
+                use_matrix(o, 0u);
+                s[k] = tokens_part(r0, xr, sc, i);
+                if GLU {
+                    use_matrix(o, 1u);
+                    s2[k] = tokens_part(r0, xr, sc, i);
+                }
+            }
+            for (var k = 0u; k < UNROLL; k++) {
+                if i0 + k * WG < parts {
+                    acc += s[k];
+                    acc2 += s2[k];
                 }
             }
         }
