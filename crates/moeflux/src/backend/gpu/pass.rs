@@ -658,7 +658,7 @@ impl<'g> Pass<'g> {
         }
         // (and at most attention_merge.wgsl's MAX_SPANS: longer contexts
         // get longer spans).
-        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).min(1024).max(1);
+        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, 1024);
         let span = s.len.div_ceil(spans).next_multiple_of(ATTENTION_SPAN);
         let spans = s.len.div_ceil(span);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
