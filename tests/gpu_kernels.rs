@@ -643,6 +643,45 @@ fn expert_batches_match_cpu() {
                     }
                     assert!(cosine(&got, want) >= 0.9999, "{name} {counts:?} glu={glu}");
                 }
+                if most > 1 {
+                    continue;
+                }
+                // One token's three experts (ranks 0, 1, 2) with the
+                // combine in the product's dispatch: the same bits as the
+                // product and moe_combine apart, and the CPU's sum.
+                let resid = normals(ff, 80);
+                let w = [0.5f32, 0.3, 0.2];
+                let wb = gpu.upload_f32("weights", &w).unwrap();
+                let rowb = gpu
+                    .storage("rows", bytemuck::cast_slice(&[0u32, 1, 2]), 0)
+                    .unwrap();
+                let fused = gpu.upload_f32("resid", &resid).unwrap();
+                let apart = gpu.upload_f32("resid", &resid).unwrap();
+                let yb = gpu.zeros_f32("y", rows * ff).unwrap();
+                let mut pass = Pass::with_variant(gpu, variant);
+                pass.expert_matmul_combine(&shapes[0], &pool, &xb, &fused, &jb, (0, 3), &wb)
+                    .unwrap();
+                pass.expert_matmul(&shapes[0], false, &pool, &xb, &yb, &jb, (0, 3), (3, 3), 1)
+                    .unwrap();
+                pass.moe_combine(&apart, &yb, &rowb, &wb, 1, ff, 3).unwrap();
+                pass.submit().unwrap();
+                let fused = gpu.read_f32(&fused, ff).unwrap();
+                let apart = gpu.read_f32(&apart, ff).unwrap();
+                for c in 0..ff {
+                    assert_eq!(
+                        fused[c].to_bits(),
+                        apart[c].to_bits(),
+                        "{name} {variant:?} combine [{c}]: {} vs {}",
+                        fused[c],
+                        apart[c]
+                    );
+                    let want =
+                        resid[c] + (0..3).map(|r| w[r] * want_plain[r * ff + c]).sum::<f32>();
+                    assert!(
+                        (fused[c] - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                        "{name} combine [{c}]"
+                    );
+                }
             }
         }
     }
@@ -998,13 +1037,14 @@ fn every_kernel_translates_to_msl_and_spirv() {
         }
     }
     // Products (9 formats × one or four tokens × alone, alone with the
-    // input normalised, expert batch, expert batch with SwiGLU) and attention (2 caches): four variants
+    // input normalised, expert batch, expert batch with SwiGLU; and one
+    // token's expert batch with the combine) and attention (2 caches): four variants
     // each (reduction × f16 widening); attention_prep (2 caches), the norm
     // and the MoE routing two (reduction); the attention merge, gather and
     // the MoE combine one.
     assert_eq!(
         checked,
-        4 * (8 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
+        4 * (9 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
     );
 }
 

@@ -131,6 +131,10 @@ pub enum Batch {
     Experts,
     /// Experts' gate and up projections with SwiGLU applied.
     ExpertsGlu,
+    /// One token's experts' down projections, weighted and added to the
+    /// residual stream (the MoE combine) in the same dispatch: a workgroup
+    /// computes its rows for every job in turn (one-token shape only).
+    ExpertsCombine,
 }
 
 impl Product {
@@ -144,7 +148,11 @@ impl Product {
                     Batch::OneNormed,
                     Batch::Experts,
                     Batch::ExpertsGlu,
+                    Batch::ExpertsCombine,
                 ] {
+                    if batch == Batch::ExpertsCombine && !one_token {
+                        continue;
+                    }
                     v.push(Product {
                         kind,
                         one_token,
@@ -176,17 +184,21 @@ impl Product {
 
     /// Whether the product runs over a job table of experts.
     pub fn experts(self) -> bool {
-        matches!(self.batch, Batch::Experts | Batch::ExpertsGlu)
+        matches!(
+            self.batch,
+            Batch::Experts | Batch::ExpertsGlu | Batch::ExpertsCombine
+        )
     }
 
     /// Storage buffers bound after the parameters: x, y, the weights, MLX
-    /// scales and biases, then the job table (experts) or the norm weights
-    /// and the normalised rows (`OneNormed`).
+    /// scales and biases, then the job table (experts; and the combine
+    /// weights, `ExpertsCombine`) or the norm weights and the normalised
+    /// rows (`OneNormed`).
     pub fn n_buffers(self) -> usize {
         let mlx = matches!(self.kind, WeightKind::Mlx { .. });
         let extra = match self.batch {
             Batch::One => 0,
-            Batch::OneNormed => 2,
+            Batch::OneNormed | Batch::ExpertsCombine => 2,
             Batch::Experts | Batch::ExpertsGlu => 1,
         };
         3 + if mlx { 2 } else { 0 } + extra
@@ -284,6 +296,7 @@ impl Kernel {
                     Batch::OneNormed => " normed",
                     Batch::Experts => " experts",
                     Batch::ExpertsGlu => " experts SwiGLU",
+                    Batch::ExpertsCombine => " experts combine",
                 }
             ),
             Kernel::RmsNorm => "rms_norm".into(),
@@ -305,6 +318,8 @@ impl Kernel {
     pub fn workgroup_size(self) -> u32 {
         match self {
             Kernel::RmsNorm => 4 * WG,
+            // One thread an expert ranks up to 256 experts at once.
+            Kernel::MoeRoute => 4 * WG,
             // Two threads a position of a 64-position chunk with 128-value
             // heads (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
@@ -330,11 +345,12 @@ impl Kernel {
                 s.push_str(&consts);
                 s.push_str(&format!(
                     "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n\
-                     const NORM: bool = {};\nconst JOB_WORDS: u32 = {JOB_WORDS}u;\n",
+                     const NORM: bool = {};\nconst COMBINE: bool = {};\nconst JOB_WORDS: u32 = {JOB_WORDS}u;\n",
                     p.tokens_per_group(),
                     p.experts(),
                     p.batch == Batch::ExpertsGlu,
                     p.batch == Batch::OneNormed,
+                    p.batch == Batch::ExpertsCombine,
                 ));
                 // The job table, or the norm weights and normalised rows,
                 // bound after the other buffers.
@@ -345,6 +361,12 @@ impl Kernel {
                         "@group(0) @binding({last}) var<storage, read> jobs: array<u32>;\n\
                          fn job_word(i: u32) -> u32 {{\n    return jobs[i];\n}}\n"
                     ),
+                    Batch::ExpertsCombine => format!(
+                        "@group(0) @binding({}) var<storage, read> jobs: array<u32>;\n\
+                         @group(0) @binding({last}) var<storage, read> combine_w: array<f32>;\n\
+                         fn job_word(i: u32) -> u32 {{\n    return jobs[i];\n}}\n",
+                        last - 1
+                    ),
                     Batch::OneNormed => format!(
                         "@group(0) @binding({}) var<storage, read> norm_w: array<vec4<f32>>;\n\
                          @group(0) @binding({last}) var<storage, read_write> normed: array<vec4<f32>>;\n\
@@ -352,6 +374,9 @@ impl Kernel {
                         last - 1
                     ),
                 });
+                if p.batch != Batch::ExpertsCombine {
+                    s.push_str("var<private> combine_w: array<f32, 1>;\n");
+                }
                 if p.batch != Batch::OneNormed {
                     s.push_str(
                         "var<private> norm_w: array<vec4<f32>, 1>;\n\

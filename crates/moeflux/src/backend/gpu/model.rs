@@ -597,8 +597,8 @@ impl GpuModel {
     /// resident: the GPU routes (`moe_route.wgsl`, the same softmax and
     /// top-k as [`Moe::route`]) and writes the expert jobs, then one
     /// dispatch computes the k experts' gate/up with SwiGLU, one their
-    /// down projections, and the combine adds them to `x`. No host round
-    /// trip.
+    /// down projections weighted and added to `x` (the combine). No host
+    /// round trip.
     fn experts_routed_on_gpu(&mut self, pass: &mut Pass<'_>, l: usize) -> Result<(), GpuError> {
         let (d, a) = (self.dims, &self.act);
         let ex = &self.experts;
@@ -616,8 +616,7 @@ impl GpuModel {
         pass.moe_route(&a.router, self.route_out(), dims, Some(place))?;
         let p = ex.pool(pool);
         pass.expert_matmul(&g, true, p, &a.h, &a.act, &a.jobs, (0, k), (1, k), 1)?;
-        pass.expert_matmul(&dn, false, p, &a.act, &a.down, &a.jobs, (k, k), (k, k), 1)?;
-        pass.moe_combine(&a.x, &a.down, &a.combine_row, &a.combine_w, 1, d.hidden, k)?;
+        pass.expert_matmul_combine(&dn, p, &a.act, &a.x, &a.jobs, (k, k), &a.combine_w)?;
         self.experts.count_hits(k);
         Ok(())
     }

@@ -540,6 +540,53 @@ impl<'g> Pass<'g> {
         self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, gz])
     }
 
+    /// One token's expert down projections and the MoE combine in one
+    /// dispatch: for jobs `job0..job0 + count` of `jobs` (the token's
+    /// experts in rank order, matrices of shape `m` in `pool`, inputs at
+    /// the jobs' rows of `x`), `y += Σ_r weights[r] · x_r A_rᵀ`, summed in
+    /// rank order — what [`Pass::expert_matmul`] and [`Pass::moe_combine`]
+    /// compute, bit for bit, in one dispatch instead of two.
+    #[allow(clippy::too_many_arguments)]
+    pub fn expert_matmul_combine(
+        &mut self,
+        m: &MatShape,
+        pool: &wgpu::Buffer,
+        x: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        jobs: &wgpu::Buffer,
+        (job0, count): (usize, usize),
+        weights: &wgpu::Buffer,
+    ) -> Result<(), GpuError> {
+        const K: &str = "expert matmul combine";
+        if count == 0 {
+            return Ok(());
+        }
+        holds(K, "x", x, count * m.cols)?;
+        holds(K, "y", y, m.rows)?;
+        holds(K, "jobs", jobs, JOB_WORDS * (job0 + count))?;
+        holds(K, "weights", weights, count)?;
+        let shape = Product {
+            kind: m.kind,
+            one_token: true,
+            batch: Batch::ExpertsCombine,
+        };
+        let gx = u32_of(K, "row groups", m.rows.div_ceil(shape.rows_per_group()))?;
+        if gx > self.gpu.limits.max_workgroups_per_dim {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("{gx} row groups"),
+            });
+        }
+        // p.n is the job count.
+        let params = product_params(m, (m.rows, 0, m.rows), count, gx, job0, false, 0.0)?;
+        let mut bufs = vec![x, y, pool];
+        if matches!(m.kind, WeightKind::Mlx { .. }) {
+            bufs.extend([pool, pool]);
+        }
+        bufs.extend([jobs, weights]);
+        self.push(Kernel::MatMul(shape), &params, &bufs, [gx, 1, 1])
+    }
+
     /// RMSNorm of each `dim`-long row of `x` (`rows` rows) into `out`.
     pub fn rms_norm(
         &mut self,

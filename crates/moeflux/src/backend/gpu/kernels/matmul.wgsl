@@ -33,6 +33,8 @@
 // and its first row of X (the rest unused). With GLU, A and B are an expert's gate and up projections,
 // both are computed from the same activations, and Y gets
 // silu(X Aᵀ) · (X Bᵀ) (SwiGLU, as the CPU computes it).
+// COMBINE (one token): the job loop runs inside each workgroup, and the
+// weighted sum of the jobs' rows is added to Y (see below).
 //
 // NORM (a constant of the module): X's rows are RMS-normalised as they are
 // read — x · (1 / sqrt(mean(x²) + eps)) · norm_w, each workgroup finding
@@ -69,10 +71,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
 const UNIT: u32 = 32u;
-// Parts a thread decodes before it adds any: their loads are issued
-// together (one memory round trip, not UNROLL), and the sums are still
-// added in part order, so the result is the same as one part at a time.
-const UNROLL: u32 = 4u;
 // Rows of one workgroup.
 const R: u32 = select(1u, 4u, TOK == 1u);
 
@@ -189,6 +187,36 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var n = p.n;
     // Offsets of matrices A and B.
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
+    if COMBINE {
+        // Rows r0.. of every job's product in turn (jobs p.job0 .. p.job0
+        // + p.n, one token's experts in rank order), weighted and summed in
+        // that order and added to Y: the down products and moe_combine.wgsl
+        // in one dispatch, with the same arithmetic as the two.
+        let r0 = wg.x * R;
+        if r0 >= p.rows {
+            return;
+        }
+        let c4 = p.cols / 4u;
+        let parts = p.units * 4u;
+        let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
+        var total = vec4<f32>(0.0);
+        for (var r = 0u; r < p.n; r++) {
+            let j = (p.job0 + r) * JOB_WORDS;
+            o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+            use_matrix(o, 0u);
+            let xr = job_word(j + 8u) * c4;
+            var acc = vec4<f32>(0.0);
+            for (var i = lane.lid; i < parts; i += WG) {
+                acc += rows_part(rr, xr, 1.0, i);
+            }
+            total += combine_w[r] * wg_sum4(acc, lane);
+        }
+        if lane.lid < 4u && r0 + lane.lid < p.rows {
+            let at = p.row0 + r0 + lane.lid;
+            y[at] = y[at] + total[lane.lid];
+        }
+        return;
+    }
     if BATCH {
         g = wg.x;
         let j = (p.job0 + wg.y) * JOB_WORDS;
@@ -222,23 +250,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 }
             }
         }
-        for (var i0 = lane.lid; i0 < parts; i0 += UNROLL * WG) {
-            var s: array<vec4<f32>, UNROLL>;
-            var s2: array<vec4<f32>, UNROLL>;
-            for (var k = 0u; k < UNROLL; k++) {
-                let i = min(i0 + k * WG, parts - 1u);
-                use_matrix(o, 0u);
-                s[k] = rows_part(rr, xr, sc, i);
-                if GLU {
-                    use_matrix(o, 1u);
-                    s2[k] = rows_part(rr, xr, sc, i);
-                }
-            }
-            for (var k = 0u; k < UNROLL; k++) {
-                if i0 + k * WG < parts {
-                    acc += s[k];
-                    acc2 += s2[k];
-                }
+        for (var i = lane.lid; i < parts; i += WG) {
+            use_matrix(o, 0u);
+            acc += rows_part(rr, xr, sc, i);
+            if GLU {
+                use_matrix(o, 1u);
+                acc2 += rows_part(rr, xr, sc, i);
             }
         }
     } else {
@@ -258,23 +275,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 }
             }
         }
-        for (var i0 = lane.lid; i0 < parts; i0 += UNROLL * WG) {
-            var s: array<vec4<f32>, UNROLL>;
-            var s2: array<vec4<f32>, UNROLL>;
-            for (var k = 0u; k < UNROLL; k++) {
-                let i = min(i0 + k * WG, parts - 1u);
-                use_matrix(o, 0u);
-                s[k] = tokens_part(r0, xr, sc, i);
-                if GLU {
-                    use_matrix(o, 1u);
-                    s2[k] = tokens_part(r0, xr, sc, i);
-                }
-            }
-            for (var k = 0u; k < UNROLL; k++) {
-                if i0 + k * WG < parts {
-                    acc += s[k];
-                    acc2 += s2[k];
-                }
+        for (var i = lane.lid; i < parts; i += WG) {
+            use_matrix(o, 0u);
+            acc += tokens_part(r0, xr, sc, i);
+            if GLU {
+                use_matrix(o, 1u);
+                acc2 += tokens_part(r0, xr, sc, i);
             }
         }
     }

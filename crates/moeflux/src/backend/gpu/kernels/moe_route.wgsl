@@ -42,8 +42,6 @@ const MAX_K: u32 = 64u;
 const LOWEST: f32 = -3.4028235e38;
 
 var<workgroup> prob: array<f32, MAX_E>;
-var<workgroup> best_v: array<f32, WG>;
-var<workgroup> best_i: array<u32, WG>;
 var<workgroup> chosen: array<u32, MAX_K>;
 var<workgroup> chosen_p: array<f32, MAX_K>;
 var<workgroup> total: f32;
@@ -83,36 +81,30 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     for (var e = lane.lid; e < ne; e += WG) {
         prob[e] = prob[e] / sum;
     }
-    workgroupBarrier();
-    for (var r = 0u; r < p.k; r++) {
-        // Each thread's best, then a tree over the threads.
-        var bv = -1.0;
-        var bi = 0xffffffffu;
-        for (var e = lane.lid; e < ne; e += WG) {
-            if before(prob[e], e, bv, bi) {
-                bv = prob[e];
-                bi = e;
-            }
-        }
-        best_v[lane.lid] = bv;
-        best_i[lane.lid] = bi;
-        workgroupBarrier();
-        for (var h = WG / 2u; h > 0u; h = h >> 1u) {
-            if lane.lid < h && before(best_v[lane.lid + h], best_i[lane.lid + h], best_v[lane.lid], best_i[lane.lid]) {
-                best_v[lane.lid] = best_v[lane.lid + h];
-                best_i[lane.lid] = best_i[lane.lid + h];
-            }
-            workgroupBarrier();
-        }
-        if lane.lid == 0u {
-            let e = min(best_i[0], ne - 1u);
-            chosen[r] = e;
-            chosen_p[r] = best_v[0];
-            // Probabilities are ≥ 0: a chosen expert is never chosen again.
-            prob[e] = -1.0;
-        }
-        workgroupBarrier();
+    // Ranks NaN probabilities leave unfilled name expert 0.
+    for (var r = lane.lid; r < p.k; r += WG) {
+        chosen[r] = 0u;
+        chosen_p[r] = 0.0;
     }
+    workgroupBarrier();
+    // Each expert's rank: how many experts rank before it (see `before`, a
+    // total order, so ranks are distinct); those of rank < k are the top k,
+    // in order. One pass of comparisons in shared memory instead of k
+    // rounds of reductions.
+    for (var e = lane.lid; e < ne; e += WG) {
+        let v = prob[e];
+        var rank = 0u;
+        for (var f = 0u; f < ne; f++) {
+            if before(prob[f], f, v, e) {
+                rank++;
+            }
+        }
+        if rank < p.k {
+            chosen[rank] = e;
+            chosen_p[rank] = v;
+        }
+    }
+    workgroupBarrier();
     if lane.lid == 0u {
         // In rank order, as the CPU sums them.
         var t = 0.0;
