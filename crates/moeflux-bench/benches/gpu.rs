@@ -99,7 +99,7 @@ fn bench(c: &mut Criterion) {
             for i in 0..count {
                 gpu.write_padded_at(&dst, (i * piece) as u64, &src).unwrap();
             }
-            gpu.submit([]);
+            gpu.queue.submit([]);
             gpu.wait().unwrap();
         })
     });

@@ -8,10 +8,9 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{mpsc, Mutex, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::task::{Context, Poll, Waker};
 
-use super::staging::Staging;
 use super::GpuError;
 use crate::backend::cpu::pool::ThreadPool;
 
@@ -75,8 +74,6 @@ pub struct Gpu {
     pub(super) kernels: super::kernels::Kernels,
     /// GPU time per kernel (see [`super::profile`]), when asked for.
     pub profiler: Option<super::profile::Profiler>,
-    /// Where large writes wait for the next submission.
-    staging: Mutex<Staging>,
 }
 
 /// Preference order of adapter types: hardware first, software last.
@@ -187,7 +184,6 @@ impl Gpu {
             variant: Variant { reduce, f16_native },
             kernels: Default::default(),
             profiler: super::profile::Profiler::new(&device, &queue),
-            staging: Mutex::default(),
             device,
             queue,
         })
@@ -301,11 +297,18 @@ impl Gpu {
                 limit: buf.size(),
             });
         }
-        self.checked("writing a buffer", || -> Result<(), GpuError> {
+        self.checked("writing a buffer", || {
             if whole >= PARALLEL_COPY_BYTES {
-                // Large writes (experts on their way to the GPU) go through
-                // the staging ring, copied in by several threads.
-                self.stage(buf, offset, &data[..whole])?;
+                // Large writes (experts on their way to the GPU): the copy
+                // into wgpu's staging memory is split over the copy threads.
+                let size = std::num::NonZeroU64::new(whole as u64);
+                // `None` comes with a validation error, which `checked`
+                // turns into this call's error.
+                if let Some(mut view) =
+                    size.and_then(|n| self.queue.write_buffer_with(buf, offset, n))
+                {
+                    copy_parallel(view.slice(..), &data[..whole]);
+                }
             } else if whole > 0 {
                 self.queue.write_buffer(buf, offset, &data[..whole]);
             }
@@ -314,39 +317,7 @@ impl Gpu {
                 tail[..data.len() - whole].copy_from_slice(&data[whole..]);
                 self.queue.write_buffer(buf, offset + whole as u64, &tail);
             }
-            Ok(())
-        })?
-    }
-
-    /// Copies `data` into the staging ring, to land at `offset` of `buf`
-    /// with the next submission (see [`super::staging`]).
-    fn stage(&self, buf: &wgpu::Buffer, offset: u64, data: &[u8]) -> Result<(), GpuError> {
-        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        staging.write(
-            &self.device,
-            buf,
-            offset,
-            data,
-            |commands| {
-                self.queue.submit([commands]);
-                Ok(())
-            },
-            || self.wait(),
-        )
-    }
-
-    /// Submits `commands`, preceded by the staged writes (every submission
-    /// goes through here, so staged data lands before the next one, as
-    /// queued writes do).
-    pub fn submit(&self, commands: impl IntoIterator<Item = wgpu::CommandBuffer>) {
-        let mut staging = self.staging.lock().unwrap_or_else(|e| e.into_inner());
-        if staging.has_pending() {
-            let copies = staging.encode(&self.device);
-            self.queue.submit(std::iter::once(copies).chain(commands));
-            staging.submitted();
-        } else {
-            self.queue.submit(commands);
-        }
+        })
     }
 
     /// A storage buffer holding `data`.
@@ -391,7 +362,7 @@ impl Gpu {
         self.checked("readback copy", || {
             enc.copy_buffer_to_buffer(buf, 0, &staging, 0, 4 * len as u64);
         })?;
-        self.submit([enc.finish()]);
+        self.queue.submit([enc.finish()]);
         self.map_f32(&staging, len)
     }
 
@@ -465,7 +436,7 @@ fn copier() -> &'static ThreadPool {
 
 /// Copies `src` into `dst` (the same length) on the copy threads, in
 /// pieces of [`COPY_PIECE`] bytes.
-pub(super) fn copy_parallel(mut dst: wgpu::WriteOnly<'_, [u8]>, src: &[u8]) {
+fn copy_parallel(mut dst: wgpu::WriteOnly<'_, [u8]>, src: &[u8]) {
     let len = src.len().min(dst.len());
     // wgpu's write-only view is not `Send` for slices; its address is.
     let base = dst.as_raw_element_ptr().as_ptr() as usize;

@@ -267,7 +267,7 @@ impl GpuExperts {
             }
             self.upload(gpu, store, l, &misses)?;
             self.unpin_all();
-            gpu.submit([]);
+            gpu.queue.submit([]);
             if l % 8 == 7 {
                 gpu.wait()?;
             }

@@ -124,7 +124,6 @@ pub mod matrix;
 pub mod model;
 pub mod pass;
 pub mod profile;
-mod staging;
 
 /// The wgpu version the backend is built on, for callers that hold its
 /// buffers.

@@ -1042,7 +1042,7 @@ impl<'g> Pass<'g> {
             }
         })?;
         let commands = gpu.checked("finishing a pass", || enc.finish())?;
-        gpu.checked("submitting a pass", || gpu.submit([commands]))?;
+        gpu.checked("submitting a pass", || gpu.queue.submit([commands]))?;
         if let (Some(p), true) = (prof, stamps > 1 && !self.items.is_empty()) {
             let words = gpu.map_f32(&p.readback, 2 * stamps)?;
             let ticks: Vec<u64> = words
