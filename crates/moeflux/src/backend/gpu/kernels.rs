@@ -311,15 +311,19 @@ impl Kernel {
         }
     }
 
-    /// Threads per workgroup: [`WG`], but for RMSNorm, whose one
-    /// workgroup per row of the hidden state walks the whole row (2048
-    /// values and more) twice: with 64 threads it took ~30 µs a row on an
-    /// H100, latency-bound.
+    /// Threads per workgroup: [`WG`], but more where one workgroup walks
+    /// long rows and a 64-thread one was latency-bound on an H100.
     pub fn workgroup_size(self) -> u32 {
         match self {
+            // One workgroup a row of the hidden state (2048 values and
+            // more), walked twice: ~30 µs a row at 64 threads.
             Kernel::RmsNorm => 4 * WG,
             // One thread an expert ranks up to 256 experts at once.
             Kernel::MoeRoute => 4 * WG,
+            // Products: a 4096-column row is 512 parts, eight a thread at 64
+            // threads; at 128 an H100 decoded 21–27 % faster (Q4_0, Q4_K;
+            // 256 was no faster, and prompts slowed).
+            Kernel::MatMul(_) => 2 * WG,
             // Two threads a position of a 64-position chunk with 128-value
             // heads (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
