@@ -113,7 +113,7 @@ pub const JOB_WORDS: usize = 12;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Product {
     pub kind: WeightKind,
-    /// One token, four rows per workgroup (decode); else one row for four
+    /// One token, four rows per workgroup (decode); else two rows for four
     /// tokens per workgroup (prompts).
     pub one_token: bool,
     pub batch: Batch,
@@ -169,7 +169,7 @@ impl Product {
         if self.one_token {
             4
         } else {
-            1
+            2
         }
     }
 

@@ -16,11 +16,11 @@
 // Two shapes, by TOK (a constant of the module):
 // - TOK = 1 (decode): a workgroup computes four rows for one token
 //   (workgroup z), the activations loaded once for the four rows;
-// - TOK = 4 (prompts): a workgroup computes one row for four tokens
+// - TOK = 4 (prompts): a workgroup computes two rows for four tokens
 //   (workgroup z picks tokens 4z..4z+4), each weight decoded once for the
-//   four.
-// The four sums of a workgroup are one vec4, reduced across the workgroup
-// at the end. Row groups are numbered wg.x + wg.y * wg_x, because one
+//   four, each activation loaded once for the two rows.
+// A row's (or two rows') four sums are one vec4, reduced across the
+// workgroup at the end. Row groups are numbered wg.x + wg.y * wg_x, because one
 // dispatch dimension holds at most 65535 workgroups and an LM head has
 // more rows.
 //
@@ -72,7 +72,7 @@ struct Params {
 
 const UNIT: u32 = 32u;
 // Rows of one workgroup.
-const R: u32 = select(1u, 4u, TOK == 1u);
+const R: u32 = select(2u, 4u, TOK == 1u);
 
 // Where the matrix being decoded starts: a byte offset in w and, for MLX,
 // word offsets in the scales and biases (zero but for expert batches).
@@ -237,6 +237,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     // Sums of A's rows, and of B's (GLU).
     var acc = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
+    // Four tokens: the same for the workgroup's second row.
+    var acc_b = vec4<f32>(0.0);
+    var acc2_b = vec4<f32>(0.0);
     if TOK == 1u {
         // Rows past the end repeat the last one; their sums are dropped.
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
@@ -275,34 +278,55 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
                 }
             }
         }
+        // The second row (past the end: the first again, dropped).
+        let r1 = min(r0 + 1u, p.rows - 1u);
         for (var i = lane.lid; i < parts; i += WG) {
             use_matrix(o, 0u);
             acc += tokens_part(r0, xr, sc, i);
+            acc_b += tokens_part(r1, xr, sc, i);
             if GLU {
                 use_matrix(o, 1u);
                 acc2 += tokens_part(r0, xr, sc, i);
+                acc2_b += tokens_part(r1, xr, sc, i);
             }
         }
     }
     var s = wg_sum4(acc, lane);
+    var s_b = vec4<f32>(0.0);
+    if TOK != 1u {
+        s_b = wg_sum4(acc_b, lane);
+    }
     if GLU {
         let up = wg_sum4(acc2, lane);
         s = s / (1.0 + exp(-s)) * up;
+        if TOK != 1u {
+            let up_b = wg_sum4(acc2_b, lane);
+            s_b = s_b / (1.0 + exp(-s_b)) * up_b;
+        }
     }
-    if lane.lid < 4u {
+    // One token: lanes 0..4 write rows r0..r0 + 4. Four tokens: lanes
+    // 0..4 write row r0 for tokens t0..t0 + 4, lanes 4..8 row r0 + 1.
+    if lane.lid < 8u {
         var at = 0xffffffffu;
+        var v = 0.0;
         if TOK == 1u {
-            if r0 + lane.lid < p.rows {
+            if lane.lid < 4u && r0 + lane.lid < p.rows {
                 at = (y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid;
+                v = s[lane.lid];
             }
-        } else if t0 + lane.lid < n {
-            at = (y_base + t0 + lane.lid) * p.y_stride + p.row0 + r0;
+        } else {
+            let t = lane.lid % 4u;
+            let r = r0 + lane.lid / 4u;
+            if t0 + t < n && r < p.rows {
+                at = (y_base + t0 + t) * p.y_stride + p.row0 + r;
+                v = select(s[t], s_b[t], lane.lid >= 4u);
+            }
         }
         if at != 0xffffffffu {
             if p.acc == 1u {
-                y[at] = y[at] + s[lane.lid];
+                y[at] = y[at] + v;
             } else {
-                y[at] = s[lane.lid];
+                y[at] = v;
             }
         }
     }
