@@ -30,7 +30,9 @@
 //! SwiGLU fused), RMSNorm, the attention block's q/k norms + RoPE + K/V
 //! cache writes in one kernel (f16 rounded exactly as the CPU), causal
 //! attention over spans of the context with a merge, MoE routing
-//! (softmax, top-k, renormalisation), row gather, MoE combine.
+//! (softmax, top-k, renormalisation), row gather, MoE combine; RMSNorm
+//! inside the product that first reads its output, and one token's expert
+//! down products with the combine in one dispatch.
 //! End to end ([`GpuModel`], `--backend gpu`): Qwen3-MoE decode and
 //! prefill, checked against the fixtures' transformers references, the
 //! CPU, and for independence from the GPU arena and host cache sizes and
@@ -69,7 +71,10 @@
 //!   pool holds whole layers, so one dispatch reaches any of a layer's
 //!   experts. A layer whose experts exceed the arena runs in waves, each
 //!   submitted before the next overwrites slots (`write_buffer` lands
-//!   before the next submission).
+//!   before the next submission). Uploads are queue writes whose copy
+//!   into wgpu's staging memory runs on a pool of up to 16 threads (on
+//!   a discrete GPU that memory is written across PCIe: ~25 GB/s on an
+//!   H100 host with the pool, 6.7 GB/s with threads spawned per write).
 //! - **RoPE angles**: the `(cos, sin)` of each token's angles are computed
 //!   on the host exactly as the CPU does ([`rope_table`]) and uploaded once
 //!   per step for all layers, so no result depends on GPU sin/cos accuracy.
@@ -95,26 +100,33 @@
 //! (330 MB) is three dispatches on lavapipe and one on an H100.
 //!
 //! # Dispatch plan for one decode layer
-//! On an H100 via Vulkan a dispatch costs ~5 µs inside a pass when
-//! independent and 10–30 µs in a chain of small dependent kernels (the
-//! profile's per-kernel times), a submit-and-wait ~85 µs; so a layer is as
-//! few dispatches as the data flow allows, and a token one submission:
-//! 1. RMSNorm of the hidden state;
-//! 2. the q|k|v product (one matrix when stacked);
-//! 3. `attention_prep`: q/k RMSNorm, RoPE, K/V cache writes;
-//! 4. attention over spans of the context, and the merge of the spans;
-//! 5. the output projection added into the hidden state;
-//! 6. RMSNorm, router product, `moe_route` (softmax, top-k; with every
-//!    expert resident it also writes the expert jobs);
-//! 7. one product for every routed expert's gate and up with SwiGLU, one
-//!    for their down projections, the rank-ordered combine + residual.
+//! On an H100 via Vulkan a dispatch costs ~5 µs inside a pass before it
+//! does anything, and the small dependent kernels of a layer take 10–20 µs
+//! each (the profile's per-kernel times); a submit-and-wait ~80 µs. So a
+//! layer is as few dispatches as the data flow allows (nine), and a
+//! token a few submissions (every eight layers, so the GPU starts while
+//! the host encodes the rest):
+//! 1. the q|k|v product (one matrix when stacked), RMS-normalising the
+//!    hidden state as it reads it (`Batch::OneNormed`);
+//! 2. `attention_prep`: q/k RMSNorm, RoPE, K/V cache writes;
+//! 3. attention over spans of the context, and the merge of the spans;
+//! 4. the output projection added into the hidden state;
+//! 5. the router product, normalising the hidden state with the FFN norm
+//!    and storing the normalised rows for the experts;
+//! 6. `moe_route` (softmax, top-k by ranks; with every expert resident it
+//!    also writes the expert jobs);
+//! 7. one product for every routed expert's gate and up with SwiGLU;
+//! 8. one for their down projections, weighted and added to the hidden
+//!    state in the same dispatch (`Batch::ExpertsCombine`).
 //!
 //! When experts must come from the host, step 6's choices are read back
-//! (the layer's one round trip) and the host writes the jobs of the
-//! experts it brought in. A matrix product's workgroup handles four rows
-//! of one token, or one row of four tokens (prompts), with neighbouring
-//! threads on neighbouring weights; a tiled prefill kernel that reuses
-//! each decoded block for many more tokens is still to come.
+//! (the layer's one round trip), the host writes the jobs of the experts
+//! it brought in, and step 8 is a down product and a separate
+//! `moe_combine` (they give the same bits as the fused one). A matrix
+//! product's workgroup (128 threads) handles four rows of one token, or
+//! two rows of four tokens (prompts), with neighbouring threads on
+//! neighbouring weights; a tiled prefill kernel that reuses each decoded
+//! block for many more tokens is still to come.
 
 pub mod device;
 pub mod experts;
