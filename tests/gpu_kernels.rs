@@ -707,6 +707,25 @@ fn moe_route_matches_cpu() {
             }
         }
     }
+    // A NaN logit makes every probability NaN: the choice is still
+    // deterministic and valid — experts 0..k in order, equal weights —
+    // in every variant, run after run.
+    let mut bad = logits[..ne].to_vec();
+    bad[17] = f32::NAN;
+    let bb = gpu.upload_f32("logits", &bad).unwrap();
+    for variant in gpu.variants() {
+        for _ in 0..2 {
+            let mut pass = Pass::with_variant(gpu, variant);
+            pass.moe_route(&bb, out, (1, ne, k, true), None).unwrap();
+            pass.submit().unwrap();
+            let got = gpu.read_f32(&choice, 2 * k).unwrap();
+            let ids: Vec<u32> = got.chunks_exact(2).map(|c| c[0].to_bits()).collect();
+            assert_eq!(ids, (0..k as u32).collect::<Vec<_>>(), "{variant:?}");
+            for c in got.chunks_exact(2) {
+                assert_eq!(c[1], 1.0 / k as f32, "{variant:?}: weight {}", c[1]);
+            }
+        }
+    }
     // One token with jobs: expert e at slot 3 + e, slots 1024 bytes apart.
     let place = moeflux::backend::gpu::pass::ExpertPlace {
         first: 3,

@@ -423,8 +423,8 @@ const PARALLEL_COPY_BYTES: usize = 1 << 20;
 /// 64-byte lines).
 const COPY_PIECE: usize = 256 << 10;
 
-/// The threads that copy large writes into staging memory: one per core up
-/// to sixteen (staging memory may sit behind the PCIe BAR, where one
+/// The threads that copy large writes into staging memory: one per logical
+/// CPU up to sixteen (staging memory may sit behind the PCIe BAR, where one
 /// thread's writes reach a few GB/s).
 fn copier() -> &'static ThreadPool {
     static POOL: OnceLock<ThreadPool> = OnceLock::new();

@@ -15,8 +15,8 @@ use super::device::{Gpu, Reduce, Variant};
 use super::GpuError;
 use crate::quant::GgmlType;
 
-/// Threads per workgroup of every kernel but RMSNorm (see
-/// [`Kernel::workgroup_size`]): a power of two (the shared-memory
+/// Threads per workgroup of most kernels (some take two or four times as
+/// many, see [`Kernel::workgroup_size`]): a power of two (the shared-memory
 /// tree halves it). Any subgroup size works: wgpu's smallest is 4, so at
 /// most WG / 4 subgroups need a slot; a subgroup larger than WG (128 on
 /// some adapters) is simply partly idle.
@@ -324,8 +324,8 @@ impl Kernel {
             // threads; at 128 an H100 decoded 21–27 % faster (Q4_0, Q4_K;
             // 256 was no faster, and prompts slowed).
             Kernel::MatMul(_) => 2 * WG,
-            // Two threads a position of a 64-position chunk with 128-value
-            // heads (see attention.wgsl).
+            // A chunk's rows read in rounds of WG · 2 / (head_dim / U)
+            // rows (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
             _ => WG,
         }

@@ -37,8 +37,9 @@
 //! prefill, checked against the fixtures' transformers references, the
 //! CPU, and for independence from the GPU arena and host cache sizes and
 //! from prompt chunking (`tests/gpu_model.rs`). With every expert in GPU
-//! memory a decode token is one submission; otherwise one submit-and-wait
-//! per layer brings the routed experts in.
+//! memory a decode token runs without a host round trip (submitted every
+//! eight layers); otherwise one submit-and-wait per layer brings the routed
+//! experts in.
 //! Not yet: a tiled prefill matmul (prompts run the same kernels with
 //! four tokens a workgroup), lookahead prefetch and overlapped uploads on
 //! the GPU path, the delta-net step and gated attention (Qwen3.5 /

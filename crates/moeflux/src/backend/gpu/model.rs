@@ -9,7 +9,9 @@
 //! top-k of [`Moe::route`], in the GPU's f32). When every expert of the
 //! model is in GPU memory (loaded on the first step), a decode step never
 //! returns to the host: the routing kernel writes the expert jobs itself
-//! and the whole token is one submission. Otherwise, per layer, one
+//! and the token is submitted in pieces of eight layers without waiting
+//! (so the GPU starts while the host encodes the rest). Otherwise, per
+//! layer, one
 //! submission carries the previous layer's experts and combine, this
 //! layer's attention block, router and routing; the choices are read back
 //! (the one host round trip of a layer) so the host can bring the experts
@@ -329,11 +331,13 @@ impl GpuModel {
                 "layer {i} differs in shape or RoPE from layer 0"
             )));
         }
-        if a.head_dim > 4 * super::kernels::WG as usize || a.head_dim % 2 != 0 {
+        // attention.wgsl reads rows in 16-byte loads; attention_prep
+        // keeps a head's values in four slots of WG threads.
+        let most = 4 * super::kernels::WG as usize;
+        if a.head_dim > most || a.head_dim % 8 != 0 {
             return Err(GpuError::Unsupported(format!(
-                "head_dim {} (the attention kernel takes even sizes up to {})",
-                a.head_dim,
-                4 * super::kernels::WG
+                "head_dim {} (the attention kernels take multiples of 8 up to {most})",
+                a.head_dim
             )));
         }
         let up = |w: &crate::model::weights::WeightRef| GpuMatrix::upload(gpu, &w.view(files));
@@ -498,7 +502,8 @@ impl GpuModel {
         lap.charge(&mut t.other);
 
         // With every expert in GPU memory (loaded on the first step), a
-        // decode step routes on the GPU: the whole token is one submission.
+        // decode step routes on the GPU and never waits for it before the
+        // logits.
         self.experts.load_all(gpu, store, &self.per_layer)?;
         let on_gpu = n == 1 && self.experts.all_resident();
         let mut pass = Pass::with_arena(gpu, arena);

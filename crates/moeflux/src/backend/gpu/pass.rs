@@ -109,7 +109,7 @@ pub struct AttentionShape {
     pub kv_f16: bool,
 }
 
-/// Positions of one attention span (a multiple of the kernel's CH): a
+/// Positions of one attention span (a multiple of the kernel's chunk): a
 /// decode step over a long context is cut into spans of this many
 /// positions, each read by its own workgroups.
 pub const ATTENTION_SPAN: usize = 64;

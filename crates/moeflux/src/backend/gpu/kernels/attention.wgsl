@@ -20,9 +20,9 @@
 // span past the query's causal end writes l = 0.
 //
 // Memory is read in 16-byte loads (U = 8 f16 or 4 f32 values; a row is
-// L = head_dim / U loads), every thread issuing all of a chunk's loads
-// before it uses any: a chunk is one memory round trip, not one per
-// position (the per-position loop this replaces spent ~70 µs a layer on an
+// L = head_dim / U loads), every thread issuing all of a chunk's key (then
+// value) loads before it uses any: a chunk is two memory round trips, not
+// one per position (the per-position loop this replaces spent ~70 µs a layer on an
 // H100, waiting on one value row at a time).
 // - Scores: thread (r, i) = (lid / L, lid % L) takes load i of rows r,
 //   r + RPR, ... of the chunk (RPR = WG / L rows a round, at most 8

@@ -79,18 +79,21 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     }
     let sum = wg_sum4(vec4<f32>(s, 0.0, 0.0, 0.0), lane).x;
     for (var e = lane.lid; e < ne; e += WG) {
-        prob[e] = prob[e] / sum;
-    }
-    // Ranks NaN probabilities leave unfilled name expert 0.
-    for (var r = lane.lid; r < p.k; r += WG) {
-        chosen[r] = 0u;
-        chosen_p[r] = 0.0;
+        // A NaN (from a NaN or infinite logit) becomes −1: it ranks after
+        // every probability, lower id first, so the order below stays total
+        // and every rank is filled once. Its bits are tested, as a compiler
+        // may fold v != v.
+        var v = prob[e] / sum;
+        if (bitcast<u32>(v) & 0x7fffffffu) > 0x7f800000u {
+            v = -1.0;
+        }
+        prob[e] = v;
     }
     workgroupBarrier();
     // Each expert's rank: how many experts rank before it (see `before`, a
-    // total order, so ranks are distinct); those of rank < k are the top k,
-    // in order. One pass of comparisons in shared memory instead of k
-    // rounds of reductions.
+    // total order on (probability, id), so ranks are distinct); those of
+    // rank < k are the top k, in order. One pass of comparisons in shared
+    // memory instead of k rounds of reductions.
     for (var e = lane.lid; e < ne; e += WG) {
         let v = prob[e];
         var rank = 0u;
