@@ -181,6 +181,24 @@ fn product_params(
     ]))
 }
 
+/// The buffers of an expert-batch product, in binding order: `x`, `y`,
+/// the pool (weights), the pool again for MLX scales and biases (read at
+/// the jobs' word offsets), then `tail` (the job table, ...).
+fn expert_buffers<'b>(
+    m: &MatShape,
+    x: &'b wgpu::Buffer,
+    y: &'b wgpu::Buffer,
+    pool: &'b wgpu::Buffer,
+    tail: &[&'b wgpu::Buffer],
+) -> Vec<&'b wgpu::Buffer> {
+    let mut bufs = vec![x, y, pool];
+    if matches!(m.kind, WeightKind::Mlx { .. }) {
+        bufs.extend([pool, pool]);
+    }
+    bufs.extend_from_slice(tail);
+    bufs
+}
+
 /// Converts a size to the u32 a kernel parameter holds.
 fn u32_of(kernel: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::Shape {
@@ -530,13 +548,7 @@ impl<'g> Pass<'g> {
         }
         // Tokens come from each job.
         let params = product_params(m, (m.rows, 0, m.rows), 0, gx, job0, false, 0.0)?;
-        // MLX scales and biases are read from the pool too (at the job's
-        // word offsets).
-        let mut bufs = vec![x, y, pool];
-        if matches!(m.kind, WeightKind::Mlx { .. }) {
-            bufs.extend([pool, pool]);
-        }
-        bufs.push(jobs);
+        let bufs = expert_buffers(m, x, y, pool, &[jobs]);
         self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, gz])
     }
 
@@ -579,11 +591,7 @@ impl<'g> Pass<'g> {
         }
         // p.n is the job count.
         let params = product_params(m, (m.rows, 0, m.rows), count, gx, job0, false, 0.0)?;
-        let mut bufs = vec![x, y, pool];
-        if matches!(m.kind, WeightKind::Mlx { .. }) {
-            bufs.extend([pool, pool]);
-        }
-        bufs.extend([jobs, weights]);
+        let bufs = expert_buffers(m, x, y, pool, &[jobs, weights]);
         self.push(Kernel::MatMul(shape), &params, &bufs, [gx, 1, 1])
     }
 

@@ -187,6 +187,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var n = p.n;
     // Offsets of matrices A and B.
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
+    let c4 = p.cols / 4u;
+    let parts = p.units * 4u;
     if COMBINE {
         // Rows r0.. of every job's product in turn (jobs p.job0 .. p.job0
         // + p.n, one token's experts in rank order), weighted and summed in
@@ -196,8 +198,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         if r0 >= p.rows {
             return;
         }
-        let c4 = p.cols / 4u;
-        let parts = p.units * 4u;
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
         var total = vec4<f32>(0.0);
         for (var r = 0u; r < p.n; r++) {
@@ -232,8 +232,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if r0 >= p.rows || t0 >= n {
         return;
     }
-    let c4 = p.cols / 4u;
-    let parts = p.units * 4u;
     // Sums of A's rows, and of B's (GLU).
     var acc = vec4<f32>(0.0);
     var acc2 = vec4<f32>(0.0);
