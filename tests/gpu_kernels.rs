@@ -647,17 +647,11 @@ fn expert_batches_match_cpu() {
     }
 }
 
-/// GPU routing against the CPU's softmax and a plain top-k: the same
-/// experts in the same order (lower id first on ties) and weights within
-/// f32 rounding, with and without renormalisation; and the expert jobs and
-/// combine tables it writes for one token.
-#[test]
-fn moe_route_matches_cpu() {
-    let Some(gpu) = gpu() else { return };
-    let (n, ne, k) = (5, 128, 8);
-    let mut logits = normals(n * ne, 31);
-    // Token 4: all equal (ties everywhere: experts 0..k in order).
-    logits[4 * ne..].iter_mut().for_each(|v| *v = 0.5);
+/// Routing of `n` tokens over `ne` experts (token `n − 1`: all logits
+/// equal) against the CPU's softmax and a stable top-k.
+fn route_shape_matches_cpu(gpu: &moeflux::backend::gpu::Gpu, n: usize, ne: usize, k: usize) {
+    let mut logits = normals(n * ne, 31 + ne as u64);
+    logits[(n - 1) * ne..].iter_mut().for_each(|v| *v = 0.5);
     let lb = gpu.upload_f32("logits", &logits).unwrap();
     let choice = gpu.zeros_f32("choice", 2 * n * k).unwrap();
     let jobs = gpu.zeros_f32("jobs", 2 * k * 12).unwrap();
@@ -694,7 +688,7 @@ fn moe_route_matches_cpu() {
                 assert_eq!(
                     ge,
                     e,
-                    "token {} rank {} ({variant:?}, norm {norm})",
+                    "{ne} experts, token {} rank {} ({variant:?}, norm {norm})",
                     i / k,
                     i % k
                 );
@@ -707,6 +701,35 @@ fn moe_route_matches_cpu() {
             }
         }
     }
+}
+
+/// GPU routing against the CPU's softmax and a plain top-k: the same
+/// experts in the same order (lower id first on ties) and weights within
+/// f32 rounding, with and without renormalisation; and the expert jobs and
+/// combine tables it writes for one token.
+#[test]
+fn moe_route_matches_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (n, ne, k) = (5, 128, 8);
+    let mut logits = normals(n * ne, 31);
+    // Token 4: all equal (ties everywhere: experts 0..k in order).
+    logits[4 * ne..].iter_mut().for_each(|v| *v = 0.5);
+    // Expert counts of one expert a thread or several (the kernel has
+    // 256 threads), one not a multiple of four, with their models' k.
+    for (ne, k) in [(128, 8), (60, 4), (256, 8), (512, 10), (1024, 64)] {
+        route_shape_matches_cpu(gpu, n, ne, k);
+    }
+    let lb = gpu.upload_f32("logits", &logits).unwrap();
+    let choice = gpu.zeros_f32("choice", 2 * n * k).unwrap();
+    let jobs = gpu.zeros_f32("jobs", 2 * k * 12).unwrap();
+    let rows = gpu.zeros_f32("rows", k).unwrap();
+    let weights = gpu.zeros_f32("weights", k).unwrap();
+    let out = moeflux::backend::gpu::pass::RouteOut {
+        choice: &choice,
+        jobs: &jobs,
+        rows: &rows,
+        weights: &weights,
+    };
     // A NaN logit makes every probability NaN: the choice is still
     // deterministic and valid — experts 0..k in order, equal weights —
     // in every variant, run after run.
@@ -898,6 +921,8 @@ fn decode_attention_matches_cpu() {
         (8, 2, 128, 300),
         (4, 4, 256, 37),
         (16, 4, 128, 700),
+        // More spans than the merge loads at once (16).
+        (8, 2, 128, 1100),
         (6, 1, 24, 257),
         (4, 2, 96, 130),
         (2, 1, 512, 90),

@@ -327,6 +327,9 @@ impl Kernel {
             // A chunk's rows read in rounds of WG · 2 / (head_dim / U)
             // rows (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
+            // A thread an output value of a 128-wide head: one round of
+            // loads, not two.
+            Kernel::AttentionMerge => 2 * WG,
             _ => WG,
         }
     }

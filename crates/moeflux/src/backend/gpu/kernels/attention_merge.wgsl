@@ -4,7 +4,7 @@
 // causal end, or all scores −∞) adds nothing. One workgroup per (head,
 // query); the spans' maxima and sums are read in parallel into shared
 // memory (at most MAX_SPANS spans), then thread d (and d + WG, ...) owns
-// output dimension d, its loads over the spans issued four at a time.
+// output dimension d, its loads over the spans issued LOADS at a time.
 
 struct Params {
     n_heads: u32,
@@ -18,6 +18,9 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
 const MAX_SPANS: u32 = 1024u;
+// Spans whose values a thread loads before adding any: a decode step
+// over a few thousand positions waits on memory once or twice.
+const LOADS: u32 = 16u;
 // exp(m_s − M) of each span, 0 for a span that adds nothing.
 var<workgroup> fac: array<f32, MAX_SPANS>;
 var<workgroup> sum: array<f32, MAX_SPANS>;
@@ -56,13 +59,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, @builtin(local_invocation_index) l
     workgroupBarrier();
     for (var d = lid; d < hd; d += WG) {
         var o = 0.0;
-        for (var s0 = 0u; s0 < ns; s0 += 4u) {
-            var v: array<f32, 4>;
-            for (var k = 0u; k < 4u; k++) {
+        for (var s0 = 0u; s0 < ns; s0 += LOADS) {
+            var v: array<f32, LOADS>;
+            for (var k = 0u; k < LOADS; k++) {
                 let s = min(s0 + k, ns - 1u);
                 v[k] = part[(rows + s) * w + d];
             }
-            for (var k = 0u; k < 4u; k++) {
+            for (var k = 0u; k < LOADS; k++) {
                 if s0 + k < ns && sum[s0 + k] > 0.0 {
                     o += v[k] * fac[s0 + k];
                 }
