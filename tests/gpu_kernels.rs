@@ -1042,13 +1042,14 @@ fn every_kernel_translates_to_msl_and_spirv() {
     }
     // Products (9 formats × one or four tokens × alone, alone with the
     // input normalised, expert batch, expert batch with SwiGLU; and one
-    // token's expert batch with the combine) and attention (2 caches): four variants
-    // each (reduction × f16 widening); attention_prep (2 caches), the norm
-    // and the MoE routing two (reduction); the attention merge, gather and
-    // the MoE combine one.
+    // token's expert batch with the combine) and attention (2 caches ×
+    // with or without the decode prep): four variants each (reduction ×
+    // f16 widening); attention_prep (2 caches), the norm and the MoE
+    // routing two (reduction); the attention merge, gather and the MoE
+    // combine one.
     assert_eq!(
         checked,
-        4 * (9 * WeightKind::all().len() + 2) + 2 * 2 + 2 + 2 + 3
+        4 * (9 * WeightKind::all().len() + 4) + 2 * 2 + 2 + 2 + 3
     );
 }
 
@@ -1487,4 +1488,138 @@ fn parameter_arena_chains_and_flushes() {
         2,
         "one bind group for each kernel and set of buffers"
     );
+}
+
+/// A decode step's attention with the prep folded in (`attention_decode`)
+/// gives the bits of `attention_prep` followed by `attention`: the same
+/// output and the same cache (the new position written once, the rest
+/// untouched), for every variant and cache type, one span or several,
+/// with and without q/k norms, partly rotated heads, and f16 hard cases in
+/// the new v row.
+#[test]
+fn decode_attention_with_prep_is_prep_then_attention() {
+    let Some(gpu) = gpu() else { return };
+    let eps = 1e-6;
+    for (nh, nkv, hd, n_rot, len, norm) in [
+        (8, 2, 128, 64, 300, (true, true)),
+        (4, 4, 64, 64, 1, (true, false)),
+        (6, 1, 24, 24, 130, (false, true)),
+        (2, 1, 256, 256, 70, (true, true)),
+    ] {
+        let width = (nh + 2 * nkv) * hd;
+        let inv = rope_inv_freq(n_rot, 1e6);
+        let stride = nkv * hd;
+        // Positions 0..len - 1 come from a prep of len - 1 earlier tokens;
+        // the new token is at len - 1.
+        let mut qkv = normals(len * width, (hd + len) as u64);
+        let v0 = (len - 1) * width + (nh + nkv) * hd;
+        let hard = [65520.0, 1.0e6, -3.0e-8, 1.0 + 1.0 / 2048.0];
+        qkv[v0..v0 + hard.len()].copy_from_slice(&hard);
+        let norms: Vec<f32> = normals(2 * hd, 9).iter().map(|v| 1.0 + 0.2 * v).collect();
+        let nb = gpu.upload_f32("norms", &norms).unwrap();
+        let table = rope_table(0, len, &inv);
+        let half = inv.len();
+        let early = gpu
+            .upload_f32("qkv", &qkv[..(len - 1).max(1) * width])
+            .unwrap();
+        let new = gpu.upload_f32("qkv", &qkv[(len - 1) * width..]).unwrap();
+        let early_cs = gpu
+            .upload_f32("rope", &table[..(len - 1).max(1) * 2 * half])
+            .unwrap();
+        let new_cs = gpu
+            .upload_f32("rope", &table[(len - 1) * 2 * half..])
+            .unwrap();
+        for kv_f16 in [true, false] {
+            let words = (len * stride).div_ceil(if kv_f16 { 2 } else { 1 });
+            let shape = AttentionShape {
+                n_heads: nh,
+                n_kv_heads: nkv,
+                head_dim: hd,
+                len,
+                k_stride: stride,
+                v_stride: stride,
+                kv_f16,
+            };
+            for variant in gpu.variants() {
+                for spans in [1, len.div_ceil(64)] {
+                    let what = format!(
+                        "{nh}/{nkv}/{hd} rot {n_rot}, {len} positions, f16 {kv_f16}, {spans} spans, {variant:?}"
+                    );
+                    let scratch = gpu.zeros_f32("spans", spans * nh * (hd + 2)).unwrap();
+                    // Each path on its own cache, filled the same way.
+                    let run = |fold: bool| {
+                        let (kc, vc) = (
+                            gpu.zeros_f32("k", words).unwrap(),
+                            gpu.zeros_f32("v", words).unwrap(),
+                        );
+                        let qn = gpu.zeros_f32("qn", len.max(2) * nh * hd).unwrap();
+                        let out = gpu.zeros_f32("out", nh * hd).unwrap();
+                        let mut pass = Pass::with_variant(gpu, variant);
+                        if len > 1 {
+                            let early_shape = AttentionShape {
+                                len: len - 1,
+                                ..shape
+                            };
+                            pass.attention_prep(
+                                &early,
+                                &nb,
+                                &early_cs,
+                                &qn,
+                                (&kc, &vc),
+                                early_shape,
+                                (len - 1, 0, half),
+                                (norm, eps),
+                            )
+                            .unwrap();
+                        }
+                        if fold {
+                            pass.attention_decode(
+                                &new,
+                                &nb,
+                                &new_cs,
+                                (&kc, &vc),
+                                &scratch,
+                                &out,
+                                shape,
+                                half,
+                                (norm, eps),
+                            )
+                            .unwrap();
+                        } else {
+                            pass.attention_prep(
+                                &new,
+                                &nb,
+                                &new_cs,
+                                &qn,
+                                (&kc, &vc),
+                                shape,
+                                (1, len - 1, half),
+                                (norm, eps),
+                            )
+                            .unwrap();
+                            pass.attention(&qn, &kc, &vc, &scratch, &out, shape)
+                                .unwrap();
+                        }
+                        pass.submit().unwrap();
+                        let bits =
+                            |b: &moeflux::backend::gpu::wgpu::Buffer, n: usize| -> Vec<u32> {
+                                gpu.read_f32(b, n)
+                                    .unwrap()
+                                    .iter()
+                                    .map(|v| v.to_bits())
+                                    .collect()
+                            };
+                        (bits(&out, nh * hd), bits(&kc, words), bits(&vc, words))
+                    };
+                    let (want, got) = (run(false), run(true));
+                    assert!(want.0 == got.0, "output differs: {what}");
+                    assert!(want.1 == got.1, "K cache differs: {what}");
+                    assert!(want.2 == got.2, "V cache differs: {what}");
+                    // The new position was written (not left zero).
+                    let at = (len - 1) * stride / if kv_f16 { 2 } else { 1 };
+                    assert!(got.1[at..].iter().any(|&w| w != 0), "no new K: {what}");
+                }
+            }
+        }
+    }
 }

@@ -220,6 +220,9 @@ pub enum Kernel {
     /// f32 KV cache.
     Attention {
         kv_f16: bool,
+        /// One query, whose q/k norms, RoPE and cache writes this
+        /// dispatch does itself (see `attention.wgsl`, PREP).
+        prep: bool,
     },
     /// The spans of an attention call combined.
     AttentionMerge,
@@ -241,8 +244,22 @@ impl Kernel {
         let mut v: Vec<_> = Product::all().into_iter().map(Kernel::MatMul).collect();
         v.extend([
             Kernel::RmsNorm,
-            Kernel::Attention { kv_f16: true },
-            Kernel::Attention { kv_f16: false },
+            Kernel::Attention {
+                kv_f16: true,
+                prep: false,
+            },
+            Kernel::Attention {
+                kv_f16: false,
+                prep: false,
+            },
+            Kernel::Attention {
+                kv_f16: true,
+                prep: true,
+            },
+            Kernel::Attention {
+                kv_f16: false,
+                prep: true,
+            },
             Kernel::AttentionMerge,
             Kernel::AttentionPrep { kv_f16: true },
             Kernel::AttentionPrep { kv_f16: false },
@@ -300,8 +317,11 @@ impl Kernel {
                 }
             ),
             Kernel::RmsNorm => "rms_norm".into(),
-            Kernel::Attention { kv_f16: true } => "attention f16 KV".into(),
-            Kernel::Attention { kv_f16: false } => "attention f32 KV".into(),
+            Kernel::Attention { kv_f16, prep } => format!(
+                "attention{} {} KV",
+                if prep { "+prep" } else { "" },
+                if kv_f16 { "f16" } else { "f32" }
+            ),
             Kernel::AttentionMerge => "attention_merge".into(),
             Kernel::AttentionPrep { kv_f16: true } => "attention_prep f16 KV".into(),
             Kernel::AttentionPrep { kv_f16: false } => "attention_prep f32 KV".into(),
@@ -393,9 +413,27 @@ impl Kernel {
                 &[MATMUL, decoder]
             }
             Kernel::RmsNorm => &[RMS_NORM],
-            Kernel::Attention { kv_f16 } => {
-                s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
-                &[ATTENTION]
+            Kernel::Attention { kv_f16, prep } => {
+                // The cache is written with PREP; the norms and the rotary
+                // table are bound only then.
+                let access = if prep { "read_write" } else { "read" };
+                s.push_str(&format!(
+                    "const KV_F16: bool = {kv_f16};\nconst PREP: bool = {prep};\n\
+                     const PWG: u32 = {}u;\n\
+                     @group(0) @binding(2) var<storage, {access}> k: array<vec4<u32>>;\n\
+                     @group(0) @binding(3) var<storage, {access}> v: array<vec4<u32>>;\n",
+                    Kernel::AttentionPrep { kv_f16 }.workgroup_size()
+                ));
+                s.push_str(if prep {
+                    "@group(0) @binding(5) var<storage, read> norms: array<f32>;\n\
+                     @group(0) @binding(6) var<storage, read> cs: array<vec2<f32>>;\n\
+                     fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {\n\
+                     k[ak] = kw;\n    v[av] = vw;\n}\n"
+                } else {
+                    "var<private> norms: array<f32, 1>;\nvar<private> cs: array<vec2<f32>, 1>;\n\
+                     fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {}\n"
+                });
+                &[F16_ROUND, ATTENTION]
             }
             Kernel::AttentionPrep { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));

@@ -562,7 +562,7 @@ impl GpuModel {
         let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
         // The norm inside the first projection; q, k and v side by side
         // in one buffer, then norms, RoPE and the cache writes in one
-        // dispatch.
+        // dispatch (for one token, inside the attention dispatch).
         let width = (nh + 2 * nkv) * hd;
         let norm = (&layer.attn_norm, d.eps);
         match &layer.qkv {
@@ -583,18 +583,35 @@ impl GpuModel {
             v_stride: dim,
             kv_f16: kv.kv_f16,
         };
-        pass.attention_prep(
-            &a.qkv,
-            &layer.qk_norms,
-            &a.rope,
-            &a.qn,
-            (&cache.k, &cache.v),
-            shape,
-            (n, pos0, d.half),
-            (layer.qk_norm, layer.qk_eps),
-        )?;
-        let q = &a.qn;
-        pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
+        let norm = (layer.qk_norm, layer.qk_eps);
+        if n == 1 {
+            // One dispatch fewer: the attention workgroups prepare their
+            // own query and the new position (same bits).
+            pass.attention_decode(
+                &a.qkv,
+                &layer.qk_norms,
+                &a.rope,
+                (&cache.k, &cache.v),
+                &a.attn_parts,
+                &a.attn,
+                shape,
+                d.half,
+                norm,
+            )?;
+        } else {
+            pass.attention_prep(
+                &a.qkv,
+                &layer.qk_norms,
+                &a.rope,
+                &a.qn,
+                (&cache.k, &cache.v),
+                shape,
+                (n, pos0, d.half),
+                norm,
+            )?;
+            let q = &a.qn;
+            pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
+        }
         pass.matmul_add(&layer.wo, &a.attn, &a.x, n)
     }
 

@@ -114,6 +114,16 @@ pub struct AttentionShape {
 /// positions, each read by its own workgroups.
 pub const ATTENTION_SPAN: usize = 64;
 
+/// What [`Pass::attention_decode`] does besides attending: the inputs of
+/// [`Pass::attention_prep`] for one token.
+struct DecodePrep<'a> {
+    norms: &'a wgpu::Buffer,
+    cs: &'a wgpu::Buffer,
+    half: usize,
+    norm: (bool, bool),
+    eps: f32,
+}
+
 /// Where [`Pass::moe_route`] writes: every token's choice; with an
 /// [`ExpertPlace`], one token's expert jobs and the combine's rows and
 /// weights.
@@ -655,6 +665,64 @@ impl<'g> Pass<'g> {
         s: AttentionShape,
         n_q: usize,
     ) -> Result<(), GpuError> {
+        self.attention_spans(q, (k, v), scratch, out, s, n_q, None)
+    }
+
+    /// A decode step's attention block after its projections, in the two
+    /// dispatches of [`Pass::attention`]: [`Pass::attention_prep`]'s work
+    /// for the one token (`qkv` its raw q, k and v head rows; `norms`,
+    /// `cs`, `half`, `norm`, `eps` as there, the token at position
+    /// `s.len − 1`) done by the attention workgroups themselves, with the
+    /// same bits as the prep dispatch followed by [`Pass::attention`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn attention_decode(
+        &mut self,
+        qkv: &wgpu::Buffer,
+        norms: &wgpu::Buffer,
+        cs: &wgpu::Buffer,
+        (k, v): (&wgpu::Buffer, &wgpu::Buffer),
+        scratch: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        s: AttentionShape,
+        half: usize,
+        (norm, eps): ((bool, bool), f32),
+    ) -> Result<(), GpuError> {
+        const K: &str = "attention (decode)";
+        let hd = s.head_dim;
+        // attention.wgsl's PREP_HD.
+        if hd > 256 || 2 * half > hd {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("head_dim {hd} with {half} rotated pairs (at most 256)"),
+            });
+        }
+        holds(K, "qkv", qkv, (s.n_heads + 2 * s.n_kv_heads) * hd)?;
+        holds(K, "cs", cs, 2 * half)?;
+        if norm.0 || norm.1 {
+            holds(K, "norms", norms, 2 * hd)?;
+        }
+        let prep = DecodePrep {
+            norms,
+            cs,
+            half,
+            norm,
+            eps,
+        };
+        self.attention_spans(qkv, (k, v), scratch, out, s, 1, Some(prep))
+    }
+
+    /// [`Pass::attention_causal`], or with `prep` [`Pass::attention_decode`].
+    #[allow(clippy::too_many_arguments)]
+    fn attention_spans(
+        &mut self,
+        q: &wgpu::Buffer,
+        (k, v): (&wgpu::Buffer, &wgpu::Buffer),
+        scratch: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        s: AttentionShape,
+        n_q: usize,
+        prep: Option<DecodePrep<'_>>,
+    ) -> Result<(), GpuError> {
         const K: &str = "attention";
         let bad = |detail: String| GpuError::Shape { kernel: K, detail };
         if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
@@ -687,7 +755,9 @@ impl<'g> Pass<'g> {
                 s.k_stride, s.v_stride
             )));
         }
-        holds(K, "q", q, n_q * s.n_heads * s.head_dim)?;
+        if prep.is_none() {
+            holds(K, "q", q, n_q * s.n_heads * s.head_dim)?;
+        }
         holds(K, "out", out, n_q * s.n_heads * s.head_dim)?;
         // Sizes in f32 units: an f16 cache needs half the bytes.
         let cache = |stride: usize| {
@@ -736,6 +806,12 @@ impl<'g> Pass<'g> {
             u32_of(K, "span", span)?,
             u32_of(K, "spans", spans)?,
             chunk as u32,
+            u32_of(K, "half", prep.as_ref().map_or(0, |p| p.half))?,
+            prep.as_ref().map_or(0, |p| p.eps.to_bits()),
+            prep.as_ref().is_some_and(|p| p.norm.0) as u32,
+            prep.as_ref().is_some_and(|p| p.norm.1) as u32,
+            0,
+            0,
             0,
         ]);
         let heads = u32_of(K, "heads", s.n_heads)?;
@@ -746,12 +822,24 @@ impl<'g> Pass<'g> {
                 "{heads} heads × {queries} queries × {spans} spans"
             )));
         }
-        self.push(
-            Kernel::Attention { kv_f16: s.kv_f16 },
-            &params,
-            &[q, k, v, scratch],
-            [heads, queries, spans as u32],
-        )?;
+        let kernel = Kernel::Attention {
+            kv_f16: s.kv_f16,
+            prep: prep.is_some(),
+        };
+        match &prep {
+            None => self.push(
+                kernel,
+                &params,
+                &[q, k, v, scratch],
+                [heads, queries, spans as u32],
+            )?,
+            Some(p) => self.push(
+                kernel,
+                &params,
+                &[q, k, v, scratch, p.norms, p.cs],
+                [heads, 1, spans as u32],
+            )?,
+        }
         let params = words(&[heads, u32_of(K, "head_dim", s.head_dim)?, spans as u32, 0]);
         self.push(
             Kernel::AttentionMerge,

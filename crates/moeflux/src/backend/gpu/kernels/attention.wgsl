@@ -32,6 +32,17 @@
 // - Values: thread (r, i) takes values i·U .. i·U + U of rows r, r + RPR,
 //   ...; the RPR partial sums of each output value meet in `sv` and are
 //   added in lane order.
+//
+// PREP (decode: one query, a constant of the module) folds
+// attention_prep.wgsl into this dispatch: q is not a prepared query but
+// the token's raw q|k|v projection row, and every workgroup normalises and
+// rotates its head's q row itself; the workgroups of the last span (the
+// one holding the new position) do the same for their group's k row and
+// round k and v to the cache's format, use those values for the new
+// position instead of reading the cache, and the first head of each group
+// writes them into the cache. The arithmetic is attention_prep.wgsl's,
+// step for step (its mean square summed by PWG threads as its workgroup
+// sums it), so a decode step gives the bits of prep + attention.
 
 struct Params {
     n_heads: u32,
@@ -45,13 +56,22 @@ struct Params {
     span: u32,
     spans: u32,
     chunk: u32, // positions a chunk: a power of two ≤ 64, chunk · L ≤ 1024
+    // PREP: rotated pairs a head, the RMSNorm epsilon, whether q and k
+    // rows are normalised (norms[0..head_dim], norms[head_dim..]).
+    half: u32,
+    eps: f32,
+    norm_q: u32,
+    norm_k: u32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
+// k and v (bindings 2 and 3, writable with PREP), `put_kv` (their
+// stores, empty without PREP) and, with PREP, the norms (5) and the rotary
+// table (6) are declared with the module's constants.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read> k: array<vec4<u32>>;
-@group(0) @binding(3) var<storage, read> v: array<vec4<u32>>;
 @group(0) @binding(4) var<storage, read_write> part: array<f32>;
 
 // Values in one 16-byte load.
@@ -67,6 +87,68 @@ const LOWEST: f32 = -3.4028235e38;
 // (RPR · head_dim ≤ WG · U ≤ 1024).
 var<workgroup> sp: array<f32, 1024>;
 var<workgroup> ps: array<f32, MAX_CH>;
+
+// PREP: the q, k and v rows (head_dim ≤ PREP_HD each) and the new
+// position's k and v in the cache's format, as 16-byte loads.
+const PREP_HD: u32 = 256u;
+var<workgroup> prow: array<f32, 3u * PREP_HD>;
+var<workgroup> knew: array<vec4<u32>, PREP_HD / 4u>;
+var<workgroup> vnew: array<vec4<u32>, PREP_HD / 4u>;
+
+// PREP: value i of the raw q|k|v row.
+fn qkv_at(i: u32) -> f32 {
+    return q[i / 4u][i % 4u];
+}
+
+// PREP: head row `src` of the projection into prow[at..], normalised with
+// norms[w0..] when `norm` and rotated when `rope`, exactly as
+// attention_prep.wgsl does it (uniform control flow: it has barriers).
+fn prep_row(at: u32, src: u32, norm: bool, w0: u32, rope: bool, lane: Lane) {
+    let hd = p.head_dim;
+    for (var d = lane.lid; d < hd; d += WG) {
+        prow[at + d] = qkv_at(src + d);
+    }
+    workgroupBarrier();
+    if norm {
+        // attention_prep.wgsl's thread j sums dimensions j, j + PWG, ...;
+        // the threads past PWG add zeros, which change no bit.
+        var ss = 0.0;
+        if lane.lid < PWG {
+            for (var d = lane.lid; d < hd; d += PWG) {
+                ss += prow[at + d] * prow[at + d];
+            }
+        }
+        let total = wg_sum4(vec4<f32>(ss, 0.0, 0.0, 0.0), lane).x;
+        let scale = 1.0 / sqrt(total / f32(hd) + p.eps);
+        for (var d = lane.lid; d < hd; d += WG) {
+            prow[at + d] = prow[at + d] * scale * norms[w0 + d];
+        }
+        workgroupBarrier();
+    }
+    if rope {
+        for (var i = lane.lid; i < p.half; i += WG) {
+            let a = prow[at + i];
+            let b = prow[at + i + p.half];
+            let c = cs[i];
+            prow[at + i] = a * c.x - b * c.y;
+            prow[at + i + p.half] = b * c.x + a * c.y;
+        }
+        workgroupBarrier();
+    }
+}
+
+// PREP: the 16-byte load of the cache that holds prow[at..at + U], in the
+// cache's format (f16 rounded as attention_prep.wgsl rounds it).
+fn cache_load(at: u32) -> vec4<u32> {
+    if KV_F16 {
+        var w = vec4<u32>(0u);
+        for (var c = 0u; c < 4u; c++) {
+            w[c] = f16_bits(prow[at + 2u * c]) | (f16_bits(prow[at + 2u * c + 1u]) << 16u);
+        }
+        return w;
+    }
+    return bitcast<vec4<u32>>(vec4<f32>(prow[at], prow[at + 1u], prow[at + 2u], prow[at + 3u]));
+}
 
 // The U values of a 16-byte load, as two vec4s (the second zero for f32).
 struct Vals {
@@ -106,7 +188,38 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let out = ((t * p.n_heads + h) * p.spans + wg.z) * (hd + 2u);
     // This thread's U query values (its load i of a row).
     var qv = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
-    if busy {
+    // PREP: the new position (the last; in the last span only).
+    let new_pos = p.len - 1u;
+    let has_new = PREP && first + p.span > new_pos;
+    if PREP {
+        prep_row(0u, h * hd, p.norm_q == 1u, 0u, true, lane);
+        if busy {
+            let b = li * U;
+            qv.lo = vec4<f32>(prow[b], prow[b + 1u], prow[b + 2u], prow[b + 3u]);
+            if KV_F16 {
+                qv.hi = vec4<f32>(prow[b + 4u], prow[b + 5u], prow[b + 6u], prow[b + 7u]);
+            }
+        }
+        if has_new {
+            let kv0 = p.n_heads * hd;
+            prep_row(PREP_HD, kv0 + g * hd, p.norm_k == 1u, hd, true, lane);
+            prep_row(2u * PREP_HD, kv0 + (p.n_kv_heads + g) * hd, false, 0u, false, lane);
+            for (var i = lane.lid; i < nl; i += WG) {
+                knew[i] = cache_load(PREP_HD + i * U);
+                vnew[i] = cache_load(2u * PREP_HD + i * U);
+            }
+            workgroupBarrier();
+            // One writer a group: the cache holds the new position for the
+            // next step (this step reads knew and vnew).
+            if h % (p.n_heads / p.n_kv_heads) == 0u {
+                let at_k = (new_pos * p.k_stride + g * hd) / U;
+                let at_v = (new_pos * p.v_stride + g * hd) / U;
+                for (var i = lane.lid; i < nl; i += WG) {
+                    put_kv(at_k + i, at_v + i, knew[i], vnew[i]);
+                }
+            }
+        }
+    } else if busy {
         qv.lo = q[(row + li * U) / 4u];
         if KV_F16 {
             qv.hi = q[(row + li * U) / 4u + 1u];
@@ -123,7 +236,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         for (var r = 0u; r < ROUNDS; r++) {
             let j = r * rpr + lr;
             if busy && r < rounds && j < cn {
-                kw[r] = k[((c0 + j) * p.k_stride) / U + kcol];
+                if has_new && c0 + j == new_pos {
+                    kw[r] = knew[li];
+                } else {
+                    kw[r] = k[((c0 + j) * p.k_stride) / U + kcol];
+                }
             }
         }
         for (var r = 0u; r < ROUNDS; r++) {
@@ -157,7 +274,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         for (var r = 0u; r < ROUNDS; r++) {
             let j = r * rpr + lr;
             if busy && r < rounds && j < cn {
-                vw[r] = v[((c0 + j) * p.v_stride) / U + kcol];
+                if has_new && c0 + j == new_pos {
+                    vw[r] = vnew[li];
+                } else {
+                    vw[r] = v[((c0 + j) * p.v_stride) / U + kcol];
+                }
             }
         }
         var acc = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
