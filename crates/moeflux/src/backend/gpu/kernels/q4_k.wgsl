@@ -10,19 +10,20 @@ fn part_cols(q: u32) -> vec2<u32> {
 fn part(r: u32, u: u32, q: u32) -> Part {
     let b = wb + r * p.row_bytes + (u / 8u) * 144u;
     let sb = u % 8u;
-    // The 6-bit scale and min of sub-block sb: sub-blocks 0..4 in the low
-    // 6 bits of bytes sb and sb + 4; 4..8 in the nibbles of bytes 8..12
-    // plus the top two bits of bytes 0..8.
-    var sc: u32;
-    var mn: u32;
-    if sb < 4u {
-        sc = byte_at(b + 4u + sb) & 63u;
-        mn = byte_at(b + 8u + sb) & 63u;
-    } else {
-        let e = byte_at(b + 8u + sb);
-        sc = (e & 0x0fu) | ((byte_at(b + sb) >> 2u) & 0x30u);
-        mn = (e >> 4u) | ((byte_at(b + 4u + sb) >> 2u) & 0x30u);
-    }
+    // The 6-bit scale and min of sub-block sb (scales[j] is byte 4 + j of
+    // the super-block): sub-blocks 0..4 in the low 6 bits of scales[sb]
+    // and scales[sb + 4]; 4..8 in the nibbles of scales[sb + 4] plus the
+    // top two bits of scales[sb − 4] and scales[sb]. With j = sb % 4, the
+    // three words of scales shifted by 8j hold every byte needed, so both
+    // cases are computed from three loads and one is selected (threads of
+    // a warp take different sub-blocks: a branch here diverged).
+    let at = 8u * (sb % 4u);
+    let s0 = w[(b >> 2u) + 1u] >> at;
+    let s1 = w[(b >> 2u) + 2u] >> at;
+    let s2 = w[(b >> 2u) + 3u] >> at;
+    let lo = sb < 4u;
+    let sc = select((s2 & 0x0fu) | ((s0 >> 2u) & 0x30u), s0 & 63u, lo);
+    let mn = select(((s2 >> 4u) & 0x0fu) | ((s1 >> 2u) & 0x30u), s1 & 63u, lo);
     let dw = f16x2(w[b >> 2u]);
     let a = dw.x * f32(sc);
     let m = dw.y * f32(mn);
