@@ -101,28 +101,36 @@
 //! (330 MB) is three dispatches on lavapipe and one on an H100.
 //!
 //! # Dispatch plan for one decode layer
-//! On an H100 via Vulkan a dispatch costs ~5 µs inside a pass before it
-//! does anything, and the small dependent kernels of a layer take 10–20 µs
-//! each (the profile's per-kernel times); a submit-and-wait ~80 µs. So a
-//! layer is as few dispatches as the data flow allows (nine), and a
+//! On an H100 via Vulkan an empty dependent dispatch costs ~2.5–5 µs
+//! inside a pass, but the small kernels of a layer take 10–20 µs each:
+//! what costs is each kernel's own chain of dependent steps (a workgroup
+//! waiting on memory, then on barriers), not the dispatch count alone —
+//! measured by running one kind of dispatch twice, or an emptied copy of
+//! it, inside a real decode step (BENCHMARKS.md, 2026-11-26, fourth GPU
+//! session). A submit-and-wait costs ~80 µs. So a layer is as few
+//! dispatches as the data flow allows (eight for a decode step), and a
 //! token a few submissions (every eight layers, so the GPU starts while
 //! the host encodes the rest):
 //! 1. the q|k|v product (one matrix when stacked), RMS-normalising the
 //!    hidden state as it reads it (`Batch::OneNormed`);
-//! 2. `attention_prep`: q/k RMSNorm, RoPE, K/V cache writes;
-//! 3. attention over spans of the context, and the merge of the spans;
-//! 4. the output projection added into the hidden state;
-//! 5. the router product, normalising the hidden state with the FFN norm
+//! 2. attention over spans of the context, each workgroup first doing
+//!    `attention_prep`'s work for its own query head (q RMSNorm, RoPE) and,
+//!    in the span holding the new position, for its K/V head (k RMSNorm,
+//!    RoPE, rounding to the cache's format, one writer a group); then the
+//!    merge of the spans. Prompts (several tokens) run `attention_prep` as
+//!    a dispatch of its own first; both give the same bits;
+//! 3. the output projection added into the hidden state;
+//! 4. the router product, normalising the hidden state with the FFN norm
 //!    and storing the normalised rows for the experts;
-//! 6. `moe_route` (softmax, top-k by ranks; with every expert resident it
+//! 5. `moe_route` (softmax, top-k by ranks; with every expert resident it
 //!    also writes the expert jobs);
-//! 7. one product for every routed expert's gate and up with SwiGLU;
-//! 8. one for their down projections, weighted and added to the hidden
+//! 6. one product for every routed expert's gate and up with SwiGLU;
+//! 7. one for their down projections, weighted and added to the hidden
 //!    state in the same dispatch (`Batch::ExpertsCombine`).
 //!
-//! When experts must come from the host, step 6's choices are read back
+//! When experts must come from the host, step 5's choices are read back
 //! (the layer's one round trip), the host writes the jobs of the experts
-//! it brought in, and step 8 is a down product and a separate
+//! it brought in, and step 7 is a down product and a separate
 //! `moe_combine` (they give the same bits as the fused one). A matrix
 //! product's workgroup (128 threads) handles four rows of one token, or
 //! two rows of four tokens (prompts), with neighbouring threads on
