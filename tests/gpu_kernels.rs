@@ -647,22 +647,42 @@ fn expert_batches_match_cpu() {
     }
 }
 
+/// The buffers `moe_route` writes, for `n` tokens' top `k`.
+struct RouteBufs {
+    choice: moeflux::backend::gpu::wgpu::Buffer,
+    jobs: moeflux::backend::gpu::wgpu::Buffer,
+    rows: moeflux::backend::gpu::wgpu::Buffer,
+    weights: moeflux::backend::gpu::wgpu::Buffer,
+}
+
+impl RouteBufs {
+    fn new(gpu: &Gpu, n: usize, k: usize) -> RouteBufs {
+        RouteBufs {
+            choice: gpu.zeros_f32("choice", 2 * n * k).unwrap(),
+            jobs: gpu.zeros_f32("jobs", 2 * k * 12).unwrap(),
+            rows: gpu.zeros_f32("rows", k).unwrap(),
+            weights: gpu.zeros_f32("weights", k).unwrap(),
+        }
+    }
+
+    fn out(&self) -> moeflux::backend::gpu::pass::RouteOut<'_> {
+        moeflux::backend::gpu::pass::RouteOut {
+            choice: &self.choice,
+            jobs: &self.jobs,
+            rows: &self.rows,
+            weights: &self.weights,
+        }
+    }
+}
+
 /// Routing of `n` tokens over `ne` experts (token `n − 1`: all logits
 /// equal) against the CPU's softmax and a stable top-k.
 fn route_shape_matches_cpu(gpu: &moeflux::backend::gpu::Gpu, n: usize, ne: usize, k: usize) {
     let mut logits = normals(n * ne, 31 + ne as u64);
     logits[(n - 1) * ne..].iter_mut().for_each(|v| *v = 0.5);
     let lb = gpu.upload_f32("logits", &logits).unwrap();
-    let choice = gpu.zeros_f32("choice", 2 * n * k).unwrap();
-    let jobs = gpu.zeros_f32("jobs", 2 * k * 12).unwrap();
-    let rows = gpu.zeros_f32("rows", k).unwrap();
-    let weights = gpu.zeros_f32("weights", k).unwrap();
-    let out = moeflux::backend::gpu::pass::RouteOut {
-        choice: &choice,
-        jobs: &jobs,
-        rows: &rows,
-        weights: &weights,
-    };
+    let bufs = RouteBufs::new(gpu, n, k);
+    let (out, choice) = (bufs.out(), &bufs.choice);
     for norm in [false, true] {
         let mut want = Vec::new();
         for t in 0..n {
@@ -682,7 +702,7 @@ fn route_shape_matches_cpu(gpu: &moeflux::backend::gpu::Gpu, n: usize, ne: usize
             let mut pass = Pass::with_variant(gpu, variant);
             pass.moe_route(&lb, out, (n, ne, k, norm), None).unwrap();
             pass.submit().unwrap();
-            let got = gpu.read_f32(&choice, 2 * n * k).unwrap();
+            let got = gpu.read_f32(choice, 2 * n * k).unwrap();
             for (i, (&(e, w), c)) in want.iter().zip(got.chunks_exact(2)).enumerate() {
                 let (ge, gw) = (c[0].to_bits(), c[1]);
                 assert_eq!(
@@ -720,16 +740,8 @@ fn moe_route_matches_cpu() {
         route_shape_matches_cpu(gpu, n, ne, k);
     }
     let lb = gpu.upload_f32("logits", &logits).unwrap();
-    let choice = gpu.zeros_f32("choice", 2 * n * k).unwrap();
-    let jobs = gpu.zeros_f32("jobs", 2 * k * 12).unwrap();
-    let rows = gpu.zeros_f32("rows", k).unwrap();
-    let weights = gpu.zeros_f32("weights", k).unwrap();
-    let out = moeflux::backend::gpu::pass::RouteOut {
-        choice: &choice,
-        jobs: &jobs,
-        rows: &rows,
-        weights: &weights,
-    };
+    let bufs = RouteBufs::new(gpu, n, k);
+    let (out, choice) = (bufs.out(), &bufs.choice);
     // A NaN logit makes every probability NaN: the choice is still
     // deterministic and valid — experts 0..k in order, equal weights —
     // in every variant, run after run.
@@ -741,7 +753,7 @@ fn moe_route_matches_cpu() {
             let mut pass = Pass::with_variant(gpu, variant);
             pass.moe_route(&bb, out, (1, ne, k, true), None).unwrap();
             pass.submit().unwrap();
-            let got = gpu.read_f32(&choice, 2 * k).unwrap();
+            let got = gpu.read_f32(choice, 2 * k).unwrap();
             let ids: Vec<u32> = got.chunks_exact(2).map(|c| c[0].to_bits()).collect();
             assert_eq!(ids, (0..k as u32).collect::<Vec<_>>(), "{variant:?}");
             for c in got.chunks_exact(2) {
@@ -759,16 +771,16 @@ fn moe_route_matches_cpu() {
     pass.moe_route(&lb, out, (1, ne, k, true), Some(place))
         .unwrap();
     pass.submit().unwrap();
-    let got = gpu.read_f32(&choice, 2 * k).unwrap();
+    let got = gpu.read_f32(choice, 2 * k).unwrap();
     let j: Vec<u32> = gpu
-        .read_f32(&jobs, 2 * k * 12)
+        .read_f32(&bufs.jobs, 2 * k * 12)
         .unwrap()
         .iter()
         .map(|v| v.to_bits())
         .collect();
-    let w = gpu.read_f32(&weights, k).unwrap();
+    let w = gpu.read_f32(&bufs.weights, k).unwrap();
     let r: Vec<u32> = gpu
-        .read_f32(&rows, k)
+        .read_f32(&bufs.rows, k)
         .unwrap()
         .iter()
         .map(|v| v.to_bits())
