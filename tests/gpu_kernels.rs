@@ -1506,27 +1506,31 @@ fn parameter_arena_chains_and_flushes() {
 /// gives the bits of `attention_prep` followed by `attention`: the same
 /// output and the same cache (the new position written once, the rest
 /// untouched), for every variant and cache type, one span or several,
-/// with and without q/k norms, partly rotated heads, and f16 hard cases in
-/// the new v row.
+/// with and without q/k norms, partly rotated heads, a cache padded past
+/// its heads, and f16 hard cases in the new k and v rows; and typed errors
+/// for shapes it cannot take.
 #[test]
 fn decode_attention_with_prep_is_prep_then_attention() {
     let Some(gpu) = gpu() else { return };
     let eps = 1e-6;
-    for (nh, nkv, hd, n_rot, len, norm) in [
-        (8, 2, 128, 64, 300, (true, true)),
-        (4, 4, 64, 64, 1, (true, false)),
-        (6, 1, 24, 24, 130, (false, true)),
-        (2, 1, 256, 256, 70, (true, true)),
+    for (nh, nkv, hd, n_rot, len, norm, pad) in [
+        (8, 2, 128, 64, 300, (true, true), 0),
+        (4, 4, 64, 64, 1, (true, false), 0),
+        (6, 1, 24, 24, 130, (false, true), 16),
+        (2, 1, 256, 256, 70, (true, true), 0),
+        (4, 2, 64, 32, 90, (false, false), 8),
     ] {
         let width = (nh + 2 * nkv) * hd;
         let inv = rope_inv_freq(n_rot, 1e6);
-        let stride = nkv * hd;
+        let stride = nkv * hd + pad;
         // Positions 0..len - 1 come from a prep of len - 1 earlier tokens;
         // the new token is at len - 1.
         let mut qkv = normals(len * width, (hd + len) as u64);
-        let v0 = (len - 1) * width + (nh + nkv) * hd;
         let hard = [65520.0, 1.0e6, -3.0e-8, 1.0 + 1.0 / 2048.0];
-        qkv[v0..v0 + hard.len()].copy_from_slice(&hard);
+        for row in [nh, nh + nkv] {
+            let at = (len - 1) * width + row * hd;
+            qkv[at..at + hard.len()].copy_from_slice(&hard);
+        }
         let norms: Vec<f32> = normals(2 * hd, 9).iter().map(|v| 1.0 + 0.2 * v).collect();
         let nb = gpu.upload_f32("norms", &norms).unwrap();
         let table = rope_table(0, len, &inv);
@@ -1553,7 +1557,9 @@ fn decode_attention_with_prep_is_prep_then_attention() {
                 kv_f16,
             };
             for variant in gpu.variants() {
-                for spans in [1, len.div_ceil(64)] {
+                let mut counts = vec![1, len.div_ceil(64)];
+                counts.dedup();
+                for spans in counts {
                     let what = format!(
                         "{nh}/{nkv}/{hd} rot {n_rot}, {len} positions, f16 {kv_f16}, {spans} spans, {variant:?}"
                     );
@@ -1633,5 +1639,36 @@ fn decode_attention_with_prep_is_prep_then_attention() {
                 }
             }
         }
+    }
+    // Shapes the decode prep cannot take are typed errors, not panics.
+    let buf = gpu.zeros_f32("any", 1 << 16).unwrap();
+    let small = gpu.zeros_f32("small", 8).unwrap();
+    let shape = |head_dim: usize| AttentionShape {
+        n_heads: 2,
+        n_kv_heads: 1,
+        head_dim,
+        len: 4,
+        k_stride: head_dim,
+        v_stride: head_dim,
+        kv_f16: false,
+    };
+    let mut pass = Pass::new(gpu);
+    for (what, qkv, hd, half) in [
+        ("head_dim past the prep's rows", &buf, 264, 8),
+        ("more rotated pairs than the head has", &buf, 64, 40),
+        ("a q|k|v row shorter than the heads", &small, 64, 32),
+    ] {
+        let r = pass.attention_decode(
+            qkv,
+            &buf,
+            &buf,
+            (&buf, &buf),
+            &buf,
+            &buf,
+            shape(hd),
+            half,
+            ((true, true), eps),
+        );
+        assert!(matches!(r, Err(GpuError::Shape { .. })), "{what}: {r:?}");
     }
 }

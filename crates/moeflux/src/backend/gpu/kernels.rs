@@ -104,6 +104,11 @@ impl WeightKind {
     }
 }
 
+/// The largest head_dim the attention block's kernels take:
+/// `attention_prep.wgsl` keeps a head row in four slots of its WG threads,
+/// and `attention.wgsl`'s decode prep (PREP_HD) the same number of values.
+pub const MAX_HEAD_DIM: usize = 4 * WG as usize;
+
 /// Words of one job of an expert batch (see `matmul.wgsl`): A's weight
 /// byte offset, scale and bias word offsets; the same for B; the first
 /// row of Y; the token count; the first row of X; three unused.
@@ -419,7 +424,7 @@ impl Kernel {
                 let access = if prep { "read_write" } else { "read" };
                 s.push_str(&format!(
                     "const KV_F16: bool = {kv_f16};\nconst PREP: bool = {prep};\n\
-                     const PWG: u32 = {}u;\n\
+                     const PWG: u32 = {}u;\nconst PREP_HD: u32 = {MAX_HEAD_DIM}u;\n\
                      @group(0) @binding(2) var<storage, {access}> k: array<vec4<u32>>;\n\
                      @group(0) @binding(3) var<storage, {access}> v: array<vec4<u32>>;\n",
                     Kernel::AttentionPrep { kv_f16 }.workgroup_size()

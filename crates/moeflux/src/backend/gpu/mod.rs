@@ -106,9 +106,10 @@
 //! what costs is each kernel's own chain of dependent steps (a workgroup
 //! waiting on memory, then on barriers), not the dispatch count alone —
 //! measured by running one kind of dispatch twice, or an emptied copy of
-//! it, inside a real decode step (BENCHMARKS.md, 2026-11-26, fourth GPU
-//! session). A submit-and-wait costs ~80 µs. So a layer is as few
-//! dispatches as the data flow allows (eight for a decode step), and a
+//! it, inside a real decode step (bench/BENCHMARKS.md, 2026-11-26, fourth
+//! GPU session). A submit-and-wait costs ~80 µs. So a layer is as few
+//! dispatches as the data flow allows (eight for a decode step whose q, k
+//! and v projections share a format, ten otherwise), and a
 //! token a few submissions (every eight layers, so the GPU starts while
 //! the host encodes the rest):
 //! 1. the q|k|v product (one matrix when stacked), RMS-normalising the
@@ -118,7 +119,8 @@
 //!    in the span holding the new position, for its K/V head (k RMSNorm,
 //!    RoPE, rounding to the cache's format, one writer a group); then the
 //!    merge of the spans. Prompts (several tokens) run `attention_prep` as
-//!    a dispatch of its own first; both give the same bits;
+//!    a dispatch of its own first; both give the same bits (on drivers
+//!    that give the two pipelines one subgroup size: see attention.wgsl);
 //! 3. the output projection added into the hidden state;
 //! 4. the router product, normalising the hidden state with the FFN norm
 //!    and storing the normalised rows for the experts;

@@ -331,9 +331,8 @@ impl GpuModel {
                 "layer {i} differs in shape or RoPE from layer 0"
             )));
         }
-        // attention.wgsl reads rows in 16-byte loads; attention_prep
-        // keeps a head's values in four slots of WG threads.
-        let most = 4 * super::kernels::WG as usize;
+        // attention.wgsl reads rows in 16-byte loads; see MAX_HEAD_DIM.
+        let most = super::kernels::MAX_HEAD_DIM;
         if a.head_dim > most || a.head_dim % 8 != 0 {
             return Err(GpuError::Unsupported(format!(
                 "head_dim {} (the attention kernels take multiples of 8 up to {most})",

@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::device::{Gpu, Variant};
-use super::kernels::{Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, WG};
+use super::kernels::{
+    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_HEAD_DIM, WG,
+};
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
 use super::GpuError;
@@ -670,10 +672,13 @@ impl<'g> Pass<'g> {
 
     /// A decode step's attention block after its projections, in the two
     /// dispatches of [`Pass::attention`]: [`Pass::attention_prep`]'s work
-    /// for the one token (`qkv` its raw q, k and v head rows; `norms`,
-    /// `cs`, `half`, `norm`, `eps` as there, the token at position
-    /// `s.len − 1`) done by the attention workgroups themselves, with the
-    /// same bits as the prep dispatch followed by [`Pass::attention`].
+    /// for the one token at position `s.len − 1` (`qkv` its raw q, k and
+    /// v head rows; `cs` the rotary table's one row for that position;
+    /// `norms`, `half`, `norm`, `eps` as there; its k and v written into
+    /// the cache `k`, `v` at that position) done by the attention
+    /// workgroups themselves, with the same bits as the prep dispatch
+    /// followed by [`Pass::attention`] (see `attention.wgsl`, PREP, for
+    /// the drivers where that holds).
     #[allow(clippy::too_many_arguments)]
     pub fn attention_decode(
         &mut self,
@@ -689,11 +694,12 @@ impl<'g> Pass<'g> {
     ) -> Result<(), GpuError> {
         const K: &str = "attention (decode)";
         let hd = s.head_dim;
-        // attention.wgsl's PREP_HD.
-        if hd > 256 || 2 * half > hd {
+        if hd > MAX_HEAD_DIM || 2 * half > hd {
             return Err(GpuError::Shape {
                 kernel: K,
-                detail: format!("head_dim {hd} with {half} rotated pairs (at most 256)"),
+                detail: format!(
+                    "head_dim {hd} with {half} rotated pairs (head_dim at most {MAX_HEAD_DIM})"
+                ),
             });
         }
         holds(K, "qkv", qkv, (s.n_heads + 2 * s.n_kv_heads) * hd)?;

@@ -1,5 +1,6 @@
 // Causal attention of n_q query tokens (q: n_q × n_heads × head_dim, the
-// last n_q of `len` positions, whose K/V the cache already holds): query t
+// last n_q of `len` positions, whose K/V the cache already holds — but see
+// PREP below): query t
 // attends to the first len − n_q + 1 + t positions of a KV cache
 // (position j's keys at k[j · k_stride ..], values at v[j · v_stride ..],
 // head group g at offset g · head_dim; f16 pairs packed in words when
@@ -42,7 +43,11 @@
 // position instead of reading the cache, and the first head of each group
 // writes them into the cache. The arithmetic is attention_prep.wgsl's,
 // step for step (its mean square summed by PWG threads as its workgroup
-// sums it), so a decode step gives the bits of prep + attention.
+// sums it), so a decode step gives the bits of prep + attention — where
+// the driver gives both pipelines the same subgroup size (a fixed 32 on
+// NVIDIA, 8 on lavapipe; AMD and Intel drivers may choose per pipeline)
+// and contracts the RoPE expressions alike in both; tested bit for bit on
+// lavapipe, in CI.
 
 struct Params {
     n_heads: u32,
@@ -88,9 +93,9 @@ const LOWEST: f32 = -3.4028235e38;
 var<workgroup> sp: array<f32, 1024>;
 var<workgroup> ps: array<f32, MAX_CH>;
 
-// PREP: the q, k and v rows (head_dim ≤ PREP_HD each) and the new
-// position's k and v in the cache's format, as 16-byte loads.
-const PREP_HD: u32 = 256u;
+// PREP: the q, k and v rows (head_dim ≤ PREP_HD each, a constant of the
+// module) and the new position's k and v in the cache's format, as
+// 16-byte loads.
 var<workgroup> prow: array<f32, 3u * PREP_HD>;
 var<workgroup> knew: array<vec4<u32>, PREP_HD / 4u>;
 var<workgroup> vnew: array<vec4<u32>, PREP_HD / 4u>;
