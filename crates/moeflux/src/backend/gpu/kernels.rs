@@ -38,6 +38,7 @@ const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
 const F16_ROUND: &str = include_str!("kernels/f16_round.wgsl");
 const ATTENTION_PREP: &str = include_str!("kernels/attention_prep.wgsl");
+const HEAD_PREP: &str = include_str!("kernels/head_prep.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
 const MOE_ROUTE: &str = include_str!("kernels/moe_route.wgsl");
 const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
@@ -438,11 +439,11 @@ impl Kernel {
                     "var<private> norms: array<f32, 1>;\nvar<private> cs: array<vec2<f32>, 1>;\n\
                      fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {}\n"
                 });
-                &[F16_ROUND, ATTENTION]
+                &[F16_ROUND, HEAD_PREP, ATTENTION]
             }
             Kernel::AttentionPrep { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
-                &[F16_ROUND, ATTENTION_PREP]
+                &[F16_ROUND, HEAD_PREP, ATTENTION_PREP]
             }
             Kernel::AttentionMerge => &[ATTENTION_MERGE],
             Kernel::Gather => &[GATHER],

@@ -211,6 +211,35 @@ fn expert_buffers<'b>(
     bufs
 }
 
+/// Checks the inputs of an attention block's prep (`attention_prep.wgsl`
+/// or the decode attention's PREP, both through `head_prep.wgsl`) for `n`
+/// tokens: a head_dim the kernels take and `half` rotated pairs within it,
+/// the q|k|v rows, the rotary table, and the norms when either is used.
+fn prep_inputs(
+    kernel: &'static str,
+    (qkv, norms, cs): (&wgpu::Buffer, &wgpu::Buffer, &wgpu::Buffer),
+    s: AttentionShape,
+    n: usize,
+    half: usize,
+    normed: bool,
+) -> Result<(), GpuError> {
+    let hd = s.head_dim;
+    if hd == 0 || !hd.is_multiple_of(2) || hd > MAX_HEAD_DIM || 2 * half > hd {
+        return Err(GpuError::Shape {
+            kernel,
+            detail: format!(
+                "head_dim {hd} with {half} rotated pairs (an even head_dim up to {MAX_HEAD_DIM})"
+            ),
+        });
+    }
+    holds(kernel, "qkv", qkv, n * (s.n_heads + 2 * s.n_kv_heads) * hd)?;
+    holds(kernel, "cs", cs, 2 * n * half)?;
+    if normed {
+        holds(kernel, "norms", norms, 2 * hd)?;
+    }
+    Ok(())
+}
+
 /// Converts a size to the u32 a kernel parameter holds.
 fn u32_of(kernel: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
     u32::try_from(v).map_err(|_| GpuError::Shape {
@@ -693,20 +722,7 @@ impl<'g> Pass<'g> {
         (norm, eps): ((bool, bool), f32),
     ) -> Result<(), GpuError> {
         const K: &str = "attention (decode)";
-        let hd = s.head_dim;
-        if hd > MAX_HEAD_DIM || 2 * half > hd {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!(
-                    "head_dim {hd} with {half} rotated pairs (head_dim at most {MAX_HEAD_DIM})"
-                ),
-            });
-        }
-        holds(K, "qkv", qkv, (s.n_heads + 2 * s.n_kv_heads) * hd)?;
-        holds(K, "cs", cs, 2 * half)?;
-        if norm.0 || norm.1 {
-            holds(K, "norms", norms, 2 * hd)?;
-        }
+        prep_inputs(K, (qkv, norms, cs), s, 1, half, norm.0 || norm.1)?;
         let prep = DecodePrep {
             norms,
             cs,
@@ -832,20 +848,11 @@ impl<'g> Pass<'g> {
             kv_f16: s.kv_f16,
             prep: prep.is_some(),
         };
-        match &prep {
-            None => self.push(
-                kernel,
-                &params,
-                &[q, k, v, scratch],
-                [heads, queries, spans as u32],
-            )?,
-            Some(p) => self.push(
-                kernel,
-                &params,
-                &[q, k, v, scratch, p.norms, p.cs],
-                [heads, 1, spans as u32],
-            )?,
+        let mut bufs = vec![q, k, v, scratch];
+        if let Some(p) = &prep {
+            bufs.extend([p.norms, p.cs]);
         }
+        self.push(kernel, &params, &bufs, [heads, queries, spans as u32])?;
         let params = words(&[heads, u32_of(K, "head_dim", s.head_dim)?, spans as u32, 0]);
         self.push(
             Kernel::AttentionMerge,
@@ -878,19 +885,11 @@ impl<'g> Pass<'g> {
         const K: &str = "attention_prep";
         let bad = |detail: String| GpuError::Shape { kernel: K, detail };
         let hd = s.head_dim;
-        if hd == 0 || !hd.is_multiple_of(2) || hd > 4 * WG as usize || 2 * half > hd {
-            return Err(bad(format!("head_dim {hd} with {half} rotated pairs")));
-        }
         if s.n_kv_heads == 0 || n == 0 {
             return Err(bad(format!("{} KV heads, {n} tokens", s.n_kv_heads)));
         }
-        let width = (s.n_heads + 2 * s.n_kv_heads) * hd;
-        holds(K, "qkv", qkv, n * width)?;
+        prep_inputs(K, (qkv, norms, cs), s, n, half, norm.0 || norm.1)?;
         holds(K, "qn", qn, n * s.n_heads * hd)?;
-        holds(K, "cs", cs, 2 * n * half)?;
-        if norm.0 || norm.1 {
-            holds(K, "norms", norms, 2 * hd)?;
-        }
         let kv_dim = s.n_kv_heads * hd;
         if s.k_stride != s.v_stride || s.k_stride < kv_dim || !s.k_stride.is_multiple_of(2) {
             return Err(bad(format!(

@@ -41,9 +41,10 @@
 // one holding the new position) do the same for their group's k row and
 // round k and v to the cache's format, use those values for the new
 // position instead of reading the cache, and the first head of each group
-// writes them into the cache. The arithmetic is attention_prep.wgsl's,
-// step for step (its mean square summed by PWG threads as its workgroup
-// sums it), so a decode step gives the bits of prep + attention — where
+// writes them into the cache. Both kernels prepare a row with
+// head_prep.wgsl's `prep_row` (its mean square summed by PWG threads, the
+// prep kernel's workgroup), so a decode step gives the bits of prep +
+// attention — where
 // the driver gives both pipelines the same subgroup size (a fixed 32 on
 // NVIDIA, 8 on lavapipe; AMD and Intel drivers may choose per pipeline)
 // and contracts the RoPE expressions alike in both; tested bit for bit on
@@ -105,43 +106,6 @@ fn qkv_at(i: u32) -> f32 {
     return q[i / 4u][i % 4u];
 }
 
-// PREP: head row `src` of the projection into prow[at..], normalised with
-// norms[w0..] when `norm` and rotated when `rope`, exactly as
-// attention_prep.wgsl does it (uniform control flow: it has barriers).
-fn prep_row(at: u32, src: u32, norm: bool, w0: u32, rope: bool, lane: Lane) {
-    let hd = p.head_dim;
-    for (var d = lane.lid; d < hd; d += WG) {
-        prow[at + d] = qkv_at(src + d);
-    }
-    workgroupBarrier();
-    if norm {
-        // attention_prep.wgsl's thread j sums dimensions j, j + PWG, ...;
-        // the threads past PWG add zeros, which change no bit.
-        var ss = 0.0;
-        if lane.lid < PWG {
-            for (var d = lane.lid; d < hd; d += PWG) {
-                ss += prow[at + d] * prow[at + d];
-            }
-        }
-        let total = wg_sum4(vec4<f32>(ss, 0.0, 0.0, 0.0), lane).x;
-        let scale = 1.0 / sqrt(total / f32(hd) + p.eps);
-        for (var d = lane.lid; d < hd; d += WG) {
-            prow[at + d] = prow[at + d] * scale * norms[w0 + d];
-        }
-        workgroupBarrier();
-    }
-    if rope {
-        for (var i = lane.lid; i < p.half; i += WG) {
-            let a = prow[at + i];
-            let b = prow[at + i + p.half];
-            let c = cs[i];
-            prow[at + i] = a * c.x - b * c.y;
-            prow[at + i + p.half] = b * c.x + a * c.y;
-        }
-        workgroupBarrier();
-    }
-}
-
 // PREP: the 16-byte load of the cache that holds prow[at..at + U], in the
 // cache's format (f16 rounded as attention_prep.wgsl rounds it).
 fn cache_load(at: u32) -> vec4<u32> {
@@ -197,7 +161,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let new_pos = p.len - 1u;
     let has_new = PREP && first + p.span > new_pos;
     if PREP {
-        prep_row(0u, h * hd, p.norm_q == 1u, 0u, true, lane);
+        prep_row(0u, h * hd, p.norm_q == 1u, 0u, true, 0u, lane);
         if busy {
             let b = li * U;
             qv.lo = vec4<f32>(prow[b], prow[b + 1u], prow[b + 2u], prow[b + 3u]);
@@ -207,8 +171,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         }
         if has_new {
             let kv0 = p.n_heads * hd;
-            prep_row(PREP_HD, kv0 + g * hd, p.norm_k == 1u, hd, true, lane);
-            prep_row(2u * PREP_HD, kv0 + (p.n_kv_heads + g) * hd, false, 0u, false, lane);
+            prep_row(PREP_HD, kv0 + g * hd, p.norm_k == 1u, hd, true, 0u, lane);
+            prep_row(2u * PREP_HD, kv0 + (p.n_kv_heads + g) * hd, false, 0u, false, 0u, lane);
             for (var i = lane.lid; i < nl; i += WG) {
                 knew[i] = cache_load(PREP_HD + i * U);
                 vnew[i] = cache_load(2u * PREP_HD + i * U);

@@ -11,6 +11,7 @@
 //   head · head_dim), as f16 rounded to nearest-even exactly as the CPU's
 //   cache (`f16_bits`, f16_round.wgsl; KV_F16) or f32;
 // - v: written into its cache the same way.
+// The norms and rotation are head_prep.wgsl's (shared with attention.wgsl).
 // One workgroup per (head row, token): wg.x < n_heads is a q head, then the
 // k heads, then the v heads; wg.y is the token. head_dim ≤ 4 · WG, even.
 
@@ -37,7 +38,13 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> kc: array<u32>;
 @group(0) @binding(6) var<storage, read_write> vc: array<u32>;
 
-var<workgroup> row: array<f32, 4u * WG>;
+// The row being prepared (see head_prep.wgsl), and what prep_row needs.
+var<workgroup> prow: array<f32, 4u * WG>;
+const PWG: u32 = WG;
+
+fn qkv_at(i: u32) -> f32 {
+    return qkv[i];
+}
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
@@ -45,41 +52,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let slot = wg.x;
     let t = wg.y;
     let width = (p.n_heads + 2u * p.n_kv) * hd;
-    let src = t * width + slot * hd;
     let is_q = slot < p.n_heads;
     let is_v = slot >= p.n_heads + p.n_kv;
-    for (var d = lane.lid; d < hd; d += WG) {
-        row[d] = qkv[src + d];
-    }
-    // RMSNorm of q and k rows (uniform: the same choice for the workgroup).
+    // q and k rows normalised (when asked) and rotated; v rows as they
+    // are (uniform: the same choice for the workgroup).
     let norm = select(p.norm_k, p.norm_q, is_q) == 1u && !is_v;
-    if norm {
-        var ss = 0.0;
-        for (var d = lane.lid; d < hd; d += WG) {
-            ss += row[d] * row[d];
-        }
-        let total = wg_sum4(vec4<f32>(ss, 0.0, 0.0, 0.0), lane).x;
-        let scale = 1.0 / sqrt(total / f32(hd) + p.eps);
-        let w0 = select(hd, 0u, is_q);
-        for (var d = lane.lid; d < hd; d += WG) {
-            row[d] = row[d] * scale * norms[w0 + d];
-        }
-    }
-    workgroupBarrier();
-    if !is_v {
-        for (var i = lane.lid; i < p.half; i += WG) {
-            let a = row[i];
-            let b = row[i + p.half];
-            let c = cs[t * p.half + i];
-            row[i] = a * c.x - b * c.y;
-            row[i + p.half] = b * c.x + a * c.y;
-        }
-    }
-    workgroupBarrier();
+    let w0 = select(hd, 0u, is_q);
+    prep_row(0u, t * width + slot * hd, norm, w0, !is_v, t * p.half, lane);
     if is_q {
         let dst = (t * p.n_heads + slot) * hd;
         for (var d = lane.lid; d < hd; d += WG) {
-            qn[dst + d] = row[d];
+            qn[dst + d] = prow[d];
         }
         return;
     }
@@ -87,7 +70,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let at = (p.pos0 + t) * p.stride + head * hd;
     if KV_F16 {
         for (var d = 2u * lane.lid; d < hd; d += 2u * WG) {
-            let word = f16_bits(row[d]) | (f16_bits(row[d + 1u]) << 16u);
+            let word = f16_bits(prow[d]) | (f16_bits(prow[d + 1u]) << 16u);
             if is_v {
                 vc[(at + d) / 2u] = word;
             } else {
@@ -97,9 +80,9 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     } else {
         for (var d = lane.lid; d < hd; d += WG) {
             if is_v {
-                vc[at + d] = bitcast<u32>(row[d]);
+                vc[at + d] = bitcast<u32>(prow[d]);
             } else {
-                kc[at + d] = bitcast<u32>(row[d]);
+                kc[at + d] = bitcast<u32>(prow[d]);
             }
         }
     }
