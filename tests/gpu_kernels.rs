@@ -1065,6 +1065,89 @@ fn every_kernel_translates_to_msl_and_spirv() {
     );
 }
 
+/// Every loop of every kernel ends by construction, which is what lets
+/// the pipelines leave out naga's loop bounding (see `RUNTIME_CHECKS` in
+/// `backend/gpu/kernels.rs`): no `loop` or `while`, and each `for` is
+/// `for (var i = a; i < bound; step)` with `step` one of `i++`, `i += s`
+/// for a positive module constant or a parameter the host checks to be at
+/// least 1 (the attention chunk), or `for (var i = a; i > 0u; i = i >> 1u)`;
+/// and no statement in its body assigns its counter.
+#[test]
+fn every_loop_is_counted() {
+    // Steps that are positive: constants of the modules, and the
+    // attention chunk (`attention_spans` computes it as a power of two).
+    const STEPS: [&str; 6] = ["WG", "PWG", "2u * WG", "LOADS", "p.chunk", "1u"];
+    let mut loops = 0;
+    for kernel in Kernel::all() {
+        for variant in Variant::all() {
+            let src = kernel.source(variant).unwrap();
+            let what = kernel.name();
+            // Comments may say anything.
+            let code: String = src
+                .lines()
+                .map(|l| l.split("//").next().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("\n");
+            let words: Vec<&str> = code
+                .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .collect();
+            assert!(
+                !words.contains(&"loop") && !words.contains(&"while"),
+                "{what}: an unbounded loop form"
+            );
+            let mut rest = code.as_str();
+            while let Some(at) = rest.find("for (") {
+                let from = &rest[at + 5..];
+                let close = from.find(") {").expect("a for header");
+                let header: Vec<&str> = from[..close].split(';').map(str::trim).collect();
+                assert_eq!(header.len(), 3, "{what}: for ({})", &from[..close]);
+                let var = header[0]
+                    .strip_prefix("var ")
+                    .and_then(|h| h.split(" = ").next())
+                    .unwrap_or_else(|| panic!("{what}: counter in {:?}", header[0]));
+                let (cond, step) = (header[1], header[2]);
+                let counted = cond.starts_with(&format!("{var} < "))
+                    && (step == format!("{var}++")
+                        || STEPS.iter().any(|s| step == format!("{var} += {s}")));
+                let halving =
+                    cond == format!("{var} > 0u") && step == format!("{var} = {var} >> 1u");
+                assert!(counted || halving, "{what}: for ({})", &from[..close]);
+                // The body, by matching braces, must leave the counter alone.
+                let body_at = close + 3;
+                let mut depth = 1;
+                let mut end = body_at;
+                for (i, c) in from[body_at..].char_indices() {
+                    depth += match c {
+                        '{' => 1,
+                        '}' => -1,
+                        _ => 0,
+                    };
+                    if depth == 0 {
+                        end = body_at + i;
+                        break;
+                    }
+                }
+                let body = &from[body_at..end];
+                for assign in [" = ", " += ", " -= ", "++", "--", " *= ", " >>= ", " <<= "] {
+                    let mut b = body;
+                    while let Some(i) = b.find(&format!("{var}{assign}")) {
+                        let before = b[..i].chars().next_back();
+                        assert!(
+                            before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.'),
+                            "{what}: the body of for ({}) assigns {var}",
+                            &from[..close]
+                        );
+                        b = &b[i + 1..];
+                    }
+                }
+                loops += 1;
+                rest = &from[close..];
+            }
+        }
+    }
+    assert!(loops > 100, "only {loops} loops found");
+}
+
 /// The steps between the projections and the attention in one kernel,
 /// against the CPU: q and k rows normalised per head (with, without, or
 /// only q's norm) and rotated (full and partial RoPE, at positions far
