@@ -71,6 +71,28 @@ struct Params {
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
 const UNIT: u32 = 32u;
+
+// One-token products hold 4 KiB of shared memory that they never use:
+// measured on an H100 (NVIDIA's Vulkan driver), a decode step's products
+// ran faster with it (Q4_K decode 162 → 182 tok/s, Q4_0 188 → 193; the
+// down + combine product 1.59 → 1.05 ms a token), and slower with 16 KiB
+// (149 tok/s). Why is not known; a guess is the driver's split of each
+// SM's memory between L1 and shared memory, which the other kernels of a
+// layer (attention, routing: 4–9 KiB) set differently. Prompt products
+// keep none (they were 3 % slower with it). `footprint` keeps it
+// allocated.
+const FOOTPRINT: u32 = select(1u, 256u, TOK == 1u);
+var<workgroup> footprint_slots: array<vec4<f32>, FOOTPRINT>;
+
+fn footprint(lane: Lane) {
+    // Never true (no product has that many rows), but the compiler cannot
+    // know; uniform, so the barrier is allowed.
+    if p.rows == 0xffffffffu {
+        footprint_slots[lane.lid % FOOTPRINT] = vec4<f32>(1.0);
+        workgroupBarrier();
+        y[0] = footprint_slots[(lane.lid + 1u) % FOOTPRINT].x;
+    }
+}
 // Rows of one workgroup.
 const R: u32 = select(2u, 4u, TOK == 1u);
 
@@ -188,6 +210,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     // Offsets of matrices A and B.
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
     let c4 = p.cols / 4u;
+    footprint(lane);
     let parts = p.units * 4u;
     if COMBINE {
         // Rows r0.. of every job's product in turn (jobs p.job0 .. p.job0
@@ -289,18 +312,38 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             }
         }
     }
-    var s = wg_sum4(acc, lane);
+    // The workgroup's sums, two at a time and the last without a closing
+    // barrier (no shared slot is written after them): each reduction is a
+    // chain of barriers that the whole workgroup waits on.
+    var s = vec4<f32>(0.0);
     var s_b = vec4<f32>(0.0);
-    if TOK != 1u {
-        s_b = wg_sum4(acc_b, lane);
+    var up = vec4<f32>(0.0);
+    var up_b = vec4<f32>(0.0);
+    if TOK == 1u {
+        if GLU {
+            let r = wg_sum4x2_last(acc, acc2, lane);
+            s = r.a;
+            up = r.b;
+        } else {
+            s = wg_sum4_last(acc, lane);
+        }
+    } else {
+        if GLU {
+            let r = wg_sum4x2(acc, acc_b, lane);
+            s = r.a;
+            s_b = r.b;
+            let u = wg_sum4x2_last(acc2, acc2_b, lane);
+            up = u.a;
+            up_b = u.b;
+        } else {
+            let r = wg_sum4x2_last(acc, acc_b, lane);
+            s = r.a;
+            s_b = r.b;
+        }
     }
     if GLU {
-        let up = wg_sum4(acc2, lane);
         s = s / (1.0 + exp(-s)) * up;
-        if TOK != 1u {
-            let up_b = wg_sum4(acc2_b, lane);
-            s_b = s_b / (1.0 + exp(-s_b)) * up_b;
-        }
+        s_b = s_b / (1.0 + exp(-s_b)) * up_b;
     }
     // One token: lanes 0..4 write rows r0..r0 + 4. Four tokens: lanes
     // 0..4 write row r0 for tokens t0..t0 + 4, lanes 4..8 row r0 + 1.

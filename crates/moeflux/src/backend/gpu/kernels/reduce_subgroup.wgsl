@@ -13,7 +13,15 @@ struct Lane {
 
 var<workgroup> red4: array<vec4<f32>, WG / 4u>;
 
-fn wg_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+var<workgroup> red4b: array<vec4<f32>, WG / 4u>;
+
+// Two sums (see reduce_shared.wgsl).
+struct Sum2 {
+    a: vec4<f32>,
+    b: vec4<f32>,
+}
+
+fn wg_sum4_last(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     let s = subgroupAdd(v);
     if lane.sg_lane == 0u {
         red4[lane.sg_id] = s;
@@ -23,7 +31,34 @@ fn wg_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
     for (var i = 0u; i < lane.n_sg; i++) {
         r += red4[i];
     }
+    return r;
+}
+
+fn wg_sum4(v: vec4<f32>, lane: Lane) -> vec4<f32> {
+    let r = wg_sum4_last(v, lane);
     // Nobody may overwrite a slot before every thread has read them all.
+    workgroupBarrier();
+    return r;
+}
+
+fn wg_sum4x2_last(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
+    let sa = subgroupAdd(a);
+    let sb = subgroupAdd(b);
+    if lane.sg_lane == 0u {
+        red4[lane.sg_id] = sa;
+        red4b[lane.sg_id] = sb;
+    }
+    workgroupBarrier();
+    var r = Sum2(vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var i = 0u; i < lane.n_sg; i++) {
+        r.a += red4[i];
+        r.b += red4b[i];
+    }
+    return r;
+}
+
+fn wg_sum4x2(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
+    let r = wg_sum4x2_last(a, b, lane);
     workgroupBarrier();
     return r;
 }
