@@ -75,12 +75,13 @@ const UNIT: u32 = 32u;
 // One-token products hold 4 KiB of shared memory that they never use:
 // measured on an H100 (NVIDIA's Vulkan driver), a decode step's products
 // ran faster with it (Q4_K decode 162 → 182 tok/s, Q4_0 188 → 193; the
-// down + combine product 1.59 → 1.05 ms a token), and slower with 16 KiB
-// (149 tok/s). Why is not known; a guess is the driver's split of each
-// SM's memory between L1 and shared memory, which the other kernels of a
-// layer (attention, routing: 4–9 KiB) set differently. Prompt products
-// keep none (they were 3 % slower with it). `footprint` keeps it
-// allocated.
+// down + combine product 1.59 → 1.05 ms a token). The effect is a step:
+// 2 KiB was as slow as none (156 tok/s), 8 KiB as fast as 4 (195), 16
+// KiB slower again (149). Why is not known; a guess is the driver's
+// split of each SM's memory between L1 and shared memory, which the
+// other kernels of a layer (attention, routing: 4–9 KiB) set
+// differently. Prompt products keep none (they were 3 % slower with
+// it). `footprint` keeps it allocated.
 const FOOTPRINT: u32 = select(1u, 256u, TOK == 1u);
 var<workgroup> footprint_slots: array<vec4<f32>, FOOTPRINT>;
 
