@@ -14,8 +14,8 @@ use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softm
 use moeflux::backend::cpu::Matrix;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
-    rope_table, AttentionShape, Gpu, GpuError, GpuMatrix, Kernel, MatShape, Pass, Reduce, Variant,
-    WeightKind,
+    rope_table, AttentionShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape, Pass,
+    Reduce, Variant, WeightKind,
 };
 use moeflux::quant::mlx::ScaleType;
 use moeflux::quant::{GgmlType, MlxAffine};
@@ -1063,6 +1063,54 @@ fn every_kernel_translates_to_msl_and_spirv() {
         checked,
         4 * (9 * WeightKind::all().len() + 4) + 2 * 2 + 2 + 2 + 3
     );
+}
+
+/// One dispatch decodes an expert's gate and up projections (SwiGLU), so
+/// both must share a format: an expert whose gate and up differ cannot be
+/// put in a GPU slot. Filling the slot is a typed error naming both, the
+/// slot is not left owned by the expert (a later lookup misses instead of
+/// reading half-written weights), and a well-formed expert then fills it.
+#[test]
+fn expert_with_mixed_gate_and_up_formats_is_a_typed_error() {
+    use moeflux::backend::gpu::experts::SlotCount;
+    use moeflux::experts::store::ExpertView;
+    let Some(gpu) = gpu() else { return };
+    let (hidden, ff) = (64, 32);
+    let q8 = GgmlType::Q8_0;
+    let q4 = GgmlType::Q4_0;
+    let gate8 = random_ggml(q8, ff, hidden, 1);
+    let up4 = random_ggml(q4, ff, hidden, 2);
+    let up8 = random_ggml(q8, ff, hidden, 3);
+    let down8 = random_ggml(q8, hidden, ff, 4);
+    let array = (q8.row_bytes(hidden as u64).unwrap() as usize * ff).max(down8.len()) as u64;
+    let mut arena = GpuExperts::new(gpu, 1, vec![array; 3], SlotCount::Exactly(1), &[1]).unwrap();
+    fn view<'a>(gate: &'a [u8], up: (&'a [u8], GgmlType), down: &'a [u8]) -> ExpertView<'a> {
+        let (hidden, ff) = (64, 32);
+        ExpertView {
+            gate: Matrix::ggml(GgmlType::Q8_0, ff, hidden, gate).unwrap(),
+            up: Matrix::ggml(up.1, ff, hidden, up.0).unwrap(),
+            down: Matrix::ggml(GgmlType::Q8_0, hidden, ff, down).unwrap(),
+        }
+    }
+    let slot = arena.claim(0, 0).expect("a slot");
+    match arena.fill(gpu, slot, &view(&gate8, (&up4, q4), &down8)) {
+        Err(GpuError::Unsupported(m)) => assert!(
+            m.contains("Q8_0") && m.contains("Q4_0") && m.contains("differ"),
+            "{m}"
+        ),
+        other => panic!("mixed gate/up formats: {other:?}"),
+    }
+    assert!(
+        arena.hit(0, 0).is_none(),
+        "a failed fill left the expert resident"
+    );
+    assert!(arena.shapes(slot).is_err());
+    let slot = arena.claim(0, 0).expect("a slot");
+    arena
+        .fill(gpu, slot, &view(&gate8, (&up8, q8), &down8))
+        .unwrap();
+    assert_eq!(arena.hit(0, 0), Some(slot));
+    assert!(arena.shapes(slot).is_ok());
 }
 
 /// Every loop of every kernel ends by construction, which is what lets
