@@ -1117,25 +1117,20 @@ fn expert_with_mixed_gate_and_up_formats_is_a_typed_error() {
 /// the pipelines leave out naga's loop bounding (see `RUNTIME_CHECKS` in
 /// `backend/gpu/kernels.rs`): no `loop` or `while`, and each `for` is
 /// `for (var i = a; i < bound; step)` with `step` one of `i++`, `i += s`
-/// for a positive module constant or a parameter the host checks to be at
-/// least 1 (the attention chunk), or `for (var i = a; i > 0u; i = i >> 1u)`;
-/// and no statement in its body assigns its counter.
+/// for a positive module constant of at most 256 (or, in the attention
+/// kernels, the chunk, which the host makes a power of two), or
+/// `for (var i = a; i > 0u; i = i >> 1u)`; the bound is a plain
+/// expression (no `||`, `&&`, calls or `select`); and no statement in the
+/// body assigns the counter or a variable of the bound.
 #[test]
 fn every_loop_is_counted() {
-    // Steps that are positive: constants of the modules, and the
-    // attention chunk (`attention_spans` computes it as a power of two).
-    const STEPS: [&str; 6] = ["WG", "PWG", "2u * WG", "LOADS", "p.chunk", "1u"];
+    const STEPS: [&str; 5] = ["WG", "PWG", "2u * WG", "LOADS", "1u"];
     let mut loops = 0;
     for kernel in Kernel::all() {
         for variant in Variant::all() {
             let src = kernel.source(variant).unwrap();
             let what = kernel.name();
-            // Comments may say anything.
-            let code: String = src
-                .lines()
-                .map(|l| l.split("//").next().unwrap_or(""))
-                .collect::<Vec<_>>()
-                .join("\n");
+            let code = strip_comments(&src);
             let words: Vec<&str> = code
                 .split(|c: char| !(c.is_alphanumeric() || c == '_'))
                 .collect();
@@ -1143,27 +1138,38 @@ fn every_loop_is_counted() {
                 !words.contains(&"loop") && !words.contains(&"while"),
                 "{what}: an unbounded loop form"
             );
+            let fors = words.iter().filter(|w| **w == "for").count();
+            let mut headers = 0;
             let mut rest = code.as_str();
             while let Some(at) = rest.find("for (") {
                 let from = &rest[at + 5..];
                 let close = from.find(") {").expect("a for header");
-                let header: Vec<&str> = from[..close].split(';').map(str::trim).collect();
-                assert_eq!(header.len(), 3, "{what}: for ({})", &from[..close]);
+                let text = &from[..close];
+                let header: Vec<&str> = text.split(';').map(str::trim).collect();
+                assert_eq!(header.len(), 3, "{what}: for ({text})");
                 let var = header[0]
                     .strip_prefix("var ")
                     .and_then(|h| h.split(" = ").next())
                     .unwrap_or_else(|| panic!("{what}: counter in {:?}", header[0]));
                 let (cond, step) = (header[1], header[2]);
-                let counted = cond.starts_with(&format!("{var} < "))
+                let chunk = what.starts_with("attention") && step == format!("{var} += p.chunk");
+                let bound = cond.strip_prefix(&format!("{var} < "));
+                let counted = bound.is_some()
                     && (step == format!("{var}++")
+                        || chunk
                         || STEPS.iter().any(|s| step == format!("{var} += {s}")));
                 let halving =
                     cond == format!("{var} > 0u") && step == format!("{var} = {var} >> 1u");
-                assert!(counted || halving, "{what}: for ({})", &from[..close]);
-                // The body, by matching braces, must leave the counter alone.
+                assert!(counted || halving, "{what}: for ({text})");
+                let bound = bound.unwrap_or("");
+                assert!(
+                    !["||", "&&", "(", "?"].iter().any(|t| bound.contains(t)),
+                    "{what}: for ({text}): the bound must be a plain expression"
+                );
+                // The body, by matching braces.
                 let body_at = close + 3;
                 let mut depth = 1;
-                let mut end = body_at;
+                let mut end = from.len();
                 for (i, c) in from[body_at..].char_indices() {
                     depth += match c {
                         '{' => 1,
@@ -1176,24 +1182,85 @@ fn every_loop_is_counted() {
                     }
                 }
                 let body = &from[body_at..end];
-                for assign in [" = ", " += ", " -= ", "++", "--", " *= ", " >>= ", " <<= "] {
-                    let mut b = body;
-                    while let Some(i) = b.find(&format!("{var}{assign}")) {
-                        let before = b[..i].chars().next_back();
-                        assert!(
-                            before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '.'),
-                            "{what}: the body of for ({}) assigns {var}",
-                            &from[..close]
-                        );
-                        b = &b[i + 1..];
-                    }
+                let names = bound
+                    .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+                    .filter(|w| w.starts_with(|c: char| c.is_alphabetic() || c == '_'))
+                    .chain([var]);
+                for name in names {
+                    assert!(
+                        !assigns(body, name),
+                        "{what}: the body of for ({text}) assigns {name}"
+                    );
                 }
-                loops += 1;
+                headers += 1;
                 rest = &from[close..];
             }
+            assert_eq!(headers, fors, "{what}: a `for` in another form");
+            loops += headers;
         }
     }
     assert!(loops > 100, "only {loops} loops found");
+}
+
+/// WGSL without its `//` and `/* */` comments.
+fn strip_comments(src: &str) -> String {
+    let mut out = String::new();
+    let mut rest = src;
+    while !rest.is_empty() {
+        let line = rest.find("//");
+        let block = rest.find("/*");
+        match (line, block) {
+            (Some(l), b) if b.is_none_or(|b| l < b) => {
+                out.push_str(&rest[..l]);
+                rest = rest[l..].find('\n').map_or("", |e| &rest[l + e..]);
+            }
+            (_, Some(b)) => {
+                out.push_str(&rest[..b]);
+                rest = rest[b..].find("*/").map_or("", |e| &rest[b + e + 2..]);
+            }
+            _ => {
+                out.push_str(rest);
+                rest = "";
+            }
+        }
+    }
+    out
+}
+
+/// Whether WGSL `body` may change variable `name`: an assignment or an
+/// increment of it, or its address taken (a write through a pointer).
+fn assigns(body: &str, name: &str) -> bool {
+    let ident = |c: char| c.is_alphanumeric() || c == '_' || c == '.';
+    let mut from = 0;
+    while let Some(i) = body[from..].find(name) {
+        let at = from + i;
+        from = at + name.len();
+        let before = body[..at].chars().next_back();
+        let after = body[from..].chars().next();
+        if before.is_some_and(ident) || after.is_some_and(ident) {
+            continue;
+        }
+        if before == Some('&') {
+            return true;
+        }
+        let mut next = body[from..].trim_start();
+        // `(i) = ...` assigns i too.
+        if before == Some('(') {
+            match next.strip_prefix(')') {
+                Some(n) => next = n.trim_start(),
+                None => continue,
+            }
+        }
+        let compound = [
+            "+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "<<=", ">>=", "++", "--",
+        ];
+        if compound.iter().any(|op| next.starts_with(op))
+            || (next.starts_with('=') && !next.starts_with("=="))
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// The steps between the projections and the attention in one kernel,

@@ -472,10 +472,11 @@ impl Kernel {
 /// The checks naga compiles into every kernel: wgpu's defaults less loop
 /// bounding. With it on, naga gives every loop a second, 64-bit iteration
 /// counter and an exit on its overflow (so that an endless loop cannot be
-/// undefined behaviour); on an H100 that counter cost 16 % of a decode
-/// step (Q4_0 157 → 185 tok/s without it, prompts 827 → 986: the drivers
-/// no longer unroll or pipeline our short loops). Our loops end by
-/// construction (see the `SAFETY` note where modules are made).
+/// undefined behaviour); on an H100 that counter cost about a seventh of a
+/// decode step (Q4_0 157 → 182 tok/s without it, prompts 827 → 983;
+/// measured, the cause presumably that the driver no longer unrolls or
+/// pipelines our short loops). Our loops end by construction (see the
+/// `SAFETY` note where modules are made).
 const RUNTIME_CHECKS: wgpu::ShaderRuntimeChecks = {
     let mut checks = wgpu::ShaderRuntimeChecks::checked();
     checks.force_loop_bounding = false;
@@ -570,12 +571,15 @@ impl Gpu {
                 source: wgpu::ShaderSource::Wgsl(source.into()),
             };
             // SAFETY: the one check `RUNTIME_CHECKS` leaves out guards
-            // against loops that never end, and every loop of every kernel
-            // is a counted `for` whose counter only its header changes,
-            // stepping by a positive amount towards a bound below 2³¹ (a
-            // size the host checked against a buffer), so none is infinite;
-            // the test `every_loop_is_counted` holds every module to that
-            // form. Bounds and integer-division checks stay on.
+            // against loops that never end. Every loop of every kernel is
+            // a counted `for` whose counter only its header changes: either
+            // counting up by a positive step of at most 256 towards a bound
+            // no larger than a kernel parameter or a module constant (the
+            // host keeps parameters ≤ `pass::MAX_PARAM`, 1024 below
+            // `u32::MAX`, so the counter cannot wrap), or halving down to
+            // zero. So none is infinite; the test `every_loop_is_counted`
+            // holds every module to those forms. Bounds and
+            // integer-division checks stay on.
             let module = unsafe {
                 self.device
                     .create_shader_module_trusted(desc, RUNTIME_CHECKS)

@@ -37,8 +37,9 @@
 //! prefill, checked against the fixtures' transformers references, the
 //! CPU, and for independence from the GPU arena and host cache sizes and
 //! from prompt chunking (`tests/gpu_model.rs`). With every expert in GPU
-//! memory a decode token runs without a host round trip (submitted after
-//! two layers, then every eight); otherwise one submit-and-wait per layer brings the routed
+//! memory a decode token runs without a host round trip (submitted in
+//! pieces: see the dispatch plan); otherwise one submit-and-wait per layer
+//! brings the routed
 //! experts in.
 //! Not yet: a tiled prefill matmul (prompts run the same kernels with
 //! four tokens a workgroup), lookahead prefetch and overlapped uploads on
@@ -110,11 +111,12 @@
 //! GPU session). A submit-and-wait costs ~80 µs. So a layer is as few
 //! dispatches as the data flow allows (eight for a decode step whose q, k
 //! and v projections share a format, ten otherwise), and a
-//! token a few submissions (after two layers, then every eight, so the
-//! GPU starts while the host encodes the rest). Kernels are compiled
-//! without naga's loop bounding (`kernels::RUNTIME_CHECKS`: a per-loop
-//! counter that cost a sixth of a decode step), and a product's last
-//! reductions end without a closing barrier:
+//! token a few submissions (after layers 2, 8, 16, 24, ..., so the GPU
+//! starts while the host encodes the rest). Kernels are compiled without
+//! naga's loop bounding (`kernels::RUNTIME_CHECKS`: a per-loop counter
+//! that cost about a seventh of a decode step), and a product's last
+//! reductions (but the combine's, one a job) end without a closing
+//! barrier:
 //! 1. the q|k|v product (one matrix when stacked), RMS-normalising the
 //!    hidden state as it reads it (`Batch::OneNormed`);
 //! 2. attention over spans of the context, each workgroup first doing

@@ -9,9 +9,9 @@
 //! top-k of [`Moe::route`], in the GPU's f32). When every expert of the
 //! model is in GPU memory (loaded on the first step), a decode step never
 //! returns to the host: the routing kernel writes the expert jobs itself
-//! and the token is submitted in pieces (the first two layers, then eight
-//! at a time) without waiting, so the GPU starts while the host encodes
-//! the rest. Otherwise, per
+//! and the token is submitted in pieces (after layers 2, 8, 16, ...)
+//! without waiting, so the GPU starts while the host encodes the rest.
+//! Otherwise, per
 //! layer, one
 //! submission carries the previous layer's experts and combine, this
 //! layer's attention block, router and routing; the choices are read back

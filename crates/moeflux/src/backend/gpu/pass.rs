@@ -240,12 +240,25 @@ fn prep_inputs(
     Ok(())
 }
 
-/// Converts a size to the u32 a kernel parameter holds.
+/// The largest value of a kernel's size parameter. Kernel loops count up
+/// towards bounds no larger than their parameters, in steps of at most 256
+/// (a workgroup); with this headroom a counter never wraps past `u32::MAX`,
+/// so every loop ends (what lets the kernels be compiled without naga's
+/// loop bounding: see `kernels::RUNTIME_CHECKS`).
+pub const MAX_PARAM: u32 = u32::MAX - 1024;
+
+/// Converts a size to the u32 a kernel parameter holds (at most
+/// [`MAX_PARAM`]).
 fn u32_of(kernel: &'static str, what: &str, v: usize) -> Result<u32, GpuError> {
-    u32::try_from(v).map_err(|_| GpuError::Shape {
-        kernel,
-        detail: format!("{what} = {v} does not fit in 32 bits"),
-    })
+    u32::try_from(v)
+        .ok()
+        .filter(|&v| v <= MAX_PARAM)
+        .ok_or_else(|| GpuError::Shape {
+            kernel,
+            detail: format!(
+                "{what} = {v} is too large for a kernel parameter (at most {MAX_PARAM})"
+            ),
+        })
 }
 
 /// Checks that `buf` holds at least `len` f32 values.
@@ -1169,4 +1182,29 @@ pub fn rope_table(pos0: usize, n: usize, inv_freq: &[f32]) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::gpu::Kernel;
+
+    /// Kernel parameters leave room for a loop's last step: sizes up to
+    /// `MAX_PARAM` pass, larger ones are a typed error, and no loop steps
+    /// by more than the headroom (the largest step is twice a workgroup).
+    #[test]
+    fn kernel_parameters_keep_loop_headroom() {
+        let max = MAX_PARAM as usize;
+        assert_eq!(u32_of("t", "x", max).unwrap(), MAX_PARAM);
+        for v in [max + 1, u32::MAX as usize, usize::MAX] {
+            assert!(matches!(u32_of("t", "x", v), Err(GpuError::Shape { .. })));
+        }
+        for k in Kernel::all() {
+            assert!(
+                2 * k.workgroup_size() <= u32::MAX - MAX_PARAM,
+                "{}",
+                k.name()
+            );
+        }
+    }
 }

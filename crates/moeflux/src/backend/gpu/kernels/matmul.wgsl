@@ -72,12 +72,14 @@ struct Params {
 
 const UNIT: u32 = 32u;
 
-// One-token products hold 4 KiB of shared memory that they never use:
+// One-token products hold 4 KiB of shared memory that they never use
+// (besides the reductions' slots: 1 KiB with subgroups, 4 with a tree):
 // measured on an H100 (NVIDIA's Vulkan driver), a decode step's products
 // ran faster with it (Q4_K decode 162 → 182 tok/s, Q4_0 188 → 193; the
 // down + combine product 1.59 → 1.05 ms a token). The effect is a step:
-// 2 KiB was as slow as none (156 tok/s), 8 KiB as fast as 4 (195), 16
-// KiB slower again (149). Why is not known; a guess is the driver's
+// 2 KiB was as slow as none (156 tok/s against 162 without it, one run
+// apart), 8 KiB about as fast as 4 (Q4_K 195 against 193, Q4_0 198
+// against 203), 16 KiB slower again (149). Why is not known; a guess is the driver's
 // split of each SM's memory between L1 and shared memory, which the
 // other kernels of a layer (attention, routing: 4–9 KiB) set
 // differently. Prompt products keep none (they were 3 % slower with

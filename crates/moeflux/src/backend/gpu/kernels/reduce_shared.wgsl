@@ -2,8 +2,9 @@
 // power of two). Every thread gets the result. Call only from control flow
 // that is uniform over the workgroup (they contain barriers).
 //
-// Both reduction files define the same functions, each element summed in
-// the same order whichever of them computes it:
+// Both reduction files define the same functions (each file sums in its
+// own order — a tree here, subgroups then slots in order there — and
+// every function of a file in that one order):
 // - wg_sum4, wg_max: one sum (maximum), ending with a barrier, so the
 //   slots may be used again at once;
 // - wg_sum4x2: two sums in the barrier rounds of one;
