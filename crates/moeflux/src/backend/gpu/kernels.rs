@@ -573,7 +573,7 @@ impl Gpu {
             // SAFETY: the one check `RUNTIME_CHECKS` leaves out guards
             // against loops that never end. Every loop of every kernel is
             // a counted `for` whose counter only its header changes: either
-            // counting up by a positive step of at most 256 towards a bound
+            // counting up by a positive step of at most 512 towards a bound
             // no larger than a kernel parameter or a module constant (the
             // host keeps parameters ≤ `pass::MAX_PARAM`, 1024 below
             // `u32::MAX`, so the counter cannot wrap), or halving down to

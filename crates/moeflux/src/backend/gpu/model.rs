@@ -11,10 +11,9 @@
 //! returns to the host: the routing kernel writes the expert jobs itself
 //! and the token is submitted in pieces (after layers 2, 8, 16, ...)
 //! without waiting, so the GPU starts while the host encodes the rest.
-//! Otherwise, per
-//! layer, one
-//! submission carries the previous layer's experts and combine, this
-//! layer's attention block, router and routing; the choices are read back
+//! Otherwise, per layer, one submission carries the previous layer's
+//! experts and combine, this layer's attention block, router and routing;
+//! the choices are read back
 //! (the one host round trip of a layer) so the host can bring the experts
 //! in. Both ways use the same routing kernel and the same product kernels,
 //! so the output does not depend on the memory plan.

@@ -79,17 +79,17 @@ const UNIT: u32 = 32u;
 // down + combine product 1.59 → 1.05 ms a token). The effect is a step:
 // 2 KiB was as slow as none (156 tok/s against 162 without it, one run
 // apart), 8 KiB about as fast as 4 (Q4_K 195 against 193, Q4_0 198
-// against 203), 16 KiB slower again (149). Why is not known; a guess is the driver's
-// split of each SM's memory between L1 and shared memory, which the
-// other kernels of a layer (attention, routing: 4–9 KiB) set
-// differently. Prompt products keep none (they were 3 % slower with
-// it). `footprint` keeps it allocated.
+// against 203), 16 KiB slower again (149). Why is not known; a guess is
+// the driver's split of each SM's memory between L1 and shared memory,
+// which the other kernels of a layer (attention, routing: 4–9 KiB) set
+// differently. Prompt products keep none (they were 3 % slower with it).
+// `footprint` keeps it allocated.
 const FOOTPRINT: u32 = select(1u, 256u, TOK == 1u);
 var<workgroup> footprint_slots: array<vec4<f32>, FOOTPRINT>;
 
 fn footprint(lane: Lane) {
-    // Never true (no product has that many rows), but the compiler cannot
-    // know; uniform, so the barrier is allowed.
+    // Never true (the host keeps parameters ≤ MAX_PARAM, below this), but
+    // the compiler cannot know; uniform, so the barrier is allowed.
     if p.rows == 0xffffffffu {
         footprint_slots[lane.lid % FOOTPRINT] = vec4<f32>(1.0);
         workgroupBarrier();
