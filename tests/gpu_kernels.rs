@@ -12,6 +12,7 @@ use half::f16;
 use moeflux::backend::cpu::matrix::dot;
 use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
 use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::kernels::JOB_WORDS;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
     rope_table, AttentionShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape, Pass,
@@ -659,7 +660,7 @@ impl RouteBufs {
     fn new(gpu: &Gpu, n: usize, k: usize) -> RouteBufs {
         RouteBufs {
             choice: gpu.zeros_f32("choice", 2 * n * k).unwrap(),
-            jobs: gpu.zeros_f32("jobs", 2 * k * 12).unwrap(),
+            jobs: gpu.zeros_f32("jobs", 2 * k * JOB_WORDS).unwrap(),
             rows: gpu.zeros_f32("rows", k).unwrap(),
             weights: gpu.zeros_f32("weights", k).unwrap(),
         }
@@ -773,7 +774,7 @@ fn moe_route_matches_cpu() {
     pass.submit().unwrap();
     let got = gpu.read_f32(choice, 2 * k).unwrap();
     let j: Vec<u32> = gpu
-        .read_f32(&bufs.jobs, 2 * k * 12)
+        .read_f32(&bufs.jobs, 2 * k * JOB_WORDS)
         .unwrap()
         .iter()
         .map(|v| v.to_bits())
@@ -788,7 +789,7 @@ fn moe_route_matches_cpu() {
     for rank in 0..k {
         let e = got[2 * rank].to_bits();
         let base = (3 + e) * 1024;
-        let g = &j[rank * 12..rank * 12 + 9];
+        let g = &j[rank * JOB_WORDS..rank * JOB_WORDS + 9];
         assert_eq!(
             g,
             &[
@@ -803,7 +804,7 @@ fn moe_route_matches_cpu() {
                 0
             ]
         );
-        let d = &j[(k + rank) * 12..(k + rank) * 12 + 9];
+        let d = &j[(k + rank) * JOB_WORDS..(k + rank) * JOB_WORDS + 9];
         assert_eq!(d[0], base + 512);
         assert_eq!(&d[6..9], &[rank as u32, 1, rank as u32]);
         assert_eq!(w[rank], got[2 * rank + 1]);
@@ -1075,21 +1076,21 @@ fn expert_with_mixed_gate_and_up_formats_is_a_typed_error() {
     use moeflux::backend::gpu::experts::SlotCount;
     use moeflux::experts::store::ExpertView;
     let Some(gpu) = gpu() else { return };
-    let (hidden, ff) = (64, 32);
+    const HIDDEN: usize = 64;
+    const FF: usize = 32;
     let q8 = GgmlType::Q8_0;
     let q4 = GgmlType::Q4_0;
-    let gate8 = random_ggml(q8, ff, hidden, 1);
-    let up4 = random_ggml(q4, ff, hidden, 2);
-    let up8 = random_ggml(q8, ff, hidden, 3);
-    let down8 = random_ggml(q8, hidden, ff, 4);
-    let array = (q8.row_bytes(hidden as u64).unwrap() as usize * ff).max(down8.len()) as u64;
+    let gate8 = random_ggml(q8, FF, HIDDEN, 1);
+    let up4 = random_ggml(q4, FF, HIDDEN, 2);
+    let up8 = random_ggml(q8, FF, HIDDEN, 3);
+    let down8 = random_ggml(q8, HIDDEN, FF, 4);
+    let array = gate8.len().max(down8.len()) as u64;
     let mut arena = GpuExperts::new(gpu, 1, vec![array; 3], SlotCount::Exactly(1), &[1]).unwrap();
     fn view<'a>(gate: &'a [u8], up: (&'a [u8], GgmlType), down: &'a [u8]) -> ExpertView<'a> {
-        let (hidden, ff) = (64, 32);
         ExpertView {
-            gate: Matrix::ggml(GgmlType::Q8_0, ff, hidden, gate).unwrap(),
-            up: Matrix::ggml(up.1, ff, hidden, up.0).unwrap(),
-            down: Matrix::ggml(GgmlType::Q8_0, hidden, ff, down).unwrap(),
+            gate: Matrix::ggml(GgmlType::Q8_0, FF, HIDDEN, gate).unwrap(),
+            up: Matrix::ggml(up.1, FF, HIDDEN, up.0).unwrap(),
+            down: Matrix::ggml(GgmlType::Q8_0, HIDDEN, FF, down).unwrap(),
         }
     }
     let slot = arena.claim(0, 0).expect("a slot");
@@ -1117,7 +1118,7 @@ fn expert_with_mixed_gate_and_up_formats_is_a_typed_error() {
 /// the pipelines leave out naga's loop bounding (see `RUNTIME_CHECKS` in
 /// `backend/gpu/kernels.rs`): no `loop` or `while`, and each `for` is
 /// `for (var i = a; i < bound; step)` with `step` one of `i++`, `i += s`
-/// for a positive module constant of at most 256 (or, in the attention
+/// for a positive module constant of at most twice a workgroup (or, in the attention
 /// kernels, the chunk, which the host makes a power of two), or
 /// `for (var i = a; i > 0u; i = i >> 1u)`; the bound is a plain
 /// expression (no `||`, `&&`, calls or `select`); and no statement in the

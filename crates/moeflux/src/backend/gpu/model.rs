@@ -13,10 +13,10 @@
 //! without waiting, so the GPU starts while the host encodes the rest.
 //! Otherwise, per layer, one submission carries the previous layer's
 //! experts and combine, this layer's attention block, router and routing;
-//! the choices are read back
-//! (the one host round trip of a layer) so the host can bring the experts
-//! in. Both ways use the same routing kernel and the same product kernels,
-//! so the output does not depend on the memory plan.
+//! the choices are read back (the one host round trip of a layer) so the
+//! host can bring the experts in. Both ways use the same routing kernel
+//! and the same product kernels, so the output does not depend on the
+//! memory plan.
 //!
 //! What runs on the GPU equals the CPU reference level (dequantized
 //! weights, f32 activations) up to f32 rounding order; the CPU's integer
@@ -44,8 +44,9 @@ use crate::tokenizer::TokenId;
 const SUBMIT_EVERY: usize = 8;
 /// The first submission of a GPU-routed decode step holds only this many
 /// layers: the GPU is idle from the last step's logits until it comes,
-/// and encoding and submitting eight layers kept it waiting ~0.2 ms (an
-/// H100: Q4_0 decode 188 → 196 tok/s, Q4_K 162 → 167 with two).
+/// and waiting for eight layers to be encoded and submitted cost decode
+/// speed (an H100: Q4_0 188 → 196 tok/s, Q4_K 162 → 167 with two; one
+/// was no faster).
 const FIRST_SUBMIT: usize = 2;
 /// Logit rows computed per LM-head dispatch group (bounds the logits
 /// buffer: `LOGIT_ROWS × vocab` f32).

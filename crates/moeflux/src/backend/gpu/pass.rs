@@ -243,9 +243,8 @@ fn prep_inputs(
 /// The largest value of a kernel's size parameter. Kernel loops count up
 /// towards bounds no larger than their parameters, in steps of at most
 /// twice a workgroup (512); with this headroom a counter never wraps past
-/// `u32::MAX`,
-/// so every loop ends (what lets the kernels be compiled without naga's
-/// loop bounding: see `kernels::RUNTIME_CHECKS`).
+/// `u32::MAX`, so every loop ends (what lets the kernels be compiled
+/// without naga's loop bounding: see `kernels::RUNTIME_CHECKS`).
 pub const MAX_PARAM: u32 = u32::MAX - 1024;
 
 /// Converts a size to the u32 a kernel parameter holds (at most
