@@ -123,7 +123,8 @@
 //!    `attention_prep`'s work for its own query head (q RMSNorm, RoPE) and,
 //!    in the span holding the new position, for its K/V head (k RMSNorm,
 //!    RoPE, rounding to the cache's format, one writer a group); then the
-//!    merge of the spans. Prompts (several tokens) run `attention_prep` as
+//!    merge of the spans (none when one span holds the whole context, up
+//!    to 64 positions: its workgroups write the output themselves). Prompts (several tokens) run `attention_prep` as
 //!    a dispatch of its own first; both give the same bits (on drivers
 //!    that give the two pipelines one subgroup size: see attention.wgsl);
 //! 3. the output projection added into the hidden state;

@@ -861,11 +861,16 @@ impl<'g> Pass<'g> {
             kv_f16: s.kv_f16,
             prep: prep.is_some(),
         };
-        let mut bufs = vec![q, k, v, scratch];
+        // One span writes the output itself (see attention.wgsl).
+        let part = if spans == 1 { out } else { scratch };
+        let mut bufs = vec![q, k, v, part];
         if let Some(p) = &prep {
             bufs.extend([p.norms, p.cs]);
         }
         self.push(kernel, &params, &bufs, [heads, queries, spans as u32])?;
+        if spans == 1 {
+            return Ok(());
+        }
         let params = words(&[heads, u32_of(K, "head_dim", s.head_dim)?, spans as u32, 0]);
         self.push(
             Kernel::AttentionMerge,

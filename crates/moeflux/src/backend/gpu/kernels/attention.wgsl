@@ -18,7 +18,9 @@
 // unnormalised weighted sum of values, the running max m and the sum l of
 // exp(score − m) — as row (query · n_heads + head) · spans + span of
 // `part` (head_dim + 2 values); attention_merge.wgsl combines the spans. A
-// span past the query's causal end writes l = 0.
+// span past the query's causal end writes l = 0. With one span (p.spans =
+// 1) there is nothing to merge: the workgroup writes its normalised result
+// into `part`, which is then the output.
 //
 // Memory is read in 16-byte loads (U = 8 f16 or 4 f32 values; a row is
 // L = head_dim / U loads), every thread issuing all of a chunk's key (then
@@ -283,6 +285,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         m = nm;
         // The next chunk overwrites sp and ps.
         workgroupBarrier();
+    }
+    if p.spans == 1u {
+        // The only span: `part` is the output itself (the host binds it
+        // so), and this is what attention_merge.wgsl makes of one span
+        // (its factor exp(m − m) is 1), with no merge dispatch.
+        for (var slot = 0u; slot < SLOTS; slot++) {
+            let d = lane.lid + slot * WG;
+            if d < hd {
+                part[row + d] = o[slot] / l;
+            }
+        }
+        return;
     }
     for (var slot = 0u; slot < SLOTS; slot++) {
         let d = lane.lid + slot * WG;
