@@ -2,7 +2,8 @@
 //! of weights read (criterion's throughput): a regression shows up as a
 //! drop. Run with `cargo bench -p moeflux-bench` (`MOEFLUX_BENCH_THREADS`
 //! sets the threads, 1 by default). `stream/*` is decode from DRAM; the
-//! others are products over matrices that fit in cache.
+//! others are products over matrices that fit in cache. `attention/*` is
+//! decode attention over an f16 KV cache, as GB/s of cache rows read.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moeflux::backend::cpu::interleave;
@@ -119,9 +120,50 @@ fn stream(c: &mut Criterion) {
     }
 }
 
+/// Decode attention as the engine runs it: one query per head over the f16
+/// KV caches of 48 layers (Qwen3-30B-A3B: 32 heads, 4 KV heads, head_dim
+/// 128) at a 640-position context, 63 MB of cache rows: more than the L3
+/// of the machines measured, so the rows come from DRAM. GB/s of cache
+/// read.
+fn attention(c: &mut Criterion) {
+    use moeflux::backend::cpu::Cpu;
+    use moeflux::model::attention::attend;
+    use moeflux::state::kv::{KvCache, KvType};
+    let threads = std::env::var("MOEFLUX_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let cpu = Cpu::new(threads, None).expect("the detected level");
+    let (nh, nkv, hd, ctx, layers) = (32usize, 4usize, 128usize, 640usize, 48usize);
+    let dim = nkv * hd;
+    let mut cache = KvCache::new(&vec![Some((dim, dim)); layers], ctx, KvType::F16);
+    let mut r = Rng::new(3);
+    for l in &mut cache.layers {
+        let k: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
+        let v: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
+        l.push(&k, &v);
+    }
+    let q: Vec<f32> = (0..nh * hd).map(|_| r.normal() as f32).collect();
+    let mut out = vec![0f32; nh * hd];
+    let scratch: Vec<_> = (0..threads)
+        .map(|_| std::sync::Mutex::new(Vec::new()))
+        .collect();
+    let mut group = c.benchmark_group("attention");
+    group.throughput(Throughput::Bytes(cache.bytes() as u64));
+    let id = BenchmarkId::new(format!("decode {nh}/{nkv}x{hd} ctx {ctx} x{layers}"), "f16");
+    group.bench_function(id, |b| {
+        b.iter(|| {
+            for kv in &cache.layers {
+                attend(&cpu, &scratch, &q, kv, &mut out, [nh, nkv, hd], 1, ctx - 1);
+            }
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = kernels;
     config = Criterion::default().sample_size(20).warm_up_time(std::time::Duration::from_millis(300)).measurement_time(std::time::Duration::from_secs(1));
-    targets = bench, stream
+    targets = bench, stream, attention
 }
 criterion_main!(kernels);

@@ -61,8 +61,9 @@ const SCORE_BUDGET: usize = 1 << 18;
 /// order, softmax over positions `0..=p`, weighted sum of values in position
 /// order — depends only on its own position, so results are bit-identical
 /// however the tokens are chunked or the tasks spread over threads.
+/// `per_thread` is one scratch vector per pool thread (grown as needed).
 #[allow(clippy::too_many_arguments)]
-fn attend(
+pub fn attend(
     cpu: &Cpu,
     per_thread: &[std::sync::Mutex<Vec<f32>>],
     q: &[f32],
@@ -108,13 +109,26 @@ fn attend(
         let (tile, scores) = scratch.split_at_mut(TILE * hd);
         let queries =
             || (t0..t1).flat_map(move |t| (0..hpt).map(move |i| (t, h0 + i, (t - t0) * hpt + i)));
-        // Rows j0..j1 of this group's keys or values, as f32, into the tile.
-        let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| {
-            for j in j0..j1 {
-                rows.read(
-                    j * dim + g * hd,
-                    &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
-                );
+        // Rows j0..j1 of this group's keys or values, as f32, into the
+        // tile; the next tile's f16 rows are prefetched meanwhile.
+        let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| match rows {
+            Rows::F16(v) => {
+                let s = kernels::Strided {
+                    at: j0 * dim + g * hd,
+                    stride: dim,
+                    width: hd,
+                    rows: j1 - j0,
+                };
+                let ahead = TILE.min(len - j1);
+                kernels::f16_rows_to_f32(level, v, s, ahead, &mut tile[..(j1 - j0) * hd]);
+            }
+            Rows::F32(_) => {
+                for j in j0..j1 {
+                    rows.read(
+                        j * dim + g * hd,
+                        &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
+                    );
+                }
             }
         };
         // Pass 1: scores, tile by tile of keys.

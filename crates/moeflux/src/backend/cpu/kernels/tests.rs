@@ -316,3 +316,40 @@ fn f16_rows_convert_exactly() {
         );
     }
 }
+
+/// Strided rows (a KV group's slice of each position) convert exactly at
+/// every level, each into its own place, with widths that have an 8-lane
+/// tail and prefetches reaching past the end of the cache.
+#[test]
+fn strided_f16_rows_convert_exactly() {
+    let src: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+    for level in levels() {
+        for (at, stride, width, rows) in [(0, 512, 128, 32), (3, 100, 37, 9), (7, 8, 8, 1)] {
+            let s = Strided {
+                at,
+                stride,
+                width,
+                rows,
+            };
+            // Prefetching 64 rows past the last would reach past `src`.
+            let start = src.len() - s.span();
+            let s = Strided { at: start, ..s };
+            let mut got = vec![-1f32; rows * width + 3];
+            f16_rows_to_f32(level, &src, s, 64, &mut got);
+            for r in 0..rows {
+                for i in 0..width {
+                    let h = src[start + r * stride + i];
+                    let (g, want) = (got[r * width + i], h.to_f32());
+                    assert!(
+                        g.to_bits() == want.to_bits() || (g.is_nan() && want.is_nan()),
+                        "{level:?} row {r} value {i}: {g} vs {want}"
+                    );
+                }
+            }
+            assert!(
+                got[rows * width..].iter().all(|&v| v == -1.0),
+                "{level:?}: wrote past the rows"
+            );
+        }
+    }
+}

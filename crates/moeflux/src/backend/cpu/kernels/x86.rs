@@ -1010,6 +1010,40 @@ pub unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
     }
 }
 
+/// [`super::f16_rows_to_f32`] with F16C: each row eight values at a time
+/// (the tail one by one), then a prefetch of every cache line of the next
+/// `ahead` rows (only their addresses are formed, with `wrapping_add`: rows
+/// past the end are ignored by the prefetch).
+///
+/// # Safety
+/// AVX2 and F16C present; `s.at + (s.rows − 1) · s.stride + s.width ≤
+/// src.len()` and `s.rows · s.width ≤ dst.len()`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn f16_rows_f16c(src: &[u16], s: super::Strided, ahead: usize, dst: &mut [f32]) {
+    let full = s.width / 8 * 8;
+    for r in 0..s.rows {
+        let from = src.as_ptr().add(s.at + r * s.stride);
+        let to = dst.as_mut_ptr().add(r * s.width);
+        for i in (0..full).step_by(8) {
+            // SAFETY: i + 8 ≤ width: inside row r of both (the contract).
+            let h = _mm_loadu_si128(from.add(i) as *const __m128i);
+            _mm256_storeu_ps(to.add(i), _mm256_cvtph_ps(h));
+        }
+        for i in full..s.width {
+            *to.add(i) = half::f16::from_bits(*from.add(i)).to_f32();
+        }
+    }
+    let base = src.as_ptr() as *const u8;
+    for r in s.rows..s.rows + ahead {
+        let row = base.wrapping_add(2 * (s.at + r * s.stride));
+        let mut off = 0;
+        while off < 2 * s.width {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off) as *const i8);
+            off += 64;
+        }
+    }
+}
+
 /// `y += s · x`, eight lanes at a time with FMA (the tail without).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn axpy_avx2(s: f32, x: &[f32], y: &mut [f32]) {
