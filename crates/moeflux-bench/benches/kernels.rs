@@ -3,7 +3,7 @@
 //! drop. Run with `cargo bench -p moeflux-bench` (`MOEFLUX_BENCH_THREADS`
 //! sets the threads, 1 by default). `stream/*` is decode from DRAM; the
 //! others are products over matrices that fit in cache. `attention/*` is
-//! decode attention over an f16 KV cache, as GB/s of cache rows read.
+//! decode attention over an f16 KV cache, as GiB/s of cache rows read.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moeflux::backend::cpu::interleave;
@@ -123,8 +123,8 @@ fn stream(c: &mut Criterion) {
 /// Decode attention as the engine runs it: one query per head over the f16
 /// KV caches of 48 layers (Qwen3-30B-A3B: 32 heads, 4 KV heads, head_dim
 /// 128) at a 640-position context, 63 MB of cache rows: more than the L3
-/// of the machines measured, so the rows come from DRAM. GB/s of cache
-/// read.
+/// of the machines measured, so the rows come from DRAM. Throughput is
+/// bytes of cache read (criterion prints GiB/s).
 fn attention(c: &mut Criterion) {
     use moeflux::backend::cpu::Cpu;
     use moeflux::model::attention::attend;

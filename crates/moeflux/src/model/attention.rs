@@ -110,7 +110,7 @@ pub fn attend(
         let queries =
             || (t0..t1).flat_map(move |t| (0..hpt).map(move |i| (t, h0 + i, (t - t0) * hpt + i)));
         // Rows j0..j1 of this group's keys or values, as f32, into the
-        // tile; the next tile's f16 rows are prefetched meanwhile.
+        // tile; the next tile's f16 rows are prefetched after them.
         let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| match rows {
             Rows::F16(v) => {
                 let s = kernels::Strided {

@@ -123,9 +123,11 @@
 //!    `attention_prep`'s work for its own query head (q RMSNorm, RoPE) and,
 //!    in the span holding the new position, for its K/V head (k RMSNorm,
 //!    RoPE, rounding to the cache's format, one writer a group); then the
-//!    merge of the spans (none when one span holds the whole context, up
-//!    to 64 positions: its workgroups write the output themselves). Prompts (several tokens) run `attention_prep` as
-//!    a dispatch of its own first; both give the same bits (on drivers
+//!    merge of the spans (none when one span holds the whole context —
+//!    up to 64 positions, or any length when the scratch holds one span a
+//!    query and head — its workgroups then write the output themselves).
+//!    Prompts (several tokens) run `attention_prep` as a dispatch of its
+//!    own first; both give the same bits (on drivers
 //!    that give the two pipelines one subgroup size: see attention.wgsl);
 //! 3. the output projection added into the hidden state;
 //! 4. the router product, normalising the hidden state with the FFN norm

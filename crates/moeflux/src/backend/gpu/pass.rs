@@ -694,10 +694,12 @@ impl<'g> Pass<'g> {
     /// query `t` of `q` (`n_q × n_heads × head_dim`) sees the first
     /// `s.len − n_q + 1 + t` positions; writes `out` (same shape as `q`).
     /// The context is cut into spans computed by separate workgroups and
-    /// merged by a second dispatch; `scratch` holds a partial result
-    /// (`head_dim + 2` f32) per span, head and query: at least `n_q ·
-    /// n_heads` of them, and the more it holds (up to one span per
-    /// [`ATTENTION_SPAN`] positions) the more workgroups share the work.
+    /// merged by a second dispatch (none for a single span, whose
+    /// workgroups write `out` themselves); `scratch` holds a partial
+    /// result (`head_dim + 2` f32) per span, head and query, and the more
+    /// it holds (up to one span per [`ATTENTION_SPAN`] positions) the more
+    /// workgroups share the work; one that holds none for every query and
+    /// head gives a single span.
     #[allow(clippy::too_many_arguments)]
     pub fn attention_causal(
         &mut self,
@@ -806,16 +808,9 @@ impl<'g> Pass<'g> {
         holds(K, "k", k, cache(s.k_stride))?;
         holds(K, "v", v, cache(s.v_stride))?;
         // Spans: as many as the scratch holds, one per ATTENTION_SPAN
-        // positions at most.
+        // positions at most (a single span uses no scratch).
         let row = s.head_dim + 2;
         let fits = (scratch.size() as usize / 4 / row) / (n_q * s.n_heads);
-        if fits == 0 {
-            return Err(bad(format!(
-                "a scratch of {} bytes for {n_q} queries × {} heads",
-                scratch.size(),
-                s.n_heads
-            )));
-        }
         // (and at most attention_merge.wgsl's MAX_SPANS: longer contexts
         // get longer spans).
         let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, 1024);

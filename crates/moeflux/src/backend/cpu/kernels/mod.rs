@@ -406,11 +406,15 @@ pub struct Strided {
 }
 
 impl Strided {
-    /// The values the rows span (`src` must hold at least this many).
-    fn span(self) -> usize {
+    /// The values the rows span (`src` must hold at least this many), or
+    /// `None` if that overflows.
+    fn span(self) -> Option<usize> {
         match self.rows {
-            0 => 0,
-            r => self.at + (r - 1) * self.stride + self.width,
+            0 => Some(0),
+            r => (r - 1)
+                .checked_mul(self.stride)?
+                .checked_add(self.at)?
+                .checked_add(self.width),
         }
     }
 }
@@ -427,7 +431,13 @@ impl Strided {
 /// (21–22 ms) was slower: the prefetches then compete with the tile's own
 /// loads.
 pub fn f16_rows_to_f32(level: Level, src: &[half::f16], s: Strided, ahead: usize, dst: &mut [f32]) {
-    assert!(s.span() <= src.len() && s.rows * s.width <= dst.len());
+    assert!(
+        s.span().is_some_and(|n| n <= src.len())
+            && s.rows.checked_mul(s.width).is_some_and(|n| n <= dst.len()),
+        "{s:?} outside the cache ({}) or the tile ({})",
+        src.len(),
+        dst.len()
+    );
     #[cfg(target_arch = "x86_64")]
     if level >= Level::Avx2 {
         use half::slice::HalfFloatSliceExt;

@@ -324,7 +324,13 @@ fn f16_rows_convert_exactly() {
 fn strided_f16_rows_convert_exactly() {
     let src: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
     for level in levels() {
-        for (at, stride, width, rows) in [(0, 512, 128, 32), (3, 100, 37, 9), (7, 8, 8, 1)] {
+        for (at, stride, width, rows) in [
+            (0, 512, 128, 32),
+            (3, 100, 37, 9),
+            (7, 8, 8, 1),
+            (1, 9, 5, 4),
+            (0, 8, 8, 0),
+        ] {
             let s = Strided {
                 at,
                 stride,
@@ -332,7 +338,7 @@ fn strided_f16_rows_convert_exactly() {
                 rows,
             };
             // Prefetching 64 rows past the last would reach past `src`.
-            let start = src.len() - s.span();
+            let start = src.len() - s.span().unwrap();
             let s = Strided { at: start, ..s };
             let mut got = vec![-1f32; rows * width + 3];
             f16_rows_to_f32(level, &src, s, 64, &mut got);
@@ -350,6 +356,35 @@ fn strided_f16_rows_convert_exactly() {
                 got[rows * width..].iter().all(|&v| v == -1.0),
                 "{level:?}: wrote past the rows"
             );
+        }
+    }
+}
+
+/// Rows reaching past the cache, or a shape whose extent overflows, are
+/// refused before any row is read.
+#[test]
+fn strided_rows_outside_the_cache_are_refused() {
+    let src = vec![half::f16::ONE; 100];
+    let mut dst = vec![0f32; 64];
+    for s in [
+        Strided {
+            at: 90,
+            stride: 8,
+            width: 8,
+            rows: 2,
+        },
+        Strided {
+            at: 0,
+            stride: 1 << 63,
+            width: 1 << 63,
+            rows: 2,
+        },
+    ] {
+        for level in levels() {
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                f16_rows_to_f32(level, &src, s, 0, &mut dst)
+            }));
+            assert!(r.is_err(), "{level:?}: {s:?} was accepted");
         }
     }
 }

@@ -289,7 +289,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if p.spans == 1u {
         // The only span: `part` is the output itself (the host binds it
         // so), and this is what attention_merge.wgsl makes of one span
-        // (its factor exp(m − m) is 1), with no merge dispatch.
+        // (its factor exp(m − m) is 1; the merge's 0 + o would turn a −0
+        // into +0, the only difference), with no merge dispatch.
         for (var slot = 0u; slot < SLOTS; slot++) {
             let d = lane.lid + slot * WG;
             if d < hd {
