@@ -13,6 +13,14 @@ use moeflux::backend::cpu::Matrix;
 use moeflux::quant::GgmlType;
 use moeflux::synth::{fill_blocks, Rng};
 
+/// Threads of the benchmarks' pools: `MOEFLUX_BENCH_THREADS`, 1 by default.
+fn bench_threads() -> usize {
+    std::env::var("MOEFLUX_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+}
+
 fn bench(c: &mut Criterion) {
     // One expert's gate projection of Qwen3-30B-A3B (768 × 2048) and an
     // attention projection (4096 × 2048), decode (1 token) and prefill (64).
@@ -25,10 +33,7 @@ fn bench(c: &mut Criterion) {
         .into_iter()
         .filter(|l| l.supported())
         .collect();
-    let threads = std::env::var("MOEFLUX_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let threads = bench_threads();
     let pool = ThreadPool::new(threads);
     for ty in [
         GgmlType::Q4_K,
@@ -67,10 +72,7 @@ fn bench(c: &mut Criterion) {
 /// DRAM as in a real decode step. GB/s of weights, plain rows against rows
 /// interleaved by eight (`interleave`), at the detected level.
 fn stream(c: &mut Criterion) {
-    let threads = std::env::var("MOEFLUX_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let threads = bench_threads();
     let pool = ThreadPool::new(threads);
     let level = moeflux::backend::cpu::kernels::level();
     let (rows, cols, n_mats, per_job) = (768usize, 2048usize, 256usize, 16usize);
@@ -129,10 +131,7 @@ fn attention(c: &mut Criterion) {
     use moeflux::backend::cpu::Cpu;
     use moeflux::model::attention::attend;
     use moeflux::state::kv::{KvCache, KvType};
-    let threads = std::env::var("MOEFLUX_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
+    let threads = bench_threads();
     let cpu = Cpu::new(threads, None).expect("the detected level");
     let (nh, nkv, hd, ctx, layers) = (32usize, 4usize, 128usize, 640usize, 48usize);
     let dim = nkv * hd;

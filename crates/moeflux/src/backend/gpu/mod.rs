@@ -39,8 +39,7 @@
 //! from prompt chunking (`tests/gpu_model.rs`). With every expert in GPU
 //! memory a decode token runs without a host round trip (submitted in
 //! pieces: see the dispatch plan); otherwise one submit-and-wait per layer
-//! brings the routed
-//! experts in.
+//! brings the routed experts in.
 //! Not yet: a tiled prefill matmul (prompts run the same kernels with
 //! four tokens a workgroup), lookahead prefetch and overlapped uploads on
 //! the GPU path, the delta-net step and gated attention (Qwen3.5 /
