@@ -736,7 +736,7 @@ fn moe_route_matches_cpu() {
     // Token 4: all equal (ties everywhere: experts 0..k in order).
     logits[4 * ne..].iter_mut().for_each(|v| *v = 0.5);
     // Expert counts of one expert a thread or several (the kernel has
-    // 256 threads), one not a multiple of four, with their models' k.
+    // 128 threads), one not a multiple of four, with their models' k.
     for (ne, k) in [(128, 8), (60, 4), (256, 8), (512, 10), (1024, 64)] {
         route_shape_matches_cpu(gpu, n, ne, k);
     }
@@ -809,6 +809,149 @@ fn moe_route_matches_cpu() {
         assert_eq!(&d[6..9], &[rank as u32, 1, rank as u32]);
         assert_eq!(w[rank], got[2 * rank + 1]);
         assert_eq!(r[rank], rank as u32);
+    }
+}
+
+/// The router product whose last workgroup routes (`router_route`) gives
+/// the bits of the router product followed by `moe_route`: the logits,
+/// the normalised row, the choice, the expert jobs and the combine's rows
+/// and weights. Router formats F32, Q8_0 and MLX-Q4 (scales and biases
+/// bound too); 60, 128 and 300 experts; with and without renormalisation;
+/// every variant; twice in one pass (the arrival count is left at zero
+/// for the second); and routers whose logits are all equal or hold a NaN.
+#[test]
+fn router_route_is_router_then_route() {
+    let Some(gpu) = gpu() else { return };
+    let cols = 256;
+    let x = normals(cols, 41);
+    let nw: Vec<f32> = normals(cols, 42).iter().map(|v| 1.0 + 0.2 * v).collect();
+    let (xb, nwb) = (
+        gpu.upload_f32("x", &x).unwrap(),
+        gpu.upload_f32("norm", &nw).unwrap(),
+    );
+    let place = moeflux::backend::gpu::pass::ExpertPlace {
+        first: 3,
+        stride: 1024,
+        offsets: [[0, 64, 128], [256, 320, 384], [512, 576, 640]],
+    };
+    let f32_bytes = |v: Vec<f32>| -> Vec<u8> { v.iter().flat_map(|f| f.to_le_bytes()).collect() };
+    let mut cases: Vec<(String, Vec<u8>, usize, usize)> = vec![
+        ("F32".into(), f32_bytes(normals(128 * cols, 43)), 128, 8),
+        (
+            "Q8_0".into(),
+            random_ggml(GgmlType::Q8_0, 60, cols, 44),
+            60,
+            4,
+        ),
+        (
+            "F32, 300".into(),
+            f32_bytes(normals(300 * cols, 45)),
+            300,
+            10,
+        ),
+        (
+            "F32, equal logits".into(),
+            f32_bytes(vec![0.0; 128 * cols]),
+            128,
+            8,
+        ),
+    ];
+    let mut nan = normals(128 * cols, 46);
+    nan[17 * cols + 5] = f32::NAN;
+    cases.push(("F32, a NaN logit".into(), f32_bytes(nan), 128, 8));
+    let mut r = Rng::new(47);
+    let ne = 64;
+    let weight: Vec<u8> = (0..ne * cols / 2).map(|_| r.next_u64() as u8).collect();
+    let groups = ne * cols / 64;
+    let scales: Vec<u8> = (0..groups)
+        .flat_map(|_| f16::from_f32(0.01 + 0.01 * r.unit() as f32).to_le_bytes())
+        .collect();
+    let biases: Vec<u8> = (0..groups)
+        .flat_map(|_| f16::from_f32(-0.05 * r.unit() as f32).to_le_bytes())
+        .collect();
+    let q = MlxAffine {
+        bits: 4,
+        group_size: 64,
+        scale_type: ScaleType::F16,
+    };
+    let mlx = Matrix::mlx(q, ne, cols, &weight, &scales, &biases).unwrap();
+    let mut matrices: Vec<(String, GpuMatrix, usize, usize)> = vec![(
+        "MLX-Q4".into(),
+        GpuMatrix::upload(gpu, &mlx).unwrap(),
+        ne,
+        6,
+    )];
+    for (name, bytes, ne, k) in &cases {
+        let ty = if name.starts_with("Q8_0") {
+            GgmlType::Q8_0
+        } else {
+            GgmlType::F32
+        };
+        let m = Matrix::ggml(ty, *ne, cols, bytes).unwrap();
+        matrices.push((name.clone(), GpuMatrix::upload(gpu, &m).unwrap(), *ne, *k));
+    }
+    let bits = |b: &moeflux::backend::gpu::wgpu::Buffer, n: usize| -> Vec<u32> {
+        gpu.read_f32(b, n)
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    };
+    for (name, w, ne, k) in &matrices {
+        let (ne, k) = (*ne, *k);
+        for variant in gpu.variants() {
+            for norm_topk in [true, false] {
+                let run = |fused: bool| {
+                    let hb = gpu.zeros_f32("normed", cols).unwrap();
+                    let lb = gpu.zeros_f32("logits", ne).unwrap();
+                    let outs = [0, 1].map(|_| RouteBufs::new(gpu, 1, k));
+                    let mut pass = Pass::with_variant(gpu, variant);
+                    pass.set_last_group_finishes(fused);
+                    for o in &outs {
+                        pass.router_route(
+                            w,
+                            &xb,
+                            (&nwb, 1e-6),
+                            &hb,
+                            &lb,
+                            o.out(),
+                            (k, norm_topk),
+                            place,
+                        )
+                        .unwrap();
+                    }
+                    pass.submit().unwrap();
+                    let mut got = vec![bits(&hb, cols), bits(&lb, ne)];
+                    for o in &outs {
+                        got.extend([
+                            bits(&o.choice, 2 * k),
+                            bits(&o.jobs, 2 * k * JOB_WORDS),
+                            bits(&o.rows, k),
+                            bits(&o.weights, k),
+                        ]);
+                    }
+                    got
+                };
+                let (want, got) = (run(false), run(true));
+                let what = ["normed row", "logits", "choice", "jobs", "rows", "weights"];
+                for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+                    let part = what[if i < 2 { i } else { 2 + (i - 2) % 4 }];
+                    assert!(
+                        w == g,
+                        "{name} ({ne} experts, top {k}, renormalised {norm_topk}, {variant:?}): \
+                         {part} of call {} differs",
+                        i.saturating_sub(2) / 4
+                    );
+                }
+                // The choice is a real top-k: distinct experts, in range.
+                let ids: Vec<u32> = got[2].chunks_exact(2).map(|c| c[0]).collect();
+                let mut sorted = ids.clone();
+                sorted.sort();
+                sorted.dedup();
+                assert_eq!(sorted.len(), k, "{name}: experts {ids:?}");
+                assert!(ids.iter().all(|&e| (e as usize) < ne), "{name}: {ids:?}");
+            }
+        }
     }
 }
 
@@ -971,29 +1114,39 @@ fn decode_attention_matches_cpu() {
                 kv_f16: kv_type == KvType::F16,
             };
             // Scratch for one span (one workgroup reads the whole context),
-            // two, and as many as the context has (one per 64 positions).
-            for (variant, spans) in gpu
-                .variants()
-                .into_iter()
-                .flat_map(|v| [(v, 1), (v, 2), (v, len.div_ceil(64))])
-            {
+            // two, and as many as the context has (one per 64 positions);
+            // the spans merged by the attention workgroups or by a merge
+            // dispatch.
+            for (variant, spans, merge) in gpu.variants().into_iter().flat_map(|v| {
+                [(v, 1), (v, 2), (v, len.div_ceil(64))]
+                    .into_iter()
+                    .flat_map(|(v, s)| [(v, s, true), (v, s, false)])
+            }) {
                 let scratch = gpu.zeros_f32("spans", spans * nh * (hd + 2)).unwrap();
-                let out = gpu.zeros_f32("out", nh * hd).unwrap();
+                // Twice in one pass, into two outputs: the second call
+                // finds the merge counts as the first left them.
+                let outs = [0, 1].map(|_| gpu.zeros_f32("out", nh * hd).unwrap());
                 let mut pass = Pass::with_variant(gpu, variant);
-                pass.attention(&qb, &kb, &vb, &scratch, &out, shape)
-                    .unwrap();
-                pass.submit().unwrap();
-                let got = gpu.read_f32(&out, nh * hd).unwrap();
-                let what = format!(
-                    "{nh}/{nkv} heads, hd {hd}, {len} positions, {kv_type:?}, {variant:?}, {spans} spans"
-                );
-                // Outputs are convex combinations of values in [-1, 1]:
-                // f32 rounding of the scores and sums stays far below 1e-5.
-                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() <= 1e-5, "attention {what} [{i}]: {g} vs {e}");
+                pass.set_last_group_finishes(merge);
+                for out in &outs {
+                    pass.attention(&qb, &kb, &vb, &scratch, out, shape).unwrap();
                 }
-                let cos = cosine(&got, &want);
-                assert!(cos >= 0.9999, "attention {what}: cosine {cos}");
+                pass.submit().unwrap();
+                for (call, out) in outs.iter().enumerate() {
+                    let got = gpu.read_f32(out, nh * hd).unwrap();
+                    let what = format!(
+                        "{nh}/{nkv} heads, hd {hd}, {len} positions, {kv_type:?}, {variant:?}, \
+                         {spans} spans, merge in attention {merge}, call {call}"
+                    );
+                    // Outputs are convex combinations of values in [-1, 1]:
+                    // f32 rounding of the scores and sums stays far below
+                    // 1e-5.
+                    for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - e).abs() <= 1e-5, "attention {what} [{i}]: {g} vs {e}");
+                    }
+                    let cos = cosine(&got, &want);
+                    assert!(cos >= 0.9999, "attention {what}: cosine {cos}");
+                }
             }
         }
     }
@@ -1055,14 +1208,14 @@ fn every_kernel_translates_to_msl_and_spirv() {
     }
     // Products (9 formats × one or four tokens × alone, alone with the
     // input normalised, expert batch, expert batch with SwiGLU; and one
-    // token's expert batch with the combine) and attention (2 caches ×
-    // with or without the decode prep): four variants each (reduction ×
-    // f16 widening); attention_prep (2 caches), the norm and the MoE
-    // routing two (reduction); the attention merge, gather and the MoE
-    // combine one.
+    // token's expert batch with the combine, and its router product that
+    // routes) and attention (2 caches × with or without the decode prep ×
+    // merging or not): four variants each (reduction × f16 widening);
+    // attention_prep (2 caches), the norm and the MoE routing two
+    // (reduction); the attention merge, gather and the MoE combine one.
     assert_eq!(
         checked,
-        4 * (9 * WeightKind::all().len() + 4) + 2 * 2 + 2 + 2 + 3
+        4 * (10 * WeightKind::all().len() + 8) + 2 * 2 + 2 + 2 + 3
     );
 }
 
@@ -1625,7 +1778,6 @@ fn causal_attention_matches_cpu() {
             }
             let (kb, vb) = (upload_rows(gpu, &kv.k), upload_rows(gpu, &kv.v));
             let qb = gpu.upload_f32("q", &q).unwrap();
-            let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
             let scratch = gpu.zeros_f32("spans", 3 * nq * nh * (hd + 2)).unwrap();
             let shape = AttentionShape {
                 n_heads: nh,
@@ -1636,17 +1788,23 @@ fn causal_attention_matches_cpu() {
                 v_stride: kv.v_dim,
                 kv_f16: kv_type == KvType::F16,
             };
-            let mut pass = Pass::new(gpu);
-            pass.attention_causal(&qb, &kb, &vb, &scratch, &out, shape, nq)
-                .unwrap();
-            pass.submit().unwrap();
-            let got = gpu.read_f32(&out, nq * nh * hd).unwrap();
-            for (i, (g, e)) in got.iter().zip(&want).enumerate() {
-                assert!(
-                    (g - e).abs() <= 1e-5,
-                    "causal attention {nh}/{nkv}/{hd}, {len} positions, {nq} queries, {kv_type:?} [{i}]: {g} vs {e}"
-                );
+            for merge in [true, false] {
+                let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
+                let mut pass = Pass::new(gpu);
+                pass.set_last_group_finishes(merge);
+                pass.attention_causal(&qb, &kb, &vb, &scratch, &out, shape, nq)
+                    .unwrap();
+                pass.submit().unwrap();
+                let got = gpu.read_f32(&out, nq * nh * hd).unwrap();
+                for (i, (g, e)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-5,
+                        "causal attention {nh}/{nkv}/{hd}, {len} positions, {nq} queries, \
+                         {kv_type:?}, merge in attention {merge} [{i}]: {g} vs {e}"
+                    );
+                }
             }
+            let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
             let mut pass = Pass::new(gpu);
             assert!(pass
                 .attention_causal(&qb, &kb, &vb, &scratch, &out, shape, len + 1)
@@ -1702,7 +1860,8 @@ fn parameter_arena_chains_and_flushes() {
 }
 
 /// A decode step's attention with the prep folded in (`attention_decode`)
-/// gives the bits of `attention_prep` followed by `attention`: the same
+/// and its spans merged in the same dispatch gives the bits of
+/// `attention_prep` followed by `attention` and a merge dispatch: the same
 /// output and the same cache (the new position written once, the rest
 /// untouched), for every variant and cache type, one span or several,
 /// with and without q/k norms, partly rotated heads, a cache padded past
@@ -1771,7 +1930,11 @@ fn decode_attention_with_prep_is_prep_then_attention() {
                         );
                         let qn = gpu.zeros_f32("qn", len.max(2) * nh * hd).unwrap();
                         let out = gpu.zeros_f32("out", nh * hd).unwrap();
+                        // The folded path merges its spans in the
+                        // attention dispatch, the other in a dispatch of
+                        // its own: the same bits.
                         let mut pass = Pass::with_variant(gpu, variant);
+                        pass.set_last_group_finishes(fold);
                         if len > 1 {
                             let early_shape = AttentionShape {
                                 len: len - 1,

@@ -74,7 +74,21 @@ pub struct Gpu {
     pub(super) kernels: super::kernels::Kernels,
     /// GPU time per kernel (see [`super::profile`]), when asked for.
     pub profiler: Option<super::profile::Profiler>,
+    /// Whether naga's storage barrier orders memory across workgroups
+    /// here (device scope in SPIR-V and HLSL; in MSL it is a threadgroup
+    /// barrier, GL is not known). Where it does, a dispatch's last
+    /// workgroup finishes its work by default (see `arrive.wgsl`: the
+    /// attention spans' merge, the routing after the router product)
+    /// instead of a second dispatch.
+    pub device_scope_barrier: bool,
+    /// `arrive.wgsl`'s counts ([`ARRIVAL_COUNTS`] words, zero between
+    /// dispatches: each dispatch that counts resets what it counted).
+    pub(super) arrival_counts: wgpu::Buffer,
 }
+
+/// Counts one dispatch may use (attention: one per query and head; calls
+/// with more merge in a dispatch of their own).
+pub const ARRIVAL_COUNTS: usize = 1 << 16;
 
 /// Preference order of adapter types: hardware first, software last.
 fn rank(t: wgpu::DeviceType) -> u8 {
@@ -178,12 +192,23 @@ impl Gpu {
             .get_downlevel_capabilities()
             .flags
             .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
+        let device_scope_barrier =
+            matches!(info.backend, wgpu::Backend::Vulkan | wgpu::Backend::Dx12);
+        let arrival_counts = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("arrival counts"),
+            size: 4 * ARRIVAL_COUNTS as u64,
+            usage: wgpu::BufferUsages::STORAGE,
+            // Zeroed (wgpu initialises buffers); each dispatch leaves it so.
+            mapped_at_creation: false,
+        });
         Ok(Gpu {
             info,
             limits,
             variant: Variant { reduce, f16_native },
             kernels: Default::default(),
             profiler: super::profile::Profiler::new(&device, &queue),
+            device_scope_barrier,
+            arrival_counts,
             device,
             queue,
         })

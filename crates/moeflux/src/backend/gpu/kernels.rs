@@ -36,11 +36,15 @@ const MLX: &str = include_str!("kernels/mlx.wgsl");
 const RMS_NORM: &str = include_str!("kernels/rms_norm.wgsl");
 const ATTENTION: &str = include_str!("kernels/attention.wgsl");
 const ATTENTION_MERGE: &str = include_str!("kernels/attention_merge.wgsl");
+const MERGE: &str = include_str!("kernels/merge.wgsl");
 const F16_ROUND: &str = include_str!("kernels/f16_round.wgsl");
 const ATTENTION_PREP: &str = include_str!("kernels/attention_prep.wgsl");
 const HEAD_PREP: &str = include_str!("kernels/head_prep.wgsl");
 const GATHER: &str = include_str!("kernels/gather.wgsl");
 const MOE_ROUTE: &str = include_str!("kernels/moe_route.wgsl");
+const ROUTE: &str = include_str!("kernels/route.wgsl");
+const MATMUL_ROUTE: &str = include_str!("kernels/matmul_route.wgsl");
+const ARRIVE: &str = include_str!("kernels/arrive.wgsl");
 const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
 
 /// A weight format the matrix kernels decode.
@@ -141,6 +145,10 @@ pub enum Batch {
     /// residual stream (the MoE combine) in the same dispatch: a workgroup
     /// computes its rows for every job in turn (one-token shape only).
     ExpertsCombine,
+    /// [`Batch::OneNormed`] for a layer's router and one token, whose
+    /// last workgroup routes the token and writes the expert jobs (see
+    /// `matmul_route.wgsl`; one-token shape only).
+    Router,
 }
 
 impl Product {
@@ -155,8 +163,9 @@ impl Product {
                     Batch::Experts,
                     Batch::ExpertsGlu,
                     Batch::ExpertsCombine,
+                    Batch::Router,
                 ] {
-                    if batch == Batch::ExpertsCombine && !one_token {
+                    if matches!(batch, Batch::ExpertsCombine | Batch::Router) && !one_token {
                         continue;
                     }
                     v.push(Product {
@@ -199,13 +208,15 @@ impl Product {
     /// Storage buffers bound after the parameters: x, y, the weights, MLX
     /// scales and biases, then the job table (experts; and the combine
     /// weights, `ExpertsCombine`) or the norm weights and the normalised
-    /// rows (`OneNormed`).
+    /// rows (`OneNormed`; `Router`: then the routing's choice, jobs, rows,
+    /// weights and the arrival counts).
     pub fn n_buffers(self) -> usize {
         let mlx = matches!(self.kind, WeightKind::Mlx { .. });
         let extra = match self.batch {
             Batch::One => 0,
             Batch::OneNormed | Batch::ExpertsCombine => 2,
             Batch::Experts | Batch::ExpertsGlu => 1,
+            Batch::Router => 7,
         };
         3 + if mlx { 2 } else { 0 } + extra
     }
@@ -229,8 +240,12 @@ pub enum Kernel {
         /// One query, whose q/k norms, RoPE and cache writes this
         /// dispatch does itself (see `attention.wgsl`, PREP).
         prep: bool,
+        /// The last workgroup of each head merges the spans (see
+        /// `attention.wgsl`, MERGE); else [`Kernel::AttentionMerge`] does.
+        merge: bool,
     },
-    /// The spans of an attention call combined.
+    /// The spans of an attention call combined, in a dispatch of their
+    /// own.
     AttentionMerge,
     /// q/k norms, RoPE and the K/V cache writes of an attention block.
     AttentionPrep {
@@ -248,24 +263,19 @@ impl Kernel {
     /// Every kernel (for the translation tests).
     pub fn all() -> Vec<Kernel> {
         let mut v: Vec<_> = Product::all().into_iter().map(Kernel::MatMul).collect();
+        v.push(Kernel::RmsNorm);
+        for kv_f16 in [true, false] {
+            for prep in [true, false] {
+                for merge in [true, false] {
+                    v.push(Kernel::Attention {
+                        kv_f16,
+                        prep,
+                        merge,
+                    });
+                }
+            }
+        }
         v.extend([
-            Kernel::RmsNorm,
-            Kernel::Attention {
-                kv_f16: true,
-                prep: false,
-            },
-            Kernel::Attention {
-                kv_f16: false,
-                prep: false,
-            },
-            Kernel::Attention {
-                kv_f16: true,
-                prep: true,
-            },
-            Kernel::Attention {
-                kv_f16: false,
-                prep: true,
-            },
             Kernel::AttentionMerge,
             Kernel::AttentionPrep { kv_f16: true },
             Kernel::AttentionPrep { kv_f16: false },
@@ -320,12 +330,18 @@ impl Kernel {
                     Batch::Experts => " experts",
                     Batch::ExpertsGlu => " experts SwiGLU",
                     Batch::ExpertsCombine => " experts combine",
+                    Batch::Router => " router+route",
                 }
             ),
             Kernel::RmsNorm => "rms_norm".into(),
-            Kernel::Attention { kv_f16, prep } => format!(
-                "attention{} {} KV",
+            Kernel::Attention {
+                kv_f16,
+                prep,
+                merge,
+            } => format!(
+                "attention{}{} {} KV",
                 if prep { "+prep" } else { "" },
+                if merge { "+merge" } else { "" },
                 if kv_f16 { "f16" } else { "f32" }
             ),
             Kernel::AttentionMerge => "attention_merge".into(),
@@ -344,8 +360,9 @@ impl Kernel {
             // One workgroup a row of the hidden state (2048 values and
             // more), walked twice: ~30 µs a row at 64 threads.
             Kernel::RmsNorm => 4 * WG,
-            // One thread an expert ranks up to 256 experts at once.
-            Kernel::MoeRoute => 4 * WG,
+            // The router product's: a routing in its last workgroup sums
+            // in the same order (see route.wgsl).
+            Kernel::MoeRoute => 2 * WG,
             // Products: a 4096-column row is 512 parts, eight a thread at 64
             // threads; at 128 an H100 decoded 21–27 % faster (Q4_0, Q4_K;
             // 256 was no faster, and prompts slowed).
@@ -376,15 +393,28 @@ impl Kernel {
                     .source()
                     .ok_or_else(|| GpuError::Unsupported(p.kind.name()))?;
                 s.push_str(&consts);
+                let route = p.batch == Batch::Router;
                 s.push_str(&format!(
                     "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n\
-                     const NORM: bool = {};\nconst COMBINE: bool = {};\nconst JOB_WORDS: u32 = {JOB_WORDS}u;\n",
+                     const NORM: bool = {};\nconst COMBINE: bool = {};\nconst ROUTE: bool = {route};\n\
+                     const JOB_WORDS: u32 = {JOB_WORDS}u;\n",
                     p.tokens_per_group(),
                     p.experts(),
                     p.batch == Batch::ExpertsGlu,
-                    p.batch == Batch::OneNormed,
+                    matches!(p.batch, Batch::OneNormed | Batch::Router),
                     p.batch == Batch::ExpertsCombine,
                 ));
+                // Y: through atomics when the last workgroup reads it.
+                s.push_str(if route {
+                    "@group(0) @binding(2) var<storage, read_write> y: array<atomic<u32>>;\n\
+                     fn put_y(i: u32, v: f32) {\n    atomicStore(&y[i], bitcast<u32>(v));\n}\n\
+                     fn y_at(i: u32) -> f32 {\n    return bitcast<f32>(atomicLoad(&y[i]));\n}\n"
+                } else {
+                    "@group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
+                     fn put_y(i: u32, v: f32) {\n    y[i] = v;\n}\n\
+                     fn y_at(i: u32) -> f32 {\n    return y[i];\n}\n\
+                     fn route_after(lane: Lane) {}\n"
+                });
                 // The job table, or the norm weights and normalised rows,
                 // bound after the other buffers.
                 let last = p.n_buffers();
@@ -406,20 +436,44 @@ impl Kernel {
                          fn job_word(i: u32) -> u32 {{\n    return 0u;\n}}\n",
                         last - 1
                     ),
+                    Batch::Router => format!(
+                        "@group(0) @binding({}) var<storage, read> norm_w: array<vec4<f32>>;\n\
+                         @group(0) @binding({}) var<storage, read_write> normed: array<vec4<f32>>;\n\
+                         @group(0) @binding({}) var<storage, read_write> choice: array<u32>;\n\
+                         @group(0) @binding({}) var<storage, read_write> jobs: array<u32>;\n\
+                         @group(0) @binding({}) var<storage, read_write> rows: array<u32>;\n\
+                         @group(0) @binding({}) var<storage, read_write> weights: array<f32>;\n\
+                         @group(0) @binding({last}) var<storage, read_write> counts: array<atomic<u32>>;\n\
+                         fn job_word(i: u32) -> u32 {{\n    return 0u;\n}}\n",
+                        last - 6,
+                        last - 5,
+                        last - 4,
+                        last - 3,
+                        last - 2,
+                        last - 1
+                    ),
                 });
                 if p.batch != Batch::ExpertsCombine {
                     s.push_str("var<private> combine_w: array<f32, 1>;\n");
                 }
-                if p.batch != Batch::OneNormed {
+                if !matches!(p.batch, Batch::OneNormed | Batch::Router) {
                     s.push_str(
                         "var<private> norm_w: array<vec4<f32>, 1>;\n\
                          var<private> normed: array<vec4<f32>, 1>;\n",
                     );
                 }
-                &[MATMUL, decoder]
+                if route {
+                    &[MATMUL, decoder, MATMUL_ROUTE, ROUTE, ARRIVE]
+                } else {
+                    &[MATMUL, decoder]
+                }
             }
             Kernel::RmsNorm => &[RMS_NORM],
-            Kernel::Attention { kv_f16, prep } => {
+            Kernel::Attention {
+                kv_f16,
+                prep,
+                merge,
+            } => {
                 // The cache is written with PREP; the norms and the rotary
                 // table are bound only then.
                 let access = if prep { "read_write" } else { "read" };
@@ -430,27 +484,42 @@ impl Kernel {
                      @group(0) @binding(3) var<storage, {access}> v: array<vec4<u32>>;\n",
                     Kernel::AttentionPrep { kv_f16 }.workgroup_size()
                 ));
+                // With MERGE the partial results are atomics (see
+                // attention.wgsl); the arrival counts are bound either way.
+                s.push_str(&format!(
+                    "const MERGE: bool = {merge};\n\
+                     @group(0) @binding(6) var<storage, read_write> counts: array<atomic<u32>>;\n"
+                ));
+                s.push_str(if merge {
+                    "@group(0) @binding(4) var<storage, read_write> part: array<atomic<u32>>;\n\
+                     fn put_part(i: u32, v: f32) {\n    atomicStore(&part[i], bitcast<u32>(v));\n}\n\
+                     fn part_at(i: u32) -> f32 {\n    return bitcast<f32>(atomicLoad(&part[i]));\n}\n"
+                } else {
+                    "@group(0) @binding(4) var<storage, read_write> part: array<f32>;\n\
+                     fn put_part(i: u32, v: f32) {\n    part[i] = v;\n}\n\
+                     fn part_at(i: u32) -> f32 {\n    return part[i];\n}\n"
+                });
                 s.push_str(if prep {
-                    "@group(0) @binding(5) var<storage, read> norms: array<f32>;\n\
-                     @group(0) @binding(6) var<storage, read> cs: array<vec2<f32>>;\n\
+                    "@group(0) @binding(7) var<storage, read> norms: array<f32>;\n\
+                     @group(0) @binding(8) var<storage, read> cs: array<vec2<f32>>;\n\
                      fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {\n\
                      k[ak] = kw;\n    v[av] = vw;\n}\n"
                 } else {
                     "var<private> norms: array<f32, 1>;\nvar<private> cs: array<vec2<f32>, 1>;\n\
                      fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {}\n"
                 });
-                &[F16_ROUND, HEAD_PREP, ATTENTION]
+                &[F16_ROUND, HEAD_PREP, MERGE, ARRIVE, ATTENTION]
             }
             Kernel::AttentionPrep { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[F16_ROUND, HEAD_PREP, ATTENTION_PREP]
             }
-            Kernel::AttentionMerge => &[ATTENTION_MERGE],
+            Kernel::AttentionMerge => &[MERGE, ATTENTION_MERGE],
             Kernel::Gather => &[GATHER],
             Kernel::MoeCombine => &[MOE_COMBINE],
             Kernel::MoeRoute => {
                 s.push_str(&format!("const JOB_WORDS: u32 = {JOB_WORDS}u;\n"));
-                &[MOE_ROUTE]
+                &[ROUTE, MOE_ROUTE]
             }
         };
         if self.reduces() {

@@ -5,18 +5,19 @@
 //! Dense weights are resident ([`GpuMatrix`], norms as f32 buffers);
 //! activations live in buffers sized once for the largest chunk; routed
 //! experts come through the GPU slot arena ([`GpuExperts`]) fed by the host
-//! [`ExpertStore`]. The GPU routes (`moe_route.wgsl`: the softmax and
-//! top-k of [`Moe::route`], in the GPU's f32). When every expert of the
-//! model is in GPU memory (loaded on the first step), a decode step never
-//! returns to the host: the routing kernel writes the expert jobs itself
-//! and the token is submitted in pieces (after layers 2, 8, 16, ...)
-//! without waiting, so the GPU starts while the host encodes the rest.
-//! Otherwise, per layer, one submission carries the previous layer's
-//! experts and combine, this layer's attention block, router and routing;
-//! the choices are read back (the one host round trip of a layer) so the
-//! host can bring the experts in. Both ways use the same routing kernel
-//! and the same product kernels, so the output does not depend on the
-//! memory plan.
+//! [`ExpertStore`]. The GPU routes (`route.wgsl`: the softmax and top-k
+//! of [`Moe::route`], in the GPU's f32). When every expert of the model
+//! is in GPU memory (loaded on the first step), a decode step never
+//! returns to the host: the routing (in the router product's last
+//! workgroup where the device allows, see `arrive.wgsl`) writes the expert
+//! jobs itself and the token is submitted in pieces (after layers 2, 8,
+//! 16, ...) without waiting, so the GPU starts while the host encodes the
+//! rest. Otherwise, per layer, one submission carries the previous layer's
+//! experts and combine, this layer's attention block, router and routing
+//! (`moe_route.wgsl`); the choices are read back (the one host round trip
+//! of a layer) so the host can bring the experts in. Both ways use the
+//! same routing code and the same product kernels, so the output does not
+//! depend on the memory plan.
 //!
 //! What runs on the GPU equals the CPU reference level (dequantized
 //! weights, f32 activations) up to f32 rounding order; the CPU's integer
@@ -394,8 +395,9 @@ impl GpuModel {
             qkv: z("qkv", q + 2 * kv)?,
             qn: z("qn", q)?,
             attn: z("attn", q)?,
-            // Room for 32 Ki spans × heads: a decode step over 64 Ki
-            // positions uses 1 Ki spans of each of 32 heads.
+            // Room for 32 Ki spans × heads: a decode step over 32 Ki
+            // positions uses 512 spans of each of 32 heads (the most,
+            // merge.wgsl's MAX_SPANS; longer contexts get longer spans).
             attn_parts: z(
                 "attention spans",
                 (u * d.n_heads).max(1 << 15) * (d.head_dim + 2),
@@ -515,13 +517,6 @@ impl GpuModel {
         for l in 0..self.layers.len() {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
             lap.charge(&mut t.full_attn);
-            let layer = &self.layers[l];
-            // The FFN norm inside the router product, which leaves the
-            // normalised rows in `h` for the experts.
-            let a = &self.act;
-            let norm = (&layer.ffn_norm, d.eps);
-            let width = (0, layer.router.shape.rows);
-            pass.matmul_normed(&layer.router, &a.x, norm, &a.h, &a.router, n, width)?;
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
                 lap.charge(&mut t.moe);
@@ -535,7 +530,12 @@ impl GpuModel {
                 }
                 continue;
             }
-            let a = &self.act;
+            // The FFN norm inside the router product, which leaves the
+            // normalised rows in `h` for the experts.
+            let (layer, a) = (&self.layers[l], &self.act);
+            let norm = (&layer.ffn_norm, d.eps);
+            let width = (0, layer.router.shape.rows);
+            pass.matmul_normed(&layer.router, &a.x, norm, &a.h, &a.router, n, width)?;
             let dims = (n, d.n_experts, d.k, self.norm_topk(l));
             pass.moe_route(&a.router, self.route_out(), dims, None)?;
             lap.charge(&mut t.moe);
@@ -622,11 +622,13 @@ impl GpuModel {
     }
 
     /// Records layer `l`'s MoE block for one token with every expert
-    /// resident: the GPU routes (`moe_route.wgsl`, the same softmax and
-    /// top-k as [`Moe::route`]) and writes the expert jobs, then one
-    /// dispatch computes the k experts' gate/up with SwiGLU, one their
-    /// down projections weighted and added to `x` (the combine). No host
-    /// round trip.
+    /// resident: the router product (the FFN norm inside, which leaves the
+    /// normalised row in `h` for the experts) and the routing on the GPU
+    /// (`route.wgsl`, the same softmax and top-k as [`Moe::route`]), which
+    /// writes the expert jobs — one dispatch where the last workgroup may
+    /// finish ([`Pass::router_route`]) — then one dispatch computes the k
+    /// experts' gate/up with SwiGLU, one their down projections weighted
+    /// and added to `x` (the combine). No host round trip.
     fn experts_routed_on_gpu(&mut self, pass: &mut Pass<'_>, l: usize) -> Result<(), GpuError> {
         let (d, a) = (self.dims, &self.act);
         let ex = &self.experts;
@@ -640,8 +642,11 @@ impl GpuModel {
             stride: ex.stride(),
             offsets: [0, 1, 2].map(|m| ex.matrix_offsets(m)),
         };
-        let dims = (1, d.n_experts, k, self.norm_topk(l));
-        pass.moe_route(&a.router, self.route_out(), dims, Some(place))?;
+        let layer = &self.layers[l];
+        let norm = (&layer.ffn_norm, d.eps);
+        let topk = (k, self.norm_topk(l));
+        let out = self.route_out();
+        pass.router_route(&layer.router, &a.x, norm, &a.h, &a.router, out, topk, place)?;
         let p = ex.pool(pool);
         pass.expert_matmul(&g, true, p, &a.h, &a.act, &a.jobs, (0, k), (1, k), 1)?;
         pass.expert_matmul_combine(&dn, p, &a.act, &a.x, &a.jobs, (k, k), &a.combine_w)?;

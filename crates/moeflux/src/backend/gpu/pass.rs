@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::device::{Gpu, Variant};
+use super::device::{Gpu, Variant, ARRIVAL_COUNTS};
 use super::kernels::{
     Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_HEAD_DIM, WG,
 };
@@ -91,6 +91,9 @@ impl ParamArena {
 pub struct Pass<'g> {
     gpu: &'g Gpu,
     variant: Variant,
+    /// Whether a dispatch's last workgroup finishes its work where a
+    /// second dispatch would (see [`Pass::set_last_group_finishes`]).
+    last_group_finishes: bool,
     items: Vec<Dispatch>,
     arena: Option<&'g mut ParamArena>,
 }
@@ -162,7 +165,7 @@ fn words(v: &[u32]) -> Vec<u8> {
 /// `rows` of it (this part's rows, the column of Y its first row goes to,
 /// Y's row width), `n` tokens, `wg_x` workgroups along x, the first job of
 /// an expert batch, whether Y is added to, and the RMSNorm epsilon of a
-/// normalising product.
+/// normalising product; the routing words (ROUTE) zero.
 fn product_params(
     m: &MatShape,
     (rows, row0, width): (usize, usize, usize),
@@ -173,7 +176,7 @@ fn product_params(
     eps: f32,
 ) -> Result<Vec<u8>, GpuError> {
     const K: &str = "matmul";
-    Ok(words(&[
+    let mut v = vec![
         u32_of(K, "rows", rows)?,
         u32_of(K, "cols", m.cols)?,
         u32_of(K, "tokens", n)?,
@@ -187,10 +190,63 @@ fn product_params(
         eps.to_bits(),
         u32_of(K, "first job", job0)?,
         acc as u32,
-        0,
-        0,
-        0,
-    ]))
+    ];
+    // Three unused words, then ROUTE's 16 (k, norm, first, stride, gate,
+    // up, down): 128 bytes.
+    v.resize(32, 0);
+    Ok(words(&v))
+}
+
+/// Checks a routing of `n` tokens (top `k` of `n_experts`; one token when
+/// it writes expert `jobs`) and that `out.choice` holds it.
+fn route_checks(
+    kernel: &'static str,
+    out: &RouteOut<'_>,
+    (n, n_experts, k): (usize, usize, usize),
+    jobs: bool,
+) -> Result<(), GpuError> {
+    if n_experts == 0 || n_experts > MAX_ROUTED || k == 0 || k > 64 || k > n_experts {
+        return Err(GpuError::Shape {
+            kernel,
+            detail: format!(
+                "top-{k} of {n_experts} experts (the kernel takes up to {MAX_ROUTED} experts and k ≤ 64)"
+            ),
+        });
+    }
+    if n == 0 || (jobs && n != 1) {
+        return Err(GpuError::Shape {
+            kernel,
+            detail: format!("{n} tokens (expert jobs are written for one)"),
+        });
+    }
+    holds(kernel, "choice", out.choice, 2 * n * k)
+}
+
+/// The words of `route.wgsl`'s `Route` after n_experts, k, norm and jobs
+/// that place one token's expert jobs (first slot, slot stride, gate's,
+/// up's and down's array offsets in fours), for `n_experts` experts at
+/// `pl`; checks that the pool's byte offsets fit a u32 and that `out`
+/// holds the jobs, rows and weights.
+fn place_words(
+    kernel: &'static str,
+    out: &RouteOut<'_>,
+    (n_experts, k): (usize, usize),
+    pl: ExpertPlace,
+) -> Result<[u32; 14], GpuError> {
+    holds(kernel, "jobs", out.jobs, 2 * k * JOB_WORDS)?;
+    holds(kernel, "rows", out.rows, k)?;
+    holds(kernel, "weights", out.weights, k)?;
+    let last = (pl.first as u64 + n_experts as u64) * pl.stride;
+    u32_of(kernel, "pool bytes", last as usize)?;
+    let mut w = [0u32; 14];
+    w[0] = pl.first;
+    w[1] = u32_of(kernel, "slot stride", pl.stride as usize)?;
+    for (m, o) in pl.offsets.iter().enumerate() {
+        for (i, &v) in o.iter().enumerate() {
+            w[2 + 4 * m + i] = u32_of(kernel, "array offset", v as usize)?;
+        }
+    }
+    Ok(w)
 }
 
 /// The buffers of an expert-batch product, in binding order: `x`, `y`,
@@ -284,9 +340,19 @@ impl<'g> Pass<'g> {
         Pass {
             gpu,
             variant,
+            last_group_finishes: gpu.device_scope_barrier,
             items: Vec::new(),
             arena: None,
         }
+    }
+
+    /// Whether the last workgroup of a dispatch finishes its work (see
+    /// `arrive.wgsl`): attention merges its spans, and
+    /// [`Pass::router_route`] routes, in one dispatch; else each in a
+    /// second dispatch. The default is [`Gpu::device_scope_barrier`];
+    /// tests run both.
+    pub fn set_last_group_finishes(&mut self, on: bool) {
+        self.last_group_finishes = on;
     }
 
     /// An empty pass whose parameters and bind groups come from `arena`
@@ -298,6 +364,7 @@ impl<'g> Pass<'g> {
         Pass {
             gpu,
             variant: gpu.variant,
+            last_group_finishes: gpu.device_scope_barrier,
             items: Vec::new(),
             arena: Some(arena),
         }
@@ -694,8 +761,9 @@ impl<'g> Pass<'g> {
     /// query `t` of `q` (`n_q × n_heads × head_dim`) sees the first
     /// `s.len − n_q + 1 + t` positions; writes `out` (same shape as `q`).
     /// The context is cut into spans computed by separate workgroups and
-    /// merged by a second dispatch (none for a single span, whose
-    /// workgroups write `out` themselves); `scratch` holds a partial
+    /// merged by each head's last workgroup or by a second dispatch (see
+    /// [`Pass::set_last_group_finishes`]; a single span needs no merge);
+    /// `scratch` holds a partial
     /// result (`head_dim + 2` f32) per span, head and query, and the more
     /// it holds (up to one span per [`ATTENTION_SPAN`] positions) the more
     /// workgroups share the work; one that holds none for every query and
@@ -811,9 +879,9 @@ impl<'g> Pass<'g> {
         // positions at most (a single span uses no scratch).
         let row = s.head_dim + 2;
         let fits = (scratch.size() as usize / 4 / row) / (n_q * s.n_heads);
-        // (and at most attention_merge.wgsl's MAX_SPANS: longer contexts
-        // get longer spans).
-        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, 1024);
+        // (and at most merge.wgsl's MAX_SPANS: longer contexts get longer
+        // spans).
+        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, 512);
         let span = s.len.div_ceil(spans).next_multiple_of(ATTENTION_SPAN);
         let spans = s.len.div_ceil(span);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -852,18 +920,21 @@ impl<'g> Pass<'g> {
                 "{heads} heads × {queries} queries × {spans} spans"
             )));
         }
+        // One span writes the output itself (see attention.wgsl); more
+        // are merged by the attention workgroups where the device allows
+        // and the counts suffice, else by a merge dispatch.
+        let merge = spans > 1 && self.last_group_finishes && n_q * s.n_heads <= ARRIVAL_COUNTS;
         let kernel = Kernel::Attention {
             kv_f16: s.kv_f16,
             prep: prep.is_some(),
+            merge,
         };
-        // One span writes the output itself (see attention.wgsl).
-        let part = if spans == 1 { out } else { scratch };
-        let mut bufs = vec![q, k, v, part];
+        let mut bufs = vec![q, k, v, scratch, out, &self.gpu.arrival_counts];
         if let Some(p) = &prep {
             bufs.extend([p.norms, p.cs]);
         }
         self.push(kernel, &params, &bufs, [heads, queries, spans as u32])?;
-        if spans == 1 {
+        if spans == 1 || merge {
             return Ok(());
         }
         let params = words(&[heads, u32_of(K, "head_dim", s.head_dim)?, spans as u32, 0]);
@@ -995,6 +1066,62 @@ impl<'g> Pass<'g> {
         self.push(Kernel::MoeCombine, &params, &[x, y, row, w], [gx, gy, 1])
     }
 
+    /// A layer's router product for one token — `x` RMS-normalised with
+    /// `norm` (weights, epsilon), the normalised row left in `normed`, the
+    /// logits in `logits` — and its routing with every expert resident
+    /// ([`Pass::moe_route`] with `place`, top `k`, renormalised when
+    /// `norm_topk`). One dispatch whose last workgroup routes (see
+    /// `matmul_route.wgsl`) where the pass lets the last workgroup finish
+    /// ([`Pass::set_last_group_finishes`]) and the router is one part;
+    /// else the two dispatches. The same bits either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn router_route(
+        &mut self,
+        router: &GpuMatrix,
+        x: &wgpu::Buffer,
+        norm: (&wgpu::Buffer, f32),
+        normed: &wgpu::Buffer,
+        logits: &wgpu::Buffer,
+        out: RouteOut<'_>,
+        (k, norm_topk): (usize, bool),
+        place: ExpertPlace,
+    ) -> Result<(), GpuError> {
+        const K: &str = "router";
+        let m = &router.shape;
+        let ne = m.rows;
+        let part = match router.parts.as_slice() {
+            [part] if self.last_group_finishes => part,
+            _ => {
+                self.matmul_normed(router, x, norm, normed, logits, 1, (0, ne))?;
+                return self.moe_route(logits, out, (1, ne, k, norm_topk), Some(place));
+            }
+        };
+        route_checks(K, &out, (1, ne, k), true)?;
+        let placed = place_words(K, &out, (ne, k), place)?;
+        holds(K, "x", x, m.cols)?;
+        holds(K, "logits", logits, ne)?;
+        holds(K, "norm weights", norm.0, m.cols)?;
+        holds(K, "normed", normed, m.cols)?;
+        let shape = Product {
+            kind: m.kind,
+            one_token: true,
+            batch: Batch::Router,
+        };
+        let (gx, gy) = self.grid(ne.div_ceil(shape.rows_per_group()))?;
+        let mut params = product_params(m, (ne, 0, ne), 1, gx, 0, false, norm.1)?;
+        // The routing words (see matmul.wgsl's Params) from word 16.
+        params.truncate(16 * 4);
+        params.extend(words(&[k as u32, norm_topk as u32]));
+        params.extend(words(&placed));
+        let mut bufs = vec![x, logits, &part.weight];
+        if let Some((s, b)) = &part.scales {
+            bufs.extend([s, b]);
+        }
+        bufs.extend([norm.0, normed, out.choice, out.jobs, out.rows, out.weights]);
+        bufs.push(&self.gpu.arrival_counts);
+        self.push(Kernel::MatMul(shape), &params, &bufs, [gx, gy, 1])
+    }
+
     /// Routing of `n` tokens on the GPU (see `moe_route.wgsl`): from the
     /// router `logits` (`n × n_experts` f32), each token's `k` experts
     /// and weights into `out.choice` (`n · k` pairs of u32: expert id,
@@ -1009,43 +1136,18 @@ impl<'g> Pass<'g> {
         place: Option<ExpertPlace>,
     ) -> Result<(), GpuError> {
         const K: &str = "moe_route";
-        if n_experts == 0 || n_experts > MAX_ROUTED || k == 0 || k > 64 || k > n_experts {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!(
-                    "top-{k} of {n_experts} experts (the kernel takes up to {MAX_ROUTED} experts and k ≤ 64)"
-                ),
-            });
-        }
-        if n == 0 || (place.is_some() && n != 1) {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!("{n} tokens (expert jobs are written for one)"),
-            });
-        }
+        route_checks(K, &out, (n, n_experts, k), place.is_some())?;
+        let place = place
+            .map(|pl| place_words(K, &out, (n_experts, k), pl))
+            .transpose()?;
         holds(K, "logits", logits, n * n_experts)?;
-        holds(K, "choice", out.choice, 2 * n * k)?;
+        // n_experts, k, norm, first, stride, jobs, two unused, gate, up,
+        // down (see moe_route.wgsl).
         let mut v = vec![n_experts as u32, k as u32, norm as u32];
         match place {
-            Some(pl) => {
-                holds(K, "jobs", out.jobs, 2 * k * JOB_WORDS)?;
-                holds(K, "rows", out.rows, k)?;
-                holds(K, "weights", out.weights, k)?;
-                let last = (pl.first as u64 + n_experts as u64) * pl.stride;
-                u32_of(K, "pool bytes", last as usize)?;
-                v.extend([
-                    pl.first,
-                    u32_of(K, "slot stride", pl.stride as usize)?,
-                    1,
-                    0,
-                    0,
-                ]);
-                for m in pl.offsets {
-                    for o in m {
-                        v.push(u32_of(K, "array offset", o as usize)?);
-                    }
-                    v.push(0);
-                }
+            Some(w) => {
+                v.extend([w[0], w[1], 1, 0, 0]);
+                v.extend(&w[2..]);
             }
             None => v.extend([0; 17]),
         }

@@ -17,10 +17,15 @@
 // n_q = 1), wg.z the span. Each writes its span's partial result — the
 // unnormalised weighted sum of values, the running max m and the sum l of
 // exp(score − m) — as row (query · n_heads + head) · spans + span of
-// `part` (head_dim + 2 values); attention_merge.wgsl combines the spans. A
-// span past the query's causal end writes l = 0. With one span (p.spans =
-// 1) there is nothing to merge: the workgroup writes its normalised result
-// into `part`, which is then the output.
+// `part` (head_dim + 2 values); a span past the query's causal end writes
+// l = 0. With one span (p.spans = 1) there is nothing to merge: the
+// workgroup writes its normalised result into `out`.
+//
+// MERGE (a constant of the module): the last workgroup of a (head, query)
+// to finish (arrive.wgsl, count query · n_heads + head) merges its spans
+// (merge.wgsl) and writes `out`, so no merge dispatch follows; the partial
+// results then go through atomics. Without MERGE, attention_merge.wgsl
+// merges in a dispatch of its own.
 //
 // Memory is read in 16-byte loads (U = 8 f16 or 4 f32 values; a row is
 // L = head_dim / U loads), every thread issuing all of a chunk's key (then
@@ -76,11 +81,13 @@ struct Params {
 }
 
 // k and v (bindings 2 and 3, writable with PREP), `put_kv` (their
-// stores, empty without PREP) and, with PREP, the norms (5) and the rotary
-// table (6) are declared with the module's constants.
+// stores, empty without PREP), the partial results `part` (4) with
+// `put_part` and `part_at`, the counts (6, MERGE) and, with PREP, the
+// norms (7) and the rotary table (8) are declared with the module's
+// constants.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
-@group(0) @binding(4) var<storage, read_write> part: array<f32>;
+@group(0) @binding(5) var<storage, read_write> out: array<f32>;
 
 // Values in one 16-byte load.
 const U: u32 = select(4u, 8u, KV_F16);
@@ -92,7 +99,7 @@ const SLOTS: u32 = 8u;
 const LOWEST: f32 = -3.4028235e38;
 
 // Partial dot products (chunk · L ≤ 1024), then partial value sums
-// (RPR · head_dim ≤ WG · U ≤ 1024).
+// (RPR · head_dim ≤ WG · U ≤ 1024); MERGE: the merge's maxima and sums.
 var<workgroup> sp: array<f32, 1024>;
 var<workgroup> ps: array<f32, MAX_CH>;
 
@@ -156,7 +163,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let first = wg.z * p.span;
     let len = min(seen, first + p.span);
     let row = (t * p.n_heads + h) * hd;
-    let out = ((t * p.n_heads + h) * p.spans + wg.z) * (hd + 2u);
+    let at = ((t * p.n_heads + h) * p.spans + wg.z) * (hd + 2u);
     // This thread's U query values (its load i of a row).
     var qv = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
     // PREP: the new position (the last; in the last span only).
@@ -287,14 +294,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         workgroupBarrier();
     }
     if p.spans == 1u {
-        // The only span: `part` is the output itself (the host binds it
-        // so), and this is what attention_merge.wgsl makes of one span
-        // (its factor exp(m − m) is 1; the merge's 0 + o would turn a −0
-        // into +0, the only difference), with no merge dispatch.
+        // The only span: this is what merge.wgsl makes of one span (its
+        // factor exp(m − m) is 1; the merge's 0 + o would turn a −0 into
+        // +0, the only difference), with no merge.
         for (var slot = 0u; slot < SLOTS; slot++) {
             let d = lane.lid + slot * WG;
             if d < hd {
-                part[row + d] = o[slot] / l;
+                out[row + d] = o[slot] / l;
             }
         }
         return;
@@ -302,11 +308,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     for (var slot = 0u; slot < SLOTS; slot++) {
         let d = lane.lid + slot * WG;
         if d < hd {
-            part[out + d] = o[slot];
+            put_part(at + d, o[slot]);
         }
     }
     if lane.lid == 0u {
-        part[out + hd] = m;
-        part[out + hd + 1u] = l;
+        put_part(at + hd, m);
+        put_part(at + hd + 1u, l);
+    }
+    if MERGE {
+        if last_to_arrive(t * p.n_heads + h, p.spans, lane.lid) {
+            merge_spans(h, t, lane.lid);
+        }
     }
 }

@@ -43,6 +43,12 @@
 // rows store the normalised rows in `normed` for the products after this
 // one. The mean square is summed the same way for one token and four, so
 // a token's normalised row has the same bits in either shape.
+//
+// ROUTE (a constant of the module; one token, NORM, the router of a layer
+// whose experts are all resident): the last workgroup to finish routes
+// the token (`route_after`, matmul_route.wgsl), so no routing dispatch
+// follows. Y is then stored through atomics. Y is declared with the
+// module's constants, with `put_y` and `y_at`.
 
 struct Params {
     rows: u32,       // rows in this part
@@ -61,11 +67,20 @@ struct Params {
     _pad1: u32,
     _pad2: u32,
     _pad3: u32,
+    // ROUTE (see route.wgsl): top k, whether the weights are renormalised,
+    // the layer's first expert slot, the slot stride in bytes, and the
+    // byte offsets of gate's, up's and down's arrays in a slot.
+    k: u32,
+    norm: u32,
+    first: u32,
+    stride: u32,
+    gate: vec4<u32>,
+    up: vec4<u32>,
+    down: vec4<u32>,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
 // The part's weight bytes, little-endian, packed into words; blocks need
 // not start on a word boundary (Q4_0 blocks are 18 bytes, Q6_K 210).
 @group(0) @binding(3) var<storage, read> w: array<u32>;
@@ -93,7 +108,7 @@ fn footprint(lane: Lane) {
     if p.rows == 0xffffffffu {
         footprint_slots[lane.lid % FOOTPRINT] = vec4<f32>(1.0);
         workgroupBarrier();
-        y[0] = footprint_slots[(lane.lid + 1u) % FOOTPRINT].x;
+        put_y(0u, footprint_slots[(lane.lid + 1u) % FOOTPRINT].x);
     }
 }
 // Rows of one workgroup.
@@ -239,7 +254,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         }
         if lane.lid < 4u && r0 + lane.lid < p.rows {
             let at = p.row0 + r0 + lane.lid;
-            y[at] = y[at] + total[lane.lid];
+            put_y(at, y_at(at) + total[lane.lid]);
         }
         return;
     }
@@ -368,10 +383,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         }
         if at != 0xffffffffu {
             if p.acc == 1u {
-                y[at] = y[at] + v;
+                put_y(at, y_at(at) + v);
             } else {
-                y[at] = v;
+                put_y(at, v);
             }
         }
+    }
+    if ROUTE {
+        route_after(lane);
     }
 }

@@ -1,0 +1,17 @@
+// ROUTE (matmul.wgsl): the router product's last workgroup to finish
+// (arrive.wgsl, count 0) routes the token (route.wgsl) from the logits
+// every workgroup stored, as moe_route.wgsl would (the same workgroup
+// size, so the same sums). One token; the host binds the whole router
+// (one part, row0 = 0, y_stride = rows = the layer's experts).
+
+fn logit_at(i: u32) -> f32 {
+    return bitcast<f32>(atomicLoad(&y[i]));
+}
+
+// Called by every workgroup that computed rows, after its stores.
+fn route_after(lane: Lane) {
+    if last_to_arrive(0u, (p.rows + R - 1u) / R, lane.lid) {
+        let r = Route(p.rows, p.k, p.norm, p.first, p.stride, 1u, p.gate, p.up, p.down);
+        route_token(r, 0u, lane);
+    }
+}
