@@ -44,10 +44,11 @@ pub struct Args {
     #[arg(long)]
     pub cold: bool,
 
-    /// Fill the expert cache (every expert, when the plan holds them all)
-    /// and evaluate the prompt once, untimed, before measuring (llama-bench's
-    /// warm-up run). When every expert fits the cache this measures the
-    /// model resident, with no expert reads in either phase.
+    /// Fill the expert cache (every expert, when the plan holds them all),
+    /// evaluate the prompt once and decode a few tokens, untimed, before
+    /// measuring (llama-bench's warm-up run). When every expert fits the
+    /// cache this measures the model resident, with no expert reads in
+    /// either phase.
     #[arg(long, conflicts_with = "cold")]
     pub warmup: bool,
 
@@ -93,10 +94,18 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         .map(|_| (rng.next_u64() % vocab) as u32)
         .collect();
 
+    /// Tokens `--warmup` decodes.
+    const WARMUP_DECODE: usize = 4;
     let mut session = engine.new_session();
     if args.warmup {
         preload(&engine)?;
         session.eval(&prompt)?;
+        // Decode steps run their own kernels (on a GPU, compiled on first
+        // use: the first timed decode of an H100 run measured 65–71 tok/s
+        // against ~190 for the next ones).
+        for i in 0..WARMUP_DECODE.min(args.n_gen) {
+            session.eval(&[(i as u64 % vocab) as u32])?;
+        }
         session.reset();
     }
     // Each repetition: the same prompt, then the same decode tokens; the
