@@ -29,7 +29,7 @@ fn bench(c: &mut Criterion) {
         (4096, 2048, 1),
         (4096, 2048, 64),
     ];
-    let levels: Vec<Level> = [Level::Scalar, Level::Avx2, Level::Avx512]
+    let levels: Vec<Level> = [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512]
         .into_iter()
         .filter(|l| l.supported())
         .collect();

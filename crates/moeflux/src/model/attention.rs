@@ -325,7 +325,13 @@ mod tests {
         };
         let q = rand(total * nh * hd);
         let (k, v) = (rand(total * nkv * hd), rand(total * nkv * hd));
-        let levels = [Level::Reference, Level::Scalar, Level::Avx2, Level::Avx512];
+        let levels = [
+            Level::Reference,
+            Level::Scalar,
+            Level::Neon,
+            Level::Avx2,
+            Level::Avx512,
+        ];
         for (kv_type, level) in [KvType::F16, KvType::F32].into_iter().flat_map(|t| {
             levels
                 .into_iter()

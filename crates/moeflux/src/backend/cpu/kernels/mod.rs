@@ -1,9 +1,10 @@
 //! Quantized matrix products with runtime CPU-feature dispatch.
 //!
 //! [`Level`] picks the instruction set: AVX-512 (with VNNI), AVX2 + FMA,
-//! the portable integer kernels, or the reference path (dequantize each
-//! row, f32 dot). It is detected once; `MOEFLUX_CPU=reference|scalar|avx2|
-//! avx512` forces a level (tests run every level this way).
+//! NEON (AArch64), the portable integer kernels, or the reference path
+//! (dequantize each row, f32 dot). It is detected once;
+//! `MOEFLUX_CPU=reference|scalar|neon|avx2|avx512` forces a level (tests
+//! run every level this way).
 //!
 //! Which activation format a weight type is multiplied with:
 //! - Q4_0, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K and MLX affine (bf16 scales):
@@ -11,6 +12,8 @@
 //! - F32, F16, BF16: f32 activations;
 //! - other types: the reference path.
 
+#[cfg(target_arch = "aarch64")]
+pub mod neon;
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
@@ -31,6 +34,9 @@ pub enum Level {
     Reference,
     /// Portable integer kernels.
     Scalar,
+    /// AArch64 NEON (the Q4_0, Q8_0 and Q4_K row kernels; the portable
+    /// kernels for the rest).
+    Neon,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI.
@@ -42,6 +48,7 @@ impl Level {
         match self {
             Level::Reference => "reference",
             Level::Scalar => "scalar",
+            Level::Neon => "neon",
             Level::Avx2 => "avx2",
             Level::Avx512 => "avx512",
         }
@@ -51,6 +58,7 @@ impl Level {
         Some(match s {
             "reference" => Level::Reference,
             "scalar" => Level::Scalar,
+            "neon" => Level::Neon,
             "avx2" => Level::Avx2,
             "avx512" => Level::Avx512,
             _ => return None,
@@ -77,12 +85,23 @@ impl Level {
                 return Level::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        if std::arch::is_aarch64_feature_detected!("neon") {
+            return Level::Neon;
+        }
         Level::Scalar
     }
 
-    /// Whether this CPU can run the level.
+    /// Whether this CPU can run the level: the reference and the portable
+    /// kernels anywhere, NEON on AArch64, the x86 levels up to the one
+    /// detected.
     pub fn supported(self) -> bool {
-        self <= Level::detect()
+        let best = Level::detect();
+        match self {
+            Level::Reference | Level::Scalar => true,
+            Level::Neon => best == Level::Neon,
+            Level::Avx2 | Level::Avx512 => best >= Level::Avx2 && self <= best,
+        }
     }
 }
 
@@ -96,7 +115,7 @@ pub fn level() -> Level {
             .as_deref()
             .and_then(Level::from_name)
         {
-            Some(l) if l <= detected => l,
+            Some(l) if l.supported() => l,
             _ => detected,
         }
     })
@@ -302,6 +321,10 @@ fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
     if level >= Level::Avx2 {
         return x86::q8_kernel(ty, level);
     }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return neon::q8_kernel(ty);
+    }
     let _ = level;
     match ty {
         GgmlType::Q4_0 => scalar::dot_q4_0,
@@ -446,7 +469,7 @@ pub fn f16_rows_to_f32(level: Level, src: &[half::f16], s: Strided, ahead: usize
         unsafe { x86::f16_rows_f16c(src.reinterpret_cast(), s, ahead, dst) };
         return;
     }
-    let _ = ahead;
+    let _ = (level, ahead);
     for r in 0..s.rows {
         let from = s.at + r * s.stride;
         f16_to_f32(

@@ -10,7 +10,7 @@ use crate::quant::MlxAffine;
 use crate::synth::{fill_blocks, Rng};
 
 fn levels() -> Vec<Level> {
-    [Level::Scalar, Level::Avx2, Level::Avx512]
+    [Level::Scalar, Level::Neon, Level::Avx2, Level::Avx512]
         .into_iter()
         .filter(|l| l.supported())
         .collect()
@@ -152,6 +152,34 @@ fn q4_0_interleaved() {
     assert!(Matrix::interleaved(GgmlType::Q8_0, 8, 32, &[0u8; 8 * 34]).is_err());
     // Nor rows that are not a multiple of eight.
     assert!(Matrix::interleaved(GgmlType::Q4_0, 12, 32, &[0u8; 12 * 18]).is_err());
+}
+
+/// The NEON kernels give the portable kernels' bits: the same exact
+/// integer sums, the same f32 steps in the same order.
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn neon_rows_equal_the_portable_rows() {
+    let pool = ThreadPool::new(2);
+    for (ty, cols) in [
+        (GgmlType::Q4_0, 32 * 9),
+        (GgmlType::Q8_0, 32 * 9),
+        (GgmlType::Q4_K, 256 * 3),
+    ] {
+        let rows = 13;
+        let mut bytes = vec![0u8; ty.row_bytes(cols as u64).unwrap() as usize * rows];
+        fill_blocks(ty, &mut Rng::new(7), 0.05, &mut bytes).unwrap();
+        let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+        for n in [1, 5] {
+            let x = activations(n * cols, 12, true);
+            let mut acts = Acts::default();
+            let mut want = vec![0f32; n * rows];
+            let mut got = vec![0f32; n * rows];
+            matmul_at(&pool, &m, &x, n, &mut want, &mut acts, Level::Scalar);
+            matmul_at(&pool, &m, &x, n, &mut got, &mut acts, Level::Neon);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty} with {n} tokens");
+        }
+    }
 }
 
 #[test]

@@ -1,0 +1,143 @@
+//! AArch64 NEON kernels (NEON is part of every AArch64 CPU): the Q4_0,
+//! Q8_0 and Q4_K row kernels with 8-bit activations; the other types use
+//! the portable kernels at this level.
+//!
+//! Each block's integer sum is exact (i8 × i8 products widened to i16,
+//! then pairs added into i32), and the scales are applied in the order of
+//! [`super::scalar`], so a row gives the same bits as the portable kernel
+//! (tested). The 32 products of a block are formed by `vmull_s8` rather
+//! than the `sdot` instruction, which not every AArch64 CPU has.
+
+use std::arch::aarch64::*;
+
+use super::scalar::{self, f16_at, k_scales};
+use super::Q8Kernel;
+use crate::backend::cpu::quantize::Q8Row;
+use crate::quant::GgmlType;
+
+/// The row kernel of `ty` at the NEON level.
+pub fn q8_kernel(ty: GgmlType) -> Q8Kernel {
+    match ty {
+        GgmlType::Q4_0 => dot_q4_0,
+        GgmlType::Q8_0 => dot_q8_0,
+        GgmlType::Q4_K => dot_q4_k,
+        GgmlType::MXFP4 => scalar::dot_mxfp4,
+        GgmlType::Q5_K => scalar::dot_q5_k,
+        GgmlType::Q6_K => scalar::dot_q6_k,
+        _ => unreachable!("not an 8-bit-activation type"),
+    }
+}
+
+/// Sixteen bytes from the start of `b` (at least 16 long).
+#[inline(always)]
+fn load_u8(b: &[u8]) -> uint8x16_t {
+    assert!(b.len() >= 16);
+    // SAFETY: 16 bytes are readable at the start of `b` (asserted); NEON
+    // loads need no alignment.
+    unsafe { vld1q_u8(b.as_ptr()) }
+}
+
+/// Sixteen i8 from the start of `b` (at least 16 long).
+#[inline(always)]
+fn load_i8(b: &[i8]) -> int8x16_t {
+    assert!(b.len() >= 16);
+    // SAFETY: as in `load_u8`.
+    unsafe { vld1q_s8(b.as_ptr()) }
+}
+
+/// `Σ a_i · b_i` over sixteen lanes, exact: each product of two i8 fits
+/// an i16 (|−128 · −128| = 2^14), and pairs of them an i32.
+#[inline(always)]
+fn dot16(a: int8x16_t, b: int8x16_t) -> int32x4_t {
+    // SAFETY: NEON is present on every AArch64 CPU; the intrinsics only
+    // compute on registers.
+    unsafe {
+        let lo = vmull_s8(vget_low_s8(a), vget_low_s8(b));
+        let hi = vmull_high_s8(a, b);
+        vaddq_s32(vpaddlq_s16(lo), vpaddlq_s16(hi))
+    }
+}
+
+/// The 32 codes × activations of a block, summed: `lo` pairs with
+/// `x[..16]`, `hi` with `x[16..32]`.
+#[inline(always)]
+fn dot32(lo: int8x16_t, hi: int8x16_t, x: &[i8]) -> i32 {
+    let (a, b) = (dot16(lo, load_i8(x)), dot16(hi, load_i8(&x[16..])));
+    // SAFETY: as in `dot16`.
+    unsafe { vaddvq_s32(vaddq_s32(a, b)) }
+}
+
+/// The low and high nibbles of sixteen bytes, as i8 codes 0..=15.
+#[inline(always)]
+fn nibbles(v: uint8x16_t) -> (int8x16_t, int8x16_t) {
+    // SAFETY: as in `dot16`.
+    unsafe {
+        (
+            vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(15))),
+            vreinterpretq_s8_u8(vshrq_n_u8(v, 4)),
+        )
+    }
+}
+
+/// Q4_0 (18-byte blocks) · Q8, as [`scalar::dot_q4_0`].
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q4_0(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(18).enumerate() {
+        let (lo, hi) = nibbles(load_u8(&blk[2..]));
+        let s = dot32(lo, hi, &a.qs[b * 32..b * 32 + 32]) - 8 * a.sum[b];
+        acc += f16_at(blk, 0) * a.d[b] * s as f32;
+    }
+    acc
+}
+
+/// Q8_0 (34-byte blocks) · Q8, as [`scalar::dot_q8_0`].
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q8_0(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(34).enumerate() {
+        // SAFETY: as in `dot16` (a reinterpretation of lanes).
+        let (lo, hi) = unsafe {
+            (
+                vreinterpretq_s8_u8(load_u8(&blk[2..])),
+                vreinterpretq_s8_u8(load_u8(&blk[18..])),
+            )
+        };
+        let s = dot32(lo, hi, &a.qs[b * 32..b * 32 + 32]);
+        acc += f16_at(blk, 0) * a.d[b] * s as f32;
+    }
+    acc
+}
+
+/// Q4_K (144-byte super-blocks) · Q8 with power-of-two block scales, as
+/// [`scalar::dot_q4_k`]: sub-blocks 2j and 2j + 1 are the low and high
+/// nibbles of the same 32 bytes.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(144).enumerate() {
+        let (sc, m) = k_scales(&blk[4..16]);
+        let qs = &blk[16..144];
+        let (mut isum, mut imin) = (0i64, 0i64);
+        for j in 0..4 {
+            let q = &qs[32 * j..32 * j + 32];
+            let (lo0, hi0) = nibbles(load_u8(q));
+            let (lo1, hi1) = nibbles(load_u8(&q[16..]));
+            for (s, (c0, c1)) in [(2 * j, (lo0, lo1)), (2 * j + 1, (hi0, hi1))] {
+                let i = 8 * b + s;
+                let dot = dot32(c0, c1, &a.qs[32 * i..32 * i + 32]);
+                let sh = a.shift[i];
+                isum += ((sc[s] as i64) << sh) * dot as i64;
+                imin += ((m[s] as i64) << sh) * a.sum[i] as i64;
+            }
+        }
+        acc += a.base[b] * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * imin as f32);
+    }
+    acc
+}
