@@ -189,10 +189,16 @@ pub fn assert_logits(
 /// Every CPU kernel level this machine can run, the reference first.
 pub fn levels() -> Vec<moeflux::backend::cpu::kernels::Level> {
     use moeflux::backend::cpu::kernels::Level;
-    [Level::Reference, Level::Scalar, Level::Avx2, Level::Avx512]
-        .into_iter()
-        .filter(|l| l.supported())
-        .collect()
+    [
+        Level::Reference,
+        Level::Scalar,
+        Level::Neon,
+        Level::Avx2,
+        Level::Avx512,
+    ]
+    .into_iter()
+    .filter(|l| l.supported())
+    .collect()
 }
 
 /// Opens a fixture model at a kernel level.

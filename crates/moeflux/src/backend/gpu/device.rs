@@ -59,6 +59,8 @@ pub struct GpuLimits {
     pub subgroup_sizes: Option<(u32, u32)>,
     /// Alignment of a dynamic offset into a uniform buffer (bytes).
     pub uniform_align: u32,
+    /// Storage buffers one kernel may bind (WebGPU guarantees 8).
+    pub max_storage_buffers: u32,
 }
 
 /// The GPU: an adapter's device and queue, and what it supports.
@@ -75,8 +77,10 @@ pub struct Gpu {
     /// GPU time per kernel (see [`super::profile`]), when asked for.
     pub profiler: Option<super::profile::Profiler>,
     /// Whether naga's storage barrier orders memory across workgroups
-    /// here (device scope in SPIR-V and HLSL; in MSL it is a threadgroup
-    /// barrier, GL is not known). Where it does, a dispatch's last
+    /// here: Vulkan (device scope in SPIR-V; tested on lavapipe and
+    /// measured on an H100). Not Metal (a threadgroup barrier in MSL), and
+    /// not yet DX12 (HLSL's barrier is device-scoped, but nothing here
+    /// runs it) or GL. Where it does, a dispatch's last
     /// workgroup finishes its work by default (see `arrive.wgsl`: the
     /// attention spans' merge, the routing after the router product)
     /// instead of a second dispatch.
@@ -181,6 +185,7 @@ impl Gpu {
             subgroup_sizes: has_subgroups
                 .then_some((info.subgroup_min_size, info.subgroup_max_size)),
             uniform_align: required_limits.min_uniform_buffer_offset_alignment.max(16),
+            max_storage_buffers: required_limits.max_storage_buffers_per_shader_stage,
         };
         let reduce = if has_subgroups {
             Reduce::Subgroup
@@ -192,8 +197,7 @@ impl Gpu {
             .get_downlevel_capabilities()
             .flags
             .contains(wgpu::DownlevelFlags::SHADER_F16_IN_F32);
-        let device_scope_barrier =
-            matches!(info.backend, wgpu::Backend::Vulkan | wgpu::Backend::Dx12);
+        let device_scope_barrier = info.backend == wgpu::Backend::Vulkan;
         let arrival_counts = device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("arrival counts"),
             size: 4 * ARRIVAL_COUNTS as u64,

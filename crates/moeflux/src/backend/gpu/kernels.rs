@@ -109,6 +109,36 @@ impl WeightKind {
     }
 }
 
+/// Most spans one attention call is cut into (`merge.wgsl`; longer
+/// contexts get longer spans). The merge keeps two values a span in the
+/// attention kernel's 1024-value shared array `sp`.
+pub const MAX_SPANS: usize = 512;
+const _: () = assert!(2 * MAX_SPANS <= 1024);
+
+/// An f32 array at `binding` written with `put(i, v)` and read with
+/// `at(i)`: through atomics where another workgroup of the dispatch reads
+/// what one stores (see `arrive.wgsl`), else plain.
+fn f32_array(binding: usize, name: &str, (put, at): (&str, &str), atomic: bool) -> String {
+    if atomic {
+        format!(
+            "@group(0) @binding({binding}) var<storage, read_write> {name}: array<atomic<u32>>;\n\
+             fn {put}(i: u32, v: f32) {{\n    atomicStore(&{name}[i], bitcast<u32>(v));\n}}\n\
+             fn {at}(i: u32) -> f32 {{\n    return bitcast<f32>(atomicLoad(&{name}[i]));\n}}\n"
+        )
+    } else {
+        format!(
+            "@group(0) @binding({binding}) var<storage, read_write> {name}: array<f32>;\n\
+             fn {put}(i: u32, v: f32) {{\n    {name}[i] = v;\n}}\n\
+             fn {at}(i: u32) -> f32 {{\n    return {name}[i];\n}}\n"
+        )
+    }
+}
+
+/// `arrive.wgsl`'s function in a module that never calls it (its calls
+/// sit behind a false constant) and binds no counts.
+const NO_ARRIVAL: &str =
+    "fn last_to_arrive(c: u32, total: u32, lid: u32) -> bool {\n    return false;\n}\n";
+
 /// The largest head_dim the attention block's kernels take:
 /// `attention_prep.wgsl` keeps a head row in four slots of its WG threads,
 /// and `attention.wgsl`'s decode prep (PREP_HD) the same number of values.
@@ -151,6 +181,13 @@ pub enum Batch {
     Router,
 }
 
+impl Batch {
+    /// Whether the batch exists only in the one-token shape.
+    fn one_token_only(self) -> bool {
+        matches!(self, Batch::ExpertsCombine | Batch::Router)
+    }
+}
+
 impl Product {
     /// Every shape of every format.
     pub fn all() -> Vec<Product> {
@@ -165,7 +202,7 @@ impl Product {
                     Batch::ExpertsCombine,
                     Batch::Router,
                 ] {
-                    if matches!(batch, Batch::ExpertsCombine | Batch::Router) && !one_token {
+                    if batch.one_token_only() && !one_token {
                         continue;
                     }
                     v.push(Product {
@@ -405,16 +442,10 @@ impl Kernel {
                     p.batch == Batch::ExpertsCombine,
                 ));
                 // Y: through atomics when the last workgroup reads it.
-                s.push_str(if route {
-                    "@group(0) @binding(2) var<storage, read_write> y: array<atomic<u32>>;\n\
-                     fn put_y(i: u32, v: f32) {\n    atomicStore(&y[i], bitcast<u32>(v));\n}\n\
-                     fn y_at(i: u32) -> f32 {\n    return bitcast<f32>(atomicLoad(&y[i]));\n}\n"
-                } else {
-                    "@group(0) @binding(2) var<storage, read_write> y: array<f32>;\n\
-                     fn put_y(i: u32, v: f32) {\n    y[i] = v;\n}\n\
-                     fn y_at(i: u32) -> f32 {\n    return y[i];\n}\n\
-                     fn route_after(lane: Lane) {}\n"
-                });
+                s.push_str(&f32_array(2, "y", ("put_y", "y_at"), route));
+                if !route {
+                    s.push_str("fn route_after(lane: Lane) {}\n");
+                }
                 // The job table, or the norm weights and normalised rows,
                 // bound after the other buffers.
                 let last = p.n_buffers();
@@ -485,36 +516,46 @@ impl Kernel {
                     Kernel::AttentionPrep { kv_f16 }.workgroup_size()
                 ));
                 // With MERGE the partial results are atomics (see
-                // attention.wgsl); the arrival counts are bound either way.
+                // attention.wgsl), and the arrival counts are bound (6).
                 s.push_str(&format!(
-                    "const MERGE: bool = {merge};\n\
-                     @group(0) @binding(6) var<storage, read_write> counts: array<atomic<u32>>;\n"
+                    "const MERGE: bool = {merge};\nconst MAX_SPANS: u32 = {MAX_SPANS}u;\n"
                 ));
-                s.push_str(if merge {
-                    "@group(0) @binding(4) var<storage, read_write> part: array<atomic<u32>>;\n\
-                     fn put_part(i: u32, v: f32) {\n    atomicStore(&part[i], bitcast<u32>(v));\n}\n\
-                     fn part_at(i: u32) -> f32 {\n    return bitcast<f32>(atomicLoad(&part[i]));\n}\n"
+                s.push_str(&f32_array(4, "part", ("put_part", "part_at"), merge));
+                if merge {
+                    s.push_str(
+                        "@group(0) @binding(6) var<storage, read_write> counts: array<atomic<u32>>;\n",
+                    );
                 } else {
-                    "@group(0) @binding(4) var<storage, read_write> part: array<f32>;\n\
-                     fn put_part(i: u32, v: f32) {\n    part[i] = v;\n}\n\
-                     fn part_at(i: u32) -> f32 {\n    return part[i];\n}\n"
-                });
-                s.push_str(if prep {
-                    "@group(0) @binding(7) var<storage, read> norms: array<f32>;\n\
-                     @group(0) @binding(8) var<storage, read> cs: array<vec2<f32>>;\n\
-                     fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {\n\
-                     k[ak] = kw;\n    v[av] = vw;\n}\n"
+                    s.push_str(NO_ARRIVAL);
+                }
+                let at = if merge { 7 } else { 6 };
+                s.push_str(&if prep {
+                    format!(
+                        "@group(0) @binding({at}) var<storage, read> norms: array<f32>;\n\
+                         @group(0) @binding({}) var<storage, read> cs: array<vec2<f32>>;\n\
+                         fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {{\n\
+                         k[ak] = kw;\n    v[av] = vw;\n}}\n",
+                        at + 1
+                    )
                 } else {
                     "var<private> norms: array<f32, 1>;\nvar<private> cs: array<vec2<f32>, 1>;\n\
                      fn put_kv(ak: u32, av: u32, kw: vec4<u32>, vw: vec4<u32>) {}\n"
+                        .to_string()
                 });
-                &[F16_ROUND, HEAD_PREP, MERGE, ARRIVE, ATTENTION]
+                if merge {
+                    &[F16_ROUND, HEAD_PREP, MERGE, ARRIVE, ATTENTION]
+                } else {
+                    &[F16_ROUND, HEAD_PREP, MERGE, ATTENTION]
+                }
             }
             Kernel::AttentionPrep { kv_f16 } => {
                 s.push_str(&format!("const KV_F16: bool = {kv_f16};\n"));
                 &[F16_ROUND, HEAD_PREP, ATTENTION_PREP]
             }
-            Kernel::AttentionMerge => &[MERGE, ATTENTION_MERGE],
+            Kernel::AttentionMerge => {
+                s.push_str(&format!("const MAX_SPANS: u32 = {MAX_SPANS}u;\n"));
+                &[MERGE, ATTENTION_MERGE]
+            }
             Kernel::Gather => &[GATHER],
             Kernel::MoeCombine => &[MOE_COMBINE],
             Kernel::MoeRoute => {

@@ -108,8 +108,10 @@
 //! measured by running one kind of dispatch twice, or an emptied copy of
 //! it, inside a real decode step (bench/BENCHMARKS.md, 2026-11-26, fourth
 //! GPU session). A submit-and-wait costs ~80 µs. So a layer is as few
-//! dispatches as the data flow allows (eight for a decode step whose q, k
-//! and v projections share a format, ten otherwise), and a
+//! dispatches as the data flow allows (six for a decode step whose q, k
+//! and v projections share a format, where a dispatch's last workgroup
+//! may finish its work — `arrive.wgsl`, Vulkan; eight otherwise; two more
+//! for separate q, k and v products), and a
 //! token a few submissions (after layers 2, 8, 16, 24, ..., so the GPU
 //! starts while the host encodes the rest). Kernels are compiled without
 //! naga's loop bounding (`kernels::RUNTIME_CHECKS`: a per-loop counter
@@ -122,20 +124,25 @@
 //!    `attention_prep`'s work for its own query head (q RMSNorm, RoPE) and,
 //!    in the span holding the new position, for its K/V head (k RMSNorm,
 //!    RoPE, rounding to the cache's format, one writer a group); then the
-//!    merge of the spans (none when one span holds the whole context —
-//!    up to 64 positions, or any length when the scratch holds one span a
-//!    query and head — its workgroups then write the output themselves).
+//!    merge of the spans, by each head's last workgroup to finish (or by a
+//!    dispatch of its own where the last workgroup may not finish; none
+//!    when one span holds the whole context — up to 64 positions, or any
+//!    length when the scratch holds one span a query and head — its
+//!    workgroups then write the output themselves).
 //!    Prompts (several tokens) run `attention_prep` as a dispatch of its
 //!    own first; both give the same bits (on drivers
 //!    that give the two pipelines one subgroup size: see attention.wgsl);
 //! 3. the output projection added into the hidden state;
 //! 4. the router product, normalising the hidden state with the FFN norm
 //!    and storing the normalised rows for the experts;
-//! 5. `moe_route` (softmax, top-k by ranks; with every expert resident it
-//!    also writes the expert jobs);
+//! 5. the routing (`route.wgsl`: softmax, top-k by ranks; with every
+//!    expert resident it also writes the expert jobs), in the router
+//!    product's last workgroup (`Batch::Router`) or as `moe_route`;
 //! 6. one product for every routed expert's gate and up with SwiGLU;
 //! 7. one for their down projections, weighted and added to the hidden
-//!    state in the same dispatch (`Batch::ExpertsCombine`).
+//!    state in the same dispatch (`Batch::ExpertsCombine`; a workgroup a
+//!    job's rows, the row group's last adding them up, was slower: 206 →
+//!    193 tok/s, Q4_0 on an H100).
 //!
 //! When experts must come from the host, step 5's choices are read back
 //! (the layer's one round trip), the host writes the jobs of the experts

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use super::device::{Gpu, Variant, ARRIVAL_COUNTS};
 use super::kernels::{
-    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_HEAD_DIM, WG,
+    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_HEAD_DIM, MAX_SPANS, WG,
 };
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
@@ -129,7 +129,8 @@ struct DecodePrep<'a> {
     eps: f32,
 }
 
-/// Where [`Pass::moe_route`] writes: every token's choice; with an
+/// Where [`Pass::moe_route`] and [`Pass::router_route`] write: every
+/// token's choice; with an
 /// [`ExpertPlace`], one token's expert jobs and the combine's rows and
 /// weights.
 #[derive(Clone, Copy)]
@@ -140,7 +141,7 @@ pub struct RouteOut<'a> {
     pub weights: &'a wgpu::Buffer,
 }
 
-/// Where a layer's experts are, for the jobs [`Pass::moe_route`] writes.
+/// Where a layer's experts are, for the jobs the routing writes.
 #[derive(Clone, Copy, Debug)]
 pub struct ExpertPlace {
     /// Slot of the layer's expert 0 in its pool.
@@ -152,7 +153,7 @@ pub struct ExpertPlace {
     pub offsets: [[u64; 3]; 3],
 }
 
-/// Experts a layer may have for the GPU's own routing (moe_route.wgsl's
+/// Experts a layer may have for the GPU's own routing (route.wgsl's
 /// MAX_E).
 pub const MAX_ROUTED: usize = 1024;
 
@@ -349,10 +350,17 @@ impl<'g> Pass<'g> {
     /// Whether the last workgroup of a dispatch finishes its work (see
     /// `arrive.wgsl`): attention merges its spans, and
     /// [`Pass::router_route`] routes, in one dispatch; else each in a
-    /// second dispatch. The default is [`Gpu::device_scope_barrier`];
-    /// tests run both.
+    /// second dispatch. The default is [`Gpu::device_scope_barrier`], and
+    /// only where it holds may this turn it on (elsewhere the second
+    /// dispatches stay); tests run both.
     pub fn set_last_group_finishes(&mut self, on: bool) {
-        self.last_group_finishes = on;
+        self.last_group_finishes = on && self.gpu.device_scope_barrier;
+    }
+
+    /// Whether a product of `shape` binds no more storage buffers than the
+    /// device allows (the fused variants bind the most).
+    fn binds(&self, shape: Product) -> bool {
+        shape.n_buffers() <= self.gpu.limits.max_storage_buffers as usize
     }
 
     /// An empty pass whose parameters and bind groups come from `arena`
@@ -881,7 +889,7 @@ impl<'g> Pass<'g> {
         let fits = (scratch.size() as usize / 4 / row) / (n_q * s.n_heads);
         // (and at most merge.wgsl's MAX_SPANS: longer contexts get longer
         // spans).
-        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, 512);
+        let spans = s.len.div_ceil(ATTENTION_SPAN).min(fits).clamp(1, MAX_SPANS);
         let span = s.len.div_ceil(spans).next_multiple_of(ATTENTION_SPAN);
         let spans = s.len.div_ceil(span);
         let scale = 1.0 / (s.head_dim as f32).sqrt();
@@ -929,7 +937,10 @@ impl<'g> Pass<'g> {
             prep: prep.is_some(),
             merge,
         };
-        let mut bufs = vec![q, k, v, scratch, out, &self.gpu.arrival_counts];
+        let mut bufs = vec![q, k, v, scratch, out];
+        if merge {
+            bufs.push(&self.gpu.arrival_counts);
+        }
         if let Some(p) = &prep {
             bufs.extend([p.norms, p.cs]);
         }
@@ -1089,8 +1100,13 @@ impl<'g> Pass<'g> {
         const K: &str = "router";
         let m = &router.shape;
         let ne = m.rows;
+        let shape = Product {
+            kind: m.kind,
+            one_token: true,
+            batch: Batch::Router,
+        };
         let part = match router.parts.as_slice() {
-            [part] if self.last_group_finishes => part,
+            [part] if self.last_group_finishes && self.binds(shape) => part,
             _ => {
                 self.matmul_normed(router, x, norm, normed, logits, 1, (0, ne))?;
                 return self.moe_route(logits, out, (1, ne, k, norm_topk), Some(place));
@@ -1102,11 +1118,6 @@ impl<'g> Pass<'g> {
         holds(K, "logits", logits, ne)?;
         holds(K, "norm weights", norm.0, m.cols)?;
         holds(K, "normed", normed, m.cols)?;
-        let shape = Product {
-            kind: m.kind,
-            one_token: true,
-            batch: Batch::Router,
-        };
         let (gx, gy) = self.grid(ne.div_ceil(shape.rows_per_group()))?;
         let mut params = product_params(m, (ne, 0, ne), 1, gx, 0, false, norm.1)?;
         // The routing words (see matmul.wgsl's Params) from word 16.

@@ -82,9 +82,9 @@ struct Params {
 
 // k and v (bindings 2 and 3, writable with PREP), `put_kv` (their
 // stores, empty without PREP), the partial results `part` (4) with
-// `put_part` and `part_at`, the counts (6, MERGE) and, with PREP, the
-// norms (7) and the rotary table (8) are declared with the module's
-// constants.
+// `put_part` and `part_at`, the arrival counts (6, MERGE) and, with PREP,
+// the norms and the rotary table (the next two bindings) are declared
+// with the module's constants.
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> q: array<vec4<f32>>;
 @group(0) @binding(5) var<storage, read_write> out: array<f32>;

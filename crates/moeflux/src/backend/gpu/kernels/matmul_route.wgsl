@@ -5,10 +5,18 @@
 // (one part, row0 = 0, y_stride = rows = the layer's experts).
 
 fn logit_at(i: u32) -> f32 {
-    return bitcast<f32>(atomicLoad(&y[i]));
+    return y_at(i);
 }
 
-// Called by every workgroup that computed rows, after its stores.
+// Called by every workgroup that computed rows, after its stores. Its
+// last reduction left shared slots to be read (`wg_sum4_last`):
+// `last_to_arrive` begins with a barrier of the whole workgroup, so the
+// routing may write them again.
+//
+// The same bits as the router product and moe_route.wgsl apart where the
+// driver gives these pipelines one subgroup size (as attention.wgsl
+// says for its prep: NVIDIA and lavapipe do; AMD and Intel may choose per
+// pipeline).
 fn route_after(lane: Lane) {
     if last_to_arrive(0u, (p.rows + R - 1u) / R, lane.lid) {
         let r = Route(p.rows, p.k, p.norm, p.first, p.stride, 1u, p.gate, p.up, p.down);

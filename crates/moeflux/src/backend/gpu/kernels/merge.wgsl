@@ -3,16 +3,15 @@
 // Σ o_s · exp(m_s − M) / Σ l_s · exp(m_s − M), summed in span order. A span
 // with l = 0 (past the causal end, or all scores −∞) adds nothing.
 //
-// The includer declares `p` (with n_heads, head_dim, spans), the shared
-// array `sp` (2 · MAX_SPANS f32), `part_at` (value i of the partial
+// The includer declares `p` (with n_heads, head_dim, spans), MAX_SPANS
+// (the host keeps p.spans ≤ MAX_SPANS: longer contexts get longer spans),
+// the shared array `sp` (2 · MAX_SPANS f32), `part_at` (value i of the partial
 // results: head_dim + 2 values a span, row (query · n_heads + head) ·
 // spans + span) and the output `out`. Run by a whole workgroup of WG
 // threads, from uniform control flow: the spans' maxima and sums are read
 // in parallel into `sp`, then thread d (and d + WG, ...) owns output
 // dimension d, its loads over the spans issued LOADS at a time.
 
-// The host keeps p.spans ≤ MAX_SPANS (longer contexts get longer spans).
-const MAX_SPANS: u32 = 512u;
 // Spans whose values a thread loads before adding any: a decode step
 // over a few thousand positions waits on memory once or twice.
 const LOADS: u32 = 16u;
