@@ -3,21 +3,9 @@
 // layer), for prompts, and where the router product does not route
 // itself (matmul.wgsl, ROUTE).
 
-struct Params {
-    n_experts: u32,
-    k: u32,
-    norm: u32,
-    first: u32,
-    stride: u32,
-    jobs: u32,
-    _pad1: u32,
-    _pad2: u32,
-    gate: vec4<u32>,
-    up: vec4<u32>,
-    down: vec4<u32>,
-}
-
-@group(0) @binding(0) var<uniform> p: Params;
+// The parameters are route.wgsl's `Route` (as a uniform, its vec4s start
+// at byte 32: two unused words after `jobs`).
+@group(0) @binding(0) var<uniform> p: Route;
 @group(0) @binding(1) var<storage, read> logits: array<f32>;
 @group(0) @binding(2) var<storage, read_write> choice: array<u32>;
 @group(0) @binding(3) var<storage, read_write> jobs: array<u32>;
@@ -30,6 +18,5 @@ fn logit_at(i: u32) -> f32 {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
-    let r = Route(p.n_experts, p.k, p.norm, p.first, p.stride, p.jobs, p.gate, p.up, p.down);
-    route_token(r, wg.x, lane);
+    route_token(p, wg.x, lane);
 }

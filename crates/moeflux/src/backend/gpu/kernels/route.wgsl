@@ -21,7 +21,8 @@
 //
 // The includer declares `logit_at` (logit i of the token rows) and the
 // outputs `choice`, `jobs`, `rows` and `weights`; the whole workgroup
-// calls `route_token` from uniform control flow.
+// calls `route_token` from uniform control flow. moe_route.wgsl binds a
+// `Route` as its parameters.
 
 struct Route {
     n_experts: u32,
