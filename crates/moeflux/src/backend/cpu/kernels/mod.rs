@@ -34,8 +34,8 @@ pub enum Level {
     Reference,
     /// Portable integer kernels.
     Scalar,
-    /// AArch64 NEON (the Q4_0, Q8_0 and Q4_K row kernels; the portable
-    /// kernels for the rest).
+    /// AArch64 NEON (the Q4_0, Q8_0 and k-quant row kernels; the
+    /// portable kernels for the rest).
     Neon,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,

@@ -1,6 +1,6 @@
 //! AArch64 NEON kernels (NEON is part of every AArch64 CPU): the Q4_0,
-//! Q8_0 and Q4_K row kernels with 8-bit activations; the other types use
-//! the portable kernels at this level.
+//! Q8_0, Q4_K, Q5_K and Q6_K row kernels with 8-bit activations; the
+//! other types use the portable kernels at this level.
 //!
 //! Each block's integer sum is exact (i8 × i8 products widened to i16,
 //! then pairs added into i32), and the scales are applied in the order of
@@ -21,9 +21,9 @@ pub fn q8_kernel(ty: GgmlType) -> Q8Kernel {
         GgmlType::Q4_0 => dot_q4_0,
         GgmlType::Q8_0 => dot_q8_0,
         GgmlType::Q4_K => dot_q4_k,
+        GgmlType::Q5_K => dot_q5_k,
+        GgmlType::Q6_K => dot_q6_k,
         GgmlType::MXFP4 => scalar::dot_mxfp4,
-        GgmlType::Q5_K => scalar::dot_q5_k,
-        GgmlType::Q6_K => scalar::dot_q6_k,
         _ => unreachable!("not an 8-bit-activation type"),
     }
 }
@@ -65,6 +65,20 @@ fn dot32(lo: int8x16_t, hi: int8x16_t, x: &[i8]) -> i32 {
     let (a, b) = (dot16(lo, load_i8(x)), dot16(hi, load_i8(&x[16..])));
     // SAFETY: as in `dot16`.
     unsafe { vaddvq_s32(vaddq_s32(a, b)) }
+}
+
+/// Sixteen bytes shifted right by `n` bits (0..=7) and masked with `mask`.
+#[inline(always)]
+fn bits(v: uint8x16_t, n: u32, mask: u8) -> uint8x16_t {
+    // SAFETY: as in `dot16` (a negative left shift is a right shift).
+    unsafe { vandq_u8(vshlq_u8(v, vdupq_n_s8(-(n as i8))), vdupq_n_u8(mask)) }
+}
+
+/// `lo | hi << 4` as i8 (codes of up to six bits: at most 63).
+#[inline(always)]
+fn join(lo: uint8x16_t, hi: uint8x16_t) -> int8x16_t {
+    // SAFETY: as in `dot16`.
+    unsafe { vreinterpretq_s8_u8(vorrq_u8(lo, vshlq_n_u8(hi, 4))) }
 }
 
 /// The low and high nibbles of sixteen bytes, as i8 codes 0..=15.
@@ -138,6 +152,68 @@ pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
             }
         }
         acc += a.base[b] * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * imin as f32);
+    }
+    acc
+}
+
+/// Q5_K (176-byte super-blocks) · Q8 with power-of-two block scales, as
+/// [`scalar::dot_q5_k`]: sub-block s takes the nibbles of Q4_K and bit s
+/// of each of the 32 high-bit bytes as its fifth bit.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(176).enumerate() {
+        let (sc, m) = k_scales(&blk[4..16]);
+        let qh = [load_u8(&blk[16..]), load_u8(&blk[32..])];
+        let qs = &blk[48..176];
+        let (mut isum, mut imin) = (0i64, 0i64);
+        for s in 0..8 {
+            let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
+            let shift = 4 * (s % 2) as u32;
+            let c = [0, 1].map(|h| {
+                let lo = bits(load_u8(&q[16 * h..]), shift, 15);
+                join(lo, bits(qh[h], s as u32, 1))
+            });
+            let i = 8 * b + s;
+            let dot = dot32(c[0], c[1], &a.qs[32 * i..32 * i + 32]);
+            let sh = a.shift[i];
+            isum += ((sc[s] as i64) << sh) * dot as i64;
+            imin += ((m[s] as i64) << sh) * a.sum[i] as i64;
+        }
+        acc += a.base[b] * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * imin as f32);
+    }
+    acc
+}
+
+/// Q6_K (210-byte super-blocks) · Q8 with power-of-two block scales, as
+/// [`scalar::dot_q6_k`]: value i of a half h (128 values) takes its low
+/// four bits from `ql[64h + i % 64]` (low nibble for i < 64) and its high
+/// two from `qh[32h + i % 32]` (bits 2·(i / 32)); sixteen values share a
+/// scale.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    let mut acc = 0f32;
+    for (b, blk) in w.chunks_exact(210).enumerate() {
+        let ql = &blk[0..128];
+        let qh = &blk[128..192];
+        let scales = &blk[192..208];
+        let mut isum = 0i64;
+        for (g, &scale) in scales.iter().enumerate() {
+            let (h, i) = (g / 8, (16 * g) % 128);
+            let lo = bits(load_u8(&ql[64 * h + i % 64..]), 4 * (i / 64) as u32, 15);
+            let hi = bits(load_u8(&qh[32 * h + i % 32..]), 2 * (i / 32) as u32, 3);
+            let x = load_i8(&a.qs[b * 256 + 16 * g..]);
+            // SAFETY: as in `dot16`.
+            let mut dot = unsafe { vaddvq_s32(dot16(join(lo, hi), x)) };
+            dot -= 32 * a.sum16[16 * b + g] as i32;
+            let sh = a.shift[8 * b + g / 2];
+            isum += (((scale as i8) as i64) << sh) * dot as i64;
+        }
+        acc += a.base[b] * f16_at(blk, 208) * isum as f32;
     }
     acc
 }

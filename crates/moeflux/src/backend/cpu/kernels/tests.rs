@@ -164,6 +164,8 @@ fn neon_rows_equal_the_portable_rows() {
         (GgmlType::Q4_0, 32 * 9),
         (GgmlType::Q8_0, 32 * 9),
         (GgmlType::Q4_K, 256 * 3),
+        (GgmlType::Q5_K, 256 * 3),
+        (GgmlType::Q6_K, 256 * 3),
     ] {
         let rows = 13;
         let mut bytes = vec![0u8; ty.row_bytes(cols as u64).unwrap() as usize * rows];
