@@ -34,7 +34,7 @@ pub enum Level {
     Reference,
     /// Portable integer kernels.
     Scalar,
-    /// AArch64 NEON (the Q4_0, Q8_0 and k-quant row kernels; the
+    /// AArch64 NEON (the Q4_0, Q8_0, k-quant and MLX row kernels; the
     /// portable kernels for the rest).
     Neon,
     /// x86-64 AVX2 + FMA + F16C.
@@ -369,6 +369,10 @@ fn mlx_kernel(level: Level) -> MlxKernel {
     #[cfg(target_arch = "x86_64")]
     if level >= Level::Avx2 {
         return x86::mlx_kernel(level);
+    }
+    #[cfg(target_arch = "aarch64")]
+    if level == Level::Neon {
+        return neon::dot_mlx;
     }
     let _ = level;
     scalar::dot_mlx

@@ -1,6 +1,6 @@
 //! AArch64 NEON kernels (NEON is part of every AArch64 CPU): the Q4_0,
-//! Q8_0, Q4_K, Q5_K and Q6_K row kernels with 8-bit activations; the
-//! other types use the portable kernels at this level.
+//! Q8_0, Q4_K, Q5_K, Q6_K and MLX affine (4 and 8 bits) row kernels with
+//! 8-bit activations; MXFP4 uses the portable kernel at this level.
 //!
 //! Each block's integer sum is exact (i8 × i8 products widened to i16,
 //! then pairs added into i32), and the scales are applied in the order of
@@ -13,6 +13,7 @@ use std::arch::aarch64::*;
 use super::scalar::{self, f16_at, k_scales};
 use super::Q8Kernel;
 use crate::backend::cpu::quantize::Q8Row;
+use crate::quant::dequant::bf16_to_f32;
 use crate::quant::GgmlType;
 
 /// The row kernel of `ty` at the NEON level.
@@ -214,6 +215,65 @@ pub unsafe fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
             isum += (((scale as i8) as i64) << sh) * dot as i64;
         }
         acc += a.base[b] * f16_at(blk, 208) * isum as f32;
+    }
+    acc
+}
+
+/// MLX affine (`bits` 4 or 8, `group` a multiple of 32, bf16 scales and
+/// biases) · Q8, as [`scalar::dot_mlx`]. A 4-bit block is 16 bytes, value
+/// 2k in the low nibble of byte k and 2k + 1 in the high one, so the
+/// activations are loaded deinterleaved (even, odd); an 8-bit block is 32
+/// codes of 0..=255, widened to i16 before multiplying.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_mlx(
+    bits: u32,
+    group: usize,
+    weight: &[u8],
+    scales: &[u8],
+    biases: &[u8],
+    a: Q8Row<'_>,
+) -> f32 {
+    if bits != 4 && bits != 8 {
+        return scalar::dot_mlx(bits, group, weight, scales, biases, a);
+    }
+    let block = 4 * bits as usize; // bytes of 32 codes
+    let mut acc = 0f32;
+    for (b, x) in a.qs.chunks_exact(32).enumerate() {
+        let g = b * 32 / group;
+        let s = bf16_to_f32(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]]));
+        let bias = bf16_to_f32(u16::from_le_bytes([biases[2 * g], biases[2 * g + 1]]));
+        let w = &weight[block * b..block * b + block];
+        let dot = if bits == 4 {
+            let (lo, hi) = nibbles(load_u8(w));
+            assert!(x.len() >= 32);
+            // SAFETY: 32 i8 are readable at `x` (asserted); `dot16` as
+            // above.
+            unsafe {
+                let xs = vld2q_s8(x.as_ptr());
+                vaddvq_s32(vaddq_s32(dot16(lo, xs.0), dot16(hi, xs.1)))
+            }
+        } else {
+            let (w0, w1) = (load_u8(w), load_u8(&w[16..]));
+            let (x0, x1) = (load_i8(x), load_i8(&x[16..]));
+            // SAFETY: as in `dot16`. Codes (≤ 255) and activations (|x| ≤
+            // 127) are exact in i16, their products in i32.
+            unsafe {
+                let mut s32 = vdupq_n_s32(0);
+                for (wv, xv) in [(w0, x0), (w1, x1)] {
+                    let wl = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(wv)));
+                    let wh = vreinterpretq_s16_u16(vmovl_high_u8(wv));
+                    let (xl, xh) = (vmovl_s8(vget_low_s8(xv)), vmovl_high_s8(xv));
+                    s32 = vmlal_s16(s32, vget_low_s16(wl), vget_low_s16(xl));
+                    s32 = vmlal_high_s16(s32, wl, xl);
+                    s32 = vmlal_s16(s32, vget_low_s16(wh), vget_low_s16(xh));
+                    s32 = vmlal_high_s16(s32, wh, xh);
+                }
+                vaddvq_s32(s32)
+            }
+        };
+        acc += a.d[b] * (s * dot as f32 + bias * a.sum[b] as f32);
     }
     acc
 }

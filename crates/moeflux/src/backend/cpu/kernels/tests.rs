@@ -157,9 +157,23 @@ fn q4_0_interleaved() {
 /// The NEON kernels give the portable kernels' bits: the same exact
 /// integer sums, the same f32 steps in the same order.
 #[cfg(target_arch = "aarch64")]
+fn assert_neon_bits(m: &Matrix<'_>, name: &str) {
+    let pool = ThreadPool::new(2);
+    for n in [1, 5] {
+        let x = activations(n * m.cols, 12, true);
+        let mut acts = Acts::default();
+        let mut want = vec![0f32; n * m.rows];
+        let mut got = vec![0f32; n * m.rows];
+        matmul_at(&pool, m, &x, n, &mut want, &mut acts, Level::Scalar);
+        matmul_at(&pool, m, &x, n, &mut got, &mut acts, Level::Neon);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{name} with {n} tokens");
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
 #[test]
 fn neon_rows_equal_the_portable_rows() {
-    let pool = ThreadPool::new(2);
     for (ty, cols) in [
         (GgmlType::Q4_0, 32 * 9),
         (GgmlType::Q8_0, 32 * 9),
@@ -171,16 +185,7 @@ fn neon_rows_equal_the_portable_rows() {
         let mut bytes = vec![0u8; ty.row_bytes(cols as u64).unwrap() as usize * rows];
         fill_blocks(ty, &mut Rng::new(7), 0.05, &mut bytes).unwrap();
         let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
-        for n in [1, 5] {
-            let x = activations(n * cols, 12, true);
-            let mut acts = Acts::default();
-            let mut want = vec![0f32; n * rows];
-            let mut got = vec![0f32; n * rows];
-            matmul_at(&pool, &m, &x, n, &mut want, &mut acts, Level::Scalar);
-            matmul_at(&pool, &m, &x, n, &mut got, &mut acts, Level::Neon);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{ty} with {n} tokens");
-        }
+        assert_neon_bits(&m, ty.name());
     }
 }
 
@@ -288,6 +293,8 @@ fn check_mlx(bits: u8, group: u32, cols: usize) {
     };
     let m = Matrix::mlx(q, rows, cols, &weight, &scales, &biases).unwrap();
     check(&m, &q.to_string());
+    #[cfg(target_arch = "aarch64")]
+    assert_neon_bits(&m, &q.to_string());
 }
 
 #[test]
