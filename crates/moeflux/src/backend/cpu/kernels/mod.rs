@@ -34,8 +34,8 @@ pub enum Level {
     Reference,
     /// Portable integer kernels.
     Scalar,
-    /// AArch64 NEON (the Q4_0, Q8_0, k-quant and MLX row kernels; the
-    /// portable kernels for the rest).
+    /// AArch64 NEON (the row kernels with 8-bit activations; float
+    /// weights and attention use the portable code).
     Neon,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,

@@ -109,10 +109,22 @@ fn check_tokens(m: &Matrix<'_>, name: &str, outliers: bool, n: usize) {
 }
 
 fn check_ggml(ty: GgmlType, rows: usize, cols: usize) {
+    let seed = if ty == GgmlType::MXFP4 {
+        4
+    } else {
+        ty.id() as u64
+    };
+    let bytes = random_ggml(ty, rows, cols, seed);
+    let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+    check(&m, ty.name());
+}
+
+/// Random blocks of `ty` (MXFP4: scales that keep the values in range).
+fn random_ggml(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     let bytes_len = ty.row_bytes(cols as u64).unwrap() as usize * rows;
     let mut bytes = vec![0u8; bytes_len];
     if ty == GgmlType::MXFP4 {
-        let mut r = Rng::new(4);
+        let mut r = Rng::new(seed);
         for blk in bytes.chunks_exact_mut(17) {
             for b in blk.iter_mut() {
                 *b = r.next_u64() as u8;
@@ -120,10 +132,9 @@ fn check_ggml(ty: GgmlType, rows: usize, cols: usize) {
             blk[0] = 118 + (r.next_u64() % 8) as u8;
         }
     } else {
-        fill_blocks(ty, &mut Rng::new(ty.id() as u64), 0.05, &mut bytes).unwrap();
+        fill_blocks(ty, &mut Rng::new(seed), 0.05, &mut bytes).unwrap();
     }
-    let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
-    check(&m, ty.name());
+    bytes
 }
 
 /// [`check_ggml`] with the rows interleaved by eight.
@@ -177,13 +188,13 @@ fn neon_rows_equal_the_portable_rows() {
     for (ty, cols) in [
         (GgmlType::Q4_0, 32 * 9),
         (GgmlType::Q8_0, 32 * 9),
+        (GgmlType::MXFP4, 32 * 9),
         (GgmlType::Q4_K, 256 * 3),
         (GgmlType::Q5_K, 256 * 3),
         (GgmlType::Q6_K, 256 * 3),
     ] {
         let rows = 13;
-        let mut bytes = vec![0u8; ty.row_bytes(cols as u64).unwrap() as usize * rows];
-        fill_blocks(ty, &mut Rng::new(7), 0.05, &mut bytes).unwrap();
+        let bytes = random_ggml(ty, rows, cols, 7);
         let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
         assert_neon_bits(&m, ty.name());
     }
