@@ -128,57 +128,24 @@ pub unsafe fn dot_q8_0(w: &[u8], a: Q8Row<'_>) -> f32 {
     acc
 }
 
-/// Q4_K (144-byte super-blocks) · Q8 with power-of-two block scales, as
-/// [`scalar::dot_q4_k`]: sub-blocks 2j and 2j + 1 are the low and high
-/// nibbles of the same 32 bytes.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+/// Q4_K and Q5_K super-blocks (`bytes` long) · Q8 with power-of-two
+/// block scales, as [`scalar::dot_q4_k`] and [`scalar::dot_q5_k`]:
+/// `codes(block, s)` gives sub-block s's 32 codes, its first and last 16.
+#[inline(always)]
+fn dot_k(
+    w: &[u8],
+    a: Q8Row<'_>,
+    bytes: usize,
+    codes: impl Fn(&[u8], usize) -> [int8x16_t; 2],
+) -> f32 {
     let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(144).enumerate() {
+    for (b, blk) in w.chunks_exact(bytes).enumerate() {
         let (sc, m) = k_scales(&blk[4..16]);
-        let qs = &blk[16..144];
-        let (mut isum, mut imin) = (0i64, 0i64);
-        for j in 0..4 {
-            let q = &qs[32 * j..32 * j + 32];
-            let (lo0, hi0) = nibbles(load_u8(q));
-            let (lo1, hi1) = nibbles(load_u8(&q[16..]));
-            for (s, (c0, c1)) in [(2 * j, (lo0, lo1)), (2 * j + 1, (hi0, hi1))] {
-                let i = 8 * b + s;
-                let dot = dot32(c0, c1, &a.qs[32 * i..32 * i + 32]);
-                let sh = a.shift[i];
-                isum += ((sc[s] as i64) << sh) * dot as i64;
-                imin += ((m[s] as i64) << sh) * a.sum[i] as i64;
-            }
-        }
-        acc += a.base[b] * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * imin as f32);
-    }
-    acc
-}
-
-/// Q5_K (176-byte super-blocks) · Q8 with power-of-two block scales, as
-/// [`scalar::dot_q5_k`]: sub-block s takes the nibbles of Q4_K and bit s
-/// of each of the 32 high-bit bytes as its fifth bit.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(176).enumerate() {
-        let (sc, m) = k_scales(&blk[4..16]);
-        let qh = [load_u8(&blk[16..]), load_u8(&blk[32..])];
-        let qs = &blk[48..176];
         let (mut isum, mut imin) = (0i64, 0i64);
         for s in 0..8 {
-            let q = &qs[32 * (s / 2)..32 * (s / 2) + 32];
-            let shift = 4 * (s % 2) as u32;
-            let c = [0, 1].map(|h| {
-                let lo = bits(load_u8(&q[16 * h..]), shift, 15);
-                join(lo, bits(qh[h], s as u32, 1))
-            });
+            let [c0, c1] = codes(blk, s);
             let i = 8 * b + s;
-            let dot = dot32(c[0], c[1], &a.qs[32 * i..32 * i + 32]);
+            let dot = dot32(c0, c1, &a.qs[32 * i..32 * i + 32]);
             let sh = a.shift[i];
             isum += ((sc[s] as i64) << sh) * dot as i64;
             imin += ((m[s] as i64) << sh) * a.sum[i] as i64;
@@ -186,6 +153,43 @@ pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
         acc += a.base[b] * (f16_at(blk, 0) * isum as f32 - f16_at(blk, 2) * imin as f32);
     }
     acc
+}
+
+/// The four-bit codes of sub-block s of a Q4_K/Q5_K block whose code
+/// bytes start at `qs`: sub-blocks 2j and 2j + 1 are the low and high
+/// nibbles of the same 32 bytes.
+#[inline(always)]
+fn nibble_codes(qs: &[u8], s: usize, h: usize) -> uint8x16_t {
+    bits(
+        load_u8(&qs[32 * (s / 2) + 16 * h..]),
+        4 * (s % 2) as u32,
+        15,
+    )
+}
+
+/// Q4_K (144-byte super-blocks) · Q8 with power-of-two block scales.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    dot_k(w, a, 144, |blk, s| {
+        // SAFETY: as in `dot16` (a reinterpretation of lanes).
+        [0, 1].map(|h| unsafe { vreinterpretq_s8_u8(nibble_codes(&blk[16..], s, h)) })
+    })
+}
+
+/// Q5_K (176-byte super-blocks) · Q8 with power-of-two block scales:
+/// Q4_K's codes with bit s of each of the 32 high-bit bytes as the fifth.
+///
+/// # Safety
+/// None beyond the kernel type's: every load is bounds-checked.
+pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    dot_k(w, a, 176, |blk, s| {
+        [0, 1].map(|h| {
+            let high = bits(load_u8(&blk[16 + 16 * h..]), s as u32, 1);
+            join(nibble_codes(&blk[48..], s, h), high)
+        })
+    })
 }
 
 /// Q6_K (210-byte super-blocks) · Q8 with power-of-two block scales, as
