@@ -27,7 +27,9 @@ use super::quantize::{Q8Acts, Q8Row};
 use crate::quant::mlx::ScaleType;
 use crate::quant::{GgmlType, TensorType};
 
-/// An instruction-set level for the kernels.
+/// An instruction-set level for the kernels. The order means something
+/// only within one architecture (`>= Avx2`: an x86 SIMD level); NEON sits
+/// between the portable kernels and AVX2 but is no x86 level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// Dequantize rows to f32, f32 dot: the reference every level is checked against.

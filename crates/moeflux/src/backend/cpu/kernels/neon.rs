@@ -3,10 +3,12 @@
 //! Q8_0, MXFP4, Q4_K, Q5_K, Q6_K and MLX affine (4 and 8 bits).
 //!
 //! Each block's integer sum is exact (i8 × i8 products widened to i16,
-//! then pairs added into i32), and the scales are applied in the order of
-//! [`super::scalar`], so a row gives the same bits as the portable kernel
-//! (tested). The 32 products of a block are formed by `vmull_s8` rather
-//! than the `sdot` instruction, which not every AArch64 CPU has.
+//! then pairs added into i32; MLX's 8-bit codes, 0..=255, are widened to
+//! i16 and multiplied into i32), and the scales are applied in the order
+//! of [`super::scalar`], so a row gives the same bits as the portable
+//! kernel (tested). The 32 products of a block are formed by `vmull_s8`
+//! rather than the `sdot` instruction, which not every AArch64 CPU has.
+//! The kernels are safe functions: every load is bounds-checked.
 
 use std::arch::aarch64::*;
 
@@ -70,7 +72,7 @@ fn dot32(lo: int8x16_t, hi: int8x16_t, x: &[i8]) -> i32 {
 
 /// Sixteen bytes shifted right by `n` bits (0..=7) and masked with `mask`.
 #[inline(always)]
-fn bits(v: uint8x16_t, n: u32, mask: u8) -> uint8x16_t {
+fn shr_mask(v: uint8x16_t, n: u32, mask: u8) -> uint8x16_t {
     // SAFETY: as in `dot16` (a negative left shift is a right shift).
     unsafe { vandq_u8(vshlq_u8(v, vdupq_n_s8(-(n as i8))), vdupq_n_u8(mask)) }
 }
@@ -95,10 +97,7 @@ fn nibbles(v: uint8x16_t) -> (int8x16_t, int8x16_t) {
 }
 
 /// Q4_0 (18-byte blocks) · Q8, as [`scalar::dot_q4_0`].
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q4_0(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_q4_0(w: &[u8], a: Q8Row<'_>) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(18).enumerate() {
         let (lo, hi) = nibbles(load_u8(&blk[2..]));
@@ -109,10 +108,7 @@ pub unsafe fn dot_q4_0(w: &[u8], a: Q8Row<'_>) -> f32 {
 }
 
 /// Q8_0 (34-byte blocks) · Q8, as [`scalar::dot_q8_0`].
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q8_0(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_q8_0(w: &[u8], a: Q8Row<'_>) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(34).enumerate() {
         // SAFETY: as in `dot16` (a reinterpretation of lanes).
@@ -160,7 +156,7 @@ fn dot_k(
 /// nibbles of the same 32 bytes.
 #[inline(always)]
 fn nibble_codes(qs: &[u8], s: usize, h: usize) -> uint8x16_t {
-    bits(
+    shr_mask(
         load_u8(&qs[32 * (s / 2) + 16 * h..]),
         4 * (s % 2) as u32,
         15,
@@ -168,10 +164,7 @@ fn nibble_codes(qs: &[u8], s: usize, h: usize) -> uint8x16_t {
 }
 
 /// Q4_K (144-byte super-blocks) · Q8 with power-of-two block scales.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
     dot_k(w, a, 144, |blk, s| {
         // SAFETY: as in `dot16` (a reinterpretation of lanes).
         [0, 1].map(|h| unsafe { vreinterpretq_s8_u8(nibble_codes(&blk[16..], s, h)) })
@@ -180,13 +173,10 @@ pub unsafe fn dot_q4_k(w: &[u8], a: Q8Row<'_>) -> f32 {
 
 /// Q5_K (176-byte super-blocks) · Q8 with power-of-two block scales:
 /// Q4_K's codes with bit s of each of the 32 high-bit bytes as the fifth.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
     dot_k(w, a, 176, |blk, s| {
         [0, 1].map(|h| {
-            let high = bits(load_u8(&blk[16 + 16 * h..]), s as u32, 1);
+            let high = shr_mask(load_u8(&blk[16 + 16 * h..]), s as u32, 1);
             join(nibble_codes(&blk[48..], s, h), high)
         })
     })
@@ -197,10 +187,7 @@ pub unsafe fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
 /// four bits from `ql[64h + i % 64]` (low nibble for i < 64) and its high
 /// two from `qh[32h + i % 32]` (bits 2·(i / 32)); sixteen values share a
 /// scale.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(210).enumerate() {
         let ql = &blk[0..128];
@@ -209,8 +196,8 @@ pub unsafe fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
         let mut isum = 0i64;
         for (g, &scale) in scales.iter().enumerate() {
             let (h, i) = (g / 8, (16 * g) % 128);
-            let lo = bits(load_u8(&ql[64 * h + i % 64..]), 4 * (i / 64) as u32, 15);
-            let hi = bits(load_u8(&qh[32 * h + i % 32..]), 2 * (i / 32) as u32, 3);
+            let lo = shr_mask(load_u8(&ql[64 * h + i % 64..]), 4 * (i / 64) as u32, 15);
+            let hi = shr_mask(load_u8(&qh[32 * h + i % 32..]), 2 * (i / 32) as u32, 3);
             let x = load_i8(&a.qs[b * 256 + 16 * g..]);
             // SAFETY: as in `dot16`.
             let mut dot = unsafe { vaddvq_s32(dot16(join(lo, hi), x)) };
@@ -228,10 +215,7 @@ pub unsafe fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
 /// 2k in the low nibble of byte k and 2k + 1 in the high one, so the
 /// activations are loaded deinterleaved (even, odd); an 8-bit block is 32
 /// codes of 0..=255, widened to i16 before multiplying.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_mlx(
+pub fn dot_mlx(
     bits: u32,
     group: usize,
     weight: &[u8],
@@ -239,6 +223,8 @@ pub unsafe fn dot_mlx(
     biases: &[u8],
     a: Q8Row<'_>,
 ) -> f32 {
+    // `MlxAffine::validate` admits only these; anything else would be
+    // the portable kernel's to refuse.
     if bits != 4 && bits != 8 {
         return scalar::dot_mlx(bits, group, weight, scales, biases, a);
     }
@@ -285,10 +271,7 @@ pub unsafe fn dot_mlx(
 /// MXFP4 (17-byte blocks) · Q8, as [`scalar::dot_mxfp4`]: the codes
 /// through the doubled E2M1 table (a 16-entry byte lookup), the scale
 /// halved to compensate.
-///
-/// # Safety
-/// None beyond the kernel type's: every load is bounds-checked.
-pub unsafe fn dot_mxfp4(w: &[u8], a: Q8Row<'_>) -> f32 {
+pub fn dot_mxfp4(w: &[u8], a: Q8Row<'_>) -> f32 {
     let table = load_i8(&MXFP4_VALUES);
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(17).enumerate() {

@@ -255,11 +255,10 @@ fn q4_k_random_scales_and_mins() {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
         blk[2..4].copy_from_slice(&half::f16::from_f32(0.002).to_le_bytes());
     }
-    check_with(
-        &Matrix::ggml(GgmlType::Q4_K, rows, cols, &bytes).unwrap(),
-        "Q4_K random scales",
-        false,
-    );
+    let m = Matrix::ggml(GgmlType::Q4_K, rows, cols, &bytes).unwrap();
+    check_with(&m, "Q4_K random scales", false);
+    #[cfg(target_arch = "aarch64")]
+    assert_neon_bits(&m, "Q4_K random scales");
     // The same through the eight-row kernel (all scale bits re-encoded).
     let mut x = bytes.clone();
     crate::backend::cpu::interleave::interleave(GgmlType::Q4_K, cols, &mut x, &mut Vec::new());
@@ -276,11 +275,10 @@ fn q4_k_random_scales_and_mins() {
         blk[0..2].copy_from_slice(&half::f16::from_f32(0.001).to_le_bytes());
         blk[2..4].copy_from_slice(&half::f16::from_f32(0.002).to_le_bytes());
     }
-    check_with(
-        &Matrix::ggml(GgmlType::Q5_K, rows, cols, &b5).unwrap(),
-        "Q5_K random scales",
-        false,
-    );
+    let m = Matrix::ggml(GgmlType::Q5_K, rows, cols, &b5).unwrap();
+    check_with(&m, "Q5_K random scales", false);
+    #[cfg(target_arch = "aarch64")]
+    assert_neon_bits(&m, "Q5_K random scales");
 }
 
 fn check_mlx(bits: u8, group: u32, cols: usize) {
@@ -315,6 +313,7 @@ fn mlx_affine() {
     check_mlx(4, 32, 32 * 7);
     check_mlx(8, 32, 32 * 7);
     check_mlx(4, 128, 128 * 3);
+    check_mlx(8, 128, 128 * 3);
 }
 
 #[test]
