@@ -188,26 +188,13 @@ pub fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
 /// two from `qh[32h + i % 32]` (bits 2·(i / 32)); sixteen values share a
 /// scale.
 pub fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
-    let mut acc = 0f32;
-    for (b, blk) in w.chunks_exact(210).enumerate() {
-        let ql = &blk[0..128];
-        let qh = &blk[128..192];
-        let scales = &blk[192..208];
-        let mut isum = 0i64;
-        for (g, &scale) in scales.iter().enumerate() {
-            let (h, i) = (g / 8, (16 * g) % 128);
-            let lo = shr_mask(load_u8(&ql[64 * h + i % 64..]), 4 * (i / 64) as u32, 15);
-            let hi = shr_mask(load_u8(&qh[32 * h + i % 32..]), 2 * (i / 32) as u32, 3);
-            let x = load_i8(&a.qs[b * 256 + 16 * g..]);
-            // SAFETY: as in `dot16`.
-            let mut dot = unsafe { vaddvq_s32(dot16(join(lo, hi), x)) };
-            dot -= 32 * a.sum16[16 * b + g] as i32;
-            let sh = a.shift[8 * b + g / 2];
-            isum += (((scale as i8) as i64) << sh) * dot as i64;
-        }
-        acc += a.base[b] * f16_at(blk, 208) * isum as f32;
-    }
-    acc
+    scalar::q6_k_with(w, a, |ql, qh, g, x| {
+        let (h, i) = (g / 8, (16 * g) % 128);
+        let lo = shr_mask(load_u8(&ql[64 * h + i % 64..]), 4 * (i / 64) as u32, 15);
+        let hi = shr_mask(load_u8(&qh[32 * h + i % 32..]), 2 * (i / 32) as u32, 3);
+        // SAFETY: as in `dot16`.
+        unsafe { vaddvq_s32(dot16(join(lo, hi), load_i8(x))) }
+    })
 }
 
 /// MLX affine (`bits` 4 or 8, `group` a multiple of 32, bf16 scales and

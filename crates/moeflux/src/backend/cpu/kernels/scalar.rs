@@ -132,6 +132,31 @@ pub fn dot_q5_k(w: &[u8], a: Q8Row<'_>) -> f32 {
 /// Q6_K (210-byte super-blocks) · Q8 with power-of-two block scales: per
 /// 16-group `g`, `(scale << shift)·(Σ q·x − 32·Σ x)`, times `base·d`.
 pub fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
+    q6_k_with(w, a, |ql, qh, g, x| {
+        let mut dot = 0i32;
+        for (k, &xv) in x.iter().enumerate() {
+            let i = 16 * g + k;
+            let h = i / 128;
+            let (sa, m) = ((i % 128) / 64, i % 64);
+            let (j, l) = ((i % 128) / 32, i % 32);
+            let lo = (ql[64 * h + m] >> (4 * sa)) & 15;
+            let hi = (qh[32 * h + l] >> (2 * j)) & 3;
+            dot += (lo | (hi << 4)) as i32 * xv as i32;
+        }
+        dot
+    })
+}
+
+/// The Q6_K super-block loop, with the integer dot of 16-group `g`'s codes
+/// and its 16 activations from `group_dot(ql, qh, g, x)` (`ql`, `qh`: the
+/// block's low and high code bits): the portable and the SIMD kernels
+/// share the scaling.
+#[inline(always)]
+pub(crate) fn q6_k_with(
+    w: &[u8],
+    a: Q8Row<'_>,
+    group_dot: impl Fn(&[u8], &[u8], usize, &[i8]) -> i32,
+) -> f32 {
     let mut acc = 0f32;
     for (b, blk) in w.chunks_exact(210).enumerate() {
         let ql = &blk[0..128];
@@ -139,16 +164,8 @@ pub fn dot_q6_k(w: &[u8], a: Q8Row<'_>) -> f32 {
         let scales = &blk[192..208];
         let mut isum = 0i64;
         for (g, &scale) in scales.iter().enumerate() {
-            let mut dot = 0i32;
-            for i in 16 * g..16 * g + 16 {
-                let h = i / 128;
-                let (sa, m) = ((i % 128) / 64, i % 64);
-                let (j, l) = ((i % 128) / 32, i % 32);
-                let lo = (ql[64 * h + m] >> (4 * sa)) & 15;
-                let hi = (qh[32 * h + l] >> (2 * j)) & 3;
-                dot += (lo | (hi << 4)) as i32 * a.qs[b * QK_K + i] as i32;
-            }
-            dot -= 32 * a.sum16[16 * b + g] as i32;
+            let x = &a.qs[b * QK_K + 16 * g..b * QK_K + 16 * g + 16];
+            let dot = group_dot(ql, qh, g, x) - 32 * a.sum16[16 * b + g] as i32;
             let sh = a.shift[8 * b + g / 2];
             isum += (((scale as i8) as i64) << sh) * dot as i64;
         }
