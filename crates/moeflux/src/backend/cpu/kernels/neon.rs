@@ -15,7 +15,7 @@ use std::arch::aarch64::*;
 use super::scalar::{self, f16_at, k_scales};
 use super::Q8Kernel;
 use crate::backend::cpu::quantize::Q8Row;
-use crate::quant::dequant::{bf16_to_f32, e8m0_to_f32_half, MXFP4_VALUES};
+use crate::quant::dequant::{e8m0_to_f32_half, MXFP4_VALUES};
 use crate::quant::GgmlType;
 
 /// The row kernel of `ty` at the NEON level.
@@ -216,43 +216,36 @@ pub fn dot_mlx(
         return scalar::dot_mlx(bits, group, weight, scales, biases, a);
     }
     let block = 4 * bits as usize; // bytes of 32 codes
-    let mut acc = 0f32;
-    for (b, x) in a.qs.chunks_exact(32).enumerate() {
-        let g = b * 32 / group;
-        let s = bf16_to_f32(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]]));
-        let bias = bf16_to_f32(u16::from_le_bytes([biases[2 * g], biases[2 * g + 1]]));
+    scalar::mlx_with(group, scales, biases, a, |b, x| {
         let w = &weight[block * b..block * b + block];
-        let dot = if bits == 4 {
+        if bits == 4 {
             let (lo, hi) = nibbles(load_u8(w));
             assert!(x.len() >= 32);
             // SAFETY: 32 i8 are readable at `x` (asserted); `dot16` as
             // above.
-            unsafe {
+            return unsafe {
                 let xs = vld2q_s8(x.as_ptr());
                 vaddvq_s32(vaddq_s32(dot16(lo, xs.0), dot16(hi, xs.1)))
+            };
+        }
+        let (w0, w1) = (load_u8(w), load_u8(&w[16..]));
+        let (x0, x1) = (load_i8(x), load_i8(&x[16..]));
+        // SAFETY: as in `dot16`. Codes (≤ 255) and activations (|x| ≤
+        // 127) are exact in i16, their products in i32.
+        unsafe {
+            let mut s32 = vdupq_n_s32(0);
+            for (wv, xv) in [(w0, x0), (w1, x1)] {
+                let wl = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(wv)));
+                let wh = vreinterpretq_s16_u16(vmovl_high_u8(wv));
+                let (xl, xh) = (vmovl_s8(vget_low_s8(xv)), vmovl_high_s8(xv));
+                s32 = vmlal_s16(s32, vget_low_s16(wl), vget_low_s16(xl));
+                s32 = vmlal_high_s16(s32, wl, xl);
+                s32 = vmlal_s16(s32, vget_low_s16(wh), vget_low_s16(xh));
+                s32 = vmlal_high_s16(s32, wh, xh);
             }
-        } else {
-            let (w0, w1) = (load_u8(w), load_u8(&w[16..]));
-            let (x0, x1) = (load_i8(x), load_i8(&x[16..]));
-            // SAFETY: as in `dot16`. Codes (≤ 255) and activations (|x| ≤
-            // 127) are exact in i16, their products in i32.
-            unsafe {
-                let mut s32 = vdupq_n_s32(0);
-                for (wv, xv) in [(w0, x0), (w1, x1)] {
-                    let wl = vreinterpretq_s16_u16(vmovl_u8(vget_low_u8(wv)));
-                    let wh = vreinterpretq_s16_u16(vmovl_high_u8(wv));
-                    let (xl, xh) = (vmovl_s8(vget_low_s8(xv)), vmovl_high_s8(xv));
-                    s32 = vmlal_s16(s32, vget_low_s16(wl), vget_low_s16(xl));
-                    s32 = vmlal_high_s16(s32, wl, xl);
-                    s32 = vmlal_s16(s32, vget_low_s16(wh), vget_low_s16(xh));
-                    s32 = vmlal_high_s16(s32, wh, xh);
-                }
-                vaddvq_s32(s32)
-            }
-        };
-        acc += a.d[b] * (s * dot as f32 + bias * a.sum[b] as f32);
-    }
-    acc
+            vaddvq_s32(s32)
+        }
+    })
 }
 
 /// MXFP4 (17-byte blocks) · Q8, as [`scalar::dot_mxfp4`]: the codes

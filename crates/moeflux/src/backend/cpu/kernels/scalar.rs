@@ -186,11 +186,7 @@ pub fn dot_mlx(
 ) -> f32 {
     let per_word = (32 / bits) as usize;
     let mask = (1u32 << bits) - 1;
-    let mut acc = 0f32;
-    for (b, x) in a.qs.chunks_exact(32).enumerate() {
-        let g = b * 32 / group;
-        let s = bf16_to_f32(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]]));
-        let bias = bf16_to_f32(u16::from_le_bytes([biases[2 * g], biases[2 * g + 1]]));
+    mlx_with(group, scales, biases, a, |b, x| {
         let mut dot = 0i32;
         for (k, &xv) in x.iter().enumerate() {
             let i = b * 32 + k;
@@ -203,6 +199,27 @@ pub fn dot_mlx(
             ]);
             dot += ((word >> ((i % per_word) as u32 * bits)) & mask) as i32 * xv as i32;
         }
+        dot
+    })
+}
+
+/// The MLX affine block loop, with the integer dot of 32-block `b`'s codes
+/// and its activations `x` from `block_dot(b, x)`: the portable and the
+/// SIMD kernels share the scale and bias step.
+#[inline(always)]
+pub(crate) fn mlx_with(
+    group: usize,
+    scales: &[u8],
+    biases: &[u8],
+    a: Q8Row<'_>,
+    block_dot: impl Fn(usize, &[i8]) -> i32,
+) -> f32 {
+    let mut acc = 0f32;
+    for (b, x) in a.qs.chunks_exact(32).enumerate() {
+        let g = b * 32 / group;
+        let s = bf16_to_f32(u16::from_le_bytes([scales[2 * g], scales[2 * g + 1]]));
+        let bias = bf16_to_f32(u16::from_le_bytes([biases[2 * g], biases[2 * g + 1]]));
+        let dot = block_dot(b, x);
         acc += a.d[b] * (s * dot as f32 + bias * a.sum[b] as f32);
     }
     acc
