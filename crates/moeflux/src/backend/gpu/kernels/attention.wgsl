@@ -29,9 +29,10 @@
 //
 // Memory is read in 16-byte loads (U = 8 f16 or 4 f32 values; a row is
 // L = head_dim / U loads), every thread issuing all of a chunk's key (then
-// value) loads before it uses any: a chunk is two memory round trips, not
-// one per position (the per-position loop this replaces spent ~70 µs a layer on an
-// H100, waiting on one value row at a time).
+// value) loads before it uses any, in straight-line code: a chunk is two
+// memory round trips (a decode step's one: its value loads go with the
+// keys), not one per position (the per-position loop this replaces spent
+// ~70 µs a layer on an H100, waiting on one value row at a time).
 // - Scores: thread (r, i) = (lid / L, lid % L) takes load i of rows r,
 //   r + RPR, ... of the chunk (RPR = WG / L rows a round, at most 8
 //   rounds: p.chunk · L ≤ 1024), so neighbouring threads read neighbouring
@@ -92,6 +93,8 @@ struct Params {
 // Values in one 16-byte load.
 const U: u32 = select(4u, 8u, KV_F16);
 const MAX_CH: u32 = 64u;
+// Rounds of a chunk's loads (at most: p.chunk · L ≤ 1024, so
+// p.chunk / RPR ≤ 8), written out in straight-line code below.
 const ROUNDS: u32 = 8u;
 // Output values a thread keeps (head_dim ≤ SLOTS · WG).
 const SLOTS: u32 = 8u;
@@ -104,9 +107,12 @@ var<workgroup> sp: array<f32, 1024>;
 var<workgroup> ps: array<f32, MAX_CH>;
 
 // PREP: the q, k and v rows (head_dim ≤ PREP_HD each, a constant of the
-// module) and the new position's k and v in the cache's format, as
-// 16-byte loads.
+// module), the norm weights beside them, the rotation's (cos, sin) pairs
+// (one position: q and k share them), and the new position's k and v in
+// the cache's format, as 16-byte loads.
 var<workgroup> prow: array<f32, 3u * PREP_HD>;
+var<workgroup> pnorm: array<f32, 3u * PREP_HD>;
+var<workgroup> pcs: array<vec2<f32>, PREP_HD / 2u>;
 var<workgroup> knew: array<vec4<u32>, PREP_HD / 4u>;
 var<workgroup> vnew: array<vec4<u32>, PREP_HD / 4u>;
 
@@ -145,6 +151,74 @@ fn widen(w: vec4<u32>) -> Vals {
     return Vals(bitcast<vec4<f32>>(w), vec4<f32>(0.0));
 }
 
+// The chunk loop's per-thread constants (set once in main): rows a
+// round, this thread's row in a round and load in a row, whether it
+// loads at all, rounds a chunk, its column (in loads) of a cache row, and
+// the new position (PREP's last span; else none).
+var<private> c_rpr: u32;
+var<private> c_lr: u32;
+var<private> c_li: u32;
+var<private> c_busy: bool;
+var<private> c_rounds: u32;
+var<private> c_kcol: u32;
+var<private> c_new: u32;
+
+// Whether this thread has round r's row of a chunk of cn positions.
+fn has_row(cn: u32, r: u32) -> bool {
+    return c_busy && r < c_rounds && r * c_rpr + c_lr < cn;
+}
+
+// Round r's key (or value) load of the chunk from c0 (zero where the
+// thread has no row).
+fn kv_load(is_v: bool, c0: u32, cn: u32, r: u32) -> vec4<u32> {
+    var w = vec4<u32>(0u);
+    if has_row(cn, r) {
+        let pos = c0 + r * c_rpr + c_lr;
+        if PREP && pos == c_new {
+            w = select(knew[c_li], vnew[c_li], is_v);
+        } else if is_v {
+            w = v[(pos * p.v_stride) / U + c_kcol];
+        } else {
+            w = k[(pos * p.k_stride) / U + c_kcol];
+        }
+    }
+    return w;
+}
+
+// The chunk's value loads, in straight-line code (see the chunk loop).
+fn values_load(c0: u32, cn: u32) -> array<vec4<u32>, ROUNDS> {
+    return array<vec4<u32>, ROUNDS>(
+        kv_load(true, c0, cn, 0u),
+        kv_load(true, c0, cn, 1u),
+        kv_load(true, c0, cn, 2u),
+        kv_load(true, c0, cn, 3u),
+        kv_load(true, c0, cn, 4u),
+        kv_load(true, c0, cn, 5u),
+        kv_load(true, c0, cn, 6u),
+        kv_load(true, c0, cn, 7u),
+    );
+}
+
+// Round r's partial dot product of key load kw with the query's.
+fn score(kw: vec4<u32>, qv: Vals, cn: u32, r: u32) {
+    if has_row(cn, r) {
+        let kk = widen(kw);
+        sp[(r * c_rpr + c_lr) * (p.head_dim / U) + c_li] = dot(kk.lo, qv.lo) + dot(kk.hi, qv.hi);
+    }
+}
+
+// acc plus round r's value load vw weighted by its position's exp(score − m).
+fn weigh(acc: Vals, vw: vec4<u32>, cn: u32, r: u32) -> Vals {
+    var a = acc;
+    if has_row(cn, r) {
+        let vv = widen(vw);
+        let pj = ps[r * c_rpr + c_lr];
+        a.lo += pj * vv.lo;
+        a.hi += pj * vv.hi;
+    }
+    return a;
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let h = wg.x;
@@ -170,7 +244,16 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let new_pos = p.len - 1u;
     let has_new = PREP && first + p.span > new_pos;
     if PREP {
-        prep_row(0u, h * hd, p.norm_q == 1u, 0u, true, 0u, lane);
+        // Every row's loads first (one wait on memory), then the math; k
+        // is rotated with the pairs loaded with q (the same position).
+        let kv0 = p.n_heads * hd;
+        prep_load(0u, h * hd, p.norm_q == 1u, 0u, true, 0u, lane.lid);
+        if has_new {
+            prep_load(PREP_HD, kv0 + g * hd, p.norm_k == 1u, hd, false, 0u, lane.lid);
+            prep_load(2u * PREP_HD, kv0 + (p.n_kv_heads + g) * hd, false, 0u, false, 0u, lane.lid);
+        }
+        workgroupBarrier();
+        prep_math(0u, p.norm_q == 1u, true, lane);
         if busy {
             let b = li * U;
             qv.lo = vec4<f32>(prow[b], prow[b + 1u], prow[b + 2u], prow[b + 3u]);
@@ -179,9 +262,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             }
         }
         if has_new {
-            let kv0 = p.n_heads * hd;
-            prep_row(PREP_HD, kv0 + g * hd, p.norm_k == 1u, hd, true, 0u, lane);
-            prep_row(2u * PREP_HD, kv0 + (p.n_kv_heads + g) * hd, false, 0u, false, 0u, lane);
+            prep_math(PREP_HD, p.norm_k == 1u, true, lane);
+            prep_math(2u * PREP_HD, false, false, lane);
             for (var i = lane.lid; i < nl; i += WG) {
                 knew[i] = cache_load(PREP_HD + i * U);
                 vnew[i] = cache_load(2u * PREP_HD + i * U);
@@ -203,31 +285,45 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             qv.hi = q[(row + li * U) / 4u + 1u];
         }
     }
-    let kcol = (g * hd) / U + li;
+    c_rpr = rpr;
+    c_lr = lr;
+    c_li = li;
+    c_busy = busy;
+    c_rounds = rounds;
+    c_kcol = (g * hd) / U + li;
+    c_new = select(0xffffffffu, new_pos, has_new);
     var m = LOWEST; // running max of the scores
     var l = 0.0;    // running sum of exp(score − m)
     var o: array<f32, SLOTS>;
     for (var c0 = first; c0 < len; c0 += p.chunk) {
         let cn = min(p.chunk, len - c0);
-        // Scores: every load first, then the partial dot products.
-        var kw: array<vec4<u32>, ROUNDS>;
-        for (var r = 0u; r < ROUNDS; r++) {
-            let j = r * rpr + lr;
-            if busy && r < rounds && j < cn {
-                if has_new && c0 + j == new_pos {
-                    kw[r] = knew[li];
-                } else {
-                    kw[r] = k[((c0 + j) * p.k_stride) / U + kcol];
-                }
-            }
+        // The chunk's key loads, in straight-line code (ROUNDS of them):
+        // one wait on memory. (Loaded into an array in a loop they were
+        // issued a wait at a time.) A decode step (PREP: a few hundred
+        // workgroups, each on the step's critical path) issues the value
+        // loads with them; a prompt issues them after the softmax (with
+        // them here, prompts ran 2–3 % slower on an H100).
+        let k0 = kv_load(false, c0, cn, 0u);
+        let k1 = kv_load(false, c0, cn, 1u);
+        let k2 = kv_load(false, c0, cn, 2u);
+        let k3 = kv_load(false, c0, cn, 3u);
+        let k4 = kv_load(false, c0, cn, 4u);
+        let k5 = kv_load(false, c0, cn, 5u);
+        let k6 = kv_load(false, c0, cn, 6u);
+        let k7 = kv_load(false, c0, cn, 7u);
+        var vw = array<vec4<u32>, ROUNDS>();
+        if PREP {
+            vw = values_load(c0, cn);
         }
-        for (var r = 0u; r < ROUNDS; r++) {
-            let j = r * rpr + lr;
-            if busy && r < rounds && j < cn {
-                let kk = widen(kw[r]);
-                sp[j * nl + li] = dot(kk.lo, qv.lo) + dot(kk.hi, qv.hi);
-            }
-        }
+        // Scores: the partial dot products.
+        score(k0, qv, cn, 0u);
+        score(k1, qv, cn, 1u);
+        score(k2, qv, cn, 2u);
+        score(k3, qv, cn, 3u);
+        score(k4, qv, cn, 4u);
+        score(k5, qv, cn, 5u);
+        score(k6, qv, cn, 6u);
+        score(k7, qv, cn, 7u);
         workgroupBarrier();
         var s = LOWEST;
         if lane.lid < cn {
@@ -247,28 +343,19 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // The reduction's barriers also publish every ps[j] and keep sp
         // from being overwritten before every row's sum is read.
         l = l * f + wg_sum4(vec4<f32>(e, 0.0, 0.0, 0.0), lane).x;
-        // Values: every load first, then the weighted sums.
-        var vw: array<vec4<u32>, ROUNDS>;
-        for (var r = 0u; r < ROUNDS; r++) {
-            let j = r * rpr + lr;
-            if busy && r < rounds && j < cn {
-                if has_new && c0 + j == new_pos {
-                    vw[r] = vnew[li];
-                } else {
-                    vw[r] = v[((c0 + j) * p.v_stride) / U + kcol];
-                }
-            }
+        if !PREP {
+            vw = values_load(c0, cn);
         }
+        // Values: the weighted sums, in round order.
         var acc = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
-        for (var r = 0u; r < ROUNDS; r++) {
-            let j = r * rpr + lr;
-            if busy && r < rounds && j < cn {
-                let vv = widen(vw[r]);
-                let pj = ps[j];
-                acc.lo += pj * vv.lo;
-                acc.hi += pj * vv.hi;
-            }
-        }
+        acc = weigh(acc, vw[0], cn, 0u);
+        acc = weigh(acc, vw[1], cn, 1u);
+        acc = weigh(acc, vw[2], cn, 2u);
+        acc = weigh(acc, vw[3], cn, 3u);
+        acc = weigh(acc, vw[4], cn, 4u);
+        acc = weigh(acc, vw[5], cn, 5u);
+        acc = weigh(acc, vw[6], cn, 6u);
+        acc = weigh(acc, vw[7], cn, 7u);
         if busy {
             let b = lr * hd + li * U;
             for (var u = 0u; u < 4u; u++) {

@@ -40,6 +40,8 @@ struct Params {
 
 // The row being prepared (see head_prep.wgsl), and what prep_row needs.
 var<workgroup> prow: array<f32, 4u * WG>;
+var<workgroup> pnorm: array<f32, 4u * WG>;
+var<workgroup> pcs: array<vec2<f32>, 2u * WG>;
 const PWG: u32 = WG;
 
 fn qkv_at(i: u32) -> f32 {

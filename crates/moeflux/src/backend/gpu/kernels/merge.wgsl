@@ -12,9 +12,18 @@
 // in parallel into `sp`, then thread d (and d + WG, ...) owns output
 // dimension d, its loads over the spans issued LOADS at a time.
 
-// Spans whose values a thread loads before adding any: a decode step
-// over a few thousand positions waits on memory once or twice.
-const LOADS: u32 = 16u;
+// Spans whose values a thread loads before adding any (written out in
+// straight-line code below).
+const LOADS: u32 = 8u;
+
+// Adds span s's value v, weighted, to o (nothing past the last span or
+// for a span that adds nothing).
+fn merge_add(o: f32, v: f32, s: u32, ns: u32) -> f32 {
+    if s < ns && sp[MAX_SPANS + s] > 0.0 {
+        return o + v * sp[s];
+    }
+    return o;
+}
 
 fn merge_spans(h: u32, t: u32, lid: u32) {
     let hd = p.head_dim;
@@ -50,17 +59,26 @@ fn merge_spans(h: u32, t: u32, lid: u32) {
     workgroupBarrier();
     for (var d = lid; d < hd; d += WG) {
         var o = 0.0;
+        // LOADS spans' loads at a time, in straight-line code so that
+        // they wait on memory together (loaded into an array in a loop
+        // they were issued one wait at a time).
         for (var s0 = 0u; s0 < ns; s0 += LOADS) {
-            var v: array<f32, LOADS>;
-            for (var k = 0u; k < LOADS; k++) {
-                let s = min(s0 + k, ns - 1u);
-                v[k] = part_at((rows + s) * w + d);
-            }
-            for (var k = 0u; k < LOADS; k++) {
-                if s0 + k < ns && sp[MAX_SPANS + s0 + k] > 0.0 {
-                    o += v[k] * sp[s0 + k];
-                }
-            }
+            let v0 = part_at((rows + min(s0, ns - 1u)) * w + d);
+            let v1 = part_at((rows + min(s0 + 1u, ns - 1u)) * w + d);
+            let v2 = part_at((rows + min(s0 + 2u, ns - 1u)) * w + d);
+            let v3 = part_at((rows + min(s0 + 3u, ns - 1u)) * w + d);
+            let v4 = part_at((rows + min(s0 + 4u, ns - 1u)) * w + d);
+            let v5 = part_at((rows + min(s0 + 5u, ns - 1u)) * w + d);
+            let v6 = part_at((rows + min(s0 + 6u, ns - 1u)) * w + d);
+            let v7 = part_at((rows + min(s0 + 7u, ns - 1u)) * w + d);
+            o = merge_add(o, v0, s0, ns);
+            o = merge_add(o, v1, s0 + 1u, ns);
+            o = merge_add(o, v2, s0 + 2u, ns);
+            o = merge_add(o, v3, s0 + 3u, ns);
+            o = merge_add(o, v4, s0 + 4u, ns);
+            o = merge_add(o, v5, s0 + 5u, ns);
+            o = merge_add(o, v6, s0 + 6u, ns);
+            o = merge_add(o, v7, s0 + 7u, ns);
         }
         out[(t * p.n_heads + h) * hd + d] = o / l;
     }
