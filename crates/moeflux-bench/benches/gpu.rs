@@ -1,5 +1,6 @@
 //! GPU kernels on the first adapter wgpu finds, reported as GB/s of weights
-//! read (criterion's throughput), and the cost of a dispatch. Run with
+//! read (criterion's throughput), the cost of a dependent dispatch by
+//! product size, and the cost of a dispatch. Run with
 //! `cargo bench -p moeflux-bench --features gpu --bench gpu`.
 //!
 //! Each iteration records several products into one pass, submits it and
@@ -62,6 +63,54 @@ fn bench(c: &mut Criterion) {
         }
         group.finish();
     }
+    // Dependent one-token products, 32 a pass, by rows (2048 columns,
+    // Q4_0): each writes the same y, so each waits for the one before, as
+    // a decode step's dispatches do. Criterion's time less a one-dispatch
+    // pass's (the submit-and-wait round trip), ÷ 32, is one dispatch's
+    // cost at that size: `plain` adds into y, `normed` RMS-normalises x
+    // first (what a layer's first product does). Enough copies of the
+    // matrix that the pass reads ≥ 160 MB (from memory, not the L2 cache)
+    // where 32 copies allow it.
+    let mut group = c.benchmark_group("gpu/chain");
+    group.sample_size(10);
+    let ty = GgmlType::Q4_0;
+    let cols = 2048usize;
+    let mut r = Rng::new(3);
+    let x: Vec<f32> = (0..cols).map(|_| r.normal() as f32).collect();
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let norm_w = gpu.upload_f32("norm", &vec![1.0f32; cols]).unwrap();
+    let normed = gpu.zeros_f32("normed", cols).unwrap();
+    for rows in [4usize, 128, 512, 1024, 2048, 4096, 5120, 8192, 16384] {
+        let len = ty.row_bytes(cols as u64).unwrap() as usize * rows;
+        let copies = (160usize << 20).div_ceil(len).clamp(1, 32);
+        let mut bytes = vec![0u8; len];
+        fill_blocks(ty, &mut Rng::new(1), 0.05, &mut bytes).unwrap();
+        let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+        let ws: Vec<GpuMatrix> = (0..copies)
+            .map(|_| GpuMatrix::upload(&gpu, &m).unwrap())
+            .collect();
+        let yb = gpu.zeros_f32("y", rows).unwrap();
+        for normed_x in [false, true] {
+            let name = if normed_x { "normed" } else { "plain" };
+            group.bench_function(BenchmarkId::new(name, rows), |b| {
+                b.iter(|| {
+                    let mut pass = Pass::with_arena(&gpu, &mut arena);
+                    for i in 0..32 {
+                        let w = &ws[i % copies];
+                        if normed_x {
+                            pass.matmul_normed(w, &xb, (&norm_w, 1e-6), &normed, &yb, 1, (0, rows))
+                                .unwrap();
+                        } else {
+                            pass.matmul_add(w, &xb, &yb, 1).unwrap();
+                        }
+                    }
+                    pass.submit().unwrap();
+                    gpu.wait().unwrap();
+                })
+            });
+        }
+    }
+    group.finish();
     // Dispatch cost: 256 one-row products in one pass (criterion's time
     // divided by 256 is the cost of one dispatch inside a pass).
     let mut group = c.benchmark_group("gpu/dispatch");
