@@ -50,9 +50,10 @@
 // round k and v to the cache's format, use those values for the new
 // position instead of reading the cache, and the first head of each group
 // writes them into the cache. Both kernels prepare a row with
-// head_prep.wgsl's `prep_row` (its mean square summed by PWG threads, the
-// prep kernel's workgroup), so a decode step gives the bits of prep +
-// attention — where
+// head_prep.wgsl's code (`prep_row` there is `prep_load`, a barrier and
+// `prep_math`, which this kernel calls for three rows at once; the mean
+// square summed by PWG threads, the prep kernel's workgroup), so a decode
+// step gives the bits of prep + attention — where
 // the driver gives both pipelines the same subgroup size (a fixed 32 on
 // NVIDIA, 8 on lavapipe; AMD and Intel drivers may choose per pipeline)
 // and contracts the RoPE expressions alike in both; tested bit for bit on
@@ -93,8 +94,9 @@ struct Params {
 // Values in one 16-byte load.
 const U: u32 = select(4u, 8u, KV_F16);
 const MAX_CH: u32 = 64u;
-// Rounds of a chunk's loads (at most: p.chunk · L ≤ 1024, so
-// p.chunk / RPR ≤ 8), written out in straight-line code below.
+// Rounds of a chunk's loads, written out in straight-line code below: the
+// host makes the chunk a power of two of at most 8 · RPR positions (see
+// `attention_spans` in pass.rs), so no round is left out.
 const ROUNDS: u32 = 8u;
 // Output values a thread keeps (head_dim ≤ SLOTS · WG).
 const SLOTS: u32 = 8u;
@@ -107,14 +109,18 @@ var<workgroup> sp: array<f32, 1024>;
 var<workgroup> ps: array<f32, MAX_CH>;
 
 // PREP: the q, k and v rows (head_dim ≤ PREP_HD each, a constant of the
-// module), the norm weights beside them, the rotation's (cos, sin) pairs
+// module), the q and k rows' norm weights, the rotation's (cos, sin) pairs
 // (one position: q and k share them), and the new position's k and v in
-// the cache's format, as 16-byte loads.
-var<workgroup> prow: array<f32, 3u * PREP_HD>;
-var<workgroup> pnorm: array<f32, 3u * PREP_HD>;
-var<workgroup> pcs: array<vec2<f32>, PREP_HD / 2u>;
-var<workgroup> knew: array<vec4<u32>, PREP_HD / 4u>;
-var<workgroup> vnew: array<vec4<u32>, PREP_HD / 4u>;
+// the cache's format, as 16-byte loads. Without PREP nothing touches them,
+// and PH keeps them a few words long: every workgroup's shared memory is
+// zeroed at its start, and the total stays well within WebGPU's 16 KiB
+// minimum.
+const PH: u32 = select(4u, PREP_HD, PREP);
+var<workgroup> prow: array<f32, 3u * PH>;
+var<workgroup> pnorm: array<f32, 2u * PH>;
+var<workgroup> pcs: array<vec2<f32>, PH / 2u>;
+var<workgroup> knew: array<vec4<u32>, PH / 4u>;
+var<workgroup> vnew: array<vec4<u32>, PH / 4u>;
 
 // PREP: value i of the raw q|k|v row.
 fn qkv_at(i: u32) -> f32 {

@@ -13,7 +13,8 @@
 // j, j + PWG, ... each (attention_prep's workgroup); threads past PWG add
 // zeros, which change no bit. `prep_math` has barriers: uniform control
 // flow only. The module provides p.head_dim, p.half, p.eps, norms, cs,
-// qkv_at, prow, pnorm (as long as prow), pcs (PREP_HD / 2 pairs) and PWG.
+// qkv_at, prow, pnorm (covering every normalised row's region of prow),
+// pcs (at least p.half pairs) and PWG.
 
 fn prep_load(at: u32, src: u32, norm: bool, w0: u32, angles: bool, cs0: u32, lid: u32) {
     let hd = p.head_dim;
