@@ -34,8 +34,8 @@
 // keys), not one per position (the per-position loop this replaces spent
 // ~70 µs a layer on an H100, waiting on one value row at a time).
 // - Scores: thread (r, i) = (lid / L, lid % L) takes load i of rows r,
-//   r + RPR, ... of the chunk (RPR = WG / L rows a round, at most 8
-//   rounds: p.chunk · L ≤ 1024), so neighbouring threads read neighbouring
+//   r + RPR, ... of the chunk (RPR = WG / L rows a round, at most
+//   ROUNDS rounds: see ROUNDS), so neighbouring threads read neighbouring
 //   bytes of a row; each writes its partial dot product to `sp`, and
 //   thread j then sums row j's L partials in order.
 // - Values: thread (r, i) takes values i·U .. i·U + U of rows r, r + RPR,
@@ -193,17 +193,19 @@ fn kv_load(is_v: bool, c0: u32, cn: u32, r: u32) -> vec4<u32> {
     return w;
 }
 
-// The chunk's value loads, in straight-line code (see the chunk loop).
-fn values_load(c0: u32, cn: u32) -> array<vec4<u32>, ROUNDS> {
+// Every round's key (or value) load of the chunk from c0, in
+// straight-line code (see the chunk loop); indexed with constants only,
+// so the array stays in registers.
+fn chunk_loads(is_v: bool, c0: u32, cn: u32) -> array<vec4<u32>, ROUNDS> {
     return array<vec4<u32>, ROUNDS>(
-        kv_load(true, c0, cn, 0u),
-        kv_load(true, c0, cn, 1u),
-        kv_load(true, c0, cn, 2u),
-        kv_load(true, c0, cn, 3u),
-        kv_load(true, c0, cn, 4u),
-        kv_load(true, c0, cn, 5u),
-        kv_load(true, c0, cn, 6u),
-        kv_load(true, c0, cn, 7u),
+        kv_load(is_v, c0, cn, 0u),
+        kv_load(is_v, c0, cn, 1u),
+        kv_load(is_v, c0, cn, 2u),
+        kv_load(is_v, c0, cn, 3u),
+        kv_load(is_v, c0, cn, 4u),
+        kv_load(is_v, c0, cn, 5u),
+        kv_load(is_v, c0, cn, 6u),
+        kv_load(is_v, c0, cn, 7u),
     );
 }
 
@@ -311,27 +313,20 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // workgroups, each on the step's critical path) issues the value
         // loads with them; a prompt (many thousands of workgroups) after
         // the softmax, as before, keeping its registers down.
-        let k0 = kv_load(false, c0, cn, 0u);
-        let k1 = kv_load(false, c0, cn, 1u);
-        let k2 = kv_load(false, c0, cn, 2u);
-        let k3 = kv_load(false, c0, cn, 3u);
-        let k4 = kv_load(false, c0, cn, 4u);
-        let k5 = kv_load(false, c0, cn, 5u);
-        let k6 = kv_load(false, c0, cn, 6u);
-        let k7 = kv_load(false, c0, cn, 7u);
+        let kw = chunk_loads(false, c0, cn);
         var vw = array<vec4<u32>, ROUNDS>();
         if PREP {
-            vw = values_load(c0, cn);
+            vw = chunk_loads(true, c0, cn);
         }
         // Scores: the partial dot products.
-        score(k0, qv, cn, 0u);
-        score(k1, qv, cn, 1u);
-        score(k2, qv, cn, 2u);
-        score(k3, qv, cn, 3u);
-        score(k4, qv, cn, 4u);
-        score(k5, qv, cn, 5u);
-        score(k6, qv, cn, 6u);
-        score(k7, qv, cn, 7u);
+        score(kw[0], qv, cn, 0u);
+        score(kw[1], qv, cn, 1u);
+        score(kw[2], qv, cn, 2u);
+        score(kw[3], qv, cn, 3u);
+        score(kw[4], qv, cn, 4u);
+        score(kw[5], qv, cn, 5u);
+        score(kw[6], qv, cn, 6u);
+        score(kw[7], qv, cn, 7u);
         workgroupBarrier();
         var s = LOWEST;
         if lane.lid < cn {
@@ -352,7 +347,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // from being overwritten before every row's sum is read.
         l = l * f + wg_sum4(vec4<f32>(e, 0.0, 0.0, 0.0), lane).x;
         if !PREP {
-            vw = values_load(c0, cn);
+            vw = chunk_loads(true, c0, cn);
         }
         // Values: the weighted sums, in round order.
         var acc = Vals(vec4<f32>(0.0), vec4<f32>(0.0));
