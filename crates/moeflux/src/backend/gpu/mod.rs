@@ -107,7 +107,13 @@
 //! waiting on memory, then on barriers), not the dispatch count alone —
 //! measured by running one kind of dispatch twice, or an emptied copy of
 //! it, inside a real decode step (bench/BENCHMARKS.md, 2026-11-26, fourth
-//! GPU session). A submit-and-wait costs ~80 µs. So a layer is as few
+//! GPU session). Nor do dependent stages chained inside one dispatch
+//! help (workgroups taking tickets in launch order, a later stage's
+//! spinning on the earlier stage's count, the hand-off through `@coherent`
+//! buffers; measured 2026-11-27): ~2 µs saved a hand-off between stages of
+//! a few workgroups, 15–30 µs lost between stages of 512 and more (the
+//! waiting workgroups hold the SMs), and without `@coherent` the later
+//! stage read stale data. A submit-and-wait costs ~80 µs. So a layer is as few
 //! dispatches as the data flow allows (six for a decode step whose q, k
 //! and v projections share a format, where a dispatch's last workgroup
 //! may finish its work — `arrive.wgsl`, Vulkan; eight otherwise; two more
@@ -142,7 +148,8 @@
 //! 7. one for their down projections, weighted and added to the hidden
 //!    state in the same dispatch (`Batch::ExpertsCombine`; a workgroup a
 //!    job's rows, the row group's last adding them up, was slower: 206 →
-//!    193 tok/s, Q4_0 on an H100).
+//!    193 tok/s, Q4_0 on an H100; again with the eight sums loaded at
+//!    once: 1.02 → 1.07 ms a token).
 //!
 //! When experts must come from the host, step 5's choices are read back
 //! (the layer's one round trip), the host writes the jobs of the experts

@@ -43,9 +43,10 @@
 // loads anyway: the squares are summed beside the products and reduced
 // with them, so the norm adds no wait on memory and no barrier (summing
 // them first, in a pass of their own, cost 2.2 µs a layer for q|k|v and
-// 1.3 for the router on an H100; decode went 5 % faster without it, Q4_K
-// prompts 4 % slower, and a pass of squares before the loop, without its
-// barrier, made prompts slower still). The workgroups of the first rows store
+// 1.3 for the router on an H100; decode went 3–6 % faster without it,
+// Q4_K prompts 3–7 % slower. A pass of squares for four tokens, in this
+// order or the old one with the one-token loop matching it, gave prompts
+// no better and decode less). The workgroups of the first rows store
 // the normalised rows, x · s · norm_w, in `normed` for the products after
 // this one. Products and squares are summed the same way for one token
 // and four, so a token's normalised row and its products have the same
