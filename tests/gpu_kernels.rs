@@ -358,8 +358,14 @@ fn rms_norm_matches_cpu() {
 /// among several (the four-token kernel).
 #[test]
 fn normalising_product_matches_cpu() {
+    // Fewer parts a row than threads, and (2048 columns, Q4_0's column
+    // order) two parts a thread.
+    check_normalising(GgmlType::Q8_0, 40, 320, 6);
+    check_normalising(GgmlType::Q4_0, 12, 2048, 5);
+}
+
+fn check_normalising(ty: GgmlType, rows: usize, cols: usize, n: usize) {
     let Some(gpu) = gpu() else { return };
-    let (rows, cols, n) = (40, 320, 6);
     let x: Vec<f32> = normals(n * cols, 31)
         .iter()
         .enumerate()
@@ -367,8 +373,8 @@ fn normalising_product_matches_cpu() {
         .collect();
     let nw: Vec<f32> = normals(cols, 32).iter().map(|v| 1.0 + 0.2 * v).collect();
     let eps = 1e-6;
-    let bytes = random_ggml(GgmlType::Q8_0, rows, cols, 33);
-    let m = Matrix::ggml(GgmlType::Q8_0, rows, cols, &bytes).unwrap();
+    let bytes = random_ggml(ty, rows, cols, 33);
+    let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
     let w = GpuMatrix::upload(gpu, &m).unwrap();
     let mut h = vec![0f32; n * cols];
     for t in 0..n {
@@ -406,15 +412,18 @@ fn normalising_product_matches_cpu() {
         for (i, (g, e)) in got_h.iter().zip(&h).enumerate() {
             assert!(
                 (g - e).abs() <= 4e-6 * e.abs() + 1e-7,
-                "normed {variant:?} [{i}]: {g} vs {e}"
+                "{ty} normed {variant:?} [{i}]: {g} vs {e}"
             );
         }
         let cos = cosine(&got_y, &want);
-        assert!(cos >= 0.9999, "normed product {variant:?}: cosine {cos}");
+        assert!(
+            cos >= 0.9999,
+            "{ty} normed product {variant:?}: cosine {cos}"
+        );
         for (i, (g, e)) in got_y.iter().zip(&want).enumerate() {
             assert!(
                 (g - e).abs() <= 1e-3 * (1.0 + e.abs()),
-                "y {variant:?} [{i}]: {g} vs {e}"
+                "{ty} y {variant:?} [{i}]: {g} vs {e}"
             );
         }
         for t in [0, n - 1] {

@@ -124,8 +124,9 @@
 //! that cost about a seventh of a decode step), and a product's last
 //! reductions (but the combine's, one a job) end without a closing
 //! barrier:
-//! 1. the q|k|v product (one matrix when stacked), RMS-normalising the
-//!    hidden state as it reads it (`Batch::OneNormed`);
+//! 1. the q|k|v product (one matrix when stacked) of the RMS-normalised
+//!    hidden state, each workgroup summing the mean square beside its
+//!    product and scaling after the sum (`Batch::OneNormed`);
 //! 2. attention over spans of the context, each workgroup first doing
 //!    `attention_prep`'s work for its own query head (q RMSNorm, RoPE) and,
 //!    in the span holding the new position, for its K/V head (k RMSNorm,

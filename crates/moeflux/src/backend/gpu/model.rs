@@ -574,6 +574,8 @@ impl GpuModel {
         match &layer.qkv {
             Ok(m) => pass.matmul_normed(m, &a.x, norm, &a.h, &a.qkv, n, (0, width))?,
             Err([wq, wk, wv]) => {
+                // k and v read the stored normalised rows: the same values
+                // as q's product scaled after its sum, up to f32 rounding.
                 pass.matmul_normed(wq, &a.x, norm, &a.h, &a.qkv, n, (0, width))?;
                 pass.matmul_into(wk, &a.h, &a.qkv, n, (nh * hd, width))?;
                 pass.matmul_into(wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;

@@ -41,16 +41,19 @@
 // the token's inverse RMS, applied once after the sum. Each workgroup
 // finds its tokens' mean squares itself, from the activations its product
 // loads anyway: the squares are summed beside the products and reduced
-// with them, so the norm adds no wait on memory and no barrier (summing
+// with them, so the norm adds no wait on memory (and, for one token, no
+// barrier; four tokens' squares take one more reduction). Summing
 // them first, in a pass of their own, cost 2.2 µs a layer for q|k|v and
 // 1.3 for the router on an H100; decode went 3–6 % faster without it,
 // Q4_K prompts 3–7 % slower. A pass of squares for four tokens, in this
 // order or the old one with the one-token loop matching it, gave prompts
-// no better and decode less). The workgroups of the first rows store
+// no better and decode less. The workgroups of the first rows store
 // the normalised rows, x · s · norm_w, in `normed` for the products after
 // this one. Products and squares are summed the same way for one token
 // and four, so a token's normalised row and its products have the same
-// bits in either shape.
+// bits in either shape (where the driver gives both pipelines one
+// subgroup size, as NVIDIA and lavapipe do). NORM never goes with GLU:
+// the squares are reduced only beside a product's own sums.
 //
 // ROUTE (a constant of the module; one token, NORM, the router of a layer
 // whose experts are all resident): the last workgroup to finish routes
@@ -94,6 +97,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> w: array<u32>;
 
 const UNIT: u32 = 32u;
+// The squares of NORM are reduced only beside a product's own sums.
+const_assert !(NORM && GLU);
 
 // One-token products hold 4 KiB of shared memory that they never use
 // (besides the reductions' slots: 1 KiB with subgroups, 4 with a tree):
@@ -339,9 +344,10 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             }
         }
     }
-    // The workgroup's sums, two at a time and the last without a closing
-    // barrier (no shared slot is written after them): each reduction is a
-    // chain of barriers that the whole workgroup waits on.
+    // The workgroup's sums, two at a time where two are wanted (and four
+    // tokens' squares alone), the last without a closing barrier (no
+    // shared slot is written after it): each reduction is a chain of
+    // barriers that the whole workgroup waits on.
     var s = vec4<f32>(0.0);
     var s_b = vec4<f32>(0.0);
     var up = vec4<f32>(0.0);

@@ -9,7 +9,8 @@ fn logit_at(i: u32) -> f32 {
 }
 
 // Called by every workgroup that computed rows, after its stores. Its
-// last reduction left shared slots to be read (`wg_sum4_last`):
+// last reduction left shared slots to be read (`wg_sum4x2_last`, the
+// product's sums beside the norm's squares):
 // `last_to_arrive` begins with a barrier of the whole workgroup, so the
 // routing may write them again.
 //
