@@ -170,10 +170,16 @@ fn inv_rms(squares: vec4<f32>) -> vec4<f32> {
     return 1.0 / sqrt(squares / f32(p.cols) + p.eps);
 }
 
+// The (vec4) indices in a token row of part i's two groups of four
+// activations.
+fn part_x(i: u32) -> vec2<u32> {
+    return ((i >> 2u) * UNIT + part_cols(i & 3u)) / 4u;
+}
+
 // NORM: the squares of part i's eight activations (the columns
 // `rows_part` reads) of the token row starting at (vec4) index `row`.
 fn part_squares(row: u32, i: u32) -> f32 {
-    let pc = ((i >> 2u) * UNIT + part_cols(i & 3u)) / 4u;
+    let pc = part_x(i);
     let a = x[row + pc.x];
     let b = x[row + pc.y];
     return dot(a, a) + dot(b, b);
@@ -202,7 +208,7 @@ fn x_at(row: u32, c: u32) -> vec4<f32> {
 fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
     let u = i >> 2u;
     let q = i & 3u;
-    let pc = (u * UNIT + part_cols(q)) / 4u;
+    let pc = part_x(i);
     let xl = x_at(xr, pc.x);
     let xh = x_at(xr, pc.y);
     let a = part(rr.x, u, q);
@@ -222,7 +228,7 @@ fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
 fn tokens_part(r: u32, xr: vec4<u32>, i: u32) -> vec4<f32> {
     let u = i >> 2u;
     let q = i & 3u;
-    let pc = (u * UNIT + part_cols(q)) / 4u;
+    let pc = part_x(i);
     let a = part(r, u, q);
     return vec4<f32>(
         dot(a.lo, x_at(xr.x, pc.x)) + dot(a.hi, x_at(xr.x, pc.y)),
