@@ -6,18 +6,20 @@
 //! tests fail, naming the cause, unless `MOEFLUX_GPU_TESTS=skip` is set
 //! (so a CI run without a GPU driver cannot pass silently).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use half::f16;
 use moeflux::backend::cpu::matrix::dot;
 use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
 use moeflux::backend::cpu::Matrix;
+use moeflux::backend::gpu::host_memory::HostMemory;
 use moeflux::backend::gpu::kernels::JOB_WORDS;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
     rope_table, AttentionShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape, Pass,
     Reduce, Variant, WeightKind,
 };
+use moeflux::experts::arena::Arena;
 use moeflux::quant::mlx::ScaleType;
 use moeflux::quant::{GgmlType, MlxAffine};
 use moeflux::state::kv::{KvCache, KvType, LayerKv, Rows};
@@ -474,6 +476,62 @@ fn large_writes_land_intact() {
     );
 }
 
+/// The expert store's arena imported into the device (where the adapter
+/// can: Vulkan's `VK_EXT_external_memory_host`, lavapipe included): a slice
+/// of it is found in its buffer, and a copy command from there lands the
+/// slice's bytes; bytes outside the arena are not found.
+#[test]
+fn host_arena_copies_land_intact() {
+    let Some(gpu) = gpu() else { return };
+    let slot = 64 << 10;
+    let arena = Arc::new(Arena::new(5, slot).unwrap());
+    let mut r = Rng::new(7);
+    let (_, len) = arena.region();
+    let data: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
+    // SAFETY: the arena's own bytes, written before anything reads them.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), arena.slot_ptr(0), len) };
+    let Some(host) = HostMemory::import(gpu, arena.clone()) else {
+        assert!(
+            !gpu.host_import,
+            "the device imports host memory, but not this arena"
+        );
+        eprintln!("{}: no host memory import; skipped", gpu.info.name);
+        return;
+    };
+    // Slot 3 from byte 36: whole words at a word offset.
+    let (at, n) = (3 * slot + 36, 40_000);
+    // SAFETY: inside the arena (5 slots), which nothing writes now.
+    let bytes = unsafe { arena.bytes(3, 36, n) };
+    let (src, off) = host.locate(bytes).expect("a slice of the arena is found");
+    let outside = vec![0u8; 64];
+    assert!(
+        host.locate(&outside).is_none(),
+        "memory outside the arena was found"
+    );
+    let dst = gpu.storage("copy target", &[], 64 << 10).unwrap();
+    let mut enc = gpu.device.create_command_encoder(&Default::default());
+    enc.copy_buffer_to_buffer(src, off, &dst, 256, n as u64);
+    gpu.queue.submit([enc.finish()]);
+    gpu.wait().unwrap();
+    let words = gpu.read_f32(&dst, (64 << 10) / 4).unwrap();
+    let got: Vec<u8> = words
+        .iter()
+        .flat_map(|w| w.to_bits().to_le_bytes())
+        .collect();
+    assert!(
+        got[..256].iter().all(|&b| b == 0),
+        "bytes before the copy changed"
+    );
+    assert!(
+        got[256..256 + n] == data[at..at + n],
+        "the copied bytes differ"
+    );
+    assert!(
+        got[256 + n..].iter().all(|&b| b == 0),
+        "bytes after the copy changed"
+    );
+}
+
 /// Expert batches: three experts' matrices in one pool buffer at offsets,
 /// one dispatch over a job table computing each expert's rows of tokens —
 /// plain (`y = x Aᵀ`) and gate/up with SwiGLU — against the CPU reference,
@@ -546,7 +604,7 @@ fn expert_batches_match_cpu() {
         let shapes: Vec<MatShape> = ms
             .iter()
             .enumerate()
-            .map(|(i, m)| GpuMatrix::write_at(gpu, m, &pool, &at[i], &room[i]).unwrap())
+            .map(|(i, m)| GpuMatrix::write_at(gpu, m, &pool, &at[i], &room[i], None).unwrap())
             .collect();
         for counts in [[1usize, 1, 1], [2, 1, 3]] {
             let rows: usize = counts.iter().sum();
@@ -1012,8 +1070,8 @@ fn one_pass_chains_an_ffn_block() {
         .storage("pool", &[], up_at + GpuMatrix::array_bytes(&up_m)[0])
         .unwrap();
     let room = [up_at];
-    let gate_shape = GpuMatrix::write_at(gpu, &gate_m, &pool, &[0], &room).unwrap();
-    GpuMatrix::write_at(gpu, &up_m, &pool, &[up_at], &room).unwrap();
+    let gate_shape = GpuMatrix::write_at(gpu, &gate_m, &pool, &[0], &room, None).unwrap();
+    GpuMatrix::write_at(gpu, &up_m, &pool, &[up_at], &room, None).unwrap();
     let job: Vec<u32> = vec![0, 0, 0, up_at as u32, 0, 0, 0, n as u32, 0, 0, 0, 0];
     let jb = gpu.storage("jobs", bytemuck::cast_slice(&job), 0).unwrap();
     let xb = gpu.upload_f32("x", &x).unwrap();

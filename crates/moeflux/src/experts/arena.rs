@@ -61,6 +61,12 @@ impl Arena {
         self.n_slots
     }
 
+    /// The whole arena: its first byte and length (`n_slots · slot_bytes`,
+    /// `SLOT_ALIGN`-aligned).
+    pub fn region(&self) -> (*const u8, usize) {
+        (self.ptr.as_ptr(), self.n_slots * self.slot_bytes)
+    }
+
     pub fn slot_bytes(&self) -> usize {
         self.slot_bytes
     }

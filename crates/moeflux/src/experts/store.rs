@@ -108,7 +108,9 @@ pub struct StoreOptions {
 pub struct ExpertStore {
     /// `layers[l][e]`; empty for layers without routed experts.
     layers: Vec<Vec<ExpertRef>>,
-    arena: Arena,
+    /// Shared with a GPU that copies experts straight from it (see
+    /// [`ExpertStore::arena`]).
+    arena: Arc<Arena>,
     states: Arc<SlotStates>,
     cache: SlotCache,
     reader: Reader,
@@ -206,7 +208,7 @@ impl ExpertStore {
             cache: SlotCache::new(arena.n_slots(), &per_layer),
             stats: vec![LayerStats::default(); layers.len()],
             layers,
-            arena,
+            arena: Arc::new(arena),
             states,
             reader,
             part_dst,
@@ -510,6 +512,14 @@ impl ExpertStore {
             read_busy_s: c.busy_ns.load(Ordering::Relaxed) as f64 * 1e-9,
             io: self.reader.mode.name(),
         }
+    }
+
+    /// The slot memory, to be read by others than the store (a GPU that
+    /// copies experts from it by itself): the `Arc` keeps the allocation
+    /// alive for them after the store is gone. Which bytes may be read
+    /// when is still the store's to say (acquire, `view`, release).
+    pub fn arena(&self) -> Arc<Arena> {
+        self.arena.clone()
     }
 
     /// Waits for every read in flight (so a snapshot or a drop sees settled

@@ -88,6 +88,11 @@ pub struct Gpu {
     /// `arrive.wgsl`'s counts ([`ARRIVAL_COUNTS`] words, zero between
     /// dispatches: each dispatch that counts resets what it counted).
     pub(super) arrival_counts: wgpu::Buffer,
+    /// Whether the device was opened able to import host memory (Vulkan's
+    /// `VK_EXT_external_memory_host`), so that experts are copied to the
+    /// GPU from the host store's slots by the GPU itself (see
+    /// [`super::host_memory`]).
+    pub host_import: bool,
 }
 
 /// Counts one dispatch may use (attention: one per query and head; calls
@@ -168,15 +173,20 @@ impl Gpu {
         }
         let features = adapter.features() & wanted;
         let required_limits = adapter.limits();
-        let (device, queue) = block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        let desc = wgpu::DeviceDescriptor {
             label: Some("moeflux"),
             required_features: features,
             required_limits: required_limits.clone(),
             experimental_features: wgpu::ExperimentalFeatures::disabled(),
             memory_hints: wgpu::MemoryHints::Performance,
             trace: wgpu::Trace::Off,
-        }))
-        .map_err(|e| GpuError::RequestDevice(format!("{}: {e}", info.name)))?;
+        };
+        let opened = match super::host_memory::open_device(&adapter, &desc) {
+            Some(d) => Ok((d, true)),
+            None => block_on(adapter.request_device(&desc)).map(|d| (d, false)),
+        };
+        let ((device, queue), host_import) =
+            opened.map_err(|e| GpuError::RequestDevice(format!("{}: {e}", info.name)))?;
         let has_subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let limits = GpuLimits {
             max_binding: required_limits.max_storage_buffer_binding_size,
@@ -213,6 +223,7 @@ impl Gpu {
             profiler: super::profile::Profiler::new(&device, &queue),
             device_scope_barrier,
             arrival_counts,
+            host_import,
             device,
             queue,
         })

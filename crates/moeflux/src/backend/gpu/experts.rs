@@ -15,7 +15,9 @@
 //! slot `first[l] + e`, so a layer's experts sit together (in one or two
 //! pools: one or two dispatches per product). Otherwise a miss takes the
 //! least recently used unpinned slot, and its bytes come from the host
-//! store (acquire, wait, view, `Queue::write_buffer`, release).
+//! store (acquire, wait, view, `Queue::write_buffer`, release) — or, where
+//! the host arena is imported ([`HostMemory`]), from a copy command that
+//! the GPU runs (acquire, wait, view, copy, submit, wait, release).
 //!
 //! Ordering rule (why slots are pinned per wave): `write_buffer` lands
 //! before the *next* submission, so a slot read by recorded but not yet
@@ -25,7 +27,8 @@
 use std::collections::HashMap;
 
 use super::device::Gpu;
-use super::matrix::{GpuMatrix, MatShape, MAX_PART_BYTES};
+use super::host_memory::HostMemory;
+use super::matrix::{Copies, GpuMatrix, MatShape, MAX_PART_BYTES};
 use super::GpuError;
 use crate::experts::store::{ExpertRef, ExpertView};
 use crate::experts::{ExpertStore, StoreError};
@@ -76,6 +79,10 @@ pub struct GpuExperts {
     loaded: bool,
     clock: u64,
     stats: GpuExpertStats,
+    /// The host store's arena, imported so the GPU copies experts from it
+    /// (see [`HostMemory`]), once tried at the first upload.
+    host: Option<HostMemory>,
+    host_tried: bool,
 }
 
 /// How many slots to make.
@@ -214,6 +221,8 @@ impl GpuExperts {
             loaded: false,
             fixed,
             clock: 0,
+            host: None,
+            host_tried: false,
         })
     }
 
@@ -403,13 +412,26 @@ impl GpuExperts {
 
     /// Writes an expert's matrices into its claimed slot.
     pub fn fill(&mut self, gpu: &Gpu, slot: u32, x: &ExpertView<'_>) -> Result<(), GpuError> {
+        self.fill_via(gpu, slot, x, None)
+    }
+
+    /// [`GpuExperts::fill`], the arrays in imported host memory copied by
+    /// the commands recorded into `copies` instead.
+    fn fill_via(
+        &mut self,
+        gpu: &Gpu,
+        slot: u32,
+        x: &ExpertView<'_>,
+        mut copies: Option<&mut Copies<'_>>,
+    ) -> Result<(), GpuError> {
         let a = self.arrays;
         let place = self.place(slot);
         let buf = &self.pools[place.pool];
         let at: Vec<u64> = self.array_off.iter().map(|o| place.base + o).collect();
-        let write = |m: &crate::backend::cpu::Matrix<'_>, i: usize| {
+        let mut write = |m: &crate::backend::cpu::Matrix<'_>, i: usize| {
             let r = i * a..(i + 1) * a;
-            GpuMatrix::write_at(gpu, m, buf, &at[r.clone()], &self.array_bytes[r])
+            let c = copies.as_deref_mut();
+            GpuMatrix::write_at(gpu, m, buf, &at[r.clone()], &self.array_bytes[r], c)
         };
         let result = (|| {
             let m = [write(&x.gate, 0)?, write(&x.up, 1)?, write(&x.down, 2)?];
@@ -468,6 +490,10 @@ impl GpuExperts {
         layer: usize,
         misses: &[(u32, u32)],
     ) -> Result<(), crate::Error> {
+        if !self.host_tried {
+            self.host_tried = true;
+            self.host = HostMemory::import(gpu, store.arena());
+        }
         let mut todo: Vec<u32> = misses.iter().map(|m| m.0).collect();
         let slot_of = |e: u32| misses.iter().find(|m| m.0 == e).map_or(0, |m| m.1);
         let mut granted = Vec::new();
@@ -499,13 +525,42 @@ impl GpuExperts {
                     continue;
                 }
                 let mut failed = None;
+                // Experts in imported host memory: copied by the GPU, and
+                // waited for before their host slots are released.
+                let host = self.host.take();
+                let mut enc = host.as_ref().map(|_| {
+                    gpu.device
+                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                            label: Some("expert copies"),
+                        })
+                });
+                let mut copies = match (&host, enc.as_mut()) {
+                    (Some(host), Some(enc)) => Some(Copies {
+                        host,
+                        enc,
+                        count: 0,
+                    }),
+                    _ => None,
+                };
                 for &e in &ready {
                     let view = store.view(layer, e);
-                    if let Err(err) = self.fill(gpu, slot_of(e), &view) {
+                    if let Err(err) = self.fill_via(gpu, slot_of(e), &view, copies.as_mut()) {
                         failed = Some(err);
                         break;
                     }
                 }
+                let copied = copies.is_some_and(|c| c.count > 0);
+                if let (Some(enc), true) = (enc, copied) {
+                    // Lands after all earlier submissions and before the
+                    // next, as the queue writes of the other arrays do.
+                    let done = gpu
+                        .checked("copying experts", || gpu.queue.submit([enc.finish()]))
+                        .and_then(|_| gpu.wait());
+                    if let (Err(err), None) = (done, &failed) {
+                        failed = Some(err);
+                    }
+                }
+                self.host = host;
                 if let Some(err) = failed {
                     store.release(layer, &pending);
                     return Err(err.into());

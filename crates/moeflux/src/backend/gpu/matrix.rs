@@ -2,6 +2,7 @@
 //! fit one storage binding.
 
 use super::device::Gpu;
+use super::host_memory::HostMemory;
 use super::kernels::WeightKind;
 use super::GpuError;
 use crate::backend::cpu::{Matrix, MatrixData};
@@ -176,12 +177,17 @@ impl GpuMatrix {
     /// it lands before the next submission, so no submitted-but-unfinished
     /// work may still read the old contents after that submission starts —
     /// the caller's slot pinning guarantees it.
+    ///
+    /// With `copies`, arrays that lie in imported host memory are copied by
+    /// the GPU instead, by commands recorded into `copies.enc` (which the
+    /// caller submits, and waits for before the host bytes may change).
     pub fn write_at(
         gpu: &Gpu,
         m: &Matrix<'_>,
         buf: &wgpu::Buffer,
         at: &[u64],
         room: &[u64],
+        mut copies: Option<&mut Copies<'_>>,
     ) -> Result<MatShape, GpuError> {
         let (rows, cols) = (m.rows, m.cols);
         let (kind, group, scale_f16, w, sb) = layout(m)?;
@@ -216,7 +222,19 @@ impl GpuMatrix {
                     limit: room,
                 });
             }
-            gpu.write_padded_at(buf, off, a.bytes)?;
+            let len = a.bytes.len() as u64;
+            let from = copies.as_deref_mut().and_then(|c| {
+                let (src, at) = c.host.locate(a.bytes)?;
+                // Copies move whole words.
+                (len.is_multiple_of(4) && at.is_multiple_of(4)).then_some((c, src, at))
+            });
+            match from {
+                Some((c, src, at)) => {
+                    c.enc.copy_buffer_to_buffer(src, at, buf, off, len);
+                    c.count += 1;
+                }
+                None => gpu.write_padded_at(buf, off, a.bytes)?,
+            }
         }
         Ok(MatShape {
             rows,
@@ -249,6 +267,14 @@ impl GpuMatrix {
     pub fn n_parts(&self) -> usize {
         self.parts.len()
     }
+}
+
+/// Copies recorded by [`GpuMatrix::write_at`]: from `host` (the expert
+/// store's imported arena), into `enc`; `count` of them so far.
+pub struct Copies<'a> {
+    pub host: &'a HostMemory,
+    pub enc: &'a mut wgpu::CommandEncoder,
+    pub count: usize,
 }
 
 /// The bytes `pick` chooses of each matrix, one after the other; `None` if

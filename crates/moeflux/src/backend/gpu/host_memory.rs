@@ -1,0 +1,249 @@
+//! Host memory the GPU copies from by itself: the expert store's slot
+//! arena, imported into Vulkan (`VK_EXT_external_memory_host`) as buffers
+//! that a copy command reads.
+//!
+//! Why: on a discrete GPU, wgpu's staging memory for `Queue::write_buffer`
+//! is device memory mapped through the PCIe BAR, so bringing an expert in
+//! meant the CPU writing every byte across the bus — ~25 GB/s from 16
+//! threads on an H100 host, where the GPU's own copy engine reading pinned
+//! host memory reaches the link's ~55 GB/s, with no CPU work at all. An
+//! imported arena makes a host-resident expert one copy command from its
+//! host slot to its GPU slot.
+//!
+//! Where it does not apply (Metal and DX12, a Vulkan driver without the
+//! extension, an import the driver refuses), experts go through
+//! `write_buffer` as before; the bytes that land are the same.
+
+use std::any::Any;
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use wgpu::hal::api::Vulkan;
+use wgpu::hal::vulkan as hv;
+
+use super::device::Gpu;
+use crate::experts::arena::Arena;
+
+use ash::vk;
+
+/// The extension, and the handle type of an imported host allocation.
+const EXTENSION: &std::ffi::CStr = ash::ext::external_memory_host::NAME;
+const HANDLE: vk::ExternalMemoryHandleTypeFlags =
+    vk::ExternalMemoryHandleTypeFlags::HOST_ALLOCATION_EXT;
+
+/// Bytes of host memory imported as one buffer at most (a whole number of
+/// slots): large enough that a model needs few, small enough that a
+/// driver limit on one import is unlikely to bite.
+const CHUNK_BYTES: usize = 1 << 30;
+
+/// Opens a device on `adapter` as `request_device` would, with
+/// `VK_EXT_external_memory_host` enabled besides, when the adapter is a
+/// Vulkan one that has it. `None` otherwise, or when opening it that way
+/// fails (the caller then opens it the usual way). `MOEFLUX_GPU_HOST_IMPORT=0`
+/// turns it off.
+pub fn open_device(
+    adapter: &wgpu::Adapter,
+    desc: &wgpu::DeviceDescriptor<'_>,
+) -> Option<(wgpu::Device, wgpu::Queue)> {
+    if std::env::var("MOEFLUX_GPU_HOST_IMPORT").is_ok_and(|v| v == "0") {
+        return None;
+    }
+    // SAFETY: the hal adapter is only used to open a device here, while
+    // the wgpu adapter it came from is alive; nothing is destroyed.
+    let hal = unsafe { adapter.as_hal::<Vulkan>() }?;
+    if !hal
+        .physical_device_capabilities()
+        .supports_extension(EXTENSION)
+    {
+        return None;
+    }
+    let add: Box<hv::CreateDeviceCallback<'_>> = Box::new(|args| {
+        args.extensions.push(EXTENSION);
+    });
+    // SAFETY: the callback only adds an extension the physical device
+    // supports (checked above); features and limits are those wgpu's own
+    // `request_device` would ask for, from the same descriptor.
+    let open = unsafe {
+        hal.open_with_callback(
+            desc.required_features,
+            &desc.required_limits,
+            &desc.memory_hints,
+            Some(add),
+        )
+    }
+    .ok()?;
+    drop(hal);
+    // SAFETY: `open` was made from this adapter's hal adapter, with the
+    // descriptor's features.
+    unsafe { adapter.create_device_from_hal(open, desc) }.ok()
+}
+
+/// The expert store's arena as buffers a copy command reads.
+pub struct HostMemory {
+    /// The arena's first byte and length.
+    base: usize,
+    len: usize,
+    /// Imported pieces, in order: `(offset in the arena, length, buffer)`.
+    /// Together they cover the arena from 0 up to some length (a piece the
+    /// driver refuses ends the list; bytes past it are written as before).
+    chunks: Vec<(usize, usize, wgpu::Buffer)>,
+    /// Keeps the arena allocated while the buffers import it.
+    _arena: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for HostMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let imported: usize = self.chunks.iter().map(|c| c.1).sum();
+        f.debug_struct("HostMemory")
+            .field("bytes", &self.len)
+            .field("imported", &imported)
+            .finish()
+    }
+}
+
+impl HostMemory {
+    /// Imports `arena` into `gpu`'s device, in pieces of whole slots.
+    /// `None` when the device was not opened for it or the driver takes
+    /// none of it.
+    pub fn import(gpu: &Gpu, arena: Arc<Arena>) -> Option<HostMemory> {
+        if !gpu.host_import {
+            return None;
+        }
+        let (ptr, len) = arena.region();
+        let slot = arena.slot_bytes().max(1);
+        let chunk = (CHUNK_BYTES / slot).max(1) * slot;
+        let mut chunks = Vec::new();
+        for at in (0..len).step_by(chunk) {
+            let n = chunk.min(len - at);
+            // SAFETY: `ptr + at .. + n` lies inside the arena, which `_arena`
+            // keeps allocated for as long as the buffer exists (it is
+            // dropped after `chunks`); see `import_range` for the rest.
+            match unsafe { import_range(gpu, ptr.wrapping_add(at), n) } {
+                Some(b) => chunks.push((at, n, b)),
+                None => break,
+            }
+        }
+        if chunks.is_empty() {
+            return None;
+        }
+        Some(HostMemory {
+            base: ptr as usize,
+            len,
+            chunks,
+            _arena: arena,
+        })
+    }
+
+    /// The buffer holding `bytes` (a slice of the arena) and their offset
+    /// in it; `None` when they are not in an imported piece (or straddle
+    /// two).
+    pub fn locate(&self, bytes: &[u8]) -> Option<(&wgpu::Buffer, u64)> {
+        let start = (bytes.as_ptr() as usize).checked_sub(self.base)?;
+        let end = start.checked_add(bytes.len())?;
+        if end > self.len {
+            return None;
+        }
+        self.chunks
+            .iter()
+            .find(|(at, n, _)| start >= *at && end <= at + n)
+            .map(|(at, _, b)| (b, (start - at) as u64))
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        // Copies from the arena end before their upload returns (see
+        // `GpuExperts::upload`); destroy the imports now, while the arena
+        // is certainly still allocated.
+        for (_, _, b) in &self.chunks {
+            b.destroy();
+        }
+    }
+}
+
+/// Imports `len` bytes of host memory from `ptr` as a copy-source buffer.
+///
+/// # Safety
+/// `ptr .. ptr + len` must stay allocated (and not be unmapped or
+/// remapped) until the returned buffer is destroyed; `ptr` and `len` must
+/// be multiples of the page size.
+unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Buffer> {
+    // SAFETY: the hal device is used only to create a buffer and its
+    // memory on it, which wgpu then owns (`from_raw_managed`).
+    let hal = unsafe { gpu.device.as_hal::<Vulkan>() }?;
+    let raw = hal.raw_device();
+    let instance = hal.shared_instance().raw_instance();
+    let ext = ash::ext::external_memory_host::Device::new(instance, raw);
+    let mut props = vk::MemoryHostPointerPropertiesEXT::default();
+    // SAFETY: a valid device that has the extension (`gpu.host_import`),
+    // and a pointer to live host memory (the caller's contract).
+    let r = unsafe {
+        (ext.fp().get_memory_host_pointer_properties_ext)(
+            raw.handle(),
+            HANDLE,
+            ptr as *const c_void,
+            &mut props,
+        )
+    };
+    if r != vk::Result::SUCCESS || props.memory_type_bits == 0 {
+        return None;
+    }
+    // SAFETY: plain Vulkan object creation on a live device; every object
+    // made here is destroyed on the failure paths below, or handed to wgpu
+    // on success.
+    unsafe {
+        let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(HANDLE);
+        let info = vk::BufferCreateInfo::default()
+            .size(len as u64)
+            .usage(vk::BufferUsageFlags::TRANSFER_SRC)
+            .sharing_mode(vk::SharingMode::EXCLUSIVE)
+            .push_next(&mut external);
+        let buffer = raw.create_buffer(&info, None).ok()?;
+        let need = raw.get_buffer_memory_requirements(buffer);
+        let types = instance.get_physical_device_memory_properties(hal.raw_physical_device());
+        let bits = need.memory_type_bits & props.memory_type_bits;
+        // Host-coherent memory: the store's reader threads write the slots
+        // with plain stores, and nothing flushes them.
+        let coherent = vk::MemoryPropertyFlags::HOST_COHERENT;
+        let Some(index) = (0..types.memory_type_count).find(|&i| {
+            bits & (1 << i) != 0
+                && types.memory_types[i as usize]
+                    .property_flags
+                    .contains(coherent)
+        }) else {
+            raw.destroy_buffer(buffer, None);
+            return None;
+        };
+        let mut import = vk::ImportMemoryHostPointerInfoEXT::default()
+            .handle_type(HANDLE)
+            .host_pointer(ptr as *mut c_void);
+        let alloc = vk::MemoryAllocateInfo::default()
+            .allocation_size(len as u64)
+            .memory_type_index(index)
+            .push_next(&mut import);
+        let Ok(memory) = raw.allocate_memory(&alloc, None) else {
+            raw.destroy_buffer(buffer, None);
+            return None;
+        };
+        if raw.bind_buffer_memory(buffer, memory, 0).is_err() {
+            raw.destroy_buffer(buffer, None);
+            raw.free_memory(memory, None);
+            return None;
+        }
+        let hal_buffer = hv::Buffer::from_raw_managed(buffer, memory, 0, len as u64);
+        drop(hal);
+        let desc = wgpu::BufferDescriptor {
+            label: Some("host expert arena"),
+            size: len as u64,
+            usage: wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        };
+        // Contents are the host's: wgpu must not zero them (a buffer from
+        // hal counts as initialised).
+        gpu.checked("importing host memory", || {
+            gpu.device
+                .create_buffer_from_hal::<Vulkan>(hal_buffer, &desc)
+        })
+        .ok()
+    }
+}
