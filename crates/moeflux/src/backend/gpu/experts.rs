@@ -17,7 +17,8 @@
 //! least recently used unpinned slot, and its bytes come from the host
 //! store (acquire, wait, view, `Queue::write_buffer`, release) — or, where
 //! the host arena is imported ([`HostMemory`]), from a copy command that
-//! the GPU runs (acquire, wait, view, copy, submit, wait, release).
+//! the GPU runs (acquire, wait, view, copy, submit; released once the copy
+//! is done: [`GpuExperts::settle`]).
 //!
 //! Ordering rule (why slots are pinned per wave): `write_buffer` lands
 //! before the *next* submission, so a slot read by recorded but not yet
@@ -83,6 +84,13 @@ pub struct GpuExperts {
     /// (see [`HostMemory`]), once tried at the first upload.
     host: Option<HostMemory>,
     host_tried: bool,
+    /// Experts `(layer, expert)` whose copies from their host slots were
+    /// submitted (the last such submission: `copies_at`): the host slots
+    /// stay acquired until it is done ([`GpuExperts::settle`]), so the
+    /// host records the products, and the next layer, while the GPU
+    /// copies.
+    in_flight: Vec<(usize, u32)>,
+    copies_at: Option<wgpu::SubmissionIndex>,
 }
 
 /// How many slots to make.
@@ -223,6 +231,8 @@ impl GpuExperts {
             clock: 0,
             host: None,
             host_tried: false,
+            in_flight: Vec::new(),
+            copies_at: None,
         })
     }
 
@@ -282,6 +292,7 @@ impl GpuExperts {
             }
         }
         gpu.wait()?;
+        self.settle(gpu, store)?;
         // One dispatch computes a layer's experts with one shape: the GPU
         // routes only when every layer's experts share theirs.
         let same = (0..per_layer.len()).all(|l| {
@@ -359,6 +370,27 @@ impl GpuExperts {
     /// Ends a wave: every slot may be evicted again.
     pub fn unpin_all(&mut self) {
         self.slots.iter_mut().for_each(|s| s.pinned = false);
+    }
+
+    /// Waits for the experts' copies in flight, then releases their host
+    /// slots to the store. Cheap once the GPU has finished them (a step's
+    /// routing read-back and its logits wait for all earlier work).
+    pub fn settle(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
+        if let Some(at) = self.copies_at.take() {
+            gpu.device
+                .poll(wgpu::PollType::Wait {
+                    submission_index: Some(at),
+                    timeout: None,
+                })
+                .map_err(|e| GpuError::Wgpu(format!("waiting for expert copies: {e}")))?;
+        }
+        self.in_flight.sort_unstable();
+        for run in self.in_flight.chunk_by(|a, b| a.0 == b.0) {
+            let experts: Vec<u32> = run.iter().map(|x| x.1).collect();
+            store.release(run[0].0, &experts);
+        }
+        self.in_flight.clear();
+        Ok(())
     }
 
     /// Advances the recency clock (once per forward step).
@@ -494,6 +526,9 @@ impl GpuExperts {
             self.host_tried = true;
             self.host = HostMemory::import(gpu, store.arena());
         }
+        // The previous layer's copies are done by now (its routing was
+        // read back since): their host slots go back to the store first.
+        self.settle(gpu, store)?;
         let mut todo: Vec<u32> = misses.iter().map(|m| m.0).collect();
         let slot_of = |e: u32| misses.iter().find(|m| m.0 == e).map_or(0, |m| m.1);
         let mut granted = Vec::new();
@@ -501,6 +536,11 @@ impl GpuExperts {
         while !todo.is_empty() {
             granted.clear();
             store.acquire(layer, &todo, &mut granted)?;
+            if granted.is_empty() && !self.in_flight.is_empty() {
+                // Every free host slot holds a copy in flight.
+                self.settle(gpu, store)?;
+                store.acquire(layer, &todo, &mut granted)?;
+            }
             if granted.is_empty() {
                 return Err(StoreError::Setup(
                     "no host expert slot is free to stage an expert for the GPU".into(),
@@ -525,8 +565,8 @@ impl GpuExperts {
                     continue;
                 }
                 let mut failed = None;
-                // Experts in imported host memory: copied by the GPU, and
-                // waited for before their host slots are released.
+                // Experts in imported host memory: copied by the GPU; their
+                // host slots are released once the copies are done.
                 let host = self.host.take();
                 let mut enc = host.as_ref().map(|_| {
                     gpu.device
@@ -553,19 +593,26 @@ impl GpuExperts {
                 if let (Some(enc), true) = (enc, copied) {
                     // Lands after all earlier submissions and before the
                     // next, as the queue writes of the other arrays do.
-                    let done = gpu
-                        .checked("copying experts", || gpu.queue.submit([enc.finish()]))
-                        .and_then(|_| gpu.wait());
-                    if let (Err(err), None) = (done, &failed) {
-                        failed = Some(err);
+                    match gpu.checked("copying experts", || gpu.queue.submit([enc.finish()])) {
+                        Ok(at) => self.copies_at = Some(at),
+                        Err(err) => {
+                            failed.get_or_insert(err);
+                        }
                     }
                 }
                 self.host = host;
                 if let Some(err) = failed {
+                    // No copy may still read the host slots given back.
+                    let waited = self.settle(gpu, store).and_then(|_| gpu.wait());
                     store.release(layer, &pending);
+                    waited?;
                     return Err(err.into());
                 }
-                store.release(layer, &ready);
+                if copied {
+                    self.in_flight.extend(ready.iter().map(|&e| (layer, e)));
+                } else {
+                    store.release(layer, &ready);
+                }
                 pending.retain(|e| !ready.contains(e));
             }
             todo.retain(|e| !granted.contains(e));

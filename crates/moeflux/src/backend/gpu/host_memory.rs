@@ -87,6 +87,8 @@ pub struct HostMemory {
     /// Together they cover the arena from 0 up to some length (a piece the
     /// driver refuses ends the list; bytes past it are written as before).
     chunks: Vec<(usize, usize, wgpu::Buffer)>,
+    /// To wait for copies still in flight before the import goes.
+    device: wgpu::Device,
     /// Keeps the arena allocated while the buffers import it.
     _arena: Arc<dyn Any + Send + Sync>,
 }
@@ -130,6 +132,7 @@ impl HostMemory {
             base: ptr as usize,
             len,
             chunks,
+            device: gpu.device.clone(),
             _arena: arena,
         })
     }
@@ -152,9 +155,12 @@ impl HostMemory {
 
 impl Drop for HostMemory {
     fn drop(&mut self) {
-        // Copies from the arena end before their upload returns (see
-        // `GpuExperts::upload`); destroy the imports now, while the arena
-        // is certainly still allocated.
+        // A copy from the arena may still be in flight (its host slot goes
+        // back to the store at the next settle, see `GpuExperts`): wait for
+        // the GPU, then destroy the imports while the arena is certainly
+        // still allocated. An error here is a lost device, which runs
+        // nothing more.
+        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
         for (_, _, b) in &self.chunks {
             b.destroy();
         }

@@ -77,10 +77,13 @@
 //!   before the next submission). Where the device imports host memory
 //!   (Vulkan's `VK_EXT_external_memory_host`: NVIDIA, lavapipe), the host
 //!   store's arena is imported once and a miss is a copy command from its
-//!   host slot, submitted and waited for before the slot is released
-//!   (lands like a queue write: after earlier submissions, before the
-//!   next); the copy engine reads pinned host memory, with no CPU work —
-//!   on an H100 streamed decode went 13 → 24 tok/s. Elsewhere uploads are
+//!   host slot, submitted at once (it lands like a queue write: after
+//!   earlier submissions, before the next); the host slot stays acquired
+//!   until the copy is done, which the next layer's upload checks (the
+//!   routing read-back between them has waited for it), so the host
+//!   records products while the GPU copies. The copy engine reads pinned
+//!   host memory, with no CPU work: on an H100, streamed decode went
+//!   13 → 24 tok/s, and 24 → 27 without the wait. Elsewhere uploads are
 //!   queue writes whose copy into wgpu's staging memory runs on a pool of
 //!   up to 16 threads (on a discrete GPU that memory is written across
 //!   PCIe: ~25 GB/s on an H100 host with the pool, 6.7 GB/s with threads

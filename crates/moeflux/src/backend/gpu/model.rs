@@ -548,7 +548,11 @@ impl GpuModel {
             self.experts_block(gpu, &mut pass, store, l, n)?;
             lap.charge(&mut t.moe);
         }
-        self.logits(&mut pass, which, n, &mut lap, t)
+        let logits = self.logits(&mut pass, which, n, &mut lap, t)?;
+        // The logits' read-back waited for every copy: the host slots the
+        // last layers copied from go back to the store.
+        self.experts.settle(gpu, store)?;
+        Ok(logits)
     }
 
     /// Records layer `l`'s attention block: norm, projections, q/k norms,
