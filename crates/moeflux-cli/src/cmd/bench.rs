@@ -252,12 +252,13 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
     if let Some(g) = gpu_decode {
         println!(
-            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s)",
+            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s, {:.0}% copied by the GPU)",
             g.slots,
             fmt_bytes(g.slot_bytes),
             100.0 * g.hit_rate(),
             fmt_bytes(g.bytes_uploaded / args.n_gen.max(1) as u64),
-            g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9
+            g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9,
+            100.0 * g.bytes_copied_by_gpu as f64 / g.bytes_uploaded.max(1) as f64
         );
     }
     if let Some(kernels) = engine.gpu_profile(false) {
@@ -321,6 +322,7 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
         "misses": g.misses,
         "hit_rate": g.hit_rate(),
         "bytes_uploaded": g.bytes_uploaded,
+        "bytes_copied_by_gpu": g.bytes_copied_by_gpu,
         "upload_gbps": g.bytes_uploaded as f64 / secs.max(1e-9) / 1e9,
     })
 }

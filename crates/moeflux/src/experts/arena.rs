@@ -33,7 +33,8 @@ impl std::fmt::Debug for Arena {
 
 impl Arena {
     /// Allocates the arena. Pages are only backed by memory once written,
-    /// so resident memory grows as slots are first filled.
+    /// so resident memory grows as slots are first filled — or all at once
+    /// when a GPU imports the arena (`backend::gpu::host_memory` pins it).
     pub fn new(n_slots: usize, slot_bytes: usize) -> Result<Arena, String> {
         let slot_bytes = slot_bytes.div_ceil(SLOT_ALIGN as usize) * SLOT_ALIGN as usize;
         let size = n_slots

@@ -116,6 +116,9 @@ pub struct GpuTierStats {
     pub misses: u64,
     /// Bytes written host → GPU for them.
     pub bytes_uploaded: u64,
+    /// Of those, bytes the GPU copied from imported host memory (see
+    /// `backend::gpu::host_memory`); the rest the CPU wrote.
+    pub bytes_copied_by_gpu: u64,
 }
 
 impl GpuTierStats {
@@ -135,6 +138,8 @@ impl GpuTierStats {
             hits: self.hits - before.hits.min(self.hits),
             misses: self.misses - before.misses.min(self.misses),
             bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded.min(self.bytes_uploaded),
+            bytes_copied_by_gpu: self.bytes_copied_by_gpu
+                - before.bytes_copied_by_gpu.min(self.bytes_copied_by_gpu),
             ..*self
         }
     }

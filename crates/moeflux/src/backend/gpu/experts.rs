@@ -481,23 +481,29 @@ impl GpuExperts {
             }
             Ok(m)
         })();
-        let s = &mut self.slots[slot as usize];
         match result {
             Ok(m) => {
                 self.stats.bytes_uploaded += [&x.gate, &x.up, &x.down]
                     .into_iter()
                     .flat_map(GpuMatrix::array_bytes)
                     .sum::<u64>();
-                s.shapes = Some(m);
+                self.slots[slot as usize].shapes = Some(m);
                 Ok(())
             }
             Err(e) => {
-                // The slot holds nothing usable: forget its owner.
-                if let Some(old) = s.owner.take() {
-                    self.map.remove(&old);
-                }
+                self.forget(slot);
                 Err(e)
             }
+        }
+    }
+
+    /// Marks `slot` as holding no expert (its bytes are not what its owner
+    /// needs): forgets its owner and shapes.
+    fn forget(&mut self, slot: u32) {
+        let s = &mut self.slots[slot as usize];
+        s.shapes = None;
+        if let Some(old) = s.owner.take() {
+            self.map.remove(&old);
         }
     }
 
@@ -514,7 +520,9 @@ impl GpuExperts {
 
     /// Brings `misses` (`(expert, slot)` pairs of `layer`, claimed) from the
     /// host store into their slots: acquires as many as the host arena
-    /// grants, uploads each as its read completes, releases it.
+    /// grants, uploads each as its read completes, and releases it — at
+    /// once after a queue write, after the copy for a copy by the GPU
+    /// ([`GpuExperts::settle`]).
     pub fn upload(
         &mut self,
         gpu: &Gpu,
@@ -526,8 +534,10 @@ impl GpuExperts {
             self.host_tried = true;
             self.host = HostMemory::import(gpu, store.arena());
         }
-        // The previous layer's copies are done by now (its routing was
-        // read back since): their host slots go back to the store first.
+        // Host slots of earlier copies go back to the store first (those of
+        // the previous layer are done by now: its routing was read back
+        // since; a previous wave's or `load_all`'s layer may still be
+        // copying, and is waited for).
         self.settle(gpu, store)?;
         let mut todo: Vec<u32> = misses.iter().map(|m| m.0).collect();
         let slot_of = |e: u32| misses.iter().find(|m| m.0 == e).map_or(0, |m| m.1);
@@ -579,6 +589,7 @@ impl GpuExperts {
                         host,
                         enc,
                         count: 0,
+                        bytes: 0,
                     }),
                     _ => None,
                 };
@@ -589,26 +600,34 @@ impl GpuExperts {
                         break;
                     }
                 }
-                let copied = copies.is_some_and(|c| c.count > 0);
-                if let (Some(enc), true) = (enc, copied) {
+                let copied = copies.as_ref().map_or(0, |c| c.bytes);
+                if let (Some(enc), true) = (enc, copied > 0) {
                     // Lands after all earlier submissions and before the
                     // next, as the queue writes of the other arrays do.
                     match gpu.checked("copying experts", || gpu.queue.submit([enc.finish()])) {
-                        Ok(at) => self.copies_at = Some(at),
+                        Ok(at) => {
+                            self.copies_at = Some(at);
+                            self.stats.bytes_copied_by_gpu += copied;
+                        }
                         Err(err) => {
+                            // The slots were filled only on paper.
+                            for &e in &ready {
+                                self.forget(slot_of(e));
+                            }
                             failed.get_or_insert(err);
                         }
                     }
                 }
                 self.host = host;
                 if let Some(err) = failed {
-                    // No copy may still read the host slots given back.
+                    // No copy may still read the host slots given back;
+                    // the first error is the one to report.
                     let waited = self.settle(gpu, store).and_then(|_| gpu.wait());
                     store.release(layer, &pending);
-                    waited?;
+                    drop(waited);
                     return Err(err.into());
                 }
-                if copied {
+                if copied > 0 {
                     self.in_flight.extend(ready.iter().map(|&e| (layer, e)));
                 } else {
                     store.release(layer, &ready);

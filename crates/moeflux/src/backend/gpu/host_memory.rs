@@ -113,6 +113,12 @@ impl HostMemory {
         }
         let (ptr, len) = arena.region();
         let slot = arena.slot_bytes().max(1);
+        // Imports start and end on the driver's alignment (a page on
+        // NVIDIA and Mesa); slots are page-aligned, so this holds there.
+        let align = import_alignment(gpu)?;
+        if !(ptr as usize).is_multiple_of(align) || !slot.is_multiple_of(align) {
+            return None;
+        }
         let chunk = (CHUNK_BYTES / slot).max(1) * slot;
         let mut chunks = Vec::new();
         for at in (0..len).step_by(chunk) {
@@ -158,13 +164,33 @@ impl Drop for HostMemory {
         // A copy from the arena may still be in flight (its host slot goes
         // back to the store at the next settle, see `GpuExperts`): wait for
         // the GPU, then destroy the imports while the arena is certainly
-        // still allocated. An error here is a lost device, which runs
-        // nothing more.
-        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+        // still allocated.
+        let waited = self.device.poll(wgpu::PollType::wait_indefinitely());
         for (_, _, b) in &self.chunks {
             b.destroy();
         }
+        if waited.is_err() {
+            // A lost device may destroy the imports only later: leak the
+            // arena rather than free memory they still name.
+            std::mem::forget(self._arena.clone());
+        }
     }
+}
+
+/// The alignment an imported host pointer and size need
+/// (`minImportedHostPointerAlignment`); `None` off Vulkan.
+fn import_alignment(gpu: &Gpu) -> Option<usize> {
+    // SAFETY: only reads the physical device's properties.
+    let hal = unsafe { gpu.device.as_hal::<Vulkan>() }?;
+    let instance = hal.shared_instance().raw_instance();
+    let mut host = vk::PhysicalDeviceExternalMemoryHostPropertiesEXT::default();
+    let mut props = vk::PhysicalDeviceProperties2::default().push_next(&mut host);
+    // SAFETY: a live instance and one of its physical devices, which has
+    // the extension (the device was opened with it).
+    unsafe { instance.get_physical_device_properties2(hal.raw_physical_device(), &mut props) };
+    usize::try_from(host.min_imported_host_pointer_alignment)
+        .ok()
+        .filter(|a| a.is_power_of_two())
 }
 
 /// Imports `len` bytes of host memory from `ptr` as a copy-source buffer.
@@ -172,7 +198,7 @@ impl Drop for HostMemory {
 /// # Safety
 /// `ptr .. ptr + len` must stay allocated (and not be unmapped or
 /// remapped) until the returned buffer is destroyed; `ptr` and `len` must
-/// be multiples of the page size.
+/// be multiples of [`import_alignment`].
 unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Buffer> {
     // SAFETY: the hal device is used only to create a buffer and its
     // memory on it, which wgpu then owns (`from_raw_managed`).
@@ -194,9 +220,12 @@ unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Bu
     if r != vk::Result::SUCCESS || props.memory_type_bits == 0 {
         return None;
     }
-    // SAFETY: plain Vulkan object creation on a live device; every object
-    // made here is destroyed on the failure paths below, or handed to wgpu
-    // on success.
+    // SAFETY: plain Vulkan object creation on a live device; the buffer and
+    // memory are destroyed on the failure paths below, or handed to wgpu
+    // (which frees both when the wgpu buffer is destroyed). Were wgpu to
+    // refuse the hal buffer, it would drop it without destroying it: a
+    // leak of the handles and the pin, never a use of freed memory, since
+    // nothing can then copy from it.
     unsafe {
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(HANDLE);
         let info = vk::BufferCreateInfo::default()
@@ -206,6 +235,10 @@ unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Bu
             .push_next(&mut external);
         let buffer = raw.create_buffer(&info, None).ok()?;
         let need = raw.get_buffer_memory_requirements(buffer);
+        if need.size > len as u64 {
+            raw.destroy_buffer(buffer, None);
+            return None;
+        }
         let types = instance.get_physical_device_memory_properties(hal.raw_physical_device());
         let bits = need.memory_type_bits & props.memory_type_bits;
         // Host-coherent memory: the store's reader threads write the slots

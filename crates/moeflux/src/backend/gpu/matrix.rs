@@ -232,6 +232,7 @@ impl GpuMatrix {
                 Some((c, src, at)) => {
                     c.enc.copy_buffer_to_buffer(src, at, buf, off, len);
                     c.count += 1;
+                    c.bytes += len;
                 }
                 None => gpu.write_padded_at(buf, off, a.bytes)?,
             }
@@ -270,11 +271,13 @@ impl GpuMatrix {
 }
 
 /// Copies recorded by [`GpuMatrix::write_at`]: from `host` (the expert
-/// store's imported arena), into `enc`; `count` of them so far.
+/// store's imported arena), into `enc`; `count` of them so far, of
+/// `bytes` in all.
 pub struct Copies<'a> {
     pub host: &'a HostMemory,
     pub enc: &'a mut wgpu::CommandEncoder,
     pub count: usize,
+    pub bytes: u64,
 }
 
 /// The bytes `pick` chooses of each matrix, one after the other; `None` if

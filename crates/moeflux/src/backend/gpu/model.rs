@@ -460,7 +460,13 @@ impl GpuModel {
             &mut arena, model, files, store, kv, pos0, tokens, which, timings,
         );
         self.params = Some(arena);
-        out
+        // Copies still in flight (after the logits' read-back, none are)
+        // give their host slots back to the store, whatever the step's
+        // outcome; its first error is the one to report.
+        let settled = self.experts.settle(&self.gpu, store);
+        let logits = out?;
+        settled?;
+        Ok(logits)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -548,11 +554,7 @@ impl GpuModel {
             self.experts_block(gpu, &mut pass, store, l, n)?;
             lap.charge(&mut t.moe);
         }
-        let logits = self.logits(&mut pass, which, n, &mut lap, t)?;
-        // The logits' read-back waited for every copy: the host slots the
-        // last layers copied from go back to the store.
-        self.experts.settle(gpu, store)?;
-        Ok(logits)
+        self.logits(&mut pass, which, n, &mut lap, t)
     }
 
     /// Records layer `l`'s attention block: norm, projections, q/k norms,
