@@ -156,7 +156,7 @@ impl MemoryPlan {
         };
         let pct = 100.0 * self.slots as f64 / self.input.total_experts.max(1) as f64;
         format!(
-            "{budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts resident)",
+            "{budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts fit in host memory)",
             fmt_bytes(self.input.dense_bytes),
             fmt_bytes(self.input.kv_bytes),
             fmt_bytes(self.input.scratch_bytes),
