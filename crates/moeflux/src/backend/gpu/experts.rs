@@ -376,13 +376,14 @@ impl GpuExperts {
     /// slots to the store. Cheap once the GPU has finished them (a step's
     /// routing read-back and its logits wait for all earlier work).
     pub fn settle(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
-        if let Some(at) = self.copies_at.take() {
+        if let Some(at) = self.copies_at.clone() {
             gpu.device
                 .poll(wgpu::PollType::Wait {
                     submission_index: Some(at),
                     timeout: None,
                 })
                 .map_err(|e| GpuError::Wgpu(format!("waiting for expert copies: {e}")))?;
+            self.copies_at = None;
         }
         self.in_flight.sort_unstable();
         for run in self.in_flight.chunk_by(|a, b| a.0 == b.0) {
