@@ -251,14 +251,22 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     );
     print!("{}", store_report(&decode, gen_s, args.n_gen, args.stats));
     if let Some(g) = gpu_decode {
+        // Who moved the bytes: the GPU's own copies from the imported host
+        // cache, or the CPU through staging memory.
+        let by_gpu = match g.bytes_uploaded {
+            0 => String::new(),
+            b => format!(
+                ", {:.0}% copied by the GPU",
+                100.0 * g.bytes_copied_by_gpu as f64 / b as f64
+            ),
+        };
         println!(
-            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s, {:.0}% copied by the GPU)",
+            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s{by_gpu})",
             g.slots,
             fmt_bytes(g.slot_bytes),
             100.0 * g.hit_rate(),
             fmt_bytes(g.bytes_uploaded / args.n_gen.max(1) as u64),
             g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9,
-            100.0 * g.bytes_copied_by_gpu as f64 / g.bytes_uploaded.max(1) as f64
         );
     }
     if let Some(kernels) = engine.gpu_profile(false) {

@@ -253,8 +253,13 @@ impl Gpu {
         } else {
             "f16 widened with integer operations"
         };
+        let import = if self.host_import {
+            ", host memory import"
+        } else {
+            ""
+        };
         format!(
-            "{} ({:?}, {:?}, driver {} {}; storage bindings up to {} MiB, {sg}, {f16})",
+            "{} ({:?}, {:?}, driver {} {}; storage bindings up to {} MiB, {sg}, {f16}{import})",
             self.info.name,
             self.info.backend,
             self.info.device_type,
