@@ -589,7 +589,6 @@ impl GpuExperts {
                     (Some(host), Some(enc)) => Some(Copies {
                         host,
                         enc,
-                        count: 0,
                         bytes: 0,
                     }),
                     _ => None,
@@ -621,9 +620,10 @@ impl GpuExperts {
                 }
                 self.host = host;
                 if let Some(err) = failed {
-                    // No copy may still read the host slots given back;
-                    // the first error is the one to report.
-                    let waited = self.settle(gpu, store).and_then(|_| gpu.wait());
+                    // No copy may still read the host slots given back
+                    // (those of earlier rounds go back at the next
+                    // settle); the first error is the one to report.
+                    let waited = gpu.wait();
                     store.release(layer, &pending);
                     drop(waited);
                     return Err(err.into());

@@ -15,7 +15,6 @@
 //! extension, an import the driver refuses), experts go through
 //! `write_buffer` as before; the bytes that land are the same.
 
-use std::any::Any;
 use std::ffi::c_void;
 use std::sync::Arc;
 
@@ -81,24 +80,21 @@ pub fn open_device(
 
 /// The expert store's arena as buffers a copy command reads.
 pub struct HostMemory {
-    /// The arena's first byte and length.
-    base: usize,
-    len: usize,
     /// Imported pieces, in order: `(offset in the arena, length, buffer)`.
     /// Together they cover the arena from 0 up to some length (a piece the
     /// driver refuses ends the list; bytes past it are written as before).
     chunks: Vec<(usize, usize, wgpu::Buffer)>,
     /// To wait for copies still in flight before the import goes.
     device: wgpu::Device,
-    /// Keeps the arena allocated while the buffers import it.
-    _arena: Arc<dyn Any + Send + Sync>,
+    /// The arena: kept allocated while the buffers import it.
+    arena: Arc<Arena>,
 }
 
 impl std::fmt::Debug for HostMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let imported: usize = self.chunks.iter().map(|c| c.1).sum();
         f.debug_struct("HostMemory")
-            .field("bytes", &self.len)
+            .field("bytes", &self.arena.region().1)
             .field("imported", &imported)
             .finish()
     }
@@ -124,7 +120,7 @@ impl HostMemory {
         let mut chunks = Vec::new();
         for at in (0..len).step_by(chunk) {
             let n = chunk.min(len - at);
-            // SAFETY: `ptr + at .. + n` lies inside the arena, which `_arena`
+            // SAFETY: `ptr + at .. + n` lies inside the arena, which `arena`
             // keeps allocated for as long as the buffer exists (it is
             // dropped after `chunks`); see `import_range` for the rest.
             match unsafe { import_range(gpu, ptr.wrapping_add(at), n) } {
@@ -136,11 +132,9 @@ impl HostMemory {
             return None;
         }
         Some(HostMemory {
-            base: ptr as usize,
-            len,
             chunks,
             device: gpu.device.clone(),
-            _arena: arena,
+            arena,
         })
     }
 
@@ -148,9 +142,10 @@ impl HostMemory {
     /// in it; `None` when they are not in an imported piece (or straddle
     /// two).
     pub fn locate(&self, bytes: &[u8]) -> Option<(&wgpu::Buffer, u64)> {
-        let start = (bytes.as_ptr() as usize).checked_sub(self.base)?;
+        let (base, len) = self.arena.region();
+        let start = (bytes.as_ptr() as usize).checked_sub(base as usize)?;
         let end = start.checked_add(bytes.len())?;
-        if end > self.len {
+        if end > len {
             return None;
         }
         self.chunks
@@ -173,7 +168,7 @@ impl Drop for HostMemory {
         if waited.is_err() {
             // A lost device may destroy the imports only later: leak the
             // arena rather than free memory they still name.
-            std::mem::forget(self._arena.clone());
+            std::mem::forget(self.arena.clone());
         }
     }
 }

@@ -231,7 +231,6 @@ impl GpuMatrix {
             match from {
                 Some((c, src, at)) => {
                     c.enc.copy_buffer_to_buffer(src, at, buf, off, len);
-                    c.count += 1;
                     c.bytes += len;
                 }
                 None => gpu.write_padded_at(buf, off, a.bytes)?,
@@ -271,12 +270,10 @@ impl GpuMatrix {
 }
 
 /// Copies recorded by [`GpuMatrix::write_at`]: from `host` (the expert
-/// store's imported arena), into `enc`; `count` of them so far, of
-/// `bytes` in all.
+/// store's imported arena), into `enc`; `bytes` copied so far.
 pub struct Copies<'a> {
     pub host: &'a HostMemory,
     pub enc: &'a mut wgpu::CommandEncoder,
-    pub count: usize,
     pub bytes: u64,
 }
 
