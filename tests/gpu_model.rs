@@ -238,6 +238,7 @@ fn output_does_not_depend_on_the_memory_plan() {
         return;
     }
     let tokens = fixture_tokens("qwen3_moe");
+    let copy_queue = std::env::var("MOEFLUX_GPU_COPY_QUEUE").is_ok_and(|v| v == "shared");
     for rel in ["qwen3_moe/gguf/qwen3_moe-Q8_0.gguf", "qwen3_moe/mlx"] {
         let base = open(rel, gpu_opts(KvType::F16));
         let want = bits(&base, &tokens);
@@ -281,6 +282,17 @@ fn output_does_not_depend_on_the_memory_plan() {
             );
             if slots == 1 {
                 assert!(g.misses > g.hits, "{rel}, {name}: {g:?}");
+            }
+            // With a copy queue (CI asks for one on lavapipe's single
+            // queue), decode steps copy the experts the next layer's
+            // router is predicted to pick into slots the step has not
+            // used: here a third of the experts fit, so some are, and
+            // some of those get used — and the bits above did not move.
+            if copy_queue && name == "a third" {
+                assert!(
+                    g.prefetched > 0 && g.prefetch_hits > 0,
+                    "{rel}, {name}: nothing prefetched: {g:?}"
+                );
             }
         }
     }

@@ -260,8 +260,18 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                 100.0 * g.bytes_copied_by_gpu as f64 / b as f64
             ),
         };
+        // Experts copied ahead by the router lookahead, and how many of
+        // them a layer then used.
+        let ahead = match g.prefetched {
+            0 => String::new(),
+            p => format!(
+                "; {} prefetched ahead, {:.0}% used",
+                p,
+                100.0 * g.prefetch_hits as f64 / p as f64
+            ),
+        };
         println!(
-            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s{by_gpu})",
+            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s{by_gpu}){ahead}",
             g.slots,
             fmt_bytes(g.slot_bytes),
             100.0 * g.hit_rate(),
@@ -331,6 +341,8 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
         "hit_rate": g.hit_rate(),
         "bytes_uploaded": g.bytes_uploaded,
         "bytes_copied_by_gpu": g.bytes_copied_by_gpu,
+        "prefetched": g.prefetched,
+        "prefetch_hits": g.prefetch_hits,
         "upload_gbps": g.bytes_uploaded as f64 / secs.max(1e-9) / 1e9,
     })
 }

@@ -51,6 +51,9 @@ pub struct ModelArgs {
     /// Expert prefetch: `off` (read experts when a layer asks for them) or
     /// `lookahead` (apply the next layer's router early and start reading what
     /// it picks; try it on a fast local SSD, it did not win on a slow disk).
+    /// This is about reads from disk into host memory; the GPU backend's
+    /// copies from host memory into VRAM look ahead by themselves where a
+    /// Vulkan device has a copy queue (`MOEFLUX_GPU_PREFETCH=0`: off).
     #[arg(long, value_name = "MODE", default_value = "off", value_parser = ["off", "lookahead"])]
     pub prefetch: String,
 

@@ -110,15 +110,23 @@ pub struct GpuTierStats {
     pub slots: usize,
     /// Bytes of one slot.
     pub slot_bytes: u64,
-    /// Expert uses served from GPU memory.
+    /// Expert uses served by an expert already in GPU memory (not one a
+    /// prefetch brought in for that use).
     pub hits: u64,
-    /// Experts uploaded from the host tier.
+    /// Expert uses whose expert had to come from the host tier: uploaded
+    /// when its layer asked, or prefetched for it (`prefetch_hits`).
+    /// Prefetches no layer used are not counted here.
     pub misses: u64,
     /// Bytes written host → GPU for them.
     pub bytes_uploaded: u64,
     /// Of those, bytes the GPU copied from imported host memory (see
     /// `backend::gpu::host_memory`); the rest the CPU wrote.
     pub bytes_copied_by_gpu: u64,
+    /// Experts copied ahead of their layer, the next layer's router applied
+    /// early (see `backend::gpu::experts`); in `bytes_uploaded`.
+    pub prefetched: u64,
+    /// Of `misses`, those a prefetch had already brought in.
+    pub prefetch_hits: u64,
 }
 
 impl GpuTierStats {
@@ -140,6 +148,8 @@ impl GpuTierStats {
             bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded.min(self.bytes_uploaded),
             bytes_copied_by_gpu: self.bytes_copied_by_gpu
                 - before.bytes_copied_by_gpu.min(self.bytes_copied_by_gpu),
+            prefetched: self.prefetched - before.prefetched.min(self.prefetched),
+            prefetch_hits: self.prefetch_hits - before.prefetch_hits.min(self.prefetch_hits),
             ..*self
         }
     }

@@ -344,6 +344,23 @@ impl ExpertStore {
         }
     }
 
+    /// Pins those of `experts` (of `layer`) whose bytes are in the arena
+    /// already, appending them to `granted`: no read is started and
+    /// nothing is counted (the GPU tier's prefetch copies only what the
+    /// host holds). Release them as [`ExpertStore::acquire`]'s.
+    pub fn acquire_resident(&mut self, layer: usize, experts: &[u32], granted: &mut Vec<u32>) {
+        for &e in experts {
+            let Some(slot) = self.cache.lookup(layer, e as usize) else {
+                continue;
+            };
+            if self.states.get(slot) == READY {
+                self.cache.pins[slot as usize] += 1;
+                self.cache.touch(slot);
+                granted.push(e);
+            }
+        }
+    }
+
     /// Whether an acquired expert's bytes have arrived (an error if its
     /// read failed).
     pub fn ready(&self, layer: usize, expert: u32) -> Result<bool, StoreError> {

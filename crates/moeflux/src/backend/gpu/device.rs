@@ -8,7 +8,7 @@
 
 use std::future::Future;
 use std::pin::pin;
-use std::sync::{mpsc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use super::GpuError;
@@ -93,6 +93,19 @@ pub struct Gpu {
     /// GPU from the host store's slots by the GPU itself (see
     /// [`super::host_memory`]).
     pub host_import: bool,
+    /// The queue the GPU tier's prefetches are copied on, when the device
+    /// was opened with one (see [`super::copy_queue`]).
+    pub copy_family: Option<super::copy_queue::CopyFamily>,
+    /// That queue (its submissions go through [`Gpu::submit_copies`]).
+    pub copy: Option<Arc<Mutex<super::copy_queue::CopyQueue>>>,
+    /// Held around every submission (see [`Gpu::submit`]).
+    submit_lock: Mutex<()>,
+}
+
+/// Locks `m`, through a poisoning (the data guarded here stays consistent:
+/// counters and handles).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Counts one dispatch may use (attention: one per query and head; calls
@@ -140,7 +153,6 @@ impl Gpu {
     /// The process's shared device, opened on first use ([`Gpu::new`]):
     /// engines and tests share one device and its compiled pipelines.
     pub fn shared() -> Result<std::sync::Arc<Gpu>, GpuError> {
-        use std::sync::{Arc, OnceLock};
         // GpuError is not Clone: keep whether there was no adapter at all
         // and the message of any other failure.
         static SHARED: OnceLock<Result<Arc<Gpu>, Option<String>>> = OnceLock::new();
@@ -182,11 +194,15 @@ impl Gpu {
             trace: wgpu::Trace::Off,
         };
         let opened = match super::host_memory::open_device(&adapter, &desc) {
-            Some(d) => Ok((d, true)),
-            None => block_on(adapter.request_device(&desc)).map(|d| (d, false)),
+            Some((d, q, copy)) => Ok(((d, q), true, copy)),
+            None => block_on(adapter.request_device(&desc)).map(|d| (d, false, None)),
         };
-        let ((device, queue), host_import) =
+        let ((device, queue), host_import, copy_family) =
             opened.map_err(|e| GpuError::RequestDevice(format!("{}: {e}", info.name)))?;
+        let copy = copy_family
+            .and_then(|f| super::copy_queue::CopyQueue::new(&device, f))
+            .map(|q| Arc::new(Mutex::new(q)));
+        let copy_family = copy_family.filter(|_| copy.is_some());
         let has_subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let limits = GpuLimits {
             max_binding: required_limits.max_storage_buffer_binding_size,
@@ -224,6 +240,9 @@ impl Gpu {
             device_scope_barrier,
             arrival_counts,
             host_import,
+            copy_family,
+            copy,
+            submit_lock: Mutex::new(()),
             device,
             queue,
         })
@@ -253,10 +272,15 @@ impl Gpu {
         } else {
             "f16 widened with integer operations"
         };
-        let import = if self.host_import {
-            ", host memory import"
-        } else {
-            ""
+        let import = match (self.host_import, self.copy_family) {
+            (true, Some(super::copy_queue::CopyFamily::Transfer(f))) => {
+                format!(", host memory import, copy queue (family {f})")
+            }
+            (true, Some(super::copy_queue::CopyFamily::Shared)) => {
+                ", host memory import, copy queue (shared)".to_string()
+            }
+            (true, None) => ", host memory import".to_string(),
+            (false, _) => String::new(),
         };
         format!(
             "{} ({:?}, {:?}, driver {} {}; storage bindings up to {} MiB, {sg}, {f16}{import})",
@@ -283,6 +307,41 @@ impl Gpu {
             (None, Some(e)) => Err(GpuError::OutOfMemory(format!("{what}: {e}"))),
             (None, None) => Ok(out),
         }
+    }
+
+    /// Submits `commands` on wgpu's queue, after the copy queue's copies up
+    /// to `after` (0: none; see [`super::copy_queue`]). Every submission of
+    /// the engine goes through here, under one lock: a wait staged for one
+    /// submission must not be taken by another thread's (engines share the
+    /// device), and in the copy queue's shared mode its submissions go to
+    /// the same Vulkan queue.
+    pub fn submit(
+        &self,
+        what: &str,
+        commands: Vec<wgpu::CommandBuffer>,
+        after: u64,
+    ) -> Result<wgpu::SubmissionIndex, GpuError> {
+        let _held = lock(&self.submit_lock);
+        let copy = self.copy.as_deref().filter(|_| after > 0);
+        if let Some(c) = copy {
+            lock(c).stage(&self.queue, after)?;
+        }
+        let out = self.checked(what, || self.queue.submit(commands));
+        if let Some(c) = copy {
+            lock(c).unstage(&self.queue, out.is_ok());
+        }
+        out
+    }
+
+    /// Submits copies on the copy queue; returns the value its semaphore
+    /// reaches when they are done. The buffers must live until then.
+    pub fn submit_copies(&self, regions: &[super::copy_queue::Region]) -> Result<u64, GpuError> {
+        let _held = lock(&self.submit_lock);
+        let c = self
+            .copy
+            .as_deref()
+            .ok_or_else(|| GpuError::Wgpu("the device has no copy queue".into()))?;
+        lock(c).submit(regions)
     }
 
     /// Waits until all submitted work is done.
@@ -407,7 +466,7 @@ impl Gpu {
         self.checked("readback copy", || {
             enc.copy_buffer_to_buffer(buf, 0, &staging, 0, 4 * len as u64);
         })?;
-        self.queue.submit([enc.finish()]);
+        self.submit("readback", vec![enc.finish()], 0)?;
         self.map_f32(&staging, len)
     }
 

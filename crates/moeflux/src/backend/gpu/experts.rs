@@ -24,10 +24,24 @@
 //! before the *next* submission, so a slot read by recorded but not yet
 //! submitted dispatches must not be rewritten. A wave pins its slots, its
 //! dispatches are submitted, and only then may the next wave evict them.
+//!
+//! Prefetch ([`GpuExperts::prefetch`], where the device has a
+//! [`CopyQueue`]): during a streamed decode step the model guesses the
+//! next layer's experts and has them copied on the copy queue while the
+//! GPU computes. That queue is not ordered with wgpu's, so two rules
+//! replace queue order: a prefetch only fills slots no work of the current
+//! step has used (every earlier step's work is finished: its logits were
+//! read back), and never a slot whose earlier prefetch is still in flight;
+//! a wave that uses a prefetched slot makes its submission wait for the
+//! copy's semaphore value ([`GpuExperts::take_after`]), and so does the
+//! submission of copies into a slot a prefetch filled before.
 
 use std::collections::HashMap;
 
-use super::device::Gpu;
+use std::sync::{Arc, Mutex};
+
+use super::copy_queue::{self, CopyQueue};
+use super::device::{lock, Gpu};
 use super::host_memory::HostMemory;
 use super::matrix::{Copies, GpuMatrix, MatShape, MAX_PART_BYTES};
 use super::GpuError;
@@ -47,6 +61,11 @@ struct Slot {
     pinned: bool,
     /// Gate, up and down while an expert is loaded.
     shapes: Option<[MatShape; 3]>,
+    /// The copy queue's semaphore value at which a prefetch into this slot
+    /// lands (0: none was made since the slot was claimed).
+    ready_at: u64,
+    /// Filled by a prefetch and not used since.
+    prefetched: bool,
 }
 
 /// Where a slot's bytes are.
@@ -70,6 +89,9 @@ pub struct GpuExperts {
     stride: u64,
     per_pool: usize,
     pools: Vec<wgpu::Buffer>,
+    /// Whether the pools were made for the copy queue too
+    /// ([`copy_queue::shared_storage`]): only then may it write them.
+    shared_pools: bool,
     slots: Vec<Slot>,
     map: HashMap<(u32, u32), u32>,
     /// When every expert has a slot: the first slot of each layer.
@@ -91,6 +113,41 @@ pub struct GpuExperts {
     /// copies.
     in_flight: Vec<(usize, u32)>,
     copies_at: Option<wgpu::SubmissionIndex>,
+    /// The device's second queue prefetches are copied on ([`CopyQueue`]),
+    /// taken at the first upload where the host arena is imported and the
+    /// pools were made for it.
+    copy_queue: Option<Arc<Mutex<CopyQueue>>>,
+    /// The copy queue's progress as last read (slots whose prefetch lands
+    /// later are not evicted).
+    copy_done: u64,
+    /// The value of this arena's last prefetch.
+    copy_last: u64,
+    /// Prefetched experts `(value, layer, expert)` whose host slots stay
+    /// acquired until the copy queue passes `value`.
+    prefetch_in_flight: Vec<(u64, usize, u32)>,
+    /// The copy-queue value the next submission must wait for: the
+    /// largest `ready_at` of the prefetched slots a wave uses or refills.
+    after: u64,
+    /// Prefetches `(step, layer, expert, slot)` whose layer has not been
+    /// computed yet: once it is, those it did not use are made the first
+    /// to evict, so a wrong guess costs the cache one slot only until the
+    /// next eviction (measured: the VRAM hit rate fell 53 → 50 % without).
+    ahead: Vec<(u64, usize, u32, u32)>,
+}
+
+impl Drop for GpuExperts {
+    fn drop(&mut self) {
+        // The copy queue writes the pools and reads the host arena behind
+        // wgpu's back: both must outlive its copies.
+        if let Some(q) = &self.copy_queue {
+            if lock(q).wait(self.copy_last).is_err() {
+                // A lost device: leak the pools and the host arena rather
+                // than free memory a copy may still name.
+                std::mem::forget(std::mem::take(&mut self.pools));
+                std::mem::forget(self.host.take());
+            }
+        }
+    }
 }
 
 /// How many slots to make.
@@ -177,10 +234,31 @@ impl GpuExperts {
             per_pool = per_pool / e0 * e0;
         }
         let n_pools = want.div_ceil(per_pool);
+        // Pools for the copy queue too only where experts will stream:
+        // fewer slots asked for than experts, or more expert bytes than
+        // the device has VRAM (as many slots as allocate are taken then).
+        // A resident model keeps wgpu's own buffers.
+        let vram = gpu
+            .copy
+            .as_ref()
+            .and_then(|_| copy_queue::vram_bytes(&gpu.device));
+        let streams =
+            want < total || vram.is_some_and(|v| (total as u64).saturating_mul(stride) > v);
+        let shared = match &gpu.copy {
+            Some(c) if streams => Some(lock(c).families().to_vec()),
+            _ => None,
+        };
         let mut pools = Vec::with_capacity(n_pools.min(1 << 16));
         for i in 0..n_pools {
             let slots = per_pool.min(want - i * per_pool);
-            match gpu.storage("expert pool", &[], slots as u64 * stride) {
+            let bytes = slots as u64 * stride;
+            // With a copy queue and experts to stream, pools both queues
+            // use (and that wgpu never zero-fills behind the copies).
+            let pool = match &shared {
+                Some(families) => copy_queue::shared_storage(gpu, "expert pool", bytes, families),
+                None => gpu.storage("expert pool", &[], bytes),
+            };
+            match pool {
                 Ok(b) => pools.push(b),
                 Err(e @ GpuError::OutOfMemory(_)) if matches!(count, SlotCount::UpTo(_)) => {
                     if i == 0 {
@@ -199,6 +277,8 @@ impl GpuExperts {
                 last_used: 0,
                 pinned: false,
                 shapes: None,
+                ready_at: 0,
+                prefetched: false,
             })
             .collect();
         let fixed = (n_slots >= total).then(|| {
@@ -223,6 +303,7 @@ impl GpuExperts {
                 ..Default::default()
             },
             pools,
+            shared_pools: shared.is_some(),
             slots,
             map: HashMap::new(),
             whole_layers: whole_layers && n_slots >= total,
@@ -233,6 +314,12 @@ impl GpuExperts {
             host_tried: false,
             in_flight: Vec::new(),
             copies_at: None,
+            copy_queue: None,
+            copy_done: 0,
+            copy_last: 0,
+            prefetch_in_flight: Vec::new(),
+            after: 0,
+            ahead: Vec::new(),
         })
     }
 
@@ -286,7 +373,7 @@ impl GpuExperts {
             }
             self.upload(gpu, store, l, &misses)?;
             self.unpin_all();
-            gpu.queue.submit([]);
+            gpu.submit("uploading experts", Vec::new(), 0)?;
             if l % 8 == 7 {
                 gpu.wait()?;
             }
@@ -372,10 +459,46 @@ impl GpuExperts {
         self.slots.iter_mut().for_each(|s| s.pinned = false);
     }
 
-    /// Waits for the experts' copies in flight, then releases their host
-    /// slots to the store. Cheap once the GPU has finished them (a step's
-    /// routing read-back and its logits wait for all earlier work).
+    /// Waits for the experts' copies in flight, prefetches included, then
+    /// releases their host slots to the store. Cheap once the GPU has
+    /// finished them (a step's logits wait for all earlier work on wgpu's
+    /// queue; prefetches are for the step's own layers).
     pub fn settle(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
+        if let Some(q) = &self.copy_queue {
+            lock(q).wait(self.copy_last)?;
+            self.copy_done = self.copy_done.max(self.copy_last);
+        }
+        self.release_prefetched(store);
+        self.settle_copies(gpu, store)
+    }
+
+    /// Gives the host slots of prefetches the copy queue has finished
+    /// (as of `copy_done`) back to the store.
+    fn release_prefetched(&mut self, store: &mut ExpertStore) {
+        let done = self.copy_done;
+        let mut finished: Vec<(usize, u32)> = Vec::new();
+        self.prefetch_in_flight.retain(|&(v, l, e)| {
+            let over = v <= done;
+            if over {
+                finished.push((l, e));
+            }
+            !over
+        });
+        finished.sort_unstable();
+        for run in finished.chunk_by(|a, b| a.0 == b.0) {
+            let experts: Vec<u32> = run.iter().map(|x| x.1).collect();
+            store.release(run[0].0, &experts);
+        }
+    }
+
+    /// [`GpuExperts::settle`] for the copies on wgpu's queue only (waited
+    /// for); prefetches the copy queue has finished give their host slots
+    /// back too, the others are not waited for.
+    fn settle_copies(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
+        if let Some(q) = &self.copy_queue {
+            self.copy_done = lock(q).done()?;
+            self.release_prefetched(store);
+        }
         if let Some(at) = self.copies_at.clone() {
             gpu.device
                 .poll(wgpu::PollType::Wait {
@@ -405,28 +528,82 @@ impl GpuExperts {
         let s = &mut self.slots[slot as usize];
         s.pinned = true;
         s.last_used = self.clock;
-        self.stats.hits += 1;
+        if s.prefetched {
+            // A miss the prefetch brought in ahead of time.
+            s.prefetched = false;
+            self.stats.misses += 1;
+            self.stats.prefetch_hits += 1;
+        } else {
+            self.stats.hits += 1;
+        }
+        // Even a copy known done: the wait makes its writes visible to
+        // wgpu's queue (staged once per value, see `CopyQueue::stage`).
+        self.after = self.after.max(s.ready_at);
         Some(slot)
+    }
+
+    /// The copy-queue value the next submission must wait for (0: none):
+    /// that of the prefetches filling the slots hit or claimed since the
+    /// last call. [`GpuExperts::upload`] passes it to its copies'
+    /// submission; what is left goes to the pass that reads the slots
+    /// ([`super::pass::Pass::after_copies`]).
+    pub fn take_after(&mut self) -> u64 {
+        std::mem::take(&mut self.after)
+    }
+
+    /// Whether [`GpuExperts::prefetch`] can copy anything: the device has
+    /// a copy queue and the host arena is imported (both are set up at the
+    /// first upload).
+    pub fn can_prefetch(&self) -> bool {
+        self.copy_queue.is_some() && self.host.is_some()
     }
 
     /// A slot for a missing expert: its own when every expert has one,
     /// else a free one, else the least recently used unpinned one
-    /// (evicted); pinned. `None` when every slot is pinned by this wave.
-    /// The caller must [`GpuExperts::fill`] it before submitting.
+    /// (evicted); pinned; never one a prefetch is still filling (if those
+    /// are all that is left, their copies are waited for). `None` when
+    /// every slot is pinned by this wave (or that wait failed). The caller
+    /// must [`GpuExperts::fill`] it before submitting.
     pub fn claim(&mut self, layer: usize, expert: u32) -> Option<u32> {
+        let slot = match self.take_slot(layer, expert, false) {
+            Some(s) => Some(s),
+            // Every other slot may be waiting for a prefetch: wait for them.
+            None => match &self.copy_queue {
+                Some(q) if self.copy_last > self.copy_done => {
+                    // A failed wait leaves the slots to their prefetches.
+                    lock(q).wait(self.copy_last).ok()?;
+                    self.copy_done = self.copy_last;
+                    self.take_slot(layer, expert, false)
+                }
+                _ => None,
+            },
+        }?;
+        self.stats.misses += 1;
+        Some(slot)
+    }
+
+    /// A slot for `expert` of `layer` (see [`GpuExperts::claim`]), taken
+    /// from its owner; with `idle`, only a slot this step's work has not
+    /// used (`last_used` before this step), so that nothing submitted and
+    /// unfinished reads it (earlier steps' work is done: their logits were
+    /// read back). Never a slot a prefetch is still filling.
+    fn take_slot(&mut self, layer: usize, expert: u32, idle: bool) -> Option<u32> {
+        let (clock, done) = (self.clock, self.copy_done);
         let own = self
             .fixed
             .as_ref()
             .and_then(|f| f.get(layer))
             .map(|&first| first + expert)
             .filter(|&s| (s as usize) < self.slots.len());
+        let usable = |s: &Slot| !s.pinned && s.ready_at <= done && (!idle || s.last_used < clock);
         let slot = match own {
-            Some(s) => s,
+            Some(s) if !idle || usable(&self.slots[s as usize]) => s,
+            Some(_) => return None,
             None => self
                 .slots
                 .iter()
                 .enumerate()
-                .filter(|(_, s)| !s.pinned)
+                .filter(|(_, s)| usable(s))
                 .min_by_key(|(_, s)| (s.owner.is_some(), s.last_used))
                 .map(|(i, _)| i as u32)?,
         };
@@ -434,12 +611,17 @@ impl GpuExperts {
         if let Some(old) = s.owner.take() {
             self.map.remove(&old);
         }
+        if !idle {
+            // Refilled on wgpu's queue after the copy queue wrote it.
+            self.after = self.after.max(s.ready_at);
+        }
         s.shapes = None;
         s.pinned = true;
-        s.last_used = self.clock;
+        s.last_used = clock;
+        s.ready_at = 0;
+        s.prefetched = false;
         s.owner = Some((layer as u32, expert));
         self.map.insert((layer as u32, expert), slot);
-        self.stats.misses += 1;
         Some(slot)
     }
 
@@ -519,6 +701,120 @@ impl GpuExperts {
             })
     }
 
+    /// Copies experts of `layer` that its router is predicted to pick
+    /// (`experts`, the next layer's router applied early) into GPU slots
+    /// ahead of their use, on the copy queue, while the GPU computes the
+    /// current layer. Only experts the host store already holds (no read is
+    /// started, and the host cache counts nothing), only into slots no
+    /// work of this step used (so nothing submitted still reads them), and
+    /// never more than there are such slots. A slot filled so is a miss
+    /// when it is used ([`GpuExperts::hit`] counts it, and makes the
+    /// compute wait for its copy); one evicted unused was wasted. Does
+    /// nothing without a copy queue ([`GpuExperts::can_prefetch`]).
+    pub fn prefetch(
+        &mut self,
+        gpu: &Gpu,
+        store: &mut ExpertStore,
+        layer: usize,
+        experts: &[u32],
+    ) -> Result<(), crate::Error> {
+        let Some(q) = &self.copy_queue else {
+            return Ok(());
+        };
+        self.copy_done = lock(q).done()?;
+        self.release_prefetched(store);
+        // Earlier layers' guesses are settled (their layers computed): the
+        // unused ones go to the front of the eviction order.
+        let (clock, mut ahead) = (self.clock, std::mem::take(&mut self.ahead));
+        ahead.retain(|&(step, l, e, slot)| {
+            if step == clock && l >= layer {
+                return true;
+            }
+            let s = &mut self.slots[slot as usize];
+            if s.prefetched && s.owner == Some((l as u32, e)) {
+                s.last_used = 0;
+            }
+            false
+        });
+        self.ahead = ahead;
+        let mut todo: Vec<u32> = Vec::with_capacity(experts.len());
+        for &e in experts {
+            if !self.map.contains_key(&(layer as u32, e)) && !todo.contains(&e) {
+                todo.push(e);
+            }
+        }
+        let mut granted = Vec::new();
+        store.acquire_resident(layer, &todo, &mut granted);
+        let Some(host) = self.host.take() else {
+            store.release(layer, &granted);
+            return Ok(());
+        };
+        let mut copies = Copies {
+            host: &host,
+            regions: Vec::new(),
+        };
+        let mut filled: Vec<(u32, u32)> = Vec::new();
+        let mut failed = None;
+        for &e in &granted {
+            let Some(slot) = self.take_slot(layer, e, true) else {
+                break;
+            };
+            // Not part of a wave: later waves may evict it (they wait for
+            // its copy first, see `take_slot`).
+            self.slots[slot as usize].pinned = false;
+            let view = store.view(layer, e);
+            if let Err(err) = self.fill_via(gpu, slot, &view, Some(&mut copies)) {
+                failed = Some(err);
+                break;
+            }
+            filled.push((e, slot));
+        }
+        let regions = std::mem::take(&mut copies.regions);
+        drop(copies);
+        self.host = Some(host);
+        let mut value = 0;
+        if failed.is_none() && !regions.is_empty() {
+            // The regions' buffers (pools, imports) live as long as the
+            // arena, whose `Drop` waits for the copy queue.
+            match gpu.submit_copies(&regions) {
+                Ok(v) => {
+                    value = v;
+                    self.copy_last = v;
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if let Some(err) = failed {
+            // Nothing was submitted: the slots hold nothing usable.
+            for &(_, slot) in &filled {
+                self.forget(slot);
+            }
+            store.release(layer, &granted);
+            return Err(err.into());
+        }
+        self.stats.bytes_copied_by_gpu += regions.iter().map(|r| r.len).sum::<u64>();
+        for &(e, slot) in &filled {
+            let s = &mut self.slots[slot as usize];
+            s.ready_at = value;
+            s.prefetched = true;
+            self.stats.prefetched += 1;
+            self.ahead.push((self.clock, layer, e, slot));
+            if value > 0 {
+                self.prefetch_in_flight.push((value, layer, e));
+            }
+        }
+        // Host slots not copied from (no GPU slot, or written by the queue
+        // at once) go back now.
+        let keep: Vec<u32> = if value > 0 {
+            filled.iter().map(|f| f.0).collect()
+        } else {
+            Vec::new()
+        };
+        let back: Vec<u32> = granted.into_iter().filter(|e| !keep.contains(e)).collect();
+        store.release(layer, &back);
+        Ok(())
+    }
+
     /// Brings `misses` (`(expert, slot)` pairs of `layer`, claimed) from the
     /// host store into their slots: acquires as many as the host arena
     /// grants, uploads each as its read completes, and releases it — at
@@ -534,12 +830,15 @@ impl GpuExperts {
         if !self.host_tried {
             self.host_tried = true;
             self.host = HostMemory::import(gpu, store.arena());
+            if self.host.is_some() && self.shared_pools {
+                self.copy_queue = gpu.copy.clone();
+            }
         }
         // Host slots of earlier copies go back to the store first (those of
         // the previous layer are done by now: its routing was read back
         // since; a previous wave's or `load_all`'s layer may still be
-        // copying, and is waited for).
-        self.settle(gpu, store)?;
+        // copying, and is waited for; prefetches are not).
+        self.settle_copies(gpu, store)?;
         let mut todo: Vec<u32> = misses.iter().map(|m| m.0).collect();
         let slot_of = |e: u32| misses.iter().find(|m| m.0 == e).map_or(0, |m| m.1);
         let mut granted = Vec::new();
@@ -547,7 +846,9 @@ impl GpuExperts {
         while !todo.is_empty() {
             granted.clear();
             store.acquire(layer, &todo, &mut granted)?;
-            if granted.is_empty() && !self.in_flight.is_empty() {
+            if granted.is_empty()
+                && !(self.in_flight.is_empty() && self.prefetch_in_flight.is_empty())
+            {
                 // Every free host slot holds a copy in flight.
                 self.settle(gpu, store)?;
                 store.acquire(layer, &todo, &mut granted)?;
@@ -579,20 +880,10 @@ impl GpuExperts {
                 // Experts in imported host memory: copied by the GPU; their
                 // host slots are released once the copies are done.
                 let host = self.host.take();
-                let mut enc = host.as_ref().map(|_| {
-                    gpu.device
-                        .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                            label: Some("expert copies"),
-                        })
+                let mut copies = host.as_ref().map(|host| Copies {
+                    host,
+                    regions: Vec::new(),
                 });
-                let mut copies = match (&host, enc.as_mut()) {
-                    (Some(host), Some(enc)) => Some(Copies {
-                        host,
-                        enc,
-                        bytes: 0,
-                    }),
-                    _ => None,
-                };
                 for &e in &ready {
                     let view = store.view(layer, e);
                     if let Err(err) = self.fill_via(gpu, slot_of(e), &view, copies.as_mut()) {
@@ -600,11 +891,24 @@ impl GpuExperts {
                         break;
                     }
                 }
-                let copied = copies.as_ref().map_or(0, |c| c.bytes);
-                if let (Some(enc), true) = (enc, copied > 0) {
+                let copied = copies.as_ref().map_or(0, Copies::bytes);
+                if let (Some(copies), true) = (copies, copied > 0) {
                     // Lands after all earlier submissions and before the
                     // next, as the queue writes of the other arrays do.
-                    match gpu.checked("copying experts", || gpu.queue.submit([enc.finish()])) {
+                    let after = self.take_after();
+                    let submit = || {
+                        let mut enc =
+                            gpu.device
+                                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                                    label: Some("expert copies"),
+                                });
+                        for r in &copies.regions {
+                            enc.copy_buffer_to_buffer(&r.src, r.src_at, &r.dst, r.dst_at, r.len);
+                        }
+                        // After the prefetches of slots this refills.
+                        gpu.submit("copying experts", vec![enc.finish()], after)
+                    };
+                    match submit() {
                         Ok(at) => {
                             self.copies_at = Some(at);
                             self.stats.bytes_copied_by_gpu += copied;

@@ -21,6 +21,8 @@ use std::sync::Arc;
 use wgpu::hal::api::Vulkan;
 use wgpu::hal::vulkan as hv;
 
+use super::copy_queue::{self, CopyFamily};
+use super::device::lock;
 use super::device::Gpu;
 use crate::experts::arena::Arena;
 
@@ -36,15 +38,19 @@ const HANDLE: vk::ExternalMemoryHandleTypeFlags =
 /// driver limit on one import is unlikely to bite.
 const CHUNK_BYTES: usize = 1 << 30;
 
+/// Queue priorities of the copy queue's family (one queue).
+static COPY_PRIORITY: [f32; 1] = [1.0];
+
 /// Opens a device on `adapter` as `request_device` would, with
 /// `VK_EXT_external_memory_host` enabled besides, when the adapter is a
-/// Vulkan one that has it. `None` otherwise, or when opening it that way
-/// fails (the caller then opens it the usual way). `MOEFLUX_GPU_HOST_IMPORT=0`
-/// turns it off.
+/// Vulkan one that has it, and with a queue of a transfer-only family for
+/// [`copy_queue`] where [`copy_queue::choose_family`] picks one (returned).
+/// `None` otherwise, or when opening it that way fails (the caller then
+/// opens it the usual way). `MOEFLUX_GPU_HOST_IMPORT=0` turns it off.
 pub fn open_device(
     adapter: &wgpu::Adapter,
     desc: &wgpu::DeviceDescriptor<'_>,
-) -> Option<(wgpu::Device, wgpu::Queue)> {
+) -> Option<(wgpu::Device, wgpu::Queue, Option<CopyFamily>)> {
     if std::env::var("MOEFLUX_GPU_HOST_IMPORT").is_ok_and(|v| v == "0") {
         return None;
     }
@@ -57,25 +63,50 @@ pub fn open_device(
     {
         return None;
     }
-    let add: Box<hv::CreateDeviceCallback<'_>> = Box::new(|args| {
-        args.extensions.push(EXTENSION);
+    let instance = hal.shared_instance();
+    let copy = copy_queue::choose_family(
+        instance.raw_instance(),
+        instance.instance_api_version(),
+        hal.raw_physical_device(),
+    );
+    // With the copy queue's family, or (if the driver refuses that) without.
+    let tries = if copy.is_some() {
+        vec![copy, None]
+    } else {
+        vec![None]
+    };
+    let open = tries.into_iter().find_map(|copy| {
+        let add: Box<hv::CreateDeviceCallback<'_>> = Box::new(move |args| {
+            args.extensions.push(EXTENSION);
+            if let Some(CopyFamily::Transfer(f)) = copy {
+                args.queue_create_infos.push(
+                    vk::DeviceQueueCreateInfo::default()
+                        .queue_family_index(f)
+                        .queue_priorities(&COPY_PRIORITY),
+                );
+            }
+        });
+        // SAFETY: the callback only adds an extension the physical device
+        // supports (checked above) and a queue of a family it has (found
+        // by `choose_family`, another than wgpu's); features and limits
+        // are those wgpu's own `request_device` would ask for, from the
+        // same descriptor.
+        let open = unsafe {
+            hal.open_with_callback(
+                desc.required_features,
+                &desc.required_limits,
+                &desc.memory_hints,
+                Some(add),
+            )
+        };
+        open.ok().map(|o| (o, copy))
     });
-    // SAFETY: the callback only adds an extension the physical device
-    // supports (checked above); features and limits are those wgpu's own
-    // `request_device` would ask for, from the same descriptor.
-    let open = unsafe {
-        hal.open_with_callback(
-            desc.required_features,
-            &desc.required_limits,
-            &desc.memory_hints,
-            Some(add),
-        )
-    }
-    .ok()?;
+    let (open, copy) = open?;
     drop(hal);
     // SAFETY: `open` was made from this adapter's hal adapter, with the
     // descriptor's features.
-    unsafe { adapter.create_device_from_hal(open, desc) }.ok()
+    let (device, queue) = unsafe { adapter.create_device_from_hal(open, desc) }.ok()?;
+    Some((device, queue, copy))
 }
 
 /// The expert store's arena as buffers a copy command reads.
@@ -160,7 +191,8 @@ impl Drop for HostMemory {
         // A copy from the arena may still be in flight (its host slot goes
         // back to the store at the next settle, see `GpuExperts`): wait for
         // the GPU, then destroy the imports while the arena is certainly
-        // still allocated.
+        // still allocated. (This waits for wgpu's queue only; copies on the
+        // copy queue were waited for by the arena that made them.)
         let waited = self.device.poll(wgpu::PollType::wait_indefinitely());
         for (_, _, b) in &self.chunks {
             b.destroy();
@@ -224,11 +256,21 @@ unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Bu
     // nothing can then copy from it.
     unsafe {
         let mut external = vk::ExternalMemoryBufferCreateInfo::default().handle_types(HANDLE);
+        // The copy queue reads it too (another family: concurrent).
+        let families = match &gpu.copy {
+            Some(c) => lock(c).families().to_vec(),
+            None => Vec::new(),
+        };
         let info = vk::BufferCreateInfo::default()
             .size(len as u64)
-            .usage(vk::BufferUsageFlags::TRANSFER_SRC)
-            .sharing_mode(vk::SharingMode::EXCLUSIVE)
-            .push_next(&mut external);
+            .usage(vk::BufferUsageFlags::TRANSFER_SRC);
+        let info = if families.len() > 1 {
+            info.sharing_mode(vk::SharingMode::CONCURRENT)
+                .queue_family_indices(&families)
+        } else {
+            info.sharing_mode(vk::SharingMode::EXCLUSIVE)
+        };
+        let info = info.push_next(&mut external);
         let buffer = raw.create_buffer(&info, None).ok()?;
         let need = raw.get_buffer_memory_requirements(buffer);
         if need.size > len as u64 {

@@ -1,6 +1,7 @@
 //! Weight matrices resident on the GPU, split by rows into parts that each
 //! fit one storage binding.
 
+use super::copy_queue::Region;
 use super::device::Gpu;
 use super::host_memory::HostMemory;
 use super::kernels::WeightKind;
@@ -179,8 +180,9 @@ impl GpuMatrix {
     /// the caller's slot pinning guarantees it.
     ///
     /// With `copies`, arrays that lie in imported host memory are copied by
-    /// the GPU instead, by commands recorded into `copies.enc` (which the
-    /// caller submits, and waits for before the host bytes may change).
+    /// the GPU instead: the copies are added to `copies.regions`, which the
+    /// caller submits (on wgpu's queue or the copy queue) and waits for
+    /// before the host bytes may change.
     pub fn write_at(
         gpu: &Gpu,
         m: &Matrix<'_>,
@@ -229,10 +231,13 @@ impl GpuMatrix {
                 (len.is_multiple_of(4) && at.is_multiple_of(4)).then_some((c, src, at))
             });
             match from {
-                Some((c, src, at)) => {
-                    c.enc.copy_buffer_to_buffer(src, at, buf, off, len);
-                    c.bytes += len;
-                }
+                Some((c, src, at)) => c.regions.push(Region {
+                    src: src.clone(),
+                    src_at: at,
+                    dst: buf.clone(),
+                    dst_at: off,
+                    len,
+                }),
                 None => gpu.write_padded_at(buf, off, a.bytes)?,
             }
         }
@@ -269,12 +274,18 @@ impl GpuMatrix {
     }
 }
 
-/// Copies recorded by [`GpuMatrix::write_at`]: from `host` (the expert
-/// store's imported arena), into `enc`; `bytes` copied so far.
+/// Copies collected by [`GpuMatrix::write_at`] from `host` (the expert
+/// store's imported arena), for the caller to record on a queue.
 pub struct Copies<'a> {
     pub host: &'a HostMemory,
-    pub enc: &'a mut wgpu::CommandEncoder,
-    pub bytes: u64,
+    pub regions: Vec<Region>,
+}
+
+impl Copies<'_> {
+    /// Bytes the regions copy.
+    pub fn bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.len).sum()
+    }
 }
 
 /// The bytes `pick` chooses of each matrix, one after the other; `None` if

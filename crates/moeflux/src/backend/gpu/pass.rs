@@ -96,6 +96,9 @@ pub struct Pass<'g> {
     last_group_finishes: bool,
     items: Vec<Dispatch>,
     arena: Option<&'g mut ParamArena>,
+    /// The copy-queue value the next submission waits for (see
+    /// [`Pass::after_copies`]).
+    after: u64,
 }
 
 /// Shape of a decode-attention call.
@@ -344,7 +347,15 @@ impl<'g> Pass<'g> {
             last_group_finishes: gpu.device_scope_barrier,
             items: Vec::new(),
             arena: None,
+            after: 0,
         }
+    }
+
+    /// Makes the next submission wait for the copy queue's copies up to
+    /// `value` (experts prefetched into slots it reads; see
+    /// [`super::copy_queue`]).
+    pub fn after_copies(&mut self, value: u64) {
+        self.after = self.after.max(value);
     }
 
     /// Whether the last workgroup of a dispatch finishes its work (see
@@ -375,6 +386,7 @@ impl<'g> Pass<'g> {
             last_group_finishes: gpu.device_scope_barrier,
             items: Vec::new(),
             arena: Some(arena),
+            after: 0,
         }
     }
 
@@ -1269,7 +1281,11 @@ impl<'g> Pass<'g> {
             }
         })?;
         let commands = gpu.checked("finishing a pass", || enc.finish())?;
-        gpu.checked("submitting a pass", || gpu.queue.submit([commands]))?;
+        gpu.submit(
+            "submitting a pass",
+            vec![commands],
+            std::mem::take(&mut self.after),
+        )?;
         if let (Some(p), true) = (prof, stamps > 1 && !self.items.is_empty()) {
             let words = gpu.map_f32(&p.readback, 2 * stamps)?;
             let ticks: Vec<u64> = words
