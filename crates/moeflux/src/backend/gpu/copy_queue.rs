@@ -111,9 +111,10 @@ const RING: usize = 16;
 /// The queue, its command buffers and its timeline semaphore.
 pub struct CopyQueue {
     /// Keeps the Vulkan device alive (the raw handles below are its).
-    device: wgpu::Device,
+    _device: wgpu::Device,
     raw: ash::Device,
     queue: vk::Queue,
+    family: CopyFamily,
     /// The families that share buffers with this queue: wgpu's, and the
     /// transfer family when it is another.
     families: Vec<u32>,
@@ -185,9 +186,10 @@ impl CopyQueue {
                 }
             };
             Some(CopyQueue {
-                device: device.clone(),
+                _device: device.clone(),
                 raw,
                 queue,
+                family,
                 families,
                 pool,
                 ring: Vec::new(),
@@ -224,6 +226,11 @@ impl CopyQueue {
         // SAFETY: a timeline semaphore of this live device.
         unsafe { self.raw.wait_semaphores(&info, u64::MAX) }
             .map_err(|e| GpuError::Wgpu(format!("waiting for the copy queue: {e}")))
+    }
+
+    /// Where the queue runs.
+    pub fn family(&self) -> CopyFamily {
+        self.family
     }
 
     /// The queue families buffers used by both queues are shared with.
@@ -404,7 +411,6 @@ impl Drop for CopyQueue {
             self.raw.destroy_command_pool(self.pool, None);
             self.raw.destroy_semaphore(self.semaphore, None);
         }
-        let _ = &self.device;
     }
 }
 

@@ -94,9 +94,8 @@ pub struct Gpu {
     /// [`super::host_memory`]).
     pub host_import: bool,
     /// The queue the GPU tier's prefetches are copied on, when the device
-    /// was opened with one (see [`super::copy_queue`]).
-    pub copy_family: Option<super::copy_queue::CopyFamily>,
-    /// That queue (its submissions go through [`Gpu::submit_copies`]).
+    /// was opened with one (see [`super::copy_queue`]; its submissions go
+    /// through [`Gpu::submit_copies`]).
     pub copy: Option<Arc<Mutex<super::copy_queue::CopyQueue>>>,
     /// Held around every submission (see [`Gpu::submit`]).
     submit_lock: Mutex<()>,
@@ -202,7 +201,6 @@ impl Gpu {
         let copy = copy_family
             .and_then(|f| super::copy_queue::CopyQueue::new(&device, f))
             .map(|q| Arc::new(Mutex::new(q)));
-        let copy_family = copy_family.filter(|_| copy.is_some());
         let has_subgroups = device.features().contains(wgpu::Features::SUBGROUP);
         let limits = GpuLimits {
             max_binding: required_limits.max_storage_buffer_binding_size,
@@ -240,7 +238,6 @@ impl Gpu {
             device_scope_barrier,
             arrival_counts,
             host_import,
-            copy_family,
             copy,
             submit_lock: Mutex::new(()),
             device,
@@ -272,7 +269,8 @@ impl Gpu {
         } else {
             "f16 widened with integer operations"
         };
-        let import = match (self.host_import, self.copy_family) {
+        let family = self.copy.as_deref().map(|c| lock(c).family());
+        let import = match (self.host_import, family) {
             (true, Some(super::copy_queue::CopyFamily::Transfer(f))) => {
                 format!(", host memory import, copy queue (family {f})")
             }

@@ -484,11 +484,7 @@ impl GpuExperts {
             }
             !over
         });
-        finished.sort_unstable();
-        for run in finished.chunk_by(|a, b| a.0 == b.0) {
-            let experts: Vec<u32> = run.iter().map(|x| x.1).collect();
-            store.release(run[0].0, &experts);
-        }
+        release_pairs(store, &mut finished);
     }
 
     /// [`GpuExperts::settle`] for the copies on wgpu's queue only (waited
@@ -508,12 +504,7 @@ impl GpuExperts {
                 .map_err(|e| GpuError::Wgpu(format!("waiting for expert copies: {e}")))?;
             self.copies_at = None;
         }
-        self.in_flight.sort_unstable();
-        for run in self.in_flight.chunk_by(|a, b| a.0 == b.0) {
-            let experts: Vec<u32> = run.iter().map(|x| x.1).collect();
-            store.release(run[0].0, &experts);
-        }
-        self.in_flight.clear();
+        release_pairs(store, &mut self.in_flight);
         Ok(())
     }
 
@@ -943,4 +934,15 @@ impl GpuExperts {
         }
         Ok(())
     }
+}
+
+/// Gives the host slots of `pairs` (`(layer, expert)`) back to the store,
+/// a layer at a time, and empties the list.
+fn release_pairs(store: &mut ExpertStore, pairs: &mut Vec<(usize, u32)>) {
+    pairs.sort_unstable();
+    for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+        let experts: Vec<u32> = run.iter().map(|x| x.1).collect();
+        store.release(run[0].0, &experts);
+    }
+    pairs.clear();
 }

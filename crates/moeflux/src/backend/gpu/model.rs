@@ -551,13 +551,9 @@ impl GpuModel {
             // go where a second token's would, so one routing dispatch and
             // one read-back serve both; its normalised row goes to `moe_in`,
             // scratch until this layer's gather.
-            let next = self
-                .layers
-                .get(l + 1)
-                .filter(|nx| nx.router.shape.rows == ne);
-            let predict = n == 1 && d.ubatch >= 2 && self.experts.can_prefetch();
-            let predict = next.filter(|_| predict);
-            if let Some(next) = predict {
+            let guessing = n == 1 && d.ubatch >= 2 && self.experts.can_prefetch();
+            let next = (self.layers.get(l + 1)).filter(|nx| guessing && nx.router.shape.rows == ne);
+            if let Some(next) = next {
                 let norm = (&next.ffn_norm, d.eps);
                 pass.matmul_normed(
                     &next.router,
@@ -569,8 +565,7 @@ impl GpuModel {
                     (ne, 2 * ne),
                 )?;
             }
-            let predict = predict.is_some();
-            let routed = n + usize::from(predict);
+            let routed = n + usize::from(next.is_some());
             let dims = (routed, d.n_experts, d.k, self.norm_topk(l));
             pass.moe_route(&a.router, self.route_out(), dims, None)?;
             lap.charge(&mut t.moe);
