@@ -466,15 +466,17 @@ impl GpuExperts {
     pub fn settle(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
         if let Some(q) = &self.copy_queue {
             lock(q).wait(self.copy_last)?;
-            self.copy_done = self.copy_done.max(self.copy_last);
         }
-        self.release_prefetched(store);
         self.settle_copies(gpu, store)
     }
 
-    /// Gives the host slots of prefetches the copy queue has finished
-    /// (as of `copy_done`) back to the store.
-    fn release_prefetched(&mut self, store: &mut ExpertStore) {
+    /// Reads the copy queue's progress into `copy_done` and gives the host
+    /// slots of the prefetches it has finished back to the store.
+    fn poll_prefetches(&mut self, store: &mut ExpertStore) -> Result<(), GpuError> {
+        let Some(q) = &self.copy_queue else {
+            return Ok(());
+        };
+        self.copy_done = lock(q).done()?;
         let done = self.copy_done;
         let mut finished: Vec<(usize, u32)> = Vec::new();
         self.prefetch_in_flight.retain(|&(v, l, e)| {
@@ -485,16 +487,14 @@ impl GpuExperts {
             !over
         });
         release_pairs(store, &mut finished);
+        Ok(())
     }
 
     /// [`GpuExperts::settle`] for the copies on wgpu's queue only (waited
     /// for); prefetches the copy queue has finished give their host slots
     /// back too, the others are not waited for.
     fn settle_copies(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
-        if let Some(q) = &self.copy_queue {
-            self.copy_done = lock(q).done()?;
-            self.release_prefetched(store);
-        }
+        self.poll_prefetches(store)?;
         if let Some(at) = self.copies_at.clone() {
             gpu.device
                 .poll(wgpu::PollType::Wait {
@@ -709,11 +709,10 @@ impl GpuExperts {
         layer: usize,
         experts: &[u32],
     ) -> Result<(), crate::Error> {
-        let Some(q) = &self.copy_queue else {
+        if self.copy_queue.is_none() {
             return Ok(());
-        };
-        self.copy_done = lock(q).done()?;
-        self.release_prefetched(store);
+        }
+        self.poll_prefetches(store)?;
         // Earlier layers' guesses are settled (their layers computed): the
         // unused ones go to the front of the eviction order.
         let (clock, mut ahead) = (self.clock, std::mem::take(&mut self.ahead));
@@ -760,6 +759,7 @@ impl GpuExperts {
             }
             filled.push((e, slot));
         }
+        let copied = copies.bytes();
         let regions = std::mem::take(&mut copies.regions);
         drop(copies);
         self.host = Some(host);
@@ -783,7 +783,7 @@ impl GpuExperts {
             store.release(layer, &granted);
             return Err(err.into());
         }
-        self.stats.bytes_copied_by_gpu += regions.iter().map(|r| r.len).sum::<u64>();
+        self.stats.bytes_copied_by_gpu += copied;
         for &(e, slot) in &filled {
             let s = &mut self.slots[slot as usize];
             s.ready_at = value;
