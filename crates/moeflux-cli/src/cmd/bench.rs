@@ -278,6 +278,14 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             fmt_bytes(g.bytes_uploaded / args.n_gen.max(1) as u64),
             g.bytes_uploaded as f64 / gen_s.max(1e-9) / 1e9,
         );
+        if let Some(p) = guess_precision(&g) {
+            let ranks: Vec<String> = p.iter().map(|v| format!("{:.0}", 100.0 * v)).collect();
+            println!(
+                "guess   next layer's experts guessed right by rank: {} % (ranks right ≥ {:.0} % are copied ahead)",
+                ranks.join(" "),
+                100.0 * moeflux::experts::GUESS_MIN_PRECISION
+            );
+        }
     }
     if let Some(kernels) = engine.gpu_profile(false) {
         let per = args.n_gen.max(1) as f64;
@@ -331,6 +339,17 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The share of the next layer's guessed experts that it chose, by rank,
+/// over the ranks that were judged; `None` when nothing was guessed.
+fn guess_precision(g: &moeflux::experts::GpuTierStats) -> Option<Vec<f64>> {
+    let ranks = g.guesses_judged.iter().take_while(|&&n| n > 0).count();
+    (ranks > 0).then(|| {
+        (0..ranks)
+            .map(|r| g.guesses_right[r] as f64 / g.guesses_judged[r] as f64)
+            .collect()
+    })
+}
+
 /// The GPU tier's counters over a phase of `secs` seconds, as JSON.
 fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value {
     json!({
@@ -343,6 +362,7 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
         "bytes_copied_by_gpu": g.bytes_copied_by_gpu,
         "prefetched": g.prefetched,
         "prefetch_hits": g.prefetch_hits,
+        "guess_precision_by_rank": guess_precision(g),
         "upload_gbps": g.bytes_uploaded as f64 / secs.max(1e-9) / 1e9,
     })
 }

@@ -11,5 +11,5 @@ pub mod store;
 
 pub use io::IoMode;
 pub use plan::{Budget, MemoryPlan, PlanError, PlanInput};
-pub use stats::{GpuTierStats, LayerStats, StoreStats};
+pub use stats::{GpuTierStats, LayerStats, StoreStats, GUESS_MIN_PRECISION, GUESS_RANKS};
 pub use store::{ExpertRef, ExpertStore, ExpertView, StoreError, StoreOptions};

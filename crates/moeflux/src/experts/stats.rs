@@ -127,7 +127,19 @@ pub struct GpuTierStats {
     pub prefetched: u64,
     /// Of `misses`, those a prefetch had already brought in.
     pub prefetch_hits: u64,
+    /// The next layer's guessed experts judged against its real choices,
+    /// by the guess's rank (the first [`GUESS_RANKS`] ranks).
+    pub guesses_judged: [u64; GUESS_RANKS],
+    /// Of those, the guesses the layer chose.
+    pub guesses_right: [u64; GUESS_RANKS],
 }
+
+/// Ranks of guessed experts counted in [`GpuTierStats`].
+pub const GUESS_RANKS: usize = 16;
+
+/// The share of right guesses a rank needs for the GPU backend to copy its
+/// guesses ahead (why this value: `backend::gpu::guess`).
+pub const GUESS_MIN_PRECISION: f64 = 0.6;
 
 impl GpuTierStats {
     /// Fraction of expert uses served from GPU memory.
@@ -150,6 +162,12 @@ impl GpuTierStats {
                 - before.bytes_copied_by_gpu.min(self.bytes_copied_by_gpu),
             prefetched: self.prefetched - before.prefetched.min(self.prefetched),
             prefetch_hits: self.prefetch_hits - before.prefetch_hits.min(self.prefetch_hits),
+            guesses_judged: std::array::from_fn(|r| {
+                self.guesses_judged[r] - before.guesses_judged[r].min(self.guesses_judged[r])
+            }),
+            guesses_right: std::array::from_fn(|r| {
+                self.guesses_right[r] - before.guesses_right[r].min(self.guesses_right[r])
+            }),
             ..*self
         }
     }

@@ -28,6 +28,7 @@ use std::sync::Arc;
 
 use super::device::Gpu;
 use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
+use super::guess::GuessPrecision;
 use super::kernels::JOB_WORDS;
 use super::kv::GpuKv;
 use super::matrix::{GpuMatrix, MatShape};
@@ -173,6 +174,8 @@ pub struct GpuModel {
     params: Option<ParamArena>,
     /// Experts of each layer.
     per_layer: Vec<usize>,
+    /// How often each rank of the next layer's guessed experts was right.
+    guesses: GuessPrecision,
 }
 
 impl std::fmt::Debug for GpuModel {
@@ -312,6 +315,7 @@ impl GpuModel {
             routing: Routing_::default(),
             params,
             per_layer,
+            guesses: GuessPrecision::default(),
         })
     }
 
@@ -427,7 +431,9 @@ impl GpuModel {
 
     /// Counters of the GPU expert tier.
     pub fn expert_stats(&self) -> GpuExpertStats {
-        self.experts.stats()
+        let mut s = self.experts.stats();
+        self.guesses.count(&mut s);
+        s
     }
 
     /// An empty KV cache for `capacity` positions.
@@ -521,6 +527,8 @@ impl GpuModel {
         self.experts.load_all(gpu, store, &self.per_layer)?;
         let on_gpu = n == 1 && self.experts.all_resident();
         let mut pass = Pass::with_arena(gpu, arena);
+        // A guess left by a step that ended early is not this step's.
+        self.guesses.drop_pending();
         for l in 0..self.layers.len() {
             self.attention_block(&mut pass, kv, l, n, pos0)?;
             lap.charge(&mut t.full_attn);
@@ -565,7 +573,8 @@ impl GpuModel {
                     (ne, 2 * ne),
                 )?;
             }
-            let routed = n + usize::from(next.is_some());
+            let guessed = next.is_some();
+            let routed = n + usize::from(guessed);
             let dims = (routed, d.n_experts, d.k, self.norm_topk(l));
             pass.moe_route(&a.router, self.route_out(), dims, None)?;
             lap.charge(&mut t.moe);
@@ -575,11 +584,20 @@ impl GpuModel {
             let choice = gpu.map_f32(&a.readback, len)?;
             lap.charge(&mut t.gpu_wait);
             self.route(&choice, n)?;
-            let guess: Vec<u32> = choice[2 * n * d.k..len]
-                .chunks_exact(2)
-                .map(|c| c[0].to_bits())
-                .filter(|&e| (e as usize) < d.n_experts)
-                .collect();
+            if n == 1 {
+                let chosen: Vec<u32> = self.routing.choice.iter().map(|c| c.0).collect();
+                self.guesses.judge(l, &chosen);
+            }
+            // The guess's ranks that are right often enough (six or seven
+            // of eight on a synthetic model's random router; `guess.rs`).
+            let mut ahead = Vec::new();
+            if guessed {
+                let guess = choice[2 * n * d.k..len]
+                    .chunks_exact(2)
+                    .map(|c| c[0].to_bits());
+                ahead = self.guesses.guess(l + 1, guess.collect());
+                ahead.retain(|&e| (e as usize) < d.n_experts);
+            }
             self.experts_block(gpu, &mut pass, store, l, n)?;
             lap.charge(&mut t.moe);
             if n == 1 && l + 1 < self.layers.len() {
@@ -590,11 +608,11 @@ impl GpuModel {
                 pass.flush()?;
                 lap.charge(&mut t.gpu_submit);
             }
-            if !guess.is_empty() {
+            if !ahead.is_empty() {
                 // Submitted right after the first wave's misses instead
                 // (before the products are recorded), decode measured the
                 // same.
-                self.experts.prefetch(gpu, store, l + 1, &guess)?;
+                self.experts.prefetch(gpu, store, l + 1, &ahead)?;
             }
             lap.charge(&mut t.moe);
         }

@@ -1,0 +1,158 @@
+//! Which of the next layer's guessed experts are worth copying ahead.
+//!
+//! In a streamed decode step the next layer's router, applied to this
+//! layer's state after attention, guesses its k experts in rank order
+//! (see `GpuModel::forward`). A right guess is copied while the GPU
+//! computes; a wrong one moves an expert's bytes across a bus that the
+//! step is waiting on. How often a guess is right depends on its rank and
+//! on the model, so this keeps count, for each rank, of how often the
+//! guess of that rank was among the layer's real choices, and copies only
+//! ranks right at least [`GUESS_MIN_PRECISION`] of the time.
+//!
+//! Measured (bench/BENCHMARKS.md, runs 31 and 32; qwen3-235b-a22b shape,
+//! Q4_0, `--gpu-mem 16G`, a synthetic model whose router is random): ranks
+//! 0–7 were right 100, 99.6, 95, 90, 78, 67, 52 and 47 % of the time. On
+//! an H100, copying ranks 0–5 instead of all eight: decode 35.0–35.6 →
+//! 37.4–38.0 tok/s, and 36.6–37.2 → 40.3–41.0 with the misses copied on
+//! the copy queue too; ranks 0–3 (36.7) and 0–2 (32.8) were slower than
+//! 0–5 (37.9). The threshold falls between the ranks kept and dropped
+//! there. A trained router is more decided than a random one; where every
+//! rank is right often enough, every rank is copied.
+
+use crate::experts::{GpuTierStats, GUESS_MIN_PRECISION, GUESS_RANKS};
+
+/// Guesses of a rank judged before its precision decides (until then the
+/// rank is copied).
+const WARMUP: u32 = 64;
+
+/// Counts are halved when a rank has been judged this often, so the
+/// precision follows the recent tokens.
+const WINDOW: u32 = 4096;
+
+/// Right and judged guesses per rank, and the guess waiting to be judged.
+#[derive(Debug, Default)]
+pub struct GuessPrecision {
+    right: Vec<u32>,
+    seen: Vec<u32>,
+    /// All guesses judged and right, by rank, for the stats (not halved).
+    judged_total: [u64; GUESS_RANKS],
+    right_total: [u64; GUESS_RANKS],
+    /// The last guess, in rank order, and the layer it was for.
+    pending: Option<(usize, Vec<u32>)>,
+}
+
+impl GuessPrecision {
+    /// Judges the pending guess for `layer` (if there is one) against the
+    /// experts the layer chose (`chosen`, any order).
+    pub fn judge(&mut self, layer: usize, chosen: &[u32]) {
+        let Some((l, guess)) = self.pending.take() else {
+            return;
+        };
+        if l != layer {
+            return;
+        }
+        if self.seen.len() < guess.len() {
+            self.seen.resize(guess.len(), 0);
+            self.right.resize(guess.len(), 0);
+        }
+        for (r, e) in guess.iter().enumerate() {
+            let right = chosen.contains(e);
+            if r < GUESS_RANKS {
+                self.judged_total[r] += 1;
+                self.right_total[r] += u64::from(right);
+            }
+            self.seen[r] += 1;
+            self.right[r] += u32::from(right);
+            if self.seen[r] >= WINDOW {
+                self.seen[r] /= 2;
+                self.right[r] /= 2;
+            }
+        }
+    }
+
+    /// Records `guess` (rank order) for `layer`, to be judged when the
+    /// layer routes, and returns the experts worth copying ahead.
+    pub fn guess(&mut self, layer: usize, guess: Vec<u32>) -> Vec<u32> {
+        let keep = guess
+            .iter()
+            .enumerate()
+            .filter(|&(r, _)| self.worth(r))
+            .map(|(_, &e)| e)
+            .collect();
+        self.pending = Some((layer, guess));
+        keep
+    }
+
+    /// Whether guesses of rank `r` are right often enough (or not yet
+    /// judged often enough to tell).
+    pub fn worth(&self, r: usize) -> bool {
+        match (self.seen.get(r), self.right.get(r)) {
+            (Some(&seen), Some(&right)) if seen >= WARMUP => {
+                f64::from(right) >= GUESS_MIN_PRECISION * f64::from(seen)
+            }
+            _ => true,
+        }
+    }
+
+    /// Adds the guesses judged so far to `stats`.
+    pub fn count(&self, stats: &mut GpuTierStats) {
+        stats.guesses_judged = self.judged_total;
+        stats.guesses_right = self.right_total;
+    }
+
+    /// Forgets the pending guess (a step ended before its layer routed).
+    pub fn drop_pending(&mut self) {
+        self.pending = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A rank right less often than GUESS_MIN_PRECISION stops being copied once
+    /// judged WARMUP times, and the others stay; a guess judged against
+    /// another layer than its own counts nothing.
+    #[test]
+    fn ranks_below_the_precision_are_dropped() {
+        let mut g = GuessPrecision::default();
+        for i in 0..WARMUP {
+            // Rank 0 always right, rank 1 right one time in two, rank 2
+            // never.
+            let chosen = if i % 2 == 0 { vec![10, 11] } else { vec![10] };
+            let keep = g.guess(3, vec![10, 11, 12]);
+            assert_eq!(keep, vec![10, 11, 12], "copied until judged");
+            g.judge(3, &chosen);
+        }
+        assert!(g.worth(0) && !g.worth(1) && !g.worth(2));
+        assert_eq!(g.guess(3, vec![10, 11, 12]), vec![10]);
+        // Judged against layer 4: not counted.
+        g.judge(4, &[11, 12]);
+        assert!(!g.worth(2));
+        // Ranks never judged are copied.
+        assert!(g.worth(7));
+    }
+
+    /// Counts are halved past WINDOW, so a rank that becomes right again
+    /// comes back within a window.
+    #[test]
+    fn precision_follows_recent_guesses() {
+        let mut g = GuessPrecision::default();
+        for _ in 0..WINDOW {
+            g.guess(0, vec![1]);
+            g.judge(0, &[2]);
+        }
+        assert!(!g.worth(0));
+        let mut back = None;
+        for i in 0..2 * WINDOW {
+            g.guess(0, vec![1]);
+            g.judge(0, &[1]);
+            if g.worth(0) {
+                back = Some(i);
+                break;
+            }
+        }
+        let back = back.expect("a rank that is right again is copied again");
+        assert!(back < WINDOW, "took {back} guesses");
+    }
+}
