@@ -9,7 +9,9 @@
 //! (→ 4.5 ms; `bench/BENCHMARKS.md`, tenth GPU session). So copies that
 //! are not needed by the very next dispatch — the experts the next
 //! layer's router is predicted to pick ([`super::experts`]'s prefetch) —
-//! go through this queue, while the GPU computes the current layer.
+//! go through this queue, while the GPU computes the current layer; so do
+//! a layer's misses, submitted before that prefetch, which the queue then
+//! copies first.
 //!
 //! One copy queue per device ([`Gpu`] holds it). Synchronisation, in both
 //! directions:
@@ -20,7 +22,8 @@
 //!   takes the wait; a value one submission waited for orders every later
 //!   one (wgpu chains its submissions), so it is staged once;
 //! - copy after compute: this queue only fills GPU slots that no
-//!   submitted compute may still read (see `GpuExperts::prefetch`), and a
+//!   submitted compute may still read (see `GpuExperts::prefetch` and
+//!   `Slot::busy`), and a
 //!   host slot it reads goes back to the store once the semaphore passed
 //!   the copy's value.
 //!

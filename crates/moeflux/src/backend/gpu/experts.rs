@@ -39,10 +39,10 @@
 //! With a copy queue, a wave's misses are copied on it too, ahead of the
 //! next layer's prefetch (the queue runs them in order), unless a missed
 //! expert's slot was taken from work of this step (`Slot::busy`): those
-//! go on wgpu's queue, ordered after that work. On an H100 this kept the
-//! copy queue busy 88 % of a decode step at 47.5 GB/s, against 85 % at
-//! 39.9 GB/s with the misses copied on wgpu's queue beside it (the two
-//! queues' copies share the bus).
+//! go on wgpu's queue, ordered after that work. On an H100 (the same
+//! guesses copied) this kept the copy queue busy 88 % of a decode step at
+//! 47.5 GB/s, against 74 % at 31.4 GB/s with the misses copied on wgpu's
+//! queue beside it (the two queues' copies share the bus).
 
 use std::collections::HashMap;
 
@@ -69,8 +69,8 @@ struct Slot {
     pinned: bool,
     /// Gate, up and down while an expert is loaded.
     shapes: Option<[MatShape; 3]>,
-    /// The copy queue's semaphore value at which a prefetch into this slot
-    /// lands (0: none was made since the slot was claimed).
+    /// The copy queue's semaphore value at which its copy into this slot
+    /// (a prefetch, or a miss's) lands (0: none since the slot was taken).
     ready_at: u64,
     /// Filled by a prefetch and not used since.
     prefetched: bool,
@@ -124,11 +124,11 @@ pub struct GpuExperts {
     /// copies.
     in_flight: Vec<(usize, u32)>,
     copies_at: Option<wgpu::SubmissionIndex>,
-    /// The device's second queue prefetches are copied on ([`CopyQueue`]),
-    /// taken at the first upload where the host arena is imported and the
-    /// pools were made for it.
+    /// The device's second queue, that prefetches and misses are copied on
+    /// ([`CopyQueue`]), taken at the first upload where the host arena is
+    /// imported and the pools were made for it.
     copy_queue: Option<Arc<Mutex<CopyQueue>>>,
-    /// The copy queue's progress as last read (slots whose prefetch lands
+    /// The copy queue's progress as last read (slots whose copy lands
     /// later are not evicted).
     copy_done: u64,
     /// The value of this arena's last submission to the copy queue.
@@ -387,7 +387,8 @@ impl GpuExperts {
             }
             self.upload(gpu, store, l, &misses)?;
             self.unpin_all();
-            gpu.submit("uploading experts", Vec::new(), 0)?;
+            // After the copy queue's copies, if `upload` made any.
+            gpu.submit("uploading experts", Vec::new(), self.take_after())?;
             if l % 8 == 7 {
                 gpu.wait()?;
             }
@@ -567,7 +568,7 @@ impl GpuExperts {
 
     /// A slot for a missing expert: its own when every expert has one,
     /// else a free one, else the least recently used unpinned one
-    /// (evicted); pinned; never one a prefetch is still filling (if those
+    /// (evicted); pinned; never one the copy queue is still filling (if those
     /// are all that is left, their copies are waited for). `None` when
     /// every slot is pinned by this wave (or that wait failed). The caller
     /// must [`GpuExperts::fill`] it before submitting.
@@ -593,7 +594,7 @@ impl GpuExperts {
     /// from its owner; with `idle`, only a slot this step's work has not
     /// used (`last_used` before this step), so that nothing submitted and
     /// unfinished reads it (earlier steps' work is done: their logits were
-    /// read back). Never a slot a prefetch is still filling.
+    /// read back). Never a slot the copy queue is still filling.
     fn take_slot(&mut self, layer: usize, expert: u32, idle: bool) -> Option<u32> {
         let (clock, done) = (self.clock, self.copy_done);
         let own = self
@@ -830,6 +831,28 @@ impl GpuExperts {
     /// ([`GpuExperts::settle`]). Copies on the copy queue make the wave's
     /// submission wait for them ([`GpuExperts::take_after`]).
     pub fn upload(
+        &mut self,
+        gpu: &Gpu,
+        store: &mut ExpertStore,
+        layer: usize,
+        misses: &[(u32, u32)],
+    ) -> Result<(), crate::Error> {
+        let out = self.upload_misses(gpu, store, layer, misses);
+        if out.is_err() {
+            // Claimed slots left unfilled would otherwise stay mapped to
+            // their experts, and every later use would find no expert.
+            for &(e, slot) in misses {
+                let s = &self.slots[slot as usize];
+                if s.owner == Some((layer as u32, e)) && s.shapes.is_none() {
+                    self.forget(slot);
+                }
+            }
+        }
+        out
+    }
+
+    /// [`GpuExperts::upload`], leaving slots unfilled on an error.
+    fn upload_misses(
         &mut self,
         gpu: &Gpu,
         store: &mut ExpertStore,

@@ -127,8 +127,10 @@ mod tests {
         assert!(g.worth(0) && !g.worth(1) && !g.worth(2));
         assert_eq!(g.guess(3, vec![10, 11, 12]), vec![10]);
         // Judged against layer 4: not counted.
+        let judged = g.judged_total;
         g.judge(4, &[11, 12]);
-        assert!(!g.worth(2));
+        assert_eq!(g.judged_total, judged);
+        assert_eq!(g.seen[..3], [WARMUP; 3]);
         // Ranks never judged are copied.
         assert!(g.worth(7));
     }

@@ -467,6 +467,11 @@ impl GpuModel {
             &mut arena, model, files, store, kv, pos0, tokens, which, timings,
         );
         self.params = Some(arena);
+        if out.is_err() {
+            // Work of the failed step may still read slots that the next
+            // step's misses refill on the copy queue, unordered with it.
+            let _ = self.gpu.wait();
+        }
         // Copies still in flight (after the logits' read-back, none are)
         // give their host slots back to the store, whatever the step's
         // outcome; its first error is the one to report.
@@ -841,8 +846,9 @@ impl GpuModel {
                 return Err(shape_err("the GPU expert arena has no slot".into()).into());
             }
             self.experts.upload(gpu, store, l, &misses)?;
-            // Prefetched experts among the hits (not already waited for
-            // by the upload's copies): the wave's compute waits for them.
+            // Prefetched experts among the hits, and misses the upload
+            // copied on the copy queue (not already waited for by its
+            // copies on wgpu's queue): the wave's compute waits for them.
             pass.after_copies(self.experts.take_after());
             // Batches: experts of one pool and one shape, in slot order.
             wave.sort_by_key(|&(_, s)| s);
