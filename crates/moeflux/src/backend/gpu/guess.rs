@@ -94,7 +94,7 @@ impl GuessPrecision {
         }
     }
 
-    /// Adds the guesses judged so far to `stats`.
+    /// Writes the counts of every guess judged so far into `stats`.
     pub fn count(&self, stats: &mut GpuTierStats) {
         stats.guesses_judged = self.judged_total;
         stats.guesses_right = self.right_total;
