@@ -783,13 +783,8 @@ impl GpuExperts {
         self.host = Some(host);
         let mut value = 0;
         if failed.is_none() && !regions.is_empty() {
-            // The regions' buffers (pools, imports) live as long as the
-            // arena, whose `Drop` waits for the copy queue.
-            match gpu.submit_copies(&regions) {
-                Ok(v) => {
-                    value = v;
-                    self.copy_last = v;
-                }
+            match self.submit_to_copy_queue(gpu, layer, &filled, &regions, copied) {
+                Ok(v) => value = v,
                 Err(e) => failed = Some(e),
             }
         }
@@ -801,16 +796,10 @@ impl GpuExperts {
             store.release(layer, &granted);
             return Err(err.into());
         }
-        self.stats.bytes_copied_by_gpu += copied;
         for &(e, slot) in &filled {
-            let s = &mut self.slots[slot as usize];
-            s.ready_at = value;
-            s.prefetched = true;
+            self.slots[slot as usize].prefetched = true;
             self.stats.prefetched += 1;
             self.ahead.push((self.clock, layer, e, slot));
-            if value > 0 {
-                self.copying.push((value, layer, e));
-            }
         }
         // Host slots not copied from (no GPU slot, or written by the queue
         // at once) go back now.
@@ -822,6 +811,30 @@ impl GpuExperts {
         let back: Vec<u32> = granted.into_iter().filter(|e| !keep.contains(e)).collect();
         store.release(layer, &back);
         Ok(())
+    }
+
+    /// Submits `regions` — `bytes` of copies into the slots of `filled`
+    /// (`(expert, slot)` pairs of `layer`) — on the copy queue. The slots
+    /// land at the value returned; the host slots the copies read go back
+    /// to the store once the queue passes it ([`GpuExperts::poll_copy_queue`]).
+    /// The regions' buffers (pools, imports) live as long as the arena,
+    /// whose `Drop` waits for the copy queue.
+    fn submit_to_copy_queue(
+        &mut self,
+        gpu: &Gpu,
+        layer: usize,
+        filled: &[(u32, u32)],
+        regions: &[copy_queue::Region],
+        bytes: u64,
+    ) -> Result<u64, GpuError> {
+        let value = gpu.submit_copies(regions)?;
+        self.copy_last = value;
+        self.stats.bytes_copied_by_gpu += bytes;
+        for &(e, slot) in filled {
+            self.slots[slot as usize].ready_at = value;
+            self.copying.push((value, layer, e));
+        }
+        Ok(value)
     }
 
     /// Brings `misses` (`(expert, slot)` pairs of `layer`, claimed) from the
@@ -930,17 +943,10 @@ impl GpuExperts {
                     && self.copy_queue.is_some()
                     && ready.iter().all(|&e| !self.slots[slot_of(e) as usize].busy);
                 if let (Some(copies), true, true) = (copies.as_ref(), copied > 0, on_copy_queue) {
-                    match gpu.submit_copies(&copies.regions) {
-                        Ok(value) => {
-                            // The wave's submission waits for it.
-                            self.copy_last = value;
-                            self.after = self.after.max(value);
-                            self.stats.bytes_copied_by_gpu += copied;
-                            for &e in &ready {
-                                self.slots[slot_of(e) as usize].ready_at = value;
-                                self.copying.push((value, layer, e));
-                            }
-                        }
+                    let filled: Vec<(u32, u32)> = ready.iter().map(|&e| (e, slot_of(e))).collect();
+                    match self.submit_to_copy_queue(gpu, layer, &filled, &copies.regions, copied) {
+                        // The wave's submission waits for it.
+                        Ok(value) => self.after = self.after.max(value),
                         Err(err) => {
                             for &e in &ready {
                                 self.forget(slot_of(e));
