@@ -363,3 +363,79 @@ fn backend_selection() {
     let engine = Engine::open(&hybrid, auto).unwrap();
     assert!(!engine.on_gpu() && engine.backend().starts_with("cpu"));
 }
+
+/// A GPU that shares host memory (lavapipe in CI, Apple silicon) takes its
+/// buffers from the memory the plan budgets: the plan counts them, the
+/// host's expert slots get what they leave, and a GPU arena that leaves
+/// the host too little is refused, naming the GPU. Output never changes.
+#[test]
+fn a_gpu_in_host_memory_is_in_the_plan() {
+    if skip() {
+        return;
+    }
+    let rel = "qwen3_moe/gguf/qwen3_moe-Q8_0.gguf";
+    let tokens = fixture_tokens("qwen3_moe");
+    let base = open(rel, gpu_opts(KvType::F16));
+    let want = bits(&base, &tokens);
+    let p = base.plan().input;
+    let shares = moeflux::backend::gpu::Gpu::shared()
+        .unwrap()
+        .shares_host_memory();
+    if !shares {
+        assert_eq!(p.gpu_bytes, 0, "a discrete GPU is not in the host plan");
+        return;
+    }
+    let g = base.gpu_stats().unwrap();
+    let total = p.total_experts;
+    assert_eq!(g.slots as u64, total);
+    let gpu_arena = total * g.slot_bytes;
+    assert!(
+        p.gpu_bytes > gpu_arena + p.kv_bytes,
+        "the plan counts the GPU's slots, KV cache and dense weights: {p:?}"
+    );
+    assert!(base.plan().summary().contains("+ GPU"));
+
+    // A budget where the host's slots alone would hold every expert, but
+    // not beside a GPU holding its own copies of them all.
+    let host_fixed = p.dense_bytes + p.kv_bytes + p.scratch_bytes;
+    let gpu_fixed = p.gpu_bytes - gpu_arena;
+    let budget = host_fixed + gpu_fixed + total * (p.slot_bytes + g.slot_bytes) / 2;
+    assert!(budget >= host_fixed + total * p.slot_bytes);
+    let engine = open(
+        rel,
+        EngineOptions {
+            budget: Some(Budget::Total(budget)),
+            ..gpu_opts(KvType::F16)
+        },
+    );
+    let plan = engine.plan();
+    let g = engine.gpu_stats().unwrap();
+    assert!(plan.total_bytes() <= budget, "{}", plan.summary());
+    assert!(
+        plan.input.gpu_bytes >= g.slots as u64 * g.slot_bytes + plan.input.kv_bytes,
+        "{}",
+        plan.summary()
+    );
+    assert!(
+        plan.slots < total,
+        "the host kept every expert beside the GPU's: {}",
+        plan.summary()
+    );
+    assert_eq!(bits(&engine, &tokens), want, "output moved with the plan");
+
+    // --gpu-mem for every expert, under a budget with room for the host's
+    // smallest cache only: refused, naming the GPU.
+    let k = base.config().n_experts_used as u64;
+    let err = Engine::open(
+        &fixture(rel),
+        EngineOptions {
+            budget: Some(Budget::Total(host_fixed + k * p.slot_bytes)),
+            gpu_mem: Some(gpu_arena),
+            ..gpu_opts(KvType::F16)
+        },
+    )
+    .err()
+    .map(|e| e.to_string())
+    .unwrap_or_default();
+    assert!(err.contains("GPU's allocations"), "{err}");
+}

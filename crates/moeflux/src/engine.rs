@@ -188,11 +188,15 @@ impl Engine {
             kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type.bytes())
                 + opts.checkpoints as u64 * cfg.kv_bytes(0, 0),
             scratch_bytes: plan::scratch_bytes(cfg, opts.ubatch.max(1) as u64),
+            gpu_bytes: 0,
         };
-        let budget = opts.budget.unwrap_or(Budget::Auto {
-            available: plan::available_memory().unwrap_or(8 << 30),
-        });
-        let plan = MemoryPlan::new(budget, input)?;
+        // Read before anything is loaded (the plan counts what loads).
+        let available = plan::available_memory().unwrap_or(8 << 30);
+        let budget = opts.budget.unwrap_or(Budget::Auto { available });
+        // Without the GPU (a GPU that shares this memory is counted once
+        // it is built, below).
+        #[allow(unused_mut)]
+        let mut plan = MemoryPlan::new(budget, input)?;
 
         // Dense weights resident in memory (rows interleaved by eight where
         // the CPU has a kernel for that layout); experts through the store,
@@ -205,7 +209,23 @@ impl Engine {
             }
         })?;
         #[cfg(feature = "gpu")]
-        let (gpu, backend_note) = gpu_select::open(&opts, &model, &files, &experts)?;
+        let (gpu, backend_note) =
+            gpu_select::open(&opts, &model, &files, &experts, &plan, available)?;
+        #[cfg(feature = "gpu")]
+        if let Some(g) = &gpu {
+            let g = g.lock().unwrap_or_else(|p| p.into_inner());
+            if g.gpu().shares_host_memory() {
+                // Its buffers come out of the host memory the plan
+                // budgets: the host's expert slots get what is left.
+                plan = MemoryPlan::new(
+                    budget,
+                    PlanInput {
+                        gpu_bytes: g.allocated_bytes() + g.kv_bytes(ctx, opts.kv_type),
+                        ..input
+                    },
+                )?;
+            }
+        }
         #[cfg(feature = "gpu")]
         let on_cpu = gpu.is_none();
         #[cfg(not(feature = "gpu"))]
@@ -975,20 +995,32 @@ mod gpu_select {
     use crate::backend::gpu::model::unsupported;
     use crate::backend::gpu::{Gpu, GpuModel, GpuOptions};
     use crate::error::Result;
+    use crate::experts::plan::MemoryPlan;
     use crate::experts::ExpertRef;
     use crate::format::ModelFiles;
     use crate::model::Model;
 
     /// The GPU model when `opts.backend` picks the GPU, and a line saying
-    /// which backend runs and why.
+    /// which backend runs and why. `plan` is the host's memory plan
+    /// without the GPU and `available` the memory available before the
+    /// model loaded: on an adapter that shares host memory, the GPU's
+    /// expert slots are sized from them when `opts.gpu_mem` does not say.
     pub(super) fn open(
         opts: &EngineOptions,
         model: &Model,
         files: &ModelFiles,
         experts: &[Vec<ExpertRef>],
+        plan: &MemoryPlan,
+        available: u64,
     ) -> Result<(Option<Mutex<GpuModel>>, String)> {
         let build = |gpu: std::sync::Arc<Gpu>| -> Result<(Option<Mutex<GpuModel>>, String)> {
             let name = gpu.describe();
+            let expert_mem = match opts.gpu_mem {
+                None if gpu.shares_host_memory() => {
+                    Some(plan.gpu_arena_in_shared_memory(available))
+                }
+                mem => mem,
+            };
             let m = GpuModel::new(
                 gpu,
                 model,
@@ -996,7 +1028,7 @@ mod gpu_select {
                 experts,
                 GpuOptions {
                     ubatch: opts.ubatch.max(1),
-                    expert_mem: opts.gpu_mem,
+                    expert_mem,
                 },
             )?;
             let st = m.expert_stats();

@@ -143,6 +143,7 @@ pub fn plan_input(
         top_k: cfg.n_experts_used as u64,
         kv_bytes: cfg.kv_bytes(req.ctx, 2),
         scratch_bytes: plan::scratch_bytes(cfg, req.ubatch),
+        gpu_bytes: 0,
     })
 }
 

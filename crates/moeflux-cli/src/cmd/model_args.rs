@@ -75,8 +75,10 @@ pub struct ModelArgs {
     /// cache; experts beyond it stay in host memory and are copied to the GPU
     /// when routed to. Default: every expert, on a discrete GPU as many as
     /// the device allocates less a tenth for headroom (wgpu cannot query
-    /// free VRAM, so on a shared or small GPU set it); on unified memory or
-    /// a software adapter at most half the available host memory.
+    /// free VRAM, so on a shared or small GPU set it). On unified memory or a
+    /// software adapter the GPU's buffers count against --mem, and the GPU's
+    /// experts get half of what the dense weights, KV cache and scratch
+    /// leave of it (the host's expert cache the other half).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
 

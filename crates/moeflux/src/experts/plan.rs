@@ -41,6 +41,13 @@ pub struct PlanInput {
     pub kv_bytes: u64,
     /// Activations and other working memory.
     pub scratch_bytes: u64,
+    /// What a GPU that shares this memory allocates from it (an Apple or
+    /// other integrated GPU, or lavapipe): its copies of the dense weights,
+    /// its activations and KV cache, and its expert slots. 0 on a discrete
+    /// GPU or the CPU backend. Known once the GPU model is built, so the
+    /// plan is made again then ([`MemoryPlan::gpu_arena_in_shared_memory`]
+    /// sizes that GPU's slots before).
+    pub gpu_bytes: u64,
 }
 
 /// The outcome: how the budget is spent.
@@ -56,18 +63,32 @@ pub struct MemoryPlan {
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
     #[error(
-        "a budget of {} cannot hold the dense weights ({}), the KV cache ({}), scratch ({}) and one layer's top-{} experts ({}): at least {} is needed",
-        fmt_bytes(*budget), fmt_bytes(*dense), fmt_bytes(*kv), fmt_bytes(*scratch), top_k, fmt_bytes(*min_experts), fmt_bytes(*needed)
+        "a budget of {} cannot hold the dense weights ({}), the KV cache ({}), scratch ({}){} and one layer's top-{} experts ({}): at least {} is needed",
+        fmt_bytes(*budget), fmt_bytes(*dense), fmt_bytes(*kv), fmt_bytes(*scratch), gpu_part(*gpu), top_k, fmt_bytes(*min_experts), fmt_bytes(*needed)
     )]
     TooSmall {
         budget: u64,
         dense: u64,
         kv: u64,
         scratch: u64,
+        /// [`PlanInput::gpu_bytes`].
+        gpu: u64,
         top_k: u64,
         min_experts: u64,
         needed: u64,
     },
+}
+
+/// The GPU's share in [`PlanError::TooSmall`]'s message, when it has one.
+fn gpu_part(gpu: u64) -> String {
+    if gpu == 0 {
+        String::new()
+    } else {
+        format!(
+            ", the GPU's allocations in the same memory ({}; --gpu-mem sets its expert slots)",
+            fmt_bytes(gpu)
+        )
+    }
 }
 
 /// Bytes one slot needs for an expert stored as the given part lengths
@@ -88,9 +109,16 @@ pub fn auto_budget(available: u64) -> u64 {
     available.saturating_sub(margin)
 }
 
+impl PlanInput {
+    /// Everything but the host's expert slots.
+    pub fn fixed_bytes(&self) -> u64 {
+        self.dense_bytes + self.kv_bytes + self.scratch_bytes + self.gpu_bytes
+    }
+}
+
 impl MemoryPlan {
     pub fn new(budget: Budget, input: PlanInput) -> Result<MemoryPlan, PlanError> {
-        let fixed = input.dense_bytes + input.kv_bytes + input.scratch_bytes;
+        let fixed = input.fixed_bytes();
         let min_slots = input.top_k.min(input.total_experts);
         let min_experts = min_slots * input.slot_bytes;
         let too_small = |budget: u64| PlanError::TooSmall {
@@ -98,6 +126,7 @@ impl MemoryPlan {
             dense: input.dense_bytes,
             kv: input.kv_bytes,
             scratch: input.scratch_bytes,
+            gpu: input.gpu_bytes,
             top_k: input.top_k,
             min_experts,
             needed: fixed + min_experts,
@@ -138,7 +167,33 @@ impl MemoryPlan {
 
     /// Everything the plan accounts for.
     pub fn total_bytes(&self) -> u64 {
-        self.input.dense_bytes + self.input.kv_bytes + self.input.scratch_bytes + self.arena_bytes()
+        self.input.fixed_bytes() + self.arena_bytes()
+    }
+
+    /// Bytes for the expert slots of a GPU that shares this memory, when
+    /// the user gave none (`--gpu-mem`); `available` is the machine's
+    /// available memory before the model loaded. The GPU's own copies of the dense weights, KV
+    /// cache and activations are taken to be the host's sizes (they hold
+    /// the same tensors); what they leave of the budget is split evenly
+    /// between the GPU's slots and the host's, which feed them (with two
+    /// caches of one memory, the host's keeps the experts the GPU's most
+    /// recently evicted). Under `--expert-cache` the host's slots are the
+    /// user's, and the GPU takes what they leave of the automatic budget.
+    /// The plan is then made again with the GPU's real allocations.
+    pub fn gpu_arena_in_shared_memory(&self, available: u64) -> u64 {
+        let host = PlanInput {
+            gpu_bytes: 0,
+            ..self.input
+        };
+        let gpu_fixed = host.fixed_bytes();
+        match self.budget {
+            Budget::Total(b) => b.saturating_sub(host.fixed_bytes() + gpu_fixed) / 2,
+            Budget::Auto { available } => {
+                auto_budget(available).saturating_sub(host.fixed_bytes() + gpu_fixed) / 2
+            }
+            Budget::ExpertCache(_) | Budget::ExpertCacheMin => auto_budget(available)
+                .saturating_sub(host.fixed_bytes() + self.arena_bytes() + gpu_fixed),
+        }
     }
 
     /// Whether every routed expert fits in the arena at once.
@@ -155,8 +210,12 @@ impl MemoryPlan {
             Budget::Auto { available } => format!("auto ({} available)", fmt_bytes(available)),
         };
         let pct = 100.0 * self.slots as f64 / self.input.total_experts.max(1) as f64;
+        let gpu = match self.input.gpu_bytes {
+            0 => String::new(),
+            b => format!(" + GPU {}", fmt_bytes(b)),
+        };
         format!(
-            "{budget}: dense {} + KV {} + scratch {} + {} expert slots × {} = {} ({pct:.0}% of {} experts fit in host memory)",
+            "{budget}: dense {} + KV {} + scratch {}{gpu} + {} expert slots × {} = {} ({pct:.0}% of {} experts fit in host memory)",
             fmt_bytes(self.input.dense_bytes),
             fmt_bytes(self.input.kv_bytes),
             fmt_bytes(self.input.scratch_bytes),
@@ -230,12 +289,44 @@ pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
     (16 << 20) + floats * 4 * 5 / 4
 }
 
-/// `MemAvailable` from `/proc/meminfo` (Linux), in bytes.
+/// The memory the machine can give without swapping, in bytes: on Linux
+/// `MemAvailable` from `/proc/meminfo`; on macOS free and inactive pages
+/// (the kernel reclaims inactive pages before it compresses or swaps);
+/// `None` elsewhere or when the kernel does not say.
+#[cfg(not(target_os = "macos"))]
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// See the other target's version.
+#[cfg(target_os = "macos")]
+pub fn available_memory() -> Option<u64> {
+    // SAFETY: all-integer C struct, for which zero is a valid value.
+    let mut info: libc::vm_statistics64 = unsafe { std::mem::zeroed() };
+    let mut count = libc::HOST_VM_INFO64_COUNT;
+    // SAFETY: host_statistics64 writes at most `count` integers into
+    // `info`, which holds that many (HOST_VM_INFO64_COUNT is its size in
+    // integers); the host port needs no release.
+    #[allow(deprecated)]
+    let r = unsafe {
+        libc::host_statistics64(
+            libc::mach_host_self(),
+            libc::HOST_VM_INFO64,
+            (&mut info as *mut libc::vm_statistics64).cast(),
+            &mut count,
+        )
+    };
+    // SAFETY: sysconf only reads its argument.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if r != libc::KERN_SUCCESS || page <= 0 {
+        return None;
+    }
+    // By-value reads (the struct is packed).
+    let pages = info.free_count as u64 + info.inactive_count as u64;
+    Some(pages * page as u64)
 }
 
 #[cfg(test)]
@@ -250,6 +341,7 @@ mod tests {
             top_k: 8,
             kv_bytes: 100 << 20,
             scratch_bytes: 50 << 20,
+            gpu_bytes: 0,
         }
     }
 
@@ -277,6 +369,46 @@ mod tests {
         let PlanError::TooSmall { needed, .. } = e.clone();
         assert_eq!(needed, (1150 << 20) + 16 * (1 << 20));
         assert!(e.to_string().contains("top-8"));
+    }
+
+    #[test]
+    fn a_gpu_in_the_same_memory_takes_its_share() {
+        let budget = Budget::Total(8 << 30);
+        let alone = MemoryPlan::new(budget, input()).unwrap();
+        // Half of what the host's and the GPU's fixed parts leave.
+        let arena = alone.gpu_arena_in_shared_memory(0);
+        assert_eq!(arena, ((8 << 30) - 2 * (1150 << 20)) / 2);
+        // The GPU's real allocations: its fixed part and that arena.
+        let gpu = PlanInput {
+            gpu_bytes: (1150 << 20) + arena,
+            ..input()
+        };
+        let shared = MemoryPlan::new(budget, gpu).unwrap();
+        assert!(shared.total_bytes() <= 8 << 30);
+        assert_eq!(shared.arena_bytes(), arena / (2 << 20) * (2 << 20));
+        assert!(
+            shared.summary().contains("GPU 4.0 GiB"),
+            "{}",
+            shared.summary()
+        );
+        // A GPU that leaves no room for one layer's experts is refused,
+        // and the message names it.
+        let e = MemoryPlan::new(
+            budget,
+            PlanInput {
+                gpu_bytes: 7 << 30,
+                ..input()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("GPU's allocations"), "{e}");
+        // Under --expert-cache, the GPU takes what the host's slots leave
+        // of the automatic budget.
+        let cache = MemoryPlan::new(Budget::ExpertCache(1 << 30), input()).unwrap();
+        assert_eq!(
+            cache.gpu_arena_in_shared_memory(16 << 30),
+            auto_budget(16 << 30) - (1150 << 20) - (1 << 30) - (1150 << 20)
+        );
     }
 
     #[test]

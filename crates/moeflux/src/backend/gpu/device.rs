@@ -174,6 +174,16 @@ impl Gpu {
         self.info.device_type == wgpu::DeviceType::Cpu
     }
 
+    /// Whether the adapter's memory is the host's: an integrated GPU (wgpu
+    /// names Apple silicon's so) or a software one. Its buffers then come
+    /// out of the memory the host plan budgets.
+    pub fn shares_host_memory(&self) -> bool {
+        matches!(
+            self.info.device_type,
+            wgpu::DeviceType::IntegratedGpu | wgpu::DeviceType::Cpu
+        )
+    }
+
     /// Opens a device on `adapter` with every limit it offers and subgroup
     /// operations when it has them.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {

@@ -438,6 +438,11 @@ impl GpuExperts {
         self.stats
     }
 
+    /// Bytes of the pool buffers (every slot, with alignment).
+    pub fn pool_bytes(&self) -> u64 {
+        self.pools.iter().map(|p| p.size()).sum()
+    }
+
     /// Bytes of one slot.
     pub fn slot_bytes(&self) -> u64 {
         self.array_bytes.iter().sum()

@@ -47,6 +47,14 @@ pub(super) struct Part {
 }
 
 impl GpuMatrix {
+    /// Bytes of its buffers.
+    pub fn bytes(&self) -> u64 {
+        self.parts
+            .iter()
+            .map(|p| p.weight.size() + p.scales.as_ref().map_or(0, |(s, b)| s.size() + b.size()))
+            .sum()
+    }
+
     /// Uploads `m`, split so that every buffer fits the adapter's largest
     /// storage binding.
     pub fn upload(gpu: &Gpu, m: &Matrix<'_>) -> Result<GpuMatrix, GpuError> {

@@ -246,7 +246,8 @@ impl GpuModel {
     /// least one; without a budget, one per expert on a discrete GPU (as
     /// many as the device allocates, less a tenth for headroom: wgpu cannot
     /// query free VRAM), and on a unified-memory or software adapter as many
-    /// as fit half the host's available memory.
+    /// as fit half the host's available memory (the engine passes a budget
+    /// there, from its memory plan: `MemoryPlan::gpu_arena_in_shared_memory`).
     pub fn new(
         gpu: Arc<Gpu>,
         model: &Model,
@@ -292,13 +293,11 @@ impl GpuModel {
         let slot: u64 = array_bytes.iter().sum::<u64>().max(1);
         let count = match opts.expert_mem {
             Some(bytes) => SlotCount::Exactly(((bytes / slot) as usize).clamp(1, total.max(1))),
-            None => match gpu.info.device_type {
-                wgpu::DeviceType::Cpu | wgpu::DeviceType::IntegratedGpu => {
-                    let avail = crate::experts::plan::available_memory().unwrap_or(8 << 30);
-                    SlotCount::Exactly(((avail / 2 / slot) as usize).clamp(1, total.max(1)))
-                }
-                _ => SlotCount::UpTo(total.max(1)),
-            },
+            None if gpu.shares_host_memory() => {
+                let avail = crate::experts::plan::available_memory().unwrap_or(8 << 30);
+                SlotCount::Exactly(((avail / 2 / slot) as usize).clamp(1, total.max(1)))
+            }
+            None => SlotCount::UpTo(total.max(1)),
         };
         let per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
         let experts = GpuExperts::new(&gpu, arrays, array_bytes, count, &per_layer)?;
@@ -427,6 +426,71 @@ impl GpuModel {
 
     pub fn gpu(&self) -> &Arc<Gpu> {
         &self.gpu
+    }
+
+    /// Bytes of the GPU buffers this model holds: dense weights, norms,
+    /// activations, kernel parameters and the expert arena (not a
+    /// session's KV cache: [`GpuModel::kv_bytes`]). Where the GPU shares
+    /// host memory, the memory plan counts them.
+    pub fn allocated_bytes(&self) -> u64 {
+        let layers: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                let qkv = match &l.qkv {
+                    Ok(m) => m.bytes(),
+                    Err(ms) => ms.iter().map(GpuMatrix::bytes).sum(),
+                };
+                [&l.attn_norm, &l.ffn_norm, &l.qk_norms]
+                    .iter()
+                    .map(|b| b.size())
+                    .sum::<u64>()
+                    + qkv
+                    + l.wo.bytes()
+                    + l.router.bytes()
+            })
+            .sum();
+        let a = &self.act;
+        let act: u64 = [
+            &a.x,
+            &a.h,
+            &a.qkv,
+            &a.qn,
+            &a.attn,
+            &a.attn_parts,
+            &a.rope,
+            &a.router,
+            &a.moe_in,
+            &a.act,
+            &a.down,
+            &a.gather_idx,
+            &a.combine_row,
+            &a.combine_w,
+            &a.jobs,
+            &a.choice,
+            &a.out_idx,
+            &a.out_x,
+            &a.out_h,
+            &a.logits,
+            &a.readback,
+        ]
+        .iter()
+        .map(|b| b.size())
+        .sum();
+        let params = self.params.as_ref().map_or(0, ParamArena::bytes);
+        layers
+            + self.output_norm.size()
+            + self.lm_head.bytes()
+            + act
+            + params
+            + self.experts.pool_bytes()
+    }
+
+    /// Bytes of a session's KV cache of `capacity` positions
+    /// ([`GpuModel::new_kv`]).
+    pub fn kv_bytes(&self, capacity: usize, ty: KvType) -> u64 {
+        let dim = (self.dims.n_kv_heads * self.dims.head_dim) as u64;
+        2 * self.layers.len() as u64 * capacity as u64 * dim * ty.bytes()
     }
 
     /// Counters of the GPU expert tier.

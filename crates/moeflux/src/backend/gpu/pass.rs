@@ -81,6 +81,11 @@ impl ParamArena {
         self.host.len() as u64 >= self.buffer.size()
     }
 
+    /// Bytes of its uniform buffer.
+    pub fn bytes(&self) -> u64 {
+        self.buffer.size()
+    }
+
     /// Bind groups cached so far.
     pub fn bind_groups(&self) -> usize {
         self.bind_groups.len()
