@@ -139,7 +139,7 @@ pub const GUESS_RANKS: usize = 16;
 
 /// The share of right guesses a rank needs for the GPU backend to copy its
 /// guesses ahead (why this value: `backend::gpu::guess`).
-pub const GUESS_MIN_PRECISION: f64 = 0.6;
+pub const GUESS_MIN_PRECISION: f64 = 0.7;
 
 impl GpuTierStats {
     /// Fraction of expert uses served from GPU memory.

@@ -9,15 +9,17 @@
 //! guess of that rank was among the layer's real choices, and copies only
 //! ranks right at least [`GUESS_MIN_PRECISION`] of the time.
 //!
-//! Measured (bench/BENCHMARKS.md, runs 31 and 32; qwen3-235b-a22b shape,
-//! Q4_0, `--gpu-mem 16G`, a synthetic model whose router is random): ranks
-//! 0–7 were right 100, 99.6, 95, 90, 78, 67, 52 and 47 % of the time. On
-//! an H100, copying ranks 0–5 instead of all eight: decode 35.0–35.6 →
-//! 37.4–38.0 tok/s, and 36.6–37.2 → 40.3–41.0 with the misses copied on
-//! the copy queue too; ranks 0–3 (36.7) and 0–2 (32.8) were slower than
-//! 0–5 (37.9). The threshold falls between the ranks kept and dropped
-//! there. A trained router is more decided than a random one; where every
-//! rank is right often enough, every rank is copied.
+//! Measured (bench/BENCHMARKS.md, runs 31–35; qwen3-235b-a22b shape,
+//! Q4_0, 24 layers, `--gpu-mem 16G`, a synthetic model whose router is
+//! random): ranks 0–7 were right 100, 99, 97, 94, 84, 77, 67 and 47 % of
+//! the time. On an H100, copying ranks 0–5 (a threshold of 0.7) rather
+//! than 0–6 (0.6) gave decode 40.6–40.9 against 39.5–40.2 tok/s in three
+//! alternated pairs (run 35); ranks 0–4 (0.8) were slower (39.7 against
+//! 40.3 and 41.6, run 34), and so were 0–3 (36.7) and 0–2 (32.8, run 31).
+//! A wrong guess costs more than its bytes: the copy queue runs in order,
+//! so the layer's misses, which its products wait for, queue behind it.
+//! A trained router is more decided than a random one; where every rank
+//! is right often enough, every rank is copied.
 
 use crate::experts::{GpuTierStats, GUESS_MIN_PRECISION, GUESS_RANKS};
 

@@ -657,7 +657,7 @@ impl GpuModel {
                 let chosen: Vec<u32> = self.routing.choice.iter().map(|c| c.0).collect();
                 self.guesses.judge(l, &chosen);
             }
-            // The guess's ranks that are right often enough (six or seven
+            // The guess's ranks that are right often enough (six
             // of eight on a synthetic model's random router; `guess.rs`).
             let mut ahead = Vec::new();
             if guessed {
