@@ -423,8 +423,30 @@ fn a_gpu_in_host_memory_is_in_the_plan() {
     );
     assert_eq!(bits(&engine, &tokens), want, "output moved with the plan");
 
+    // By default the GPU's slots get half of what the host's fixed part
+    // and (estimated at the host's size) the GPU's leave: here room for
+    // about half the experts.
+    let split = 2 * host_fixed + total * g.slot_bytes;
+    let engine = open(
+        rel,
+        EngineOptions {
+            budget: Some(Budget::Total(split)),
+            ..gpu_opts(KvType::F16)
+        },
+    );
+    let g = engine.gpu_stats().unwrap();
+    let half = total / 2;
+    assert!(
+        (half - 1..=half).contains(&(g.slots as u64)),
+        "{} GPU slots of {total}: {}",
+        g.slots,
+        engine.plan().summary()
+    );
+    assert!(engine.plan().total_bytes() <= split);
+    assert_eq!(bits(&engine, &tokens), want, "output moved with the plan");
+
     // --gpu-mem for every expert, under a budget with room for the host's
-    // smallest cache only: refused, naming the GPU.
+    // smallest cache only: refused before the GPU allocates, naming it.
     let k = base.config().n_experts_used as u64;
     let err = Engine::open(
         &fixture(rel),

@@ -194,7 +194,7 @@ impl Engine {
         let available = plan::available_memory().unwrap_or(8 << 30);
         let budget = opts.budget.unwrap_or(Budget::Auto { available });
         // Without the GPU (a GPU that shares this memory is counted once
-        // it is built, below).
+        // it is built: gpu_select).
         #[allow(unused_mut)]
         let mut plan = MemoryPlan::new(budget, input)?;
 
@@ -208,24 +208,15 @@ impl Engine {
                 p(done, total);
             }
         })?;
+        // A GPU that shares host memory comes back with the plan made
+        // again, counting its buffers.
         #[cfg(feature = "gpu")]
-        let (gpu, backend_note) =
-            gpu_select::open(&opts, &model, &files, &experts, &plan, available)?;
-        #[cfg(feature = "gpu")]
-        if let Some(g) = &gpu {
-            let g = g.lock().unwrap_or_else(|p| p.into_inner());
-            if g.gpu().shares_host_memory() {
-                // Its buffers come out of the host memory the plan
-                // budgets: the host's expert slots get what is left.
-                plan = MemoryPlan::new(
-                    budget,
-                    PlanInput {
-                        gpu_bytes: g.allocated_bytes() + g.kv_bytes(ctx, opts.kv_type),
-                        ..input
-                    },
-                )?;
-            }
-        }
+        let (gpu, backend_note) = {
+            let (gpu, note, with_gpu) =
+                gpu_select::open(&opts, &model, &files, &experts, &plan, available, ctx)?;
+            plan = with_gpu;
+            (gpu, note)
+        };
         #[cfg(feature = "gpu")]
         let on_cpu = gpu.is_none();
         #[cfg(not(feature = "gpu"))]
@@ -995,16 +986,20 @@ mod gpu_select {
     use crate::backend::gpu::model::unsupported;
     use crate::backend::gpu::{Gpu, GpuModel, GpuOptions};
     use crate::error::Result;
-    use crate::experts::plan::MemoryPlan;
+    use crate::experts::plan::{Budget, MemoryPlan, PlanInput};
     use crate::experts::ExpertRef;
     use crate::format::ModelFiles;
     use crate::model::Model;
 
-    /// The GPU model when `opts.backend` picks the GPU, and a line saying
-    /// which backend runs and why. `plan` is the host's memory plan
-    /// without the GPU and `available` the memory available before the
-    /// model loaded: on an adapter that shares host memory, the GPU's
-    /// expert slots are sized from them when `opts.gpu_mem` does not say.
+    /// The GPU model when `opts.backend` picks the GPU, a line saying
+    /// which backend runs and why, and the memory plan to run under.
+    /// `plan` is the host's plan without the GPU and `available` the
+    /// memory available before the model loaded. On an adapter that
+    /// shares host memory the GPU's expert slots are sized from them when
+    /// `opts.gpu_mem` does not say, and the plan is made again with the
+    /// GPU's buffers and one session's KV cache of `ctx` positions (as
+    /// the host's plan counts one session); under `Auto`, a GPU that
+    /// leaves the host too little is passed over for the CPU.
     pub(super) fn open(
         opts: &EngineOptions,
         model: &Model,
@@ -1012,15 +1007,32 @@ mod gpu_select {
         experts: &[Vec<ExpertRef>],
         plan: &MemoryPlan,
         available: u64,
-    ) -> Result<(Option<Mutex<GpuModel>>, String)> {
-        let build = |gpu: std::sync::Arc<Gpu>| -> Result<(Option<Mutex<GpuModel>>, String)> {
+        ctx: usize,
+    ) -> Result<(Option<Mutex<GpuModel>>, String, MemoryPlan)> {
+        type Built = (Option<Mutex<GpuModel>>, String, MemoryPlan);
+        let build = |gpu: std::sync::Arc<Gpu>| -> Result<Built> {
             let name = gpu.describe();
+            let shared = gpu.shares_host_memory();
             let expert_mem = match opts.gpu_mem {
-                None if gpu.shares_host_memory() => {
-                    Some(plan.gpu_arena_in_shared_memory(available))
-                }
+                None if shared => Some(plan.gpu_arena_in_shared_memory(available)),
                 mem => mem,
             };
+            let replan = |gpu_bytes: u64| {
+                MemoryPlan::new(
+                    plan.budget,
+                    PlanInput {
+                        gpu_bytes,
+                        ..plan.input
+                    },
+                )
+            };
+            if let (true, Some(mem), Budget::Total(_) | Budget::Auto { .. }) =
+                (shared, expert_mem, plan.budget)
+            {
+                // The arena alone must leave the host its smallest cache:
+                // refused before it is allocated.
+                replan(mem)?;
+            }
             let m = GpuModel::new(
                 gpu,
                 model,
@@ -1031,6 +1043,13 @@ mod gpu_select {
                     expert_mem,
                 },
             )?;
+            // Its buffers come out of the host memory the plan budgets:
+            // the host's expert slots get what they leave.
+            let with_gpu = if shared {
+                replan(m.allocated_bytes() + m.kv_bytes(ctx, opts.kv_type))?
+            } else {
+                *plan
+            };
             let st = m.expert_stats();
             let total: usize = experts.iter().map(Vec::len).sum();
             let note = format!(
@@ -1039,36 +1058,32 @@ mod gpu_select {
                 st.slots,
                 crate::experts::plan::fmt_bytes(st.slot_bytes)
             );
-            Ok((Some(Mutex::new(m)), note))
+            Ok((Some(Mutex::new(m)), note, with_gpu))
         };
+        let cpu = |why: String| Ok((None, why, *plan));
         match opts.backend {
-            Backend::Cpu => Ok((None, "cpu".into())),
+            Backend::Cpu => cpu("cpu".into()),
             Backend::Gpu => build(Gpu::shared()?),
             Backend::Auto => {
                 let gpu = match Gpu::shared() {
                     Ok(g) => g,
-                    Err(e) => return Ok((None, format!("cpu (no GPU: {e})"))),
+                    Err(e) => return cpu(format!("cpu (no GPU: {e})")),
                 };
                 if gpu.is_software() {
-                    return Ok((
-                        None,
-                        format!(
-                            "cpu ({} is a software rasterizer, slower than the CPU backend; --backend gpu forces it)",
-                            gpu.info.name
-                        ),
+                    return cpu(format!(
+                        "cpu ({} is a software rasterizer, slower than the CPU backend; --backend gpu forces it)",
+                        gpu.info.name
                     ));
                 }
                 if let Some(why) = unsupported(model) {
-                    return Ok((
-                        None,
-                        format!("cpu (the GPU backend cannot run this model yet: {why})"),
+                    return cpu(format!(
+                        "cpu (the GPU backend cannot run this model yet: {why})"
                     ));
                 }
                 match build(gpu) {
                     Ok(r) => Ok(r),
-                    Err(e) => Ok((
-                        None,
-                        format!("cpu (the GPU backend failed to load the model: {e})"),
+                    Err(e) => cpu(format!(
+                        "cpu (the GPU backend failed to load the model: {e})"
                     )),
                 }
             }

@@ -78,7 +78,8 @@ pub struct ModelArgs {
     /// free VRAM, so on a shared or small GPU set it). On unified memory or a
     /// software adapter the GPU's buffers count against --mem, and the GPU's
     /// experts get half of what the dense weights, KV cache and scratch
-    /// leave of it (the host's expert cache the other half).
+    /// leave of it (the host's expert cache the other half; under
+    /// --expert-cache, what that cache leaves of the available memory).
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
 
@@ -137,8 +138,12 @@ impl ModelArgs {
         if self.verbose {
             let i = &plan.input;
             eprintln!(
-                "      dense {} resident; {} experts of up to {} ({} per slot); KV {} for {} tokens ({}); scratch {}; io {}{}; {} threads ({})",
+                "      dense {} resident; {}{} experts of up to {} ({} per slot); KV {} for {} tokens ({}); scratch {}; io {}{}; {} threads ({})",
                 fmt_bytes(i.dense_bytes),
+                match i.gpu_bytes {
+                    0 => String::new(),
+                    b => format!("GPU buffers {} in the same memory; ", fmt_bytes(b)),
+                },
                 i.total_experts,
                 fmt_bytes(i.slot_bytes),
                 fmt_bytes(i.slot_bytes),

@@ -43,7 +43,8 @@ pub struct PlanInput {
     pub scratch_bytes: u64,
     /// What a GPU that shares this memory allocates from it (an Apple or
     /// other integrated GPU, or lavapipe): its copies of the dense weights,
-    /// its activations and KV cache, and its expert slots. 0 on a discrete
+    /// its activations, one session's KV cache (as `kv_bytes` is one
+    /// session's), and its expert slots. 0 on a discrete
     /// GPU or the CPU backend. Known once the GPU model is built, so the
     /// plan is made again then ([`MemoryPlan::gpu_arena_in_shared_memory`]
     /// sizes that GPU's slots before).
@@ -85,7 +86,7 @@ fn gpu_part(gpu: u64) -> String {
         String::new()
     } else {
         format!(
-            ", the GPU's allocations in the same memory ({}; --gpu-mem sets its expert slots)",
+            ", the GPU's allocations in the same memory ({}: a smaller --gpu-mem, or --backend cpu, leaves more)",
             fmt_bytes(gpu)
         )
     }
@@ -171,7 +172,7 @@ impl MemoryPlan {
     }
 
     /// Bytes for the expert slots of a GPU that shares this memory, when
-    /// the user gave none (`--gpu-mem`); `available` is the machine's
+    /// the user gave none (`--gpu-mem`); `machine_available` is the machine's
     /// available memory before the model loaded. The GPU's own copies of the dense weights, KV
     /// cache and activations are taken to be the host's sizes (they hold
     /// the same tensors); what they leave of the budget is split evenly
@@ -180,7 +181,7 @@ impl MemoryPlan {
     /// recently evicted). Under `--expert-cache` the host's slots are the
     /// user's, and the GPU takes what they leave of the automatic budget.
     /// The plan is then made again with the GPU's real allocations.
-    pub fn gpu_arena_in_shared_memory(&self, available: u64) -> u64 {
+    pub fn gpu_arena_in_shared_memory(&self, machine_available: u64) -> u64 {
         let host = PlanInput {
             gpu_bytes: 0,
             ..self.input
@@ -191,7 +192,7 @@ impl MemoryPlan {
             Budget::Auto { available } => {
                 auto_budget(available).saturating_sub(host.fixed_bytes() + gpu_fixed) / 2
             }
-            Budget::ExpertCache(_) | Budget::ExpertCacheMin => auto_budget(available)
+            Budget::ExpertCache(_) | Budget::ExpertCacheMin => auto_budget(machine_available)
                 .saturating_sub(host.fixed_bytes() + self.arena_bytes() + gpu_fixed),
         }
     }
@@ -290,8 +291,9 @@ pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
 }
 
 /// The memory the machine can give without swapping, in bytes: on Linux
-/// `MemAvailable` from `/proc/meminfo`; on macOS free and inactive pages
-/// (the kernel reclaims inactive pages before it compresses or swaps);
+/// `MemAvailable` from `/proc/meminfo`; on macOS free, speculative and
+/// inactive pages (the kernel reclaims inactive pages before it compresses
+/// or swaps);
 /// `None` elsewhere or when the kernel does not say.
 #[cfg(not(target_os = "macos"))]
 pub fn available_memory() -> Option<u64> {
@@ -309,7 +311,8 @@ pub fn available_memory() -> Option<u64> {
     let mut count = libc::HOST_VM_INFO64_COUNT;
     // SAFETY: host_statistics64 writes at most `count` integers into
     // `info`, which holds that many (HOST_VM_INFO64_COUNT is its size in
-    // integers); the host port needs no release.
+    // integers). The host port's send right is kept (one reference a call;
+    // this runs once a model load).
     #[allow(deprecated)]
     let r = unsafe {
         libc::host_statistics64(
@@ -325,7 +328,9 @@ pub fn available_memory() -> Option<u64> {
         return None;
     }
     // By-value reads (the struct is packed).
-    let pages = info.free_count as u64 + info.inactive_count as u64;
+    // Speculative pages (read ahead, not yet used) are free pages that
+    // free_count leaves out.
+    let pages = info.free_count as u64 + info.speculative_count as u64 + info.inactive_count as u64;
     Some(pages * page as u64)
 }
 

@@ -283,6 +283,12 @@ impl GpuModel {
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, l) in model.layers.iter().enumerate() {
             layers.push(Self::layer(&gpu, files, l, i, &dims, &a0.rope.inv_freq)?);
+            // wgpu keeps each write's staging copy until a submission
+            // carries it: a layer at a time, so a load never holds a
+            // second copy of the dense weights (host memory, and on a
+            // GPU that shares it, the memory the plan budgets).
+            gpu.submit("dense weights", Vec::new(), 0)?;
+            gpu.wait()?;
         }
         let lm_head = GpuMatrix::upload(&gpu, &model.lm_head.view(files))?;
         let output_norm = norm_buffer(&gpu, &model.output_norm)?;
