@@ -195,8 +195,7 @@ impl Engine {
         let budget = opts.budget.unwrap_or(Budget::Auto { available });
         // Without the GPU (a GPU that shares this memory is counted once
         // it is built: gpu_select).
-        #[allow(unused_mut)]
-        let mut plan = MemoryPlan::new(budget, input)?;
+        let plan = MemoryPlan::new(budget, input)?;
 
         // Dense weights resident in memory (rows interleaved by eight where
         // the CPU has a kernel for that layout); experts through the store,
@@ -211,12 +210,8 @@ impl Engine {
         // A GPU that shares host memory comes back with the plan made
         // again, counting its buffers.
         #[cfg(feature = "gpu")]
-        let (gpu, backend_note) = {
-            let (gpu, note, with_gpu) =
-                gpu_select::open(&opts, &model, &files, &experts, &plan, available, ctx)?;
-            plan = with_gpu;
-            (gpu, note)
-        };
+        let (gpu, backend_note, plan) =
+            gpu_select::open(&opts, &model, &files, &experts, &plan, available, ctx)?;
         #[cfg(feature = "gpu")]
         let on_cpu = gpu.is_none();
         #[cfg(not(feature = "gpu"))]

@@ -44,10 +44,10 @@ pub struct PlanInput {
     /// What a GPU that shares this memory allocates from it (an Apple or
     /// other integrated GPU, or lavapipe): its copies of the dense weights,
     /// its activations, one session's KV cache (as `kv_bytes` is one
-    /// session's), and its expert slots. 0 on a discrete
-    /// GPU or the CPU backend. Known once the GPU model is built, so the
-    /// plan is made again then ([`MemoryPlan::gpu_arena_in_shared_memory`]
-    /// sizes that GPU's slots before).
+    /// session's), and its expert slots. 0 on a discrete GPU or the CPU
+    /// backend. Known once the GPU model is built, so the plan is made
+    /// again then ([`MemoryPlan::gpu_arena_in_shared_memory`] sizes that
+    /// GPU's slots before).
     pub gpu_bytes: u64,
 }
 
@@ -172,10 +172,12 @@ impl MemoryPlan {
     }
 
     /// Bytes for the expert slots of a GPU that shares this memory, when
-    /// the user gave none (`--gpu-mem`); `machine_available` is the machine's
-    /// available memory before the model loaded. The GPU's own copies of the dense weights, KV
-    /// cache and activations are taken to be the host's sizes (they hold
-    /// the same tensors); what they leave of the budget is split evenly
+    /// the user gave none (`--gpu-mem`); `machine_available` is the
+    /// machine's available memory before the model loaded. The GPU's own
+    /// copies of the dense weights, KV cache and activations are taken to
+    /// be the host's sizes (they hold the same tensors, and the host's
+    /// scratch estimate is a generous stand-in for the GPU's activation
+    /// buffers); what they leave of the budget is split evenly
     /// between the GPU's slots and the host's, which feed them (with two
     /// caches of one memory, the host's keeps the experts the GPU's most
     /// recently evicted). Under `--expert-cache` the host's slots are the
@@ -293,8 +295,7 @@ pub fn scratch_bytes(cfg: &crate::model::ModelConfig, ubatch: u64) -> u64 {
 /// The memory the machine can give without swapping, in bytes: on Linux
 /// `MemAvailable` from `/proc/meminfo`; on macOS free, speculative and
 /// inactive pages (the kernel reclaims inactive pages before it compresses
-/// or swaps);
-/// `None` elsewhere or when the kernel does not say.
+/// or swaps); `None` elsewhere or when the kernel does not say.
 #[cfg(not(target_os = "macos"))]
 pub fn available_memory() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -327,9 +328,8 @@ pub fn available_memory() -> Option<u64> {
     if r != libc::KERN_SUCCESS || page <= 0 {
         return None;
     }
-    // By-value reads (the struct is packed).
-    // Speculative pages (read ahead, not yet used) are free pages that
-    // free_count leaves out.
+    // By-value reads (the struct is packed). Speculative pages (read
+    // ahead, not yet used) are free pages that free_count leaves out.
     let pages = info.free_count as u64 + info.speculative_count as u64 + info.inactive_count as u64;
     Some(pages * page as u64)
 }
