@@ -1924,6 +1924,19 @@ fn parameter_arena_chains_and_flushes() {
         2,
         "one bind group for each kernel and set of buffers"
     );
+
+    // A buffer its owner drops (a finished session's KV cache) leaves the
+    // cache with the bind groups that bind it, and only those.
+    let y = gpu.zeros_f32("y", len).unwrap();
+    let mut pass = Pass::with_arena(gpu, &mut arena);
+    pass.matmul_add(&ws[0], &z, &y, 1).unwrap();
+    pass.flush().unwrap();
+    drop(pass);
+    assert_eq!(arena.bind_groups(), 3);
+    arena.forget(&[&y]);
+    assert_eq!(arena.bind_groups(), 2, "only y's bind group goes");
+    arena.forget(&[&x]);
+    assert_eq!(arena.bind_groups(), 0);
 }
 
 /// A decode step's attention with the prep folded in (`attention_decode`)

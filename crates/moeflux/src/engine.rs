@@ -512,6 +512,16 @@ pub struct Session {
     gpu_kv: Option<crate::backend::gpu::GpuKv>,
 }
 
+/// A GPU session's KV cache leaves the GPU model's bind-group cache with it.
+#[cfg(feature = "gpu")]
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let (Some(g), Some(kv)) = (&self.engine.inner.gpu, self.gpu_kv.take()) {
+            g.lock().unwrap_or_else(|p| p.into_inner()).release_kv(kv);
+        }
+    }
+}
+
 impl Session {
     pub fn engine(&self) -> &Engine {
         &self.engine

@@ -506,6 +506,21 @@ impl GpuModel {
         s
     }
 
+    /// Frees a session's KV cache: the bind groups cached for its buffers
+    /// go with it (they would keep its memory alive, a cache for every
+    /// session a long-lived engine ever ran).
+    pub fn release_kv(&mut self, kv: GpuKv) {
+        let gone: Vec<&wgpu::Buffer> = kv
+            .layers
+            .iter()
+            .flatten()
+            .flat_map(|l| [&l.k, &l.v])
+            .collect();
+        if let Some(arena) = &mut self.params {
+            arena.forget(&gone);
+        }
+    }
+
     /// An empty KV cache for `capacity` positions.
     pub fn new_kv(&self, capacity: usize, ty: KvType) -> Result<GpuKv, GpuError> {
         let dim = self.dims.n_kv_heads * self.dims.head_dim;

@@ -90,6 +90,14 @@ impl ParamArena {
     pub fn bind_groups(&self) -> usize {
         self.bind_groups.len()
     }
+
+    /// Drops the cached bind groups that bind any of `gone`: a bind group
+    /// and its key hold their buffers alive, so a buffer its owner drops
+    /// (a finished session's KV cache) is freed only once they go too.
+    pub fn forget(&mut self, gone: &[&wgpu::Buffer]) {
+        self.bind_groups
+            .retain(|(_, buffers), _| !buffers.iter().any(|b| gone.contains(&b)));
+    }
 }
 
 /// Dispatches to run together, in order.
