@@ -14,6 +14,13 @@ q packed little-endian in u32 words), in float32:
 
     mlx_q<bits>_g<group>.{weight,scales,biases,expected}.npy
 
+Quantization to Q8_0 (what moeflux's q8_0 KV cache stores) is checked against gguf-py's
+quantizer, which follows ggml's reference `quantize_row_q8_0_ref` bit for bit: rows of f32
+values of varied scale (with zero blocks, outliers, exact halves) and their blocks,
+
+    Q8_0.quantize.input.npy   float32 [n_rows, 128]
+    Q8_0.quantize.blocks.npy  uint8   [n_rows * 4, 34]
+
 The Rust test `tests/quant_vectors.rs` requires bit-for-bit equality.
 
 Usage: pip install gguf==0.19.0 numpy && python3 scripts/gen_quant_vectors.py
@@ -25,7 +32,7 @@ import sys
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as T
-from gguf.quants import dequantize
+from gguf.quants import dequantize, quantize
 
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "data", "quant")
 
@@ -77,6 +84,17 @@ def gen_ggml(rng, qtype, n_blocks):
     return blocks, expected
 
 
+def gen_q8_0_quantize(rng, n_rows, dim):
+    x = rng.standard_normal((n_rows, dim)) * 10.0 ** rng.uniform(-4, 3, (n_rows, 1))
+    x[0, :32] = 0.0                                   # a zero block
+    x[1, 5] = 1e4 * np.abs(x[1]).max()                # an outlier
+    x[2, :32] = np.arange(-16, 16) + 0.5              # step 1 (max 127): every code a tie
+    x[2, 0] = 127.0
+    x = x.astype(np.float32)
+    blocks = quantize(x, T.Q8_0).reshape(n_rows * dim // 32, 34)
+    return x, np.ascontiguousarray(blocks)
+
+
 def bf16_bits(x):
     """float32 -> bfloat16 bits, round to nearest even (finite inputs)."""
     u = x.astype(np.float32).view(np.uint32).astype(np.uint64)
@@ -119,6 +137,10 @@ def main():
         np.save(base + ".biases.npy", b)
         np.save(base + ".expected.npy", e)
         print(f"mlx q{bits} g{group}")
+    x, blocks = gen_q8_0_quantize(np.random.default_rng(20261127), 24, 128)
+    np.save(os.path.join(OUT, "Q8_0.quantize.input.npy"), x)
+    np.save(os.path.join(OUT, "Q8_0.quantize.blocks.npy"), blocks)
+    print(f"Q8_0 quantize: {x.shape[0]} rows")
     with open(os.path.join(OUT, "VERSION"), "w") as f:
         f.write(f"gguf {importlib.metadata.version('gguf')}; numpy {np.__version__}; python {sys.version.split()[0]}\n")
 

@@ -35,6 +35,19 @@ fn json_report_matches_gguf_py_totals() {
     assert_eq!(r["tensor_count"], e["tensor_count"]);
     assert_eq!(r["config"]["arch"], "qwen3_moe");
     assert_eq!(r["plan"]["slots"], 16, "1 GiB holds all 16 tiny experts");
+
+    // The KV cache the plan sizes: 4096 positions × 2 layers × keys and
+    // values × 2 KV heads × head_dim 64, at 2 bytes (f16) or 34 per 32.
+    let kv = |ty: &str| {
+        let (ok, stdout, stderr) =
+            moeflux(&["inspect", path.to_str().unwrap(), "--json", "--kv-type", ty]);
+        assert!(ok, "{stderr}");
+        let r: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        assert_eq!(r["plan_kv_type"], ty);
+        r["plan"]["input"]["kv_bytes"].as_u64().unwrap()
+    };
+    assert_eq!(kv("f16"), 4096 * 2 * 2 * 128 * 2);
+    assert_eq!(kv("q8_0"), 4096 * 2 * 2 * 128 * 34 / 32);
 }
 
 #[test]

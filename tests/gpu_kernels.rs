@@ -1129,6 +1129,7 @@ fn upload_rows(gpu: &Gpu, rows: &Rows) -> moeflux::backend::gpu::wgpu::Buffer {
             let bytes: Vec<u8> = v.iter().flat_map(|h| h.to_le_bytes()).collect();
             gpu.storage("kv", &bytes, 0).unwrap()
         }
+        Rows::Q8_0(_) => panic!("the GPU has no q8_0 KV cache"),
     }
 }
 

@@ -333,8 +333,8 @@ fn snapshots_cross_backends() {
 }
 
 /// `Auto` never picks a software rasterizer; `Gpu` refuses a model the GPU
-/// path cannot run with a typed error naming what is missing, and `Auto`
-/// falls back to the CPU for it.
+/// path cannot run (a model, a KV cache type) with a typed error naming
+/// what is missing, and `Auto` falls back to the CPU for it.
 #[test]
 fn backend_selection() {
     if skip() {
@@ -360,8 +360,26 @@ fn backend_selection() {
         err.contains("cannot run this model") && err.contains("Gated DeltaNet"),
         "{err}"
     );
-    let engine = Engine::open(&hybrid, auto).unwrap();
+    let engine = Engine::open(&hybrid, auto.clone()).unwrap();
     assert!(!engine.on_gpu() && engine.backend().starts_with("cpu"));
+
+    // A cache type the GPU kernels cannot read: refused on the GPU,
+    // the CPU under Auto, saying why.
+    let err = Engine::open(&fixture("qwen3_moe/hf"), gpu_opts(KvType::Q8_0))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("q8_0 KV cache"), "{err}");
+    let q8 = EngineOptions {
+        kv_type: KvType::Q8_0,
+        ..auto
+    };
+    let engine = Engine::open(&fixture("qwen3_moe/hf"), q8).unwrap();
+    assert!(
+        !engine.on_gpu() && engine.backend().contains("q8_0"),
+        "{}",
+        engine.backend()
+    );
 }
 
 /// A GPU that shares host memory (lavapipe in CI, Apple silicon) takes its

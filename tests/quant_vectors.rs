@@ -93,3 +93,27 @@ fn mlx_affine_4bit_g32() {
 fn mlx_affine_8bit_g32() {
     check_mlx(8, 32);
 }
+
+/// The q8_0 KV cache quantizes as gguf-py does (which follows ggml's
+/// reference quantizer): every scale and code equal, on rows with a zero
+/// block, an outlier and rounding ties.
+#[test]
+fn q8_0_kv_cache_quantizes_like_gguf_py() {
+    use moeflux::state::kv::{KvCache, Rows};
+    use moeflux::state::KvType;
+    let x = common::npy(&common::data("quant/Q8_0.quantize.input.npy"));
+    let blocks = common::npy(&common::data("quant/Q8_0.quantize.blocks.npy"));
+    let (rows, dim) = (x.shape[0], x.shape[1]);
+    let x = x.to_f32().unwrap();
+    assert_eq!(blocks.shape, vec![rows * dim / 32, 34]);
+    let mut cache = KvCache::new(&[Some((dim, dim))], rows, KvType::Q8_0);
+    cache.layers[0].push(&x, &x);
+    let Rows::Q8_0(q) = &cache.layers[0].k else {
+        panic!("not a q8_0 cache")
+    };
+    for (b, want) in blocks.data.chunks_exact(34).enumerate() {
+        assert_eq!(q.d[b].to_le_bytes(), [want[0], want[1]], "block {b}: scale");
+        let codes: Vec<u8> = q.q[32 * b..32 * b + 32].iter().map(|&c| c as u8).collect();
+        assert_eq!(codes, want[2..], "block {b}: codes");
+    }
+}

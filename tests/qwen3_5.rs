@@ -248,3 +248,35 @@ fn save_load_round_trip_and_refusals() {
     let err = small.new_session().load(&path).unwrap_err().to_string();
     assert!(err.contains("context"), "{err}");
 }
+
+/// A q8_0 KV cache is saved and loaded like the others: the continuation
+/// after loading is bit-identical to carrying on, and an engine with
+/// another cache type refuses the file, naming both types.
+#[test]
+fn q8_0_kv_cache_saves_and_loads() {
+    use moeflux::state::KvType;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q8.bin");
+    let open = |kv_type| {
+        let opts = EngineOptions {
+            threads: 2,
+            kv_type,
+            ..Default::default()
+        };
+        Engine::open(&fixture("qwen3_5_moe/hf"), opts).unwrap()
+    };
+    let e = open(KvType::Q8_0);
+    let tokens = fixture_tokens("qwen3_5_moe");
+    let mut s = e.new_session();
+    s.eval(&tokens[..25]).unwrap();
+    s.save(&path).unwrap();
+    let want = bits(&s.eval_all(&tokens[25..]).unwrap());
+    let mut t = e.new_session();
+    t.load(&path).unwrap();
+    assert_eq!(bits(&t.eval_all(&tokens[25..]).unwrap()), want);
+
+    let mut u = open(KvType::F16).new_session();
+    let err = u.load(&path).unwrap_err().to_string();
+    assert!(err.contains("q8_0") && err.contains("f16"), "{err}");
+    assert!(u.tokens().is_empty());
+}

@@ -3,7 +3,7 @@
 prompt processing and decode tok/s, the way `moeflux bench` measures them.
 
 Prints one JSON object. Usage:
-  python3 scripts/bench/llama_cpp_bench.py -m model.gguf -p 512 -n 64 -t 2 [--no-mmap] [--repack 0]
+  python3 scripts/bench/llama_cpp_bench.py -m model.gguf -p 512 -n 64 -t 2 [--no-mmap] [--repack 0] [--kv-type q8_0]
 """
 import argparse
 import json
@@ -26,7 +26,10 @@ def main():
     ap.add_argument("-r", "--repetitions", type=int, default=1,
                     help="measure prompt and decode this many times (the same tokens, the KV cache reset) and report the medians, as `moeflux bench -r`")
     ap.add_argument("--repack", type=int, default=1, help="llama.cpp's weight repacking (extra buffer types); 1 is its default")
+    ap.add_argument("--kv-type", default="f16", choices=["f16", "f32", "q8_0"],
+                    help="KV cache type (type_k and type_v); q8_0 turns flash attention on, which llama.cpp needs for a quantized V cache")
     a = ap.parse_args()
+    kv = {"f32": 0, "f16": 1, "q8_0": 8}[a.kv_type]
 
     if not a.repack:
         # llama-cpp-python has no argument for it: patch the default model
@@ -52,6 +55,9 @@ def main():
         n_threads_batch=a.threads,
         use_mmap=not a.no_mmap,
         logits_all=False,
+        type_k=kv,
+        type_v=kv,
+        **({"flash_attn": True} if a.kv_type == "q8_0" else {}),
         verbose=False,
     )
     load_s = time.time() - t0
@@ -80,6 +86,7 @@ def main():
         "threads": a.threads,
         "mmap": not a.no_mmap,
         "repack": bool(a.repack),
+        "kv_type": a.kv_type,
         "load_s": round(load_s, 3),
         "prompt_tokens": a.prompt,
         "prompt_tok_s": round(a.prompt / prompt_s, 3),

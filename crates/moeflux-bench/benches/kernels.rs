@@ -122,11 +122,11 @@ fn stream(c: &mut Criterion) {
     }
 }
 
-/// Decode attention as the engine runs it: one query per head over the f16
-/// KV caches of 48 layers (Qwen3-30B-A3B: 32 heads, 4 KV heads, head_dim
-/// 128) at a 640-position context, 63 MB of cache rows: more than the L3
-/// of the machines measured, so the rows come from DRAM. Throughput is
-/// bytes of cache read (criterion prints GiB/s).
+/// Decode attention as the engine runs it: one query per head over the KV
+/// caches of 48 layers (Qwen3-30B-A3B: 32 heads, 4 KV heads, head_dim
+/// 128) at a 640-position context, in f16 (63 MB of cache rows) and q8_0
+/// (33 MB): more than the L3 of the machines measured, so the rows come
+/// from DRAM. Throughput is bytes of cache read (criterion prints GiB/s).
 fn attention(c: &mut Criterion) {
     use moeflux::backend::cpu::Cpu;
     use moeflux::model::attention::attend;
@@ -135,28 +135,36 @@ fn attention(c: &mut Criterion) {
     let cpu = Cpu::new(threads, None).expect("the detected level");
     let (nh, nkv, hd, ctx, layers) = (32usize, 4usize, 128usize, 640usize, 48usize);
     let dim = nkv * hd;
-    let mut cache = KvCache::new(&vec![Some((dim, dim)); layers], ctx, KvType::F16);
-    let mut r = Rng::new(3);
-    for l in &mut cache.layers {
-        let k: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
-        let v: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
-        l.push(&k, &v);
-    }
-    let q: Vec<f32> = (0..nh * hd).map(|_| r.normal() as f32).collect();
+    let q: Vec<f32> = {
+        let mut r = Rng::new(4);
+        (0..nh * hd).map(|_| r.normal() as f32).collect()
+    };
     let mut out = vec![0f32; nh * hd];
     let scratch: Vec<_> = (0..threads)
         .map(|_| std::sync::Mutex::new(Vec::new()))
         .collect();
     let mut group = c.benchmark_group("attention");
-    group.throughput(Throughput::Bytes(cache.bytes() as u64));
-    let id = BenchmarkId::new(format!("decode {nh}/{nkv}x{hd} ctx {ctx} x{layers}"), "f16");
-    group.bench_function(id, |b| {
-        b.iter(|| {
-            for kv in &cache.layers {
-                attend(&cpu, &scratch, &q, kv, &mut out, [nh, nkv, hd], 1, ctx - 1);
-            }
-        })
-    });
+    for ty in [KvType::F16, KvType::Q8_0] {
+        let mut cache = KvCache::new(&vec![Some((dim, dim)); layers], ctx, ty);
+        let mut r = Rng::new(3);
+        for l in &mut cache.layers {
+            let k: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
+            let v: Vec<f32> = (0..ctx * dim).map(|_| r.normal() as f32).collect();
+            l.push(&k, &v);
+        }
+        group.throughput(Throughput::Bytes(cache.bytes() as u64));
+        let id = BenchmarkId::new(
+            format!("decode {nh}/{nkv}x{hd} ctx {ctx} x{layers}"),
+            ty.name(),
+        );
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                for kv in &cache.layers {
+                    attend(&cpu, &scratch, &q, kv, &mut out, [nh, nkv, hd], 1, ctx - 1);
+                }
+            })
+        });
+    }
     group.finish();
 }
 

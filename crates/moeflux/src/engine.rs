@@ -185,8 +185,8 @@ impl Engine {
             top_k: cfg.n_experts_used as u64,
             // The KV cache and recurrent state, plus the checkpoints' copies
             // of the recurrent state.
-            kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type.bytes())
-                + opts.checkpoints as u64 * cfg.kv_bytes(0, 0),
+            kv_bytes: cfg.kv_bytes(ctx as u64, opts.kv_type)
+                + opts.checkpoints as u64 * cfg.kv_bytes(0, opts.kv_type),
             scratch_bytes: plan::scratch_bytes(cfg, opts.ubatch.max(1) as u64),
             gpu_bytes: 0,
         };
@@ -988,6 +988,7 @@ mod gpu_select {
     use std::sync::Mutex;
 
     use super::{Backend, EngineOptions};
+    use crate::backend::gpu::kv::GpuKv;
     use crate::backend::gpu::model::unsupported;
     use crate::backend::gpu::{Gpu, GpuModel, GpuOptions};
     use crate::error::Result;
@@ -1066,10 +1067,17 @@ mod gpu_select {
             Ok((Some(Mutex::new(m)), note, with_gpu))
         };
         let cpu = |why: String| Ok((None, why, *plan));
+        let kv_unsupported = GpuKv::stores_f16(opts.kv_type).err();
         match opts.backend {
             Backend::Cpu => cpu("cpu".into()),
-            Backend::Gpu => build(Gpu::shared()?),
+            Backend::Gpu => match kv_unsupported {
+                Some(e) => Err(e.into()),
+                None => build(Gpu::shared()?),
+            },
             Backend::Auto => {
+                if let Some(e) = kv_unsupported {
+                    return cpu(format!("cpu ({e})"));
+                }
                 let gpu = match Gpu::shared() {
                     Ok(g) => g,
                     Err(e) => return cpu(format!("cpu (no GPU: {e})")),

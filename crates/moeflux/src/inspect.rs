@@ -38,6 +38,8 @@ pub struct PlanRequest {
     pub ctx: u64,
     /// Prompt chunk size, which sizes the scratch memory.
     pub ubatch: u64,
+    /// Element type of the KV cache.
+    pub kv_type: crate::state::KvType,
 }
 
 impl Default for PlanRequest {
@@ -46,6 +48,7 @@ impl Default for PlanRequest {
             budget: None,
             ctx: 4096,
             ubatch: 512,
+            kv_type: crate::state::KvType::F16,
         }
     }
 }
@@ -72,6 +75,8 @@ pub struct InspectReport {
     pub expert_bytes: u64,
     pub expert_layers: Vec<ExpertLayer>,
     pub plan_ctx: u64,
+    /// The KV cache type the plan is for (`f16`, `f32`, `q8_0`).
+    pub plan_kv_type: &'static str,
     pub plan: Option<MemoryPlan>,
     /// The refusal, when the requested budget cannot work.
     pub plan_error: Option<String>,
@@ -141,7 +146,7 @@ pub fn plan_input(
         slot_bytes: plan::slot_bytes(biggest.part_lens.iter().copied()),
         total_experts: layers.iter().map(|l| l.n_experts).sum(),
         top_k: cfg.n_experts_used as u64,
-        kv_bytes: cfg.kv_bytes(req.ctx, 2),
+        kv_bytes: cfg.kv_bytes(req.ctx, req.kv_type),
         scratch_bytes: plan::scratch_bytes(cfg, req.ubatch),
         gpu_bytes: 0,
     })
@@ -234,6 +239,7 @@ pub fn inspect(files: &ModelFiles, req: &PlanRequest) -> InspectReport {
         expert_bytes,
         expert_layers,
         plan_ctx: req.ctx,
+        plan_kv_type: req.kv_type.name(),
         plan,
         plan_error,
     }

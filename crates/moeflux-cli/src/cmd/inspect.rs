@@ -29,6 +29,10 @@ pub struct Args {
     )]
     pub ctx: u64,
 
+    /// Element type of the KV cache the plan sizes (as `run --kv-type`).
+    #[arg(long, value_name = "TYPE", default_value = "f16", value_parser = super::model_args::KV_TYPES)]
+    pub kv_type: String,
+
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -44,6 +48,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let req = PlanRequest {
         budget: args.mem.budget()?,
         ctx: args.ctx,
+        kv_type: moeflux::state::KvType::from_name(&args.kv_type).unwrap_or_default(),
         ..PlanRequest::default()
     };
     let report = inspect(&files, &req);
@@ -218,7 +223,13 @@ fn render(r: &InspectReport, verbose: bool) -> String {
     }
     match (&r.plan, &r.plan_error) {
         (Some(p), _) => {
-            let _ = writeln!(s, "plan        {} [ctx {}]", p.summary(), r.plan_ctx);
+            let _ = writeln!(
+                s,
+                "plan        {} [ctx {}, KV {}]",
+                p.summary(),
+                r.plan_ctx,
+                r.plan_kv_type
+            );
         }
         (None, Some(e)) => {
             let _ = writeln!(s, "plan        refused: {e}");

@@ -110,24 +110,22 @@ pub fn attend(
         let queries =
             || (t0..t1).flat_map(move |t| (0..hpt).map(move |i| (t, h0 + i, (t - t0) * hpt + i)));
         // Rows j0..j1 of this group's keys or values, as f32, into the
-        // tile; the next tile's f16 rows are prefetched after them.
-        let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| match rows {
-            Rows::F16(v) => {
-                let s = kernels::Strided {
-                    at: j0 * dim + g * hd,
-                    stride: dim,
-                    width: hd,
-                    rows: j1 - j0,
-                };
-                let ahead = TILE.min(len - j1);
-                kernels::f16_rows_to_f32(level, v, s, ahead, &mut tile[..(j1 - j0) * hd]);
-            }
-            Rows::F32(_) => {
-                for j in j0..j1 {
-                    rows.read(
-                        j * dim + g * hd,
-                        &mut tile[(j - j0) * hd..(j - j0 + 1) * hd],
-                    );
+        // tile; the next tile's f16 or Q8_0 rows are prefetched after them.
+        let load = |rows: &Rows, dim: usize, j0: usize, j1: usize, tile: &mut [f32]| {
+            let s = kernels::Strided {
+                at: j0 * dim + g * hd,
+                stride: dim,
+                width: hd,
+                rows: j1 - j0,
+            };
+            let (ahead, tile) = (TILE.min(len - j1), &mut tile[..(j1 - j0) * hd]);
+            match rows {
+                Rows::F16(v) => kernels::f16_rows_to_f32(level, v, s, ahead, tile),
+                Rows::Q8_0(r) => kernels::q8_0_rows_to_f32(level, r, s, ahead, tile),
+                Rows::F32(_) => {
+                    for (j, row) in (j0..j1).zip(tile.chunks_exact_mut(hd)) {
+                        rows.read(j * dim + g * hd, row);
+                    }
                 }
             }
         };
@@ -316,8 +314,15 @@ mod tests {
     /// of chunked prefill and of thread counts rests on this).
     #[test]
     fn tiled_attention_is_bit_identical_to_plain() {
-        // A head size with a whole 32-lane chunk and an 8-lane tail.
-        let (nh, nkv, hd) = (8, 2, 40);
+        // A head size with a whole 32-lane chunk and an 8-lane tail (Q8_0
+        // blocks then straddle heads), and one of whole Q8_0 blocks.
+        for hd in [40, 64] {
+            check_tiled_attention(hd);
+        }
+    }
+
+    fn check_tiled_attention(hd: usize) {
+        let (nh, nkv) = (8, 2);
         let total = 3 * TILE + 5;
         let mut rng = Rng::new(7);
         let mut rand = |len: usize| -> Vec<f32> {
@@ -332,12 +337,15 @@ mod tests {
             Level::Avx2,
             Level::Avx512,
         ];
-        for (kv_type, level) in [KvType::F16, KvType::F32].into_iter().flat_map(|t| {
-            levels
-                .into_iter()
-                .filter(|l| l.supported())
-                .map(move |l| (t, l))
-        }) {
+        for (kv_type, level) in [KvType::F16, KvType::F32, KvType::Q8_0]
+            .into_iter()
+            .flat_map(|t| {
+                levels
+                    .into_iter()
+                    .filter(|l| l.supported())
+                    .map(move |l| (t, l))
+            })
+        {
             let mut cache = KvCache::new(&[Some((nkv * hd, nkv * hd))], total, kv_type);
             cache.layers[0].push(&k, &v);
             let kv = &cache.layers[0];
@@ -376,7 +384,7 @@ mod tests {
                         got.iter()
                             .zip(&want)
                             .all(|(a, b)| a.to_bits() == b.to_bits()),
-                        "{kv_type:?}, {}, {threads} threads, chunks of {chunk}",
+                        "head_dim {hd}, {kv_type:?}, {}, {threads} threads, chunks of {chunk}",
                         level.name()
                     );
                 }

@@ -10,6 +10,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::format::gguf::{MetaValue, Metadata};
+use crate::state::KvType;
 
 /// A supported model family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -183,26 +184,27 @@ pub enum ConfigError {
 }
 
 impl ModelConfig {
-    /// KV-cache bytes per token of context, summed over layers, for a cache
-    /// element of `elem_bytes` (2 for f16). Linear-attention layers keep no
-    /// per-token state; sliding layers are counted up to their window by
+    /// KV-cache bytes per token of context of one layer of `kind`, in
+    /// cache type `ty`. Linear-attention layers keep no per-token state;
+    /// sliding layers are counted up to their window by
     /// [`ModelConfig::kv_bytes`].
-    fn kv_bytes_per_token(&self, kind: LayerKind, elem_bytes: u64) -> u64 {
+    fn kv_bytes_per_token(&self, kind: LayerKind, ty: KvType) -> u64 {
         match kind {
             LayerKind::FullAttention | LayerKind::SlidingAttention => {
-                elem_bytes * (self.n_kv_heads * (self.head_dim + self.v_head_dim)) as u64
+                ty.row_bytes((self.n_kv_heads * self.head_dim) as u64)
+                    + ty.row_bytes((self.n_kv_heads * self.v_head_dim) as u64)
             }
             LayerKind::Mla => self
                 .mla
-                .map(|m| elem_bytes * (m.kv_lora_rank + m.qk_rope_head_dim) as u64)
+                .map(|m| ty.row_bytes((m.kv_lora_rank + m.qk_rope_head_dim) as u64))
                 .unwrap_or(0),
             LayerKind::LinearAttention => 0,
         }
     }
 
-    /// Bytes of session state for a context of `ctx` tokens: the KV cache at
-    /// `elem_bytes` per element plus the fixed recurrent state.
-    pub fn kv_bytes(&self, ctx: u64, elem_bytes: u64) -> u64 {
+    /// Bytes of session state for a context of `ctx` tokens: the KV cache
+    /// in `ty` plus the fixed recurrent state.
+    pub fn kv_bytes(&self, ctx: u64, ty: KvType) -> u64 {
         self.layers
             .iter()
             .map(|&kind| {
@@ -214,7 +216,7 @@ impl ModelConfig {
                     (LayerKind::LinearAttention, Some(l)) => l.state_bytes(),
                     _ => 0,
                 };
-                tokens * self.kv_bytes_per_token(kind, elem_bytes) + fixed
+                tokens * self.kv_bytes_per_token(kind, ty) + fixed
             })
             .sum()
     }
@@ -764,7 +766,8 @@ mod tests {
         );
         assert!(m.moe_layers.iter().all(|&x| x));
         // 48 layers × 4 kv heads × (128 + 128) × 2 bytes per token.
-        assert_eq!(m.kv_bytes(1, 2), 48 * 4 * 256 * 2);
+        assert_eq!(m.kv_bytes(1, KvType::F16), 48 * 4 * 256 * 2);
+        assert_eq!(m.kv_bytes(1, KvType::Q8_0), 48 * 4 * 256 * 34 / 32);
     }
 
     #[test]

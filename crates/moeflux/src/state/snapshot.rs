@@ -11,14 +11,16 @@
 //! magic "MOEFLUXS" | version u32 | model fingerprint u64 | kv type u8 | layers u32
 //! tokens: n u64, u32 × n | logits: n u64, f32 × n
 //! kv: positions u64, then per layer: k_dim u32, v_dim u32, keys, values
-//!     (positions × dim elements of the kv type each)
+//!     (positions × dim elements of the kv type each: f32 (type 0), f16
+//!     (1), or for q8_0 (2) positions × ceil(dim / 32) f16 scales, then
+//!     positions × dim i8 codes)
 //! linear: per layer: present u8, then conv (n u64, f32 × n), state (n u64, f32 × n)
 //! checkpoints: n u32, each: position u64, logits, linear (as above)
 //! ```
 
 use half::f16;
 
-use super::kv::Rows;
+use super::kv::{Q8Rows, Rows};
 use super::{Checkpoint, KvType, LinearState, SessionState};
 use crate::tokenizer::TokenId;
 
@@ -79,6 +81,11 @@ fn put_rows(out: &mut Vec<u8>, rows: &Rows) {
         Rows::F16(v) => v
             .iter()
             .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        Rows::Q8_0(r) => {
+            r.d.iter()
+                .for_each(|x| out.extend_from_slice(&x.to_le_bytes()));
+            out.extend(r.q.iter().map(|&q| q as u8));
+        }
     }
 }
 
@@ -103,9 +110,10 @@ impl Snapshot {
         out.extend_from_slice(MAGIC);
         put_u32(&mut out, VERSION);
         put_u64(&mut out, self.model);
-        out.push(match kv_type(&self.state) {
+        out.push(match self.state.kv.ty {
             KvType::F32 => 0,
             KvType::F16 => 1,
+            KvType::Q8_0 => 2,
         });
         put_u32(&mut out, kv.layers.len() as u32);
         put_u64(&mut out, self.tokens.len() as u64);
@@ -156,12 +164,16 @@ impl Snapshot {
         let ty = match r.u8()? {
             0 => KvType::F32,
             1 => KvType::F16,
+            2 => KvType::Q8_0,
             t => return Err(corrupt(format!("unknown KV element type {t}"))),
         };
-        let want_ty = kv_type(template);
+        let want_ty = template.kv.ty;
         if ty != want_ty {
             return Err(SnapshotError::Mismatch(format!(
-                "the session's KV cache is {ty:?}, this engine's is {want_ty:?} (open it with the same --kv-type)"
+                "the session's KV cache is {}, this engine's is {} (open it with --kv-type {})",
+                ty.name(),
+                want_ty.name(),
+                ty.name()
             )));
         }
         let n_layers = r.u32()? as usize;
@@ -198,8 +210,8 @@ impl Snapshot {
                     l.k_dim, l.v_dim
                 )));
             }
-            l.k = r.rows(ty, positions * k_dim)?;
-            l.v = r.rows(ty, positions * v_dim)?;
+            l.k = r.rows(ty, positions, k_dim)?;
+            l.v = r.rows(ty, positions, v_dim)?;
         }
         state.linear = r.linear(&template.linear)?;
         let n_checkpoints = r.u32()? as usize;
@@ -237,14 +249,6 @@ impl Snapshot {
 
 fn corrupt(message: String) -> SnapshotError {
     SnapshotError::Corrupt(message)
-}
-
-/// The element type of a state's KV cache.
-fn kv_type(state: &SessionState) -> KvType {
-    match state.kv.layers.first().map(|l| &l.k) {
-        Some(Rows::F32(_)) => KvType::F32,
-        _ => KvType::F16,
-    }
 }
 
 /// A bounds-checked cursor.
@@ -303,22 +307,35 @@ impl<'a> Reader<'a> {
             .collect())
     }
 
-    fn rows(&mut self, ty: KvType, n: usize) -> Result<Rows, SnapshotError> {
-        let bytes = n
-            .checked_mul(ty.bytes() as usize)
-            .ok_or_else(|| corrupt("a KV layer is too large".into()))?;
+    /// `positions` rows of `dim` values in `ty`.
+    fn rows(&mut self, ty: KvType, positions: usize, dim: usize) -> Result<Rows, SnapshotError> {
+        let too_large = || corrupt("a KV layer is too large".into());
+        let n = positions.checked_mul(dim).ok_or_else(too_large)?;
+        let bytes = (positions as u64)
+            .checked_mul(ty.row_bytes(dim as u64))
+            .and_then(|b| usize::try_from(b).ok())
+            .ok_or_else(too_large)?;
         let raw = self.take(bytes)?;
+        let f16s = |raw: &[u8]| -> Vec<f16> {
+            raw.chunks_exact(2)
+                .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                .collect()
+        };
         Ok(match ty {
             KvType::F32 => Rows::F32(
                 raw.chunks_exact(4)
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                     .collect(),
             ),
-            KvType::F16 => Rows::F16(
-                raw.chunks_exact(2)
-                    .map(|c| f16::from_le_bytes([c[0], c[1]]))
-                    .collect(),
-            ),
+            KvType::F16 => Rows::F16(f16s(raw)),
+            KvType::Q8_0 => {
+                let (d, q) = raw.split_at(bytes - n);
+                Rows::Q8_0(Q8Rows {
+                    dim,
+                    d: f16s(d),
+                    q: q.iter().map(|&b| b as i8).collect(),
+                })
+            }
         })
     }
 

@@ -23,7 +23,7 @@
 /// Rounds to nearest, halves away from zero, as C's `roundf` (written out:
 /// `f32::round` is a libm call where SSE4.1 is not assumed).
 #[inline]
-fn q8(x: f32, inv_d: f32) -> i8 {
+pub(crate) fn q8(x: f32, inv_d: f32) -> i8 {
     let v = x * inv_d;
     let r = (v.abs() + 0.5).floor().min(127.0);
     (if v < 0.0 { -r } else { r }) as i8

@@ -25,6 +25,18 @@ pub struct GpuKv {
 }
 
 impl GpuKv {
+    /// Whether a cache of `ty` is stored as f16 (else f32); an error for
+    /// a type the GPU kernels cannot read.
+    pub fn stores_f16(ty: KvType) -> Result<bool, GpuError> {
+        match ty {
+            KvType::F16 => Ok(true),
+            KvType::F32 => Ok(false),
+            KvType::Q8_0 => Err(GpuError::Unsupported(
+                "a q8_0 KV cache (use --kv-type f16 on the GPU, or --backend cpu)".into(),
+            )),
+        }
+    }
+
     /// A cache for `capacity` positions; `dims[l]` is layer `l`'s values
     /// per position (keys and values alike), `None` without attention.
     pub fn new(
@@ -33,14 +45,12 @@ impl GpuKv {
         capacity: usize,
         ty: KvType,
     ) -> Result<GpuKv, GpuError> {
-        let kv_f16 = ty == KvType::F16;
+        let kv_f16 = GpuKv::stores_f16(ty)?;
         let layers = dims
             .iter()
             .map(|d| {
                 d.map(|dim| {
-                    let bytes = (capacity as u64)
-                        .saturating_mul(dim as u64)
-                        .saturating_mul(ty.bytes());
+                    let bytes = (capacity as u64).saturating_mul(ty.row_bytes(dim as u64));
                     if bytes > gpu.limits.max_binding {
                         return Err(GpuError::TooLarge {
                             what: format!("a KV cache layer of {capacity} positions × {dim}"),

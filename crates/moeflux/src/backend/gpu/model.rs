@@ -496,7 +496,7 @@ impl GpuModel {
     /// ([`GpuModel::new_kv`]).
     pub fn kv_bytes(&self, capacity: usize, ty: KvType) -> u64 {
         let dim = (self.dims.n_kv_heads * self.dims.head_dim) as u64;
-        2 * self.layers.len() as u64 * capacity as u64 * dim * ty.bytes()
+        2 * self.layers.len() as u64 * capacity as u64 * ty.row_bytes(dim)
     }
 
     /// Counters of the GPU expert tier.

@@ -485,6 +485,62 @@ pub fn f16_rows_to_f32(level: Level, src: &[half::f16], s: Strided, ahead: usize
     }
 }
 
+/// Strided rows `s` of a Q8_0 cache as f32 into `dst` (row r at
+/// `r · width`): each value is its code times its block's f16 scale, as
+/// [`Rows::read`](crate::state::kv::Rows::read) computes it, so the result
+/// is exact against that reference. At the x86 SIMD levels whole blocks
+/// go eight codes at a time and the `ahead` rows after the tile are
+/// prefetched (as [`f16_rows_to_f32`] does, for the same reason).
+pub fn q8_0_rows_to_f32(
+    level: Level,
+    src: &crate::state::kv::Q8Rows,
+    s: Strided,
+    ahead: usize,
+    dst: &mut [f32],
+) {
+    assert!(
+        s.span().is_some_and(|n| n <= src.q.len())
+            && s.rows.checked_mul(s.width).is_some_and(|n| n <= dst.len()),
+        "{s:?} outside the cache ({}) or the tile ({})",
+        src.q.len(),
+        dst.len()
+    );
+    #[cfg(target_arch = "x86_64")]
+    if level >= Level::Avx2 {
+        // SAFETY: the level is supported (checked when the backend is
+        // made); the rows lie inside both slices (asserted above).
+        unsafe { x86::q8_0_rows_avx2(src, s, ahead, dst) };
+        return;
+    }
+    let _ = (level, ahead);
+    q8_0_rows(src, s, dst);
+}
+
+/// The body of [`q8_0_rows_to_f32`]: a row's values are walked one run of
+/// a single block at a time (a run ends where the block or the tile's
+/// row does), one scale per run.
+#[inline(always)]
+pub(crate) fn q8_0_rows(src: &crate::state::kv::Q8Rows, s: Strided, dst: &mut [f32]) {
+    use crate::state::kv::Q8_BLOCK;
+    let (dim, bpr) = (src.dim, src.blocks_per_row());
+    for r in 0..s.rows {
+        let start = s.at + r * s.stride;
+        let out = &mut dst[r * s.width..(r + 1) * s.width];
+        let mut i = start;
+        while i < start + s.width {
+            let (row, c) = (i / dim, i % dim);
+            let end = (row * dim + (c / Q8_BLOCK + 1) * Q8_BLOCK)
+                .min(row * dim + dim)
+                .min(start + s.width);
+            let d = src.d[row * bpr + c / Q8_BLOCK].to_f32();
+            for (o, &q) in out[i - start..end - start].iter_mut().zip(&src.q[i..end]) {
+                *o = q as f32 * d;
+            }
+            i = end;
+        }
+    }
+}
+
 /// `y += s · x` at `level`: attention's weighted sum of values.
 pub fn axpy(level: Level, s: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len());

@@ -1053,6 +1053,68 @@ pub unsafe fn f16_rows_f16c(src: &[u16], s: super::Strided, ahead: usize, dst: &
     }
 }
 
+/// [`super::q8_0_rows`] with AVX2: where every tile row is whole blocks
+/// (a head of 32·n values starting on a block), eight codes at a time
+/// (i8 → i32 → f32, times the block's scale); otherwise the portable body
+/// compiled for AVX2. Then a prefetch of the codes of the `ahead` rows
+/// after the tile, one per 64 bytes from each row's start.
+///
+/// # Safety
+/// AVX2 and F16C present; `s.rows == 0`, or `s.at + (s.rows − 1) ·
+/// s.stride + s.width ≤ src.q.len()` without overflow; `s.rows · s.width ≤
+/// dst.len()`. (The prefetches may point anywhere, they never fault.)
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn q8_0_rows_avx2(
+    src: &crate::state::kv::Q8Rows,
+    s: super::Strided,
+    ahead: usize,
+    dst: &mut [f32],
+) {
+    use crate::state::kv::Q8_BLOCK;
+    let (dim, bpr) = (src.dim, src.blocks_per_row());
+    // Whole blocks in every row, and their scales inside `src.d` (its
+    // fields are public: checked, not assumed).
+    let whole = dim > 0
+        && s.rows > 0
+        && s.stride == dim
+        && s.width.is_multiple_of(Q8_BLOCK)
+        && (s.at % dim).is_multiple_of(Q8_BLOCK)
+        && s.at % dim + s.width <= dim
+        && (s.at / dim + s.rows - 1) * bpr + s.at % dim / Q8_BLOCK + s.width / Q8_BLOCK
+            <= src.d.len();
+    if whole {
+        let (row0, b0) = (s.at / dim, s.at % dim / Q8_BLOCK);
+        for r in 0..s.rows {
+            let q = src.q.as_ptr().add(s.at + r * s.stride);
+            let d = src.d.as_ptr().add((row0 + r) * bpr + b0) as *const u16;
+            let out = dst.as_mut_ptr().add(r * s.width);
+            for b in 0..s.width / Q8_BLOCK {
+                // SAFETY: block b of row r is inside the codes and the
+                // tile (the contract) and its scale inside `src.d` (`whole`).
+                let h = _mm_cvtsi32_si128(*d.add(b) as i32);
+                let scale = _mm256_broadcastss_ps(_mm_cvtph_ps(h));
+                for i in (0..Q8_BLOCK).step_by(8) {
+                    let at = b * Q8_BLOCK + i;
+                    let c = _mm_loadl_epi64(q.add(at) as *const __m128i);
+                    let v = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+                    _mm256_storeu_ps(out.add(at), _mm256_mul_ps(v, scale));
+                }
+            }
+        }
+    } else {
+        super::q8_0_rows(src, s, dst);
+    }
+    let base = src.q.as_ptr();
+    for r in s.rows..s.rows + ahead {
+        let row = base.wrapping_add(s.at + r * s.stride);
+        let mut off = 0;
+        while off < s.width {
+            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off));
+            off += 64;
+        }
+    }
+}
+
 /// `y += s · x`, eight lanes at a time with FMA (the tail without).
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn axpy_avx2(s: f32, x: &[f32], y: &mut [f32]) {
