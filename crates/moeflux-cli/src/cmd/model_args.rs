@@ -14,10 +14,10 @@ use moeflux::sampling::SamplingParams;
 use moeflux::state::KvType;
 
 use super::mem::MemArgs;
+use moeflux::{Engine, EngineOptions};
 
 /// The `--kv-type` values, as `KvType::from_name` reads them.
 pub const KV_TYPES: [&str; 3] = ["f16", "f32", "q8_0"];
-use moeflux::{Engine, EngineOptions};
 
 /// Which model, and how to size its session.
 #[derive(clap::Args, Debug, Clone)]

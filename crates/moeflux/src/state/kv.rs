@@ -16,7 +16,9 @@ pub enum KvType {
     /// scale `d = max|x| / 127` and codes `round(x / d)` (halves away from
     /// zero), bit for bit what gguf-py's and ggml's reference quantizers
     /// make. Each value is off by at most `d / 2` plus the scale's f16
-    /// rounding (`|q| · |d − f16(d)| ≤ 127 · 2⁻¹¹ · d`).
+    /// rounding, `|q| · |d − f16(d)| ≤ 127 · max(2⁻¹¹ · d, 2⁻²⁵)` (relative
+    /// while `d` is a normal f16, at least 2⁻¹⁴; absolute below, where a
+    /// block whose largest value is under ~4e-6 reads back as zeros).
     Q8_0,
 }
 
@@ -81,6 +83,7 @@ impl Q8Rows {
 
     /// Quantizes whole rows (`x.len()` a multiple of `dim`) onto the end.
     fn extend(&mut self, x: &[f32]) {
+        debug_assert!(x.len().checked_rem(self.dim).unwrap_or(x.len()) == 0);
         if self.dim == 0 {
             return;
         }
@@ -101,6 +104,7 @@ impl Q8Rows {
 
     /// Keeps the first `n` values (whole rows).
     fn truncate(&mut self, n: usize) {
+        debug_assert!(n.checked_rem(self.dim).unwrap_or(0) == 0);
         self.q.truncate(n);
         if let Some(rows) = n.checked_div(self.dim) {
             self.d.truncate(rows * self.blocks_per_row());
@@ -277,10 +281,14 @@ mod tests {
         for dim in [32, 40, 128, 7] {
             let n = 9;
             let mut x: Vec<f32> = (0..n * dim).map(|_| r.normal() as f32).collect();
-            // An outlier, a zero block and a subnormal-scale block.
+            // An outlier, a zero block, a block whose scale is a subnormal
+            // f16 and one whose scale rounds to zero.
             x[3] = 40.0;
             x[dim..dim + dim.min(32)].fill(0.0);
-            x[2 * dim] = 1e-30;
+            for i in 0..dim.min(32) {
+                x[2 * dim + i] *= 1e-4;
+                x[3 * dim + i] *= 1e-7;
+            }
             let mut rows = Rows::new(KvType::Q8_0, dim);
             rows.extend(&x[..5 * dim]);
             rows.extend(&x[5 * dim..]);
@@ -296,7 +304,7 @@ mod tests {
                 let block =
                     &x[row * dim + col / 32 * 32..row * dim + (col / 32 * 32 + 32).min(dim)];
                 let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-                let bound = d / 2.0 + 127.0 * d * 2f32.powi(-11) + 1e-37;
+                let bound = d / 2.0 + 127.0 * (d * 2f32.powi(-11)).max(2f32.powi(-25));
                 assert!(
                     (a - b).abs() <= bound,
                     "dim {dim}, value {i}: {a} → {b}, bound {bound}"

@@ -123,6 +123,8 @@ impl Snapshot {
         put_f32s(&mut out, &self.logits);
         put_u64(&mut out, kv.len as u64);
         for l in &kv.layers {
+            // The header's type is the rows' (a cache is made of one type).
+            debug_assert!(l.k.ty() == kv.ty && l.v.ty() == kv.ty);
             put_u32(&mut out, l.k_dim as u32);
             put_u32(&mut out, l.v_dim as u32);
             put_rows(&mut out, &l.k);

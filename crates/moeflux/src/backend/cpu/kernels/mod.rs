@@ -107,6 +107,18 @@ impl Level {
     }
 }
 
+/// Whether `level` is an x86 SIMD level this CPU runs: the test every
+/// choice of SIMD code makes. The public functions take their level from
+/// the caller; checking it here keeps a level the CPU lacks (a caller's
+/// mistake) from reaching `#[target_feature]` code, which would be
+/// undefined behaviour: it gets the portable code instead. (The check is a
+/// few cached feature bits, made once per kernel choice or tile.)
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn x86_simd(level: Level) -> bool {
+    level >= Level::Avx2 && level.supported()
+}
+
 /// The level in use: `MOEFLUX_CPU` if set (and supported), else detected.
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
@@ -320,7 +332,7 @@ fn resolve(w: &Matrix<'_>, input: &Input<'_>, level: Level) -> RowKernel {
 
 fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         return x86::q8_kernel(ty, level);
     }
     #[cfg(target_arch = "aarch64")]
@@ -343,7 +355,7 @@ fn q8_kernel(ty: GgmlType, level: Level) -> Q8Kernel {
 /// one.
 fn q8_kernel_x8(ty: GgmlType, level: Level) -> Option<Q8KernelX8> {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         return x86::q8_kernel_x8(ty, level);
     }
     let _ = (ty, level);
@@ -360,7 +372,7 @@ pub fn wants_interleaved(ty: GgmlType, rows: usize, cols: usize, level: Level) -
 /// The four-row kernel of a type at a level, if it has one.
 fn q8_kernel4(ty: GgmlType, level: Level) -> Option<Q8Kernel4> {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         return x86::q8_kernel4(ty, level);
     }
     let _ = (ty, level);
@@ -369,7 +381,7 @@ fn q8_kernel4(ty: GgmlType, level: Level) -> Option<Q8Kernel4> {
 
 fn mlx_kernel(level: Level) -> MlxKernel {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         return x86::mlx_kernel(level);
     }
     #[cfg(target_arch = "aarch64")]
@@ -391,7 +403,7 @@ fn scalar_f(ty: GgmlType, w: &[u8], x: &[f32]) -> f32 {
 
 fn f_kernel(level: Level) -> FKernel {
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         return x86::f_kernel(level);
     }
     let _ = level;
@@ -405,8 +417,8 @@ pub fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     if level == Level::Reference {
         return f32_dot(a, b);
     }
-    // SAFETY: the kernel was resolved for this level, which the CPU has
-    // (levels are checked when a backend is made); `a` is `b.len()` f32s.
+    // SAFETY: the kernel was resolved for this level, SIMD code only for
+    // a level the CPU has (`x86_simd`); `a` is `b.len()` f32s.
     unsafe { f_kernel(level)(GgmlType::F32, bytemuck::cast_slice(a), b) }
 }
 
@@ -435,6 +447,16 @@ pub struct Strided {
 }
 
 impl Strided {
+    /// Asserts the rows lie inside a cache of `src` values and fit a tile
+    /// of `dst` values (`rows · width`): what the SIMD loaders rely on.
+    fn check(self, src: usize, dst: usize) {
+        assert!(
+            self.span().is_some_and(|n| n <= src)
+                && self.rows.checked_mul(self.width).is_some_and(|n| n <= dst),
+            "{self:?} outside the cache ({src}) or the tile ({dst})"
+        );
+    }
+
     /// The values the rows span (`src` must hold at least this many), or
     /// `None` if that overflows.
     fn span(self) -> Option<usize> {
@@ -460,18 +482,11 @@ impl Strided {
 /// (21–22 ms) was slower: the prefetches then compete with the tile's own
 /// loads.
 pub fn f16_rows_to_f32(level: Level, src: &[half::f16], s: Strided, ahead: usize, dst: &mut [f32]) {
-    assert!(
-        s.span().is_some_and(|n| n <= src.len())
-            && s.rows.checked_mul(s.width).is_some_and(|n| n <= dst.len()),
-        "{s:?} outside the cache ({}) or the tile ({})",
-        src.len(),
-        dst.len()
-    );
+    s.check(src.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         use half::slice::HalfFloatSliceExt;
-        // SAFETY: the level is supported (checked when the backend is
-        // made); the rows lie inside both slices (asserted above).
+        // SAFETY: the level is supported (`x86_simd`); the rows lie inside both slices (asserted above).
         unsafe { x86::f16_rows_f16c(src.reinterpret_cast(), s, ahead, dst) };
         return;
     }
@@ -498,17 +513,10 @@ pub fn q8_0_rows_to_f32(
     ahead: usize,
     dst: &mut [f32],
 ) {
-    assert!(
-        s.span().is_some_and(|n| n <= src.q.len())
-            && s.rows.checked_mul(s.width).is_some_and(|n| n <= dst.len()),
-        "{s:?} outside the cache ({}) or the tile ({})",
-        src.q.len(),
-        dst.len()
-    );
+    s.check(src.q.len(), dst.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
-        // SAFETY: the level is supported (checked when the backend is
-        // made); the rows lie inside both slices (asserted above).
+    if x86_simd(level) {
+        // SAFETY: the level is supported (`x86_simd`); the rows lie inside both slices (asserted above).
         unsafe { x86::q8_0_rows_avx2(src, s, ahead, dst) };
         return;
     }
@@ -545,7 +553,7 @@ pub(crate) fn q8_0_rows(src: &crate::state::kv::Q8Rows, s: Strided, dst: &mut [f
 pub fn axpy(level: Level, s: f32, x: &[f32], y: &mut [f32]) {
     assert_eq!(x.len(), y.len());
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         // SAFETY: as above.
         unsafe { x86::axpy_avx2(s, x, y) };
         return;
@@ -563,8 +571,8 @@ pub fn scores(level: Level, q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]
     let hd = q.len();
     assert!(tile.len() >= out.len() * hd);
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
-        // SAFETY: the level is supported (checked when the backend is made).
+    if x86_simd(level) {
+        // SAFETY: the level is supported (`x86_simd`).
         unsafe { x86::scores_avx2(q, tile, scale, out) };
         return;
     }
@@ -579,7 +587,7 @@ pub fn weighted_rows(level: Level, s: &[f32], tile: &[f32], o: &mut [f32]) {
     let hd = o.len();
     assert!(tile.len() >= s.len() * hd);
     #[cfg(target_arch = "x86_64")]
-    if level >= Level::Avx2 {
+    if x86_simd(level) {
         // SAFETY: as above.
         unsafe { x86::weighted_rows_avx2(s, tile, o) };
         return;
