@@ -98,7 +98,9 @@ impl Level {
     /// kernels anywhere, NEON on AArch64, the x86 levels up to the one
     /// detected.
     pub fn supported(self) -> bool {
-        let best = Level::detect();
+        // Detected once: the kernels ask on every SIMD choice.
+        static BEST: OnceLock<Level> = OnceLock::new();
+        let best = *BEST.get_or_init(Level::detect);
         match self {
             Level::Reference | Level::Scalar => true,
             Level::Neon => best == Level::Neon,
