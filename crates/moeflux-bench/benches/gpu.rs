@@ -1,6 +1,7 @@
 //! GPU kernels on the first adapter wgpu finds, reported as GB/s of weights
 //! read (criterion's throughput), the cost of a dependent dispatch by
-//! product size, and the cost of a dispatch. Run with
+//! product size, whether independent dispatches run side by side, and the
+//! cost of a dispatch. Run with
 //! `cargo bench -p moeflux-bench --features gpu --bench gpu`.
 //!
 //! Each iteration records several products into one pass, submits it and
@@ -109,6 +110,63 @@ fn bench(c: &mut Criterion) {
                 })
             });
         }
+    }
+    group.finish();
+    // Independent dispatches side by side: 32 dependent stages, each an
+    // output projection's product (2048 × 4096 Q4_0, adding into y, so
+    // each stage waits for the one before), alone or followed by a small
+    // product that reads the same input and writes a buffer of its own
+    // stage (an F32 128 × 4096 router-sized matrix). wgpu puts a barrier
+    // before a dispatch that writes (or reads) a buffer written earlier in
+    // the pass, so the small products write 32 distinct buffers: nothing
+    // orders a small product after the projection beside it. If the GPU
+    // runs the two side by side, a stage with both costs about what one
+    // alone does; if not, the two costs add. `small alone` is the small
+    // product by itself, a buffer a stage as well (no barriers at all).
+    let mut group = c.benchmark_group("gpu/overlap");
+    group.sample_size(10);
+    let (rows, cols) = (2048usize, 4096usize);
+    let len = GgmlType::Q4_0.row_bytes(cols as u64).unwrap() as usize * rows;
+    let mut bytes = vec![0u8; len];
+    fill_blocks(GgmlType::Q4_0, &mut Rng::new(4), 0.05, &mut bytes).unwrap();
+    let m = Matrix::ggml(GgmlType::Q4_0, rows, cols, &bytes).unwrap();
+    let copies = (160usize << 20).div_ceil(len).clamp(1, 32);
+    let big: Vec<GpuMatrix> = (0..copies)
+        .map(|_| GpuMatrix::upload(&gpu, &m).unwrap())
+        .collect();
+    let small_rows = 128usize;
+    let f32_bytes: Vec<u8> = (0..small_rows * cols)
+        .flat_map(|i| (((i * 37) % 101) as f32 * 1e-3).to_le_bytes())
+        .collect();
+    let sm = Matrix::ggml(GgmlType::F32, small_rows, cols, &f32_bytes).unwrap();
+    let small = GpuMatrix::upload(&gpu, &sm).unwrap();
+    let mut r = Rng::new(5);
+    let x: Vec<f32> = (0..cols).map(|_| r.normal() as f32).collect();
+    let xb = gpu.upload_f32("x", &x).unwrap();
+    let yb = gpu.zeros_f32("y", rows).unwrap();
+    let zb: Vec<_> = (0..32)
+        .map(|_| gpu.zeros_f32("z", small_rows).unwrap())
+        .collect();
+    for (name, with_big, with_small) in [
+        ("projection alone", true, false),
+        ("projection + small beside", true, true),
+        ("small alone (no barriers)", false, true),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut pass = Pass::with_arena(&gpu, &mut arena);
+                for i in 0..32 {
+                    if with_big {
+                        pass.matmul_add(&big[i % copies], &xb, &yb, 1).unwrap();
+                    }
+                    if with_small {
+                        pass.matmul_add(&small, &xb, &zb[i], 1).unwrap();
+                    }
+                }
+                pass.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
     }
     group.finish();
     // Dispatch cost: 256 one-row products in one pass (criterion's time
