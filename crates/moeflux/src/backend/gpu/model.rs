@@ -495,8 +495,12 @@ impl GpuModel {
     /// Bytes of a session's KV cache of `capacity` positions
     /// ([`GpuModel::new_kv`]).
     pub fn kv_bytes(&self, capacity: usize, ty: KvType) -> u64 {
-        let dim = (self.dims.n_kv_heads * self.dims.head_dim) as u64;
-        2 * self.layers.len() as u64 * capacity as u64 * ty.row_bytes(dim)
+        2 * self.layers.len() as u64 * capacity as u64 * ty.row_bytes(self.kv_dim() as u64)
+    }
+
+    /// Values a position's K (or V) row holds in one layer.
+    fn kv_dim(&self) -> usize {
+        self.dims.n_kv_heads * self.dims.head_dim
     }
 
     /// Counters of the GPU expert tier.
@@ -523,8 +527,7 @@ impl GpuModel {
 
     /// An empty KV cache for `capacity` positions.
     pub fn new_kv(&self, capacity: usize, ty: KvType) -> Result<GpuKv, GpuError> {
-        let dim = self.dims.n_kv_heads * self.dims.head_dim;
-        let dims = vec![Some(dim); self.layers.len()];
+        let dims = vec![Some(self.kv_dim()); self.layers.len()];
         GpuKv::new(&self.gpu, &dims, capacity, ty)
     }
 
