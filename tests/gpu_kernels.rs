@@ -1222,10 +1222,15 @@ fn decode_attention_matches_cpu() {
 
 /// Every kernel, in every variant, parses and validates with naga, and
 /// translates to MSL (what wgpu does on a Mac; MSL 2.3, the oldest on
-/// Apple silicon) and to SPIR-V 1.3 (Vulkan). No adapter needed.
+/// Apple silicon), to SPIR-V 1.3 (Vulkan) and to HLSL (what wgpu does for
+/// DX12, at the shader model each variant needs: 5.1 with nothing
+/// optional, 6.0 for subgroup reductions, which are wave intrinsics, 6.2
+/// for native f16). No adapter needed. Compiling the HLSL (DXC or FXC)
+/// needs Windows, so whether a shader model allows everything the output
+/// uses is not checked here: naga checks only some of it.
 #[test]
-fn every_kernel_translates_to_msl_and_spirv() {
-    use naga::back::{msl, spv};
+fn every_kernel_translates_to_msl_spirv_and_hlsl() {
+    use naga::back::{hlsl, msl, spv};
     use naga::valid::{Capabilities, ValidationFlags, Validator};
     let mut checked = 0;
     for kernel in Kernel::all() {
@@ -1271,6 +1276,28 @@ fn every_kernel_translates_to_msl_and_spirv() {
             let words = spv::write_vec(&module, &info, &spv_opts, None)
                 .unwrap_or_else(|e| panic!("{what}: SPIR-V: {e:?}"));
             assert_eq!(words.first(), Some(&0x0723_0203), "{what}: SPIR-V magic");
+            let shader_model = if variant.f16_native {
+                hlsl::ShaderModel::V6_2
+            } else if variant.reduce == Reduce::Subgroup {
+                hlsl::ShaderModel::V6_0
+            } else {
+                hlsl::ShaderModel::V5_1
+            };
+            let hlsl_opts = hlsl::Options {
+                shader_model,
+                // As the kernels are compiled (see RUNTIME_CHECKS in
+                // backend/gpu/kernels.rs): our loops are counted.
+                force_loop_bounding: false,
+                ..Default::default()
+            };
+            let mut hlsl_src = String::new();
+            hlsl::Writer::new(&mut hlsl_src, &hlsl_opts, &hlsl::PipelineOptions::default())
+                .write(&module, &info, None)
+                .unwrap_or_else(|e| panic!("{what}: HLSL: {e:?}"));
+            assert!(
+                hlsl_src.contains("[numthreads("),
+                "{what}: no HLSL compute entry point"
+            );
             checked += 1;
         }
     }
