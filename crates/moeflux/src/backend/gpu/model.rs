@@ -144,6 +144,46 @@ struct Activations {
     readback: wgpu::Buffer,
 }
 
+/// Buffers in [`Activations`]: all of its fields.
+const ACTIVATION_BUFFERS: usize = 21;
+
+// A field added to `Activations` changes its size: it then does not
+// compile until `Activations::bytes` counts it (the memory plan of a GPU
+// in shared memory rests on that count).
+const _: () = assert!(
+    std::mem::size_of::<Activations>() == ACTIVATION_BUFFERS * std::mem::size_of::<wgpu::Buffer>()
+);
+
+impl Activations {
+    /// Bytes of every buffer.
+    fn bytes(&self) -> u64 {
+        let all: [&wgpu::Buffer; ACTIVATION_BUFFERS] = [
+            &self.x,
+            &self.h,
+            &self.qkv,
+            &self.qn,
+            &self.attn,
+            &self.attn_parts,
+            &self.rope,
+            &self.router,
+            &self.moe_in,
+            &self.act,
+            &self.down,
+            &self.gather_idx,
+            &self.combine_row,
+            &self.combine_w,
+            &self.jobs,
+            &self.choice,
+            &self.out_idx,
+            &self.out_x,
+            &self.out_h,
+            &self.logits,
+            &self.readback,
+        ];
+        all.iter().map(|b| b.size()).sum()
+    }
+}
+
 /// Host-side scratch of the MoE routing.
 #[derive(Default)]
 struct Routing_ {
@@ -456,33 +496,7 @@ impl GpuModel {
                     + l.router.bytes()
             })
             .sum();
-        let a = &self.act;
-        let act: u64 = [
-            &a.x,
-            &a.h,
-            &a.qkv,
-            &a.qn,
-            &a.attn,
-            &a.attn_parts,
-            &a.rope,
-            &a.router,
-            &a.moe_in,
-            &a.act,
-            &a.down,
-            &a.gather_idx,
-            &a.combine_row,
-            &a.combine_w,
-            &a.jobs,
-            &a.choice,
-            &a.out_idx,
-            &a.out_x,
-            &a.out_h,
-            &a.logits,
-            &a.readback,
-        ]
-        .iter()
-        .map(|b| b.size())
-        .sum();
+        let act = self.act.bytes();
         let params = self.params.as_ref().map_or(0, ParamArena::bytes);
         layers
             + self.output_norm.size()
