@@ -1014,9 +1014,7 @@ pub unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
 /// (the tail one by one; the loop of [`f16_to_f32_f16c`], written out
 /// here because calling that function per row, even `#[inline]`,
 /// measured slower: attention bench, 2 threads, 22–26 ms against
-/// 16–20), then a prefetch of every cache line of the next
-/// `ahead` rows (only their addresses are formed, with `wrapping_add`: rows
-/// past the end are ignored by the prefetch).
+/// 16–20), then a prefetch of the next `ahead` rows ([`prefetch_rows`]).
 ///
 /// # Safety
 /// AVX2 and F16C present; `s.rows == 0`, or `s.at + (s.rows − 1) ·
@@ -1037,16 +1035,26 @@ pub unsafe fn f16_rows_f16c(src: &[u16], s: super::Strided, ahead: usize, dst: &
             *to.add(i) = half::f16::from_bits(*from.add(i)).to_f32();
         }
     }
-    // One prefetch per 64 bytes from each row's start. A row need not
-    // start on a line, so its last partial line may go unrequested; asking
-    // for every line it touches (five, not four, for a 256-byte row)
-    // measured slower (attention bench, 2 threads: 19–24 ms against 17–20),
-    // more requests competing for the same fill buffers.
-    let base = src.as_ptr() as *const u8;
+    prefetch_rows(src.as_ptr() as *const u8, 2, s, ahead);
+}
+
+/// Prefetches the `ahead` rows after tile `s` of a cache of `elem`-byte
+/// values at `base`, for the KV loaders. Only addresses are formed
+/// (`wrapping_add`): rows past the cache's end are ignored by the
+/// prefetch.
+///
+/// One prefetch per 64 bytes from each row's start. A row need not start
+/// on a line, so its last partial line may go unrequested; asking for
+/// every line it touches (five, not four, for a 256-byte row) measured
+/// slower (attention bench, 2 threads: 19–24 ms against 17–20), more
+/// requests competing for the same fill buffers.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn prefetch_rows(base: *const u8, elem: usize, s: super::Strided, ahead: usize) {
     for r in s.rows..s.rows + ahead {
-        let row = base.wrapping_add(2 * (s.at + r * s.stride));
+        let row = base.wrapping_add(elem * (s.at + r * s.stride));
         let mut off = 0;
-        while off < 2 * s.width {
+        while off < elem * s.width {
             _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off) as *const i8);
             off += 64;
         }
@@ -1104,15 +1112,7 @@ pub unsafe fn q8_0_rows_avx2(
     } else {
         super::q8_0_rows(src, s, dst);
     }
-    let base = src.q.as_ptr();
-    for r in s.rows..s.rows + ahead {
-        let row = base.wrapping_add(s.at + r * s.stride);
-        let mut off = 0;
-        while off < s.width {
-            _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off));
-            off += 64;
-        }
-    }
+    prefetch_rows(src.q.as_ptr() as *const u8, 1, s, ahead);
 }
 
 /// `y += s · x`, eight lanes at a time with FMA (the tail without).
