@@ -42,6 +42,9 @@ for bin in "$base" "$new"; do
     [ -x "$bin" ] || { echo "not an executable: $bin" >&2; exit 2; }
 done
 
+# The model file of type $1 (the same name for the builds and llama.cpp).
+model_file() { echo "$work/qwen3-30b-a3b-$1${LAYERS:+-$LAYERS}.gguf"; }
+
 t0=$(date +%s)
 say() { echo "[$(($(date +%s) - t0))s] $*"; }
 
@@ -63,7 +66,7 @@ print("prompt %.1f (%s)  decode %.1f (%s)  load %.1f s" % (d["prompt_tok_s"], ru
       d["decode_tok_s"], runs("decode_tok_s_runs"), d["load_s"]))'
 
 for q in "${quants[@]}"; do
-    file="$work/qwen3-30b-a3b-$q${LAYERS:+-$LAYERS}.gguf"
+    file=$(model_file "$q")
     if [ ! -f "$file" ]; then
         say "synth $q"
         "$base" synth --preset qwen3-30b-a3b --quant "$q" ${LAYERS:+--layers "$LAYERS"} -o "$file" | tail -n 1
@@ -86,7 +89,7 @@ if [ -n "$llama" ]; then
     say "waiting for the llama.cpp build"
     wait "$llama" || { tail -n 20 "$work/llama-build.log"; exit 1; }
     for q in "${quants[@]}"; do
-        file="$work/qwen3-30b-a3b-$q${LAYERS:+-$LAYERS}.gguf"
+        file=$(model_file "$q")
         say "llama.cpp $q"
         "$work/llama-build/bin/llama-bench" -m "$file" -ngl 99 -p "$p" -n "$n" -r 3 |
             grep -E "pp$p|tg$n|build"
