@@ -386,6 +386,8 @@ fn backend_selection() {
 /// buffers from the memory the plan budgets: the plan counts them, the
 /// host's expert slots get what they leave, and a GPU arena that leaves
 /// the host too little is refused, naming the GPU. Output never changes.
+/// (With the GPU's own copies of experts: reading them in place, where the
+/// device can, is the next test's.)
 #[test]
 fn a_gpu_in_host_memory_is_in_the_plan() {
     if skip() {
@@ -393,6 +395,10 @@ fn a_gpu_in_host_memory_is_in_the_plan() {
     }
     let rel = "qwen3_moe/gguf/qwen3_moe-Q8_0.gguf";
     let tokens = fixture_tokens("qwen3_moe");
+    let gpu_opts = |kv| EngineOptions {
+        gpu_in_place: false,
+        ..gpu_opts(kv)
+    };
     let base = open(rel, gpu_opts(KvType::F16));
     let want = bits(&base, &tokens);
     let p = base.plan().input;
@@ -478,4 +484,92 @@ fn a_gpu_in_host_memory_is_in_the_plan() {
     .map(|e| e.to_string())
     .unwrap_or_default();
     assert!(err.contains("GPU's allocations"), "{err}");
+}
+
+/// A GPU that shares host memory and imports it (lavapipe in CI; Vulkan on
+/// integrated GPUs) reads streamed experts in place from the host's expert
+/// cache: nothing is copied, its arena keeps a layer's top k only (for
+/// experts that could not be read so), the host's cache gets the memory,
+/// and the bits are those of a GPU holding every expert, with the host's
+/// cache at a few slots or at half the experts. The GPU's own copies,
+/// under the same budget, give the same bits too. The MLX fixture's
+/// tensors start two bytes off a word (its safetensors header is 6494
+/// bytes, unpadded), which the kernels cannot address: its experts take
+/// the arena's top-k slots instead, copied, with the same bits.
+#[test]
+fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
+    if skip() {
+        return;
+    }
+    let gpu = moeflux::backend::gpu::Gpu::shared().unwrap();
+    if !gpu.reads_host_in_place() {
+        eprintln!(
+            "{}: no reads in place (not sharing host memory, or no import)",
+            gpu.describe()
+        );
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_moe");
+    for rel in ["qwen3_moe/gguf/qwen3_moe-Q8_0.gguf", "qwen3_moe/mlx"] {
+        let base = open(rel, gpu_opts(KvType::F16));
+        let want = bits(&base, &tokens);
+        let p = base.plan().input;
+        let g = base.gpu_stats().unwrap();
+        let total = p.total_experts;
+        assert_eq!(g.slots as u64, total, "{rel}: all experts in the GPU");
+        assert_eq!(g.read_in_place, 0, "{rel}: {g:?}");
+        let k = base.config().n_experts_used as u64;
+        let host_fixed = p.dense_bytes + p.kv_bytes + p.scratch_bytes;
+        let gpu_fixed = p.gpu_bytes - total * g.slot_bytes;
+        for (name, cached) in [("2k host slots", 2 * k), ("half the experts", total / 2)] {
+            let budget = host_fixed + gpu_fixed + k * g.slot_bytes + cached * p.slot_bytes;
+            let opts = EngineOptions {
+                budget: Some(Budget::Total(budget)),
+                ..gpu_opts(KvType::F16)
+            };
+            let engine = open(rel, opts.clone());
+            let (plan, g) = (engine.plan(), engine.gpu_stats().unwrap());
+            assert_eq!(g.slots as u64, k, "{rel}, {name}: {}", plan.summary());
+            assert!(plan.total_bytes() <= budget, "{}", plan.summary());
+            assert!(
+                plan.slots >= cached,
+                "{rel}, {name}: the host's cache did not get the memory: {}",
+                plan.summary()
+            );
+            assert!(plan.slots < total, "{}", plan.summary());
+            let got = bits(&engine, &tokens);
+            let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
+            assert!(
+                first_diff.is_none(),
+                "{rel}, {name}: differs at {first_diff:?}"
+            );
+            let g = engine.gpu_stats().unwrap();
+            if rel.contains("gguf") {
+                assert!(
+                    g.read_in_place > 0 && g.bytes_read_in_place > 0,
+                    "{rel}, {name}: nothing read in place: {g:?}"
+                );
+                assert_eq!(g.bytes_uploaded, 0, "{rel}, {name}: {g:?}");
+            } else {
+                assert!(
+                    g.read_in_place == 0 && g.misses > g.slots as u64 && g.bytes_uploaded > 0,
+                    "{rel}, {name}: arrays off a word were not copied: {g:?}"
+                );
+            }
+
+            let copies = open(
+                rel,
+                EngineOptions {
+                    gpu_in_place: false,
+                    ..opts
+                },
+            );
+            assert_eq!(bits(&copies, &tokens), want, "{rel}, {name}: GPU copies");
+            let g = copies.gpu_stats().unwrap();
+            assert!(
+                g.read_in_place == 0 && g.bytes_uploaded > 0,
+                "{rel}, {name}: {g:?}"
+            );
+        }
+    }
 }

@@ -68,6 +68,12 @@ pub struct EngineOptions {
     /// GPU memory for the GPU's expert slots, in bytes (None: every expert
     /// where the device allocates them; see `GpuModel::new`).
     pub gpu_mem: Option<u64>,
+    /// On a GPU that shares host memory and can import it (integrated
+    /// GPUs, lavapipe), with `gpu_mem` unset and too little memory for the
+    /// GPU to hold every expert: read streamed experts in place from the
+    /// host's expert cache instead of copying them into GPU slots (one
+    /// cache in that memory, not two). The output is the same either way.
+    pub gpu_in_place: bool,
 }
 
 impl std::fmt::Debug for EngineOptions {
@@ -84,6 +90,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("checkpoints", &self.checkpoints)
             .field("backend", &self.backend)
             .field("gpu_mem", &self.gpu_mem)
+            .field("gpu_in_place", &self.gpu_in_place)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +111,7 @@ impl Default for EngineOptions {
             on_load_progress: None,
             backend: Backend::Cpu,
             gpu_mem: None,
+            gpu_in_place: true,
         }
     }
 }
@@ -988,6 +996,7 @@ mod gpu_select {
     use std::sync::Mutex;
 
     use super::{Backend, EngineOptions};
+    use crate::backend::gpu::experts::GpuExperts;
     use crate::backend::gpu::kv::GpuKv;
     use crate::backend::gpu::model::unsupported;
     use crate::backend::gpu::{Gpu, GpuModel, GpuOptions};
@@ -1019,8 +1028,21 @@ mod gpu_select {
         let build = |gpu: std::sync::Arc<Gpu>| -> Result<Built> {
             let name = gpu.describe();
             let shared = gpu.shares_host_memory();
+            let total: usize = experts.iter().map(Vec::len).sum();
+            let slot = GpuExperts::slot_layout(experts).1.iter().sum::<u64>();
+            let arena = plan.gpu_arena_in_shared_memory(available);
+            // Where the GPU's share of memory cannot hold every expert, a
+            // GPU that reads the host's slots in place needs no copies of
+            // them: its arena keeps a layer's top k only, for experts that
+            // cannot be read so, and the host's cache gets the rest.
+            let read_in_place = shared
+                && opts.gpu_in_place
+                && opts.gpu_mem.is_none()
+                && gpu.reads_host_in_place()
+                && arena < (total as u64).saturating_mul(slot);
             let expert_mem = match opts.gpu_mem {
-                None if shared => Some(plan.gpu_arena_in_shared_memory(available)),
+                None if read_in_place => Some(model.cfg.n_experts_used.max(1) as u64 * slot),
+                None if shared => Some(arena),
                 mem => mem,
             };
             let replan = |gpu_bytes: u64| {
@@ -1047,6 +1069,7 @@ mod gpu_select {
                 GpuOptions {
                     ubatch: opts.ubatch.max(1),
                     expert_mem,
+                    read_in_place,
                 },
             )?;
             // Its buffers come out of the host memory the plan budgets:
@@ -1057,13 +1080,20 @@ mod gpu_select {
                 *plan
             };
             let st = m.expert_stats();
-            let total: usize = experts.iter().map(Vec::len).sum();
-            let note = format!(
-                "gpu: {name}; {} of {total} experts fit in GPU memory ({} slots of {})",
-                st.slots.min(total),
-                st.slots,
-                crate::experts::plan::fmt_bytes(st.slot_bytes)
-            );
+            let note = if read_in_place {
+                format!(
+                    "gpu: {name}; experts read in place from the host's expert cache ({} GPU slots of {} for any that cannot be)",
+                    st.slots,
+                    crate::experts::plan::fmt_bytes(st.slot_bytes)
+                )
+            } else {
+                format!(
+                    "gpu: {name}; {} of {total} experts fit in GPU memory ({} slots of {})",
+                    st.slots.min(total),
+                    st.slots,
+                    crate::experts::plan::fmt_bytes(st.slot_bytes)
+                )
+            };
             Ok((Some(Mutex::new(m)), note, with_gpu))
         };
         let cpu = |why: String| Ok((None, why, *plan));

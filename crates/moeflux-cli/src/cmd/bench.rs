@@ -270,8 +270,18 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                 100.0 * g.prefetch_hits as f64 / p as f64
             ),
         };
+        // On a GPU sharing host memory: experts its kernels read where the
+        // host's cache holds them (nothing copied).
+        let in_place = match g.read_in_place {
+            0 => String::new(),
+            n => format!(
+                "; {:.0}% of expert uses read in place from the host cache ({}/token)",
+                100.0 * n as f64 / (g.hits + g.misses).max(1) as f64,
+                fmt_bytes(g.bytes_read_in_place / args.n_gen.max(1) as u64)
+            ),
+        };
         println!(
-            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s{by_gpu}){ahead}",
+            "gpu     {} expert slots of {}; decode VRAM hit rate {:.1}%, host→GPU {}/token ({:.2} GB/s{by_gpu}){ahead}{in_place}",
             g.slots,
             fmt_bytes(g.slot_bytes),
             100.0 * g.hit_rate(),
@@ -360,6 +370,8 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
         "hit_rate": g.hit_rate(),
         "bytes_uploaded": g.bytes_uploaded,
         "bytes_copied_by_gpu": g.bytes_copied_by_gpu,
+        "read_in_place": g.read_in_place,
+        "bytes_read_in_place": g.bytes_read_in_place,
         "prefetched": g.prefetched,
         "prefetch_hits": g.prefetch_hits,
         "guess_precision_by_rank": guess_precision(g),

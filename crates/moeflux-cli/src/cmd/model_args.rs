@@ -85,7 +85,11 @@ pub struct ModelArgs {
     /// software adapter the GPU's buffers count against --mem, and the GPU's
     /// experts get half of what the dense weights, KV cache and scratch
     /// leave of it (the host's expert cache the other half; under
-    /// --expert-cache, what that cache leaves of the available memory).
+    /// --expert-cache, what that cache leaves of the available memory);
+    /// where that half cannot hold every expert and the GPU can import host
+    /// memory (Vulkan), it reads experts in place from the host's cache
+    /// instead, which then gets all of it. Setting --gpu-mem keeps the
+    /// GPU's own copies.
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,
 
@@ -127,6 +131,7 @@ impl ModelArgs {
                     .map(parse_size)
                     .transpose()
                     .map_err(anyhow::Error::msg)?,
+                gpu_in_place: true,
                 on_load_progress: Some(Arc::new(move |done, total| {
                     if total >= 256 << 20 && progress_bar.is_hidden() {
                         progress_bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());

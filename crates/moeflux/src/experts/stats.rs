@@ -122,6 +122,11 @@ pub struct GpuTierStats {
     /// Of those, bytes the GPU copied from imported host memory (see
     /// `backend::gpu::host_memory`); the rest the CPU wrote.
     pub bytes_copied_by_gpu: u64,
+    /// Of `misses`, those the kernels read in place from their host slots
+    /// (an adapter that shares host memory: nothing is copied), and their
+    /// bytes (not in `bytes_uploaded`).
+    pub read_in_place: u64,
+    pub bytes_read_in_place: u64,
     /// Experts copied ahead of their layer, the next layer's router applied
     /// early (see `backend::gpu::experts`); in `bytes_uploaded`.
     pub prefetched: u64,
@@ -154,12 +159,19 @@ impl GpuTierStats {
 
     /// The counters accumulated since `before`.
     pub fn since(&self, before: &GpuTierStats) -> GpuTierStats {
+        // Every field named (no `..*self`), so a new counter cannot be
+        // left out of the difference unnoticed.
         GpuTierStats {
+            slots: self.slots,
+            slot_bytes: self.slot_bytes,
             hits: self.hits - before.hits.min(self.hits),
             misses: self.misses - before.misses.min(self.misses),
             bytes_uploaded: self.bytes_uploaded - before.bytes_uploaded.min(self.bytes_uploaded),
             bytes_copied_by_gpu: self.bytes_copied_by_gpu
                 - before.bytes_copied_by_gpu.min(self.bytes_copied_by_gpu),
+            read_in_place: self.read_in_place - before.read_in_place.min(self.read_in_place),
+            bytes_read_in_place: self.bytes_read_in_place
+                - before.bytes_read_in_place.min(self.bytes_read_in_place),
             prefetched: self.prefetched - before.prefetched.min(self.prefetched),
             prefetch_hits: self.prefetch_hits - before.prefetch_hits.min(self.prefetch_hits),
             guesses_judged: std::array::from_fn(|r| {
@@ -168,7 +180,6 @@ impl GpuTierStats {
             guesses_right: std::array::from_fn(|r| {
                 self.guesses_right[r] - before.guesses_right[r].min(self.guesses_right[r])
             }),
-            ..*self
         }
     }
 }

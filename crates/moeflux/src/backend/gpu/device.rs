@@ -184,6 +184,13 @@ impl Gpu {
         )
     }
 
+    /// Whether kernels can read experts in place from the host store's
+    /// slots (see [`super::host_memory`]): the adapter shares host memory
+    /// and the device imports it.
+    pub fn reads_host_in_place(&self) -> bool {
+        self.host_import && self.shares_host_memory()
+    }
+
     /// Opens a device on `adapter` with every limit it offers and subgroup
     /// operations when it has them.
     pub fn from_adapter(adapter: wgpu::Adapter) -> Result<Gpu, GpuError> {

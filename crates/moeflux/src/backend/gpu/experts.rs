@@ -20,6 +20,14 @@
 //! the GPU runs (acquire, wait, view, copy, submit; released once the copy
 //! is done: [`GpuExperts::settle`]).
 //!
+//! Reading in place ([`GpuExperts::reading_in_place`]): on an adapter
+//! whose memory is the host's (an integrated GPU, lavapipe), with the
+//! arena imported as storage buffers, a missing expert is not copied into
+//! a slot: the kernels read it from its host slot, which stays acquired
+//! until the GPU has finished the work that reads it. The arena then only
+//! holds the experts that cannot be read so (an array off a word, say),
+//! and a model whose experts all fit, which the GPU routes by itself.
+//!
 //! Ordering rule (why slots are pinned per wave): `write_buffer` lands
 //! before the *next* submission, so a slot read by recorded but not yet
 //! submitted dispatches must not be rewritten. A wave pins its slots, its
@@ -88,6 +96,25 @@ pub struct Place {
     pub base: u64,
 }
 
+/// The buffer a wave's expert is read from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Source {
+    /// A pool of GPU slots.
+    Pool(usize),
+    /// A piece of the host store's imported arena (read in place).
+    Host(usize),
+}
+
+/// Where a wave's expert is: its buffer, its matrices' shapes, and the
+/// byte offsets in that buffer of each matrix's arrays (gate, up, down;
+/// weights, MLX scales, MLX biases; unused where absent).
+#[derive(Clone, Copy, Debug)]
+pub struct Located {
+    pub source: Source,
+    pub shapes: [MatShape; 3],
+    pub offsets: [[u64; 3]; 3],
+}
+
 /// The arena.
 pub struct GpuExperts {
     /// Arrays per matrix (1: GGML, 3: MLX).
@@ -117,6 +144,12 @@ pub struct GpuExperts {
     /// (see [`HostMemory`]), once tried at the first upload.
     host: Option<HostMemory>,
     host_tried: bool,
+    /// Whether missing experts are read in place from their host slots
+    /// (asked for; once the import is tried, whether it allows it).
+    in_place: bool,
+    /// Experts `(layer, expert)` read in place by submitted work: their
+    /// host slots stay acquired until the GPU has finished it.
+    reading: Vec<(usize, u32)>,
     /// Experts `(layer, expert)` whose copies from their host slots were
     /// submitted (the last such submission: `copies_at`): the host slots
     /// stay acquired until it is done ([`GpuExperts::settle`]), so the
@@ -326,6 +359,8 @@ impl GpuExperts {
             clock: 0,
             host: None,
             host_tried: false,
+            in_place: false,
+            reading: Vec::new(),
             in_flight: Vec::new(),
             copies_at: None,
             copy_queue: None,
@@ -335,6 +370,194 @@ impl GpuExperts {
             after: 0,
             ahead: Vec::new(),
         })
+    }
+
+    /// Asks for missing experts to be read in place from the host store's
+    /// slots where the device allows it (see the module's notes), instead
+    /// of copied into GPU slots.
+    pub fn reading_in_place(mut self, on: bool) -> GpuExperts {
+        self.in_place = on;
+        self
+    }
+
+    /// Whether missing experts are read in place: asked for, and (once
+    /// [`GpuExperts::import_host`] has run) the arena imported so.
+    pub fn reads_in_place(&self) -> bool {
+        self.in_place
+    }
+
+    /// Imports the host store's arena, once (at the first upload or read
+    /// in place): copies from it are then the GPU's, and reads in place
+    /// possible where it was imported as storage buffers.
+    pub fn import_host(&mut self, gpu: &Gpu, store: &ExpertStore) {
+        if self.host_tried {
+            return;
+        }
+        self.host_tried = true;
+        self.host = HostMemory::import(gpu, store.arena());
+        self.in_place &= self.host.as_ref().is_some_and(HostMemory::storage);
+        // The copy queue only copies into pools, which reads in place do
+        // not fill.
+        if self.host.is_some() && self.shared_pools && !self.in_place {
+            self.copy_queue = gpu.copy.clone();
+        }
+    }
+
+    /// Where the expert in `slot` is.
+    pub fn located(&self, slot: u32) -> Result<Located, GpuError> {
+        let place = self.place(slot);
+        Ok(Located {
+            source: Source::Pool(place.pool),
+            shapes: *self.shapes(slot)?,
+            offsets: [0, 1, 2].map(|m| self.matrix_offsets(m).map(|o| place.base + o)),
+        })
+    }
+
+    /// The buffer of `source`.
+    pub fn source(&self, source: Source) -> Result<&wgpu::Buffer, GpuError> {
+        match (source, &self.host) {
+            (Source::Pool(i), _) => Ok(&self.pools[i]),
+            (Source::Host(i), Some(h)) => Ok(h.chunk(i)),
+            (Source::Host(_), None) => Err(GpuError::Shape {
+                kernel: "expert arena",
+                detail: "an expert read in place without an imported host arena".into(),
+            }),
+        }
+    }
+
+    /// Reads what it can of `experts` (missing from layer `layer`) in
+    /// place: acquires their host slots (as many as the store grants),
+    /// waits for their reads, and adds each to `out` with where it lies.
+    /// Those that cannot be read in place (see [`HostMemory::in_place`])
+    /// go to `copy`, for a GPU slot; those the store did not grant are in
+    /// neither, for a later wave. Experts read in place by earlier waves
+    /// or layers are given back first, once the GPU has finished: the
+    /// caller must have submitted every dispatch that reads them (a wave's
+    /// work is, before the next wave; a layer's, before the next layer's
+    /// routing is read back), since only submitted work is waited for.
+    pub fn read_in_place(
+        &mut self,
+        gpu: &Gpu,
+        store: &mut ExpertStore,
+        layer: usize,
+        experts: &[u32],
+        out: &mut Vec<(u32, Located)>,
+        copy: &mut Vec<u32>,
+    ) -> Result<(), crate::Error> {
+        self.import_host(gpu, store);
+        // Earlier work read them: every submission so far is finished
+        // after this wait (in a decode step the GPU is already idle: it
+        // has just returned this layer's routing).
+        self.release_read(gpu, store)?;
+        if experts.is_empty() {
+            return Ok(());
+        }
+        let mut granted = Vec::new();
+        store.acquire(layer, experts, &mut granted)?;
+        if granted.is_empty() && !(self.in_flight.is_empty() && self.copying.is_empty()) {
+            // Every free host slot holds a copy in flight.
+            self.settle(gpu, store)?;
+            store.acquire(layer, experts, &mut granted)?;
+        }
+        if granted.is_empty() {
+            return Err(StoreError::Setup(
+                "no host expert slot is free to read an expert in place".into(),
+            )
+            .into());
+        }
+        let mut pending = granted;
+        while !pending.is_empty() {
+            let mut ready = Vec::new();
+            for &e in &pending {
+                match store.ready(layer, e) {
+                    Ok(true) => ready.push(e),
+                    Ok(false) => {}
+                    Err(err) => {
+                        store.release(layer, &pending);
+                        return Err(err.into());
+                    }
+                }
+            }
+            if ready.is_empty() {
+                store.wait_any(layer, &pending);
+                continue;
+            }
+            // `pending` keeps those not ready yet; `ready` is handled here.
+            pending.retain(|e| !ready.contains(e));
+            for (i, &e) in ready.iter().enumerate() {
+                let found = self.locate_in_place(&store.view(layer, e));
+                match found {
+                    Ok(Some((at, bytes))) => {
+                        self.reading.push((layer, e));
+                        self.stats.misses += 1;
+                        self.stats.read_in_place += 1;
+                        self.stats.bytes_read_in_place += bytes;
+                        out.push((e, at));
+                    }
+                    Ok(None) => {
+                        store.release(layer, &[e]);
+                        copy.push(e);
+                    }
+                    Err(err) => {
+                        // Those read in place so far go back at the next
+                        // release; the rest now.
+                        store.release(layer, &ready[i..]);
+                        store.release(layer, &pending);
+                        return Err(err.into());
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where the kernels read `x` in place, and its bytes; `None` when it
+    /// is not in the imported storage pieces as they need it.
+    fn locate_in_place(&self, x: &ExpertView<'_>) -> Result<Option<(Located, u64)>, GpuError> {
+        let Some(host) = self.host.as_ref().filter(|h| h.storage()) else {
+            return Ok(None);
+        };
+        let mut shapes = Vec::with_capacity(3);
+        let mut arrays: Vec<&[u8]> = Vec::new();
+        let mut counts = Vec::with_capacity(3);
+        for m in [&x.gate, &x.up, &x.down] {
+            let (shape, a) = GpuMatrix::expert_arrays(m)?;
+            shapes.push(shape);
+            counts.push(a.len());
+            arrays.extend(a);
+        }
+        if shapes[0] != shapes[1] {
+            return Err(gate_up_differ(&shapes[0], &shapes[1]));
+        }
+        let Some((chunk, at)) = host.in_place(&arrays) else {
+            return Ok(None);
+        };
+        // Gate's arrays, then up's, then down's (1 each for GGML, 3 for MLX).
+        let mut offsets = [[0u64; 3]; 3];
+        let mut at = at.into_iter();
+        for (row, &n) in offsets.iter_mut().zip(&counts) {
+            for (o, a) in row.iter_mut().take(n).zip(at.by_ref()) {
+                *o = a;
+            }
+        }
+        let bytes = arrays.iter().map(|a| a.len() as u64).sum();
+        let located = Located {
+            source: Source::Host(chunk),
+            shapes: [shapes[0], shapes[1], shapes[2]],
+            offsets,
+        };
+        Ok(Some((located, bytes)))
+    }
+
+    /// Gives back the host slots of experts read in place, once the GPU
+    /// has finished every submission.
+    fn release_read(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
+        if self.reading.is_empty() {
+            return Ok(());
+        }
+        gpu.wait()?;
+        release_pairs(store, &mut self.reading);
+        Ok(())
     }
 
     /// Whether every expert of the model is loaded, each layer's in one
@@ -488,7 +711,8 @@ impl GpuExperts {
         if let Some(q) = &self.copy_queue {
             lock(q).wait(self.copy_last)?;
         }
-        self.settle_copies(gpu, store)
+        self.settle_copies(gpu, store)?;
+        self.release_read(gpu, store)
     }
 
     /// Reads the copy queue's progress into `copy_done` and gives the host
@@ -664,17 +888,8 @@ impl GpuExperts {
         };
         let result = (|| {
             let m = [write(&x.gate, 0)?, write(&x.up, 1)?, write(&x.down, 2)?];
-            // One dispatch decodes gate and up with one format (SwiGLU).
             if m[0] != m[1] {
-                return Err(GpuError::Unsupported(format!(
-                    "an expert whose gate ({} {}×{}) and up ({} {}×{}) projections differ",
-                    m[0].kind.name(),
-                    m[0].rows,
-                    m[0].cols,
-                    m[1].kind.name(),
-                    m[1].rows,
-                    m[1].cols
-                )));
+                return Err(gate_up_differ(&m[0], &m[1]));
             }
             Ok(m)
         })();
@@ -877,13 +1092,7 @@ impl GpuExperts {
         layer: usize,
         misses: &[(u32, u32)],
     ) -> Result<(), crate::Error> {
-        if !self.host_tried {
-            self.host_tried = true;
-            self.host = HostMemory::import(gpu, store.arena());
-            if self.host.is_some() && self.shared_pools {
-                self.copy_queue = gpu.copy.clone();
-            }
-        }
+        self.import_host(gpu, store);
         // Host slots of earlier copies go back to the store first (those of
         // the previous layer are done by now: its routing was read back
         // since; a previous wave's or `load_all`'s layer may still be
@@ -1010,6 +1219,20 @@ impl GpuExperts {
         }
         Ok(())
     }
+}
+
+/// One dispatch decodes gate and up with one format (SwiGLU): an expert
+/// whose two differ is refused.
+fn gate_up_differ(gate: &MatShape, up: &MatShape) -> GpuError {
+    GpuError::Unsupported(format!(
+        "an expert whose gate ({} {}×{}) and up ({} {}×{}) projections differ",
+        gate.kind.name(),
+        gate.rows,
+        gate.cols,
+        up.kind.name(),
+        up.rows,
+        up.cols
+    ))
 }
 
 /// Gives the host slots of `pairs` (`(layer, expert)`) back to the store,

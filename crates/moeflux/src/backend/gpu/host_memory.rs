@@ -14,6 +14,12 @@
 //! Where it does not apply (Metal and DX12, a Vulkan driver without the
 //! extension, an import the driver refuses), experts go through
 //! `write_buffer` as before; the bytes that land are the same.
+//!
+//! On an adapter whose memory is the host's (an integrated GPU, lavapipe)
+//! a copy would only duplicate bytes within the same RAM: there the
+//! pieces are imported as storage buffers too, small enough to bind
+//! whole, and the product kernels read experts where the store's reader
+//! threads put them ([`HostMemory::in_place`]; `GpuExperts` decides).
 
 use std::ffi::c_void;
 use std::sync::Arc;
@@ -24,6 +30,7 @@ use wgpu::hal::vulkan as hv;
 use super::copy_queue::{self, CopyFamily};
 use super::device::lock;
 use super::device::Gpu;
+use super::matrix::MAX_PART_BYTES;
 use crate::experts::arena::Arena;
 
 use ash::vk;
@@ -109,12 +116,16 @@ pub fn open_device(
     Some((device, queue, copy))
 }
 
-/// The expert store's arena as buffers a copy command reads.
+/// The expert store's arena as buffers a copy command reads (and, on an
+/// adapter that shares host memory, that kernels bind).
 pub struct HostMemory {
     /// Imported pieces, in order: `(offset in the arena, length, buffer)`.
     /// Together they cover the arena from 0 up to some length (a piece the
     /// driver refuses ends the list; bytes past it are written as before).
     chunks: Vec<(usize, usize, wgpu::Buffer)>,
+    /// Whether the pieces are storage buffers that fit one binding, so a
+    /// kernel reads the experts in them where they lie.
+    storage: bool,
     /// To wait for copies still in flight before the import goes.
     device: wgpu::Device,
     /// The arena: kept allocated while the buffers import it.
@@ -132,9 +143,11 @@ impl std::fmt::Debug for HostMemory {
 }
 
 impl HostMemory {
-    /// Imports `arena` into `gpu`'s device, in pieces of whole slots.
-    /// `None` when the device was not opened for it or the driver takes
-    /// none of it.
+    /// Imports `arena` into `gpu`'s device, in pieces of whole slots: as
+    /// storage buffers of at most one binding each where the adapter
+    /// shares host memory and a slot fits a binding, else as copy sources
+    /// of up to [`CHUNK_BYTES`]. `None` when the device was not opened for
+    /// it or the driver takes none of it.
     pub fn import(gpu: &Gpu, arena: Arc<Arena>) -> Option<HostMemory> {
         if !gpu.host_import {
             return None;
@@ -147,14 +160,28 @@ impl HostMemory {
         if !(ptr as usize).is_multiple_of(align) || !slot.is_multiple_of(align) {
             return None;
         }
-        let chunk = (CHUNK_BYTES / slot).max(1) * slot;
+        // Byte offsets in a kernel are u32 (`MAX_PART_BYTES`), and the
+        // whole piece is bound.
+        let binding = gpu
+            .limits
+            .max_binding
+            .min(gpu.limits.max_buffer)
+            .min(MAX_PART_BYTES);
+        let binding = usize::try_from(binding).unwrap_or(usize::MAX);
+        let storage = gpu.shares_host_memory() && slot <= binding;
+        let most = if storage {
+            CHUNK_BYTES.min(binding)
+        } else {
+            CHUNK_BYTES
+        };
+        let chunk = (most / slot).max(1) * slot;
         let mut chunks = Vec::new();
         for at in (0..len).step_by(chunk) {
             let n = chunk.min(len - at);
             // SAFETY: `ptr + at .. + n` lies inside the arena, which `arena`
             // keeps allocated for as long as the buffer exists (it is
             // dropped after `chunks`); see `import_range` for the rest.
-            match unsafe { import_range(gpu, ptr.wrapping_add(at), n) } {
+            match unsafe { import_range(gpu, ptr.wrapping_add(at), n, storage) } {
                 Some(b) => chunks.push((at, n, b)),
                 None => break,
             }
@@ -164,15 +191,54 @@ impl HostMemory {
         }
         Some(HostMemory {
             chunks,
+            storage,
             device: gpu.device.clone(),
             arena,
         })
+    }
+
+    /// Whether kernels may read experts in the imported pieces where they
+    /// lie ([`HostMemory::in_place`]).
+    pub fn storage(&self) -> bool {
+        self.storage
+    }
+
+    /// Piece `i`'s buffer.
+    pub fn chunk(&self, i: usize) -> &wgpu::Buffer {
+        &self.chunks[i].2
+    }
+
+    /// Where a kernel reads `arrays` (slices of the arena, one expert's):
+    /// the piece holding them all and each one's byte offset in it. `None`
+    /// when the pieces are not storage buffers, the arrays are not all in
+    /// one piece, or one does not start on a word (the kernels address
+    /// words; a partial last word is read from the piece, past the array).
+    pub fn in_place(&self, arrays: &[&[u8]]) -> Option<(usize, Vec<u64>)> {
+        if !self.storage {
+            return None;
+        }
+        let mut chunk = None;
+        let mut offsets = Vec::with_capacity(arrays.len());
+        for a in arrays {
+            let (i, at) = self.find(a)?;
+            if chunk.is_some_and(|c| c != i) || !at.is_multiple_of(4) {
+                return None;
+            }
+            chunk = Some(i);
+            offsets.push(at);
+        }
+        Some((chunk?, offsets))
     }
 
     /// The buffer holding `bytes` (a slice of the arena) and their offset
     /// in it; `None` when they are not in an imported piece (or straddle
     /// two).
     pub fn locate(&self, bytes: &[u8]) -> Option<(&wgpu::Buffer, u64)> {
+        self.find(bytes).map(|(i, at)| (self.chunk(i), at))
+    }
+
+    /// The piece holding `bytes` and their offset in it.
+    fn find(&self, bytes: &[u8]) -> Option<(usize, u64)> {
         let (base, len) = self.arena.region();
         let start = (bytes.as_ptr() as usize).checked_sub(base as usize)?;
         let end = start.checked_add(bytes.len())?;
@@ -181,8 +247,8 @@ impl HostMemory {
         }
         self.chunks
             .iter()
-            .find(|(at, n, _)| start >= *at && end <= at + n)
-            .map(|(at, _, b)| (b, (start - at) as u64))
+            .position(|(at, n, _)| start >= *at && end <= at + n)
+            .map(|i| (i, (start - self.chunks[i].0) as u64))
     }
 }
 
@@ -221,13 +287,19 @@ fn import_alignment(gpu: &Gpu) -> Option<usize> {
         .filter(|a| a.is_power_of_two())
 }
 
-/// Imports `len` bytes of host memory from `ptr` as a copy-source buffer.
+/// Imports `len` bytes of host memory from `ptr` as a copy-source buffer,
+/// and with `storage` a storage buffer too.
 ///
 /// # Safety
 /// `ptr .. ptr + len` must stay allocated (and not be unmapped or
 /// remapped) until the returned buffer is destroyed; `ptr` and `len` must
 /// be multiples of [`import_alignment`].
-unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Buffer> {
+unsafe fn import_range(
+    gpu: &Gpu,
+    ptr: *const u8,
+    len: usize,
+    storage: bool,
+) -> Option<wgpu::Buffer> {
     // SAFETY: the hal device is used only to create a buffer and its
     // memory on it, which wgpu then owns (`from_raw_managed`).
     let hal = unsafe { gpu.device.as_hal::<Vulkan>() }?;
@@ -261,9 +333,14 @@ unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Bu
             Some(c) => lock(c).families().to_vec(),
             None => Vec::new(),
         };
+        let usage = if storage {
+            vk::BufferUsageFlags::TRANSFER_SRC | vk::BufferUsageFlags::STORAGE_BUFFER
+        } else {
+            vk::BufferUsageFlags::TRANSFER_SRC
+        };
         let info = vk::BufferCreateInfo::default()
             .size(len as u64)
-            .usage(vk::BufferUsageFlags::TRANSFER_SRC);
+            .usage(usage);
         let info = if families.len() > 1 {
             info.sharing_mode(vk::SharingMode::CONCURRENT)
                 .queue_family_indices(&families)
@@ -312,7 +389,11 @@ unsafe fn import_range(gpu: &Gpu, ptr: *const u8, len: usize) -> Option<wgpu::Bu
         let desc = wgpu::BufferDescriptor {
             label: Some("host expert arena"),
             size: len as u64,
-            usage: wgpu::BufferUsages::COPY_SRC,
+            usage: if storage {
+                wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::STORAGE
+            } else {
+                wgpu::BufferUsages::COPY_SRC
+            },
             mapped_at_creation: false,
         };
         // Contents are the host's: wgpu must not zero them (a buffer from

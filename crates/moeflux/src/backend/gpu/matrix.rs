@@ -200,15 +200,8 @@ impl GpuMatrix {
         mut copies: Option<&mut Copies<'_>>,
     ) -> Result<MatShape, GpuError> {
         let (rows, cols) = (m.rows, m.cols);
-        let (kind, group, scale_f16, w, sb) = layout(m)?;
-        if !kind.supported() {
-            return Err(GpuError::Unsupported(kind.name()));
-        }
-        whole_units(kind, cols)?;
-        let mut arrays = vec![w];
-        if let Some((s, b)) = sb {
-            arrays.extend([s, b]);
-        }
+        let (shape, arrays) = GpuMatrix::expert_arrays(m)?;
+        let kind = shape.kind;
         if arrays.len() > at.len() || arrays.len() > room.len() {
             return Err(GpuError::Shape {
                 kernel: "expert arena",
@@ -221,7 +214,7 @@ impl GpuMatrix {
             });
         }
         for ((a, &off), &room) in arrays.iter().zip(at).zip(room) {
-            let need = (a.bytes.len() as u64).next_multiple_of(4);
+            let need = (a.len() as u64).next_multiple_of(4);
             if need > room {
                 return Err(GpuError::TooLarge {
                     what: format!(
@@ -232,9 +225,9 @@ impl GpuMatrix {
                     limit: room,
                 });
             }
-            let len = a.bytes.len() as u64;
+            let len = a.len() as u64;
             let from = copies.as_deref_mut().and_then(|c| {
-                let (src, at) = c.host.locate(a.bytes)?;
+                let (src, at) = c.host.locate(a)?;
                 // Copies move whole words.
                 (len.is_multiple_of(4) && at.is_multiple_of(4)).then_some((c, src, at))
             });
@@ -246,17 +239,35 @@ impl GpuMatrix {
                     dst_at: off,
                     len,
                 }),
-                None => gpu.write_padded_at(buf, off, a.bytes)?,
+                None => gpu.write_padded_at(buf, off, a)?,
             }
         }
-        Ok(MatShape {
-            rows,
-            cols,
+        Ok(shape)
+    }
+
+    /// An expert matrix's shape for the product kernels and its arrays
+    /// (weights, then MLX scales and biases): what an expert slot holds,
+    /// or what kernels read in place from the host store's slot
+    /// ([`HostMemory::in_place`]). Errors for what the kernels cannot take.
+    pub fn expert_arrays<'a>(m: &Matrix<'a>) -> Result<(MatShape, Vec<&'a [u8]>), GpuError> {
+        let (kind, group, scale_f16, w, sb) = layout(m)?;
+        if !kind.supported() {
+            return Err(GpuError::Unsupported(kind.name()));
+        }
+        whole_units(kind, m.cols)?;
+        let mut arrays = vec![w.bytes];
+        if let Some((s, b)) = sb {
+            arrays.extend([s.bytes, b.bytes]);
+        }
+        let shape = MatShape {
+            rows: m.rows,
+            cols: m.cols,
             kind,
             row_bytes: w.row_bytes,
             group,
             scale_f16,
-        })
+        };
+        Ok((shape, arrays))
     }
 
     /// Bytes of each array of `m` as [`GpuMatrix::write_at`] stores them

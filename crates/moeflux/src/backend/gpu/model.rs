@@ -27,7 +27,7 @@
 use std::sync::Arc;
 
 use super::device::Gpu;
-use super::experts::{GpuExpertStats, GpuExperts, SlotCount};
+use super::experts::{GpuExpertStats, GpuExperts, Located, SlotCount, Source};
 use super::guess::GuessPrecision;
 use super::kernels::JOB_WORDS;
 use super::kv::GpuKv;
@@ -63,6 +63,10 @@ pub struct GpuOptions {
     /// Bytes of GPU memory for the expert slot arena (`None`: every expert
     /// if the device allocates them; see [`GpuModel::new`]).
     pub expert_mem: Option<u64>,
+    /// Read missing experts in place from the host store's slots where the
+    /// device can ([`Gpu::reads_host_in_place`]); the arena then holds
+    /// only those that cannot be.
+    pub read_in_place: bool,
 }
 
 /// One layer's resident weights.
@@ -346,7 +350,8 @@ impl GpuModel {
             None => SlotCount::UpTo(total.max(1)),
         };
         let per_layer: Vec<usize> = experts.iter().map(Vec::len).collect();
-        let experts = GpuExperts::new(&gpu, arrays, array_bytes, count, &per_layer)?;
+        let experts = GpuExperts::new(&gpu, arrays, array_bytes, count, &per_layer)?
+            .reading_in_place(opts.read_in_place);
         let params = Some(ParamArena::new(&gpu)?);
         Ok(GpuModel {
             gpu,
@@ -928,40 +933,56 @@ impl GpuModel {
         )?;
         let mut todo = std::mem::take(&mut self.routing.used);
         let mut jobs = std::mem::take(&mut self.routing.jobs);
-        let mut wave: Vec<(u32, u32)> = Vec::new();
+        let mut wave: Vec<(u32, Located)> = Vec::new();
         let mut misses: Vec<(u32, u32)> = Vec::new();
+        let mut read: Vec<u32> = Vec::new();
+        let mut copy: Vec<u32> = Vec::new();
+        self.experts.import_host(gpu, store);
         while !todo.is_empty() {
             self.experts.unpin_all();
             wave.clear();
             misses.clear();
+            read.clear();
+            copy.clear();
             for &e in &todo {
                 if let Some(s) = self.experts.hit(l, e) {
-                    wave.push((e, s));
-                } else if let Some(s) = self.experts.claim(l, e) {
-                    wave.push((e, s));
-                    misses.push((e, s));
+                    wave.push((e, self.experts.located(s)?));
+                } else if self.experts.reads_in_place() {
+                    read.push(e);
                 } else {
-                    break;
+                    copy.push(e);
                 }
             }
-            if wave.is_empty() {
+            self.experts
+                .read_in_place(gpu, store, l, &read, &mut wave, &mut copy)?;
+            // Misses copied into GPU slots, as many as the arena has
+            // unpinned.
+            for &e in &copy {
+                let Some(s) = self.experts.claim(l, e) else {
+                    break;
+                };
+                misses.push((e, s));
+            }
+            if wave.is_empty() && misses.is_empty() {
                 return Err(shape_err("the GPU expert arena has no slot".into()).into());
             }
             self.experts.upload(gpu, store, l, &misses)?;
+            for &(e, s) in &misses {
+                wave.push((e, self.experts.located(s)?));
+            }
             // Prefetched experts among the hits, and misses the upload
             // copied on the copy queue (not already waited for by its
             // copies on wgpu's queue): the wave's compute waits for them.
             pass.after_copies(self.experts.take_after());
-            // Batches: experts of one pool and one shape, in slot order.
-            wave.sort_by_key(|&(_, s)| s);
-            let mut batches: Vec<(usize, [MatShape; 3], usize, usize, usize)> = Vec::new();
+            // Batches: experts of one buffer and one shape, in the
+            // buffer's order.
+            wave.sort_by_key(|(_, at)| (at.source, at.offsets[0][0]));
+            let mut batches: Vec<(Source, [MatShape; 3], usize, usize, usize)> = Vec::new();
             jobs.clear();
-            let ex = &self.experts;
             let start = &self.routing.start;
-            let job = |jobs: &mut Vec<u32>, e: u32, s: u32, ms: &[usize]| {
-                let base = ex.place(s).base;
+            let job = |jobs: &mut Vec<u32>, e: u32, at: &Located, ms: &[usize]| {
                 for m in [ms[0], ms[ms.len() - 1]] {
-                    let [w, sc, bi] = ex.matrix_offsets(m).map(|o| base + o);
+                    let [w, sc, bi] = at.offsets[m];
                     // Scales and biases are addressed in words.
                     jobs.extend([w as u32, (sc / 4) as u32, (bi / 4) as u32]);
                 }
@@ -971,36 +992,32 @@ impl GpuModel {
             };
             let mut i = 0;
             while i < wave.len() {
-                let pool = ex.place(wave[i].1).pool;
-                let shapes = *ex.shapes(wave[i].1)?;
+                let (source, shapes) = (wave[i].1.source, wave[i].1.shapes);
                 let mut j = i;
                 let mut most = 0;
-                while j < wave.len()
-                    && ex.place(wave[j].1).pool == pool
-                    && ex.shapes(wave[j].1)? == &shapes
-                {
+                while j < wave.len() && wave[j].1.source == source && wave[j].1.shapes == shapes {
                     let e = wave[j].0 as usize;
                     most = most.max(start[e + 1] - start[e]);
                     j += 1;
                 }
-                batches.push((pool, shapes, i, j - i, most));
+                batches.push((source, shapes, i, j - i, most));
                 i = j;
             }
             // Gate and up jobs of every batch, then down jobs.
             for ms in [&[0, 1][..], &[2]] {
                 for &(_, _, i, count, _) in &batches {
-                    for &(e, s) in &wave[i..i + count] {
-                        job(&mut jobs, e, s, ms);
+                    for (e, at) in &wave[i..i + count] {
+                        job(&mut jobs, *e, at, ms);
                     }
                 }
             }
             gpu.write_padded(&self.act.jobs, bytemuck::cast_slice(&jobs))?;
-            let a = &self.act;
+            let (a, ex) = (&self.act, &self.experts);
             let mut j0 = 0;
             // Gate and up with SwiGLU into the activations, then down.
             for (glu, m, x, y) in [(true, 0, &a.moe_in, &a.act), (false, 2, &a.act, &a.down)] {
-                for &(pool, shapes, _, count, most) in &batches {
-                    let (p, jobs) = (ex.pool(pool), (j0, count));
+                for &(source, shapes, _, count, most) in &batches {
+                    let (p, jobs) = (ex.source(source)?, (j0, count));
                     pass.expert_matmul(
                         &shapes[m],
                         glu,
