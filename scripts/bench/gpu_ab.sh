@@ -20,6 +20,10 @@
 #   LLAMA_SRC=DIR      llama.cpp's source (the one llama-cpp-python vendors):
 #                      built with CUDA for CUDA_ARCH (default 90) while the
 #                      builds run, then `llama-bench -ngl 99` on each file
+#   LLAMA_VK=BIN       a llama-bench built with -DGGML_VULKAN=ON: run on
+#                      each file after the builds (the same driver as
+#                      moeflux's; see bench/BENCHMARKS.md, fifteenth GPU
+#                      session, for how it was built)
 #
 # Each build runs twice per file, in the order base, new, base, new, so a
 # drift of the machine shows as a difference between the two runs of one
@@ -35,6 +39,7 @@ new=$2
 shift 2
 quants=("${@:-q4_0}")
 work=${WORK:-/tmp}
+mkdir -p "$work"
 p=${P:-512}
 n=${N:-128}
 r=${R:-5}
@@ -84,6 +89,14 @@ for q in "${quants[@]}"; do
         python3 -c "$summary" "$work/ab.json"
     done
 done
+
+if [ -n "${LLAMA_VK:-}" ]; then
+    for q in "${quants[@]}"; do
+        say "llama.cpp Vulkan $q"
+        "$LLAMA_VK" -m "$(model_file "$q")" -ngl 99 -p "$p" -n "$n" -r 3 |
+            grep -E "pp$p|tg$n|build"
+    done
+fi
 
 if [ -n "$llama" ]; then
     say "waiting for the llama.cpp build"
