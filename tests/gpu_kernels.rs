@@ -479,9 +479,17 @@ fn large_writes_land_intact() {
 /// The expert store's arena imported into the device (where the adapter
 /// can: Vulkan's `VK_EXT_external_memory_host`, lavapipe included): a slice
 /// of it is found in its buffer, and a copy command from there lands the
-/// slice's bytes; bytes outside the arena are not found.
+/// slice's bytes; bytes outside the arena are not found. Imported as
+/// storage too (on an adapter sharing host memory), the slice is where a
+/// kernel would read it in place, and a slice off a word is not.
 #[test]
 fn host_arena_copies_land_intact() {
+    for storage in [false, true] {
+        host_arena_copies(storage);
+    }
+}
+
+fn host_arena_copies(storage: bool) {
     let Some(gpu) = gpu() else { return };
     let slot = 64 << 10;
     let arena = Arc::new(Arena::new(5, slot).unwrap());
@@ -490,7 +498,7 @@ fn host_arena_copies_land_intact() {
     let data: Vec<u8> = (0..len).map(|_| r.next_u64() as u8).collect();
     // SAFETY: the arena's own bytes, written before anything reads them.
     unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), arena.slot_ptr(0), len) };
-    let Some(host) = HostMemory::import(gpu, arena.clone()) else {
+    let Some(host) = HostMemory::import(gpu, arena.clone(), storage) else {
         assert!(
             !gpu.host_import,
             "the device imports host memory, but not this arena"
@@ -503,6 +511,19 @@ fn host_arena_copies_land_intact() {
     // SAFETY: inside the arena (5 slots), which nothing writes now.
     let bytes = unsafe { arena.bytes(3, 36, n) };
     let (src, off) = host.locate(bytes).expect("a slice of the arena is found");
+    let shares = gpu.shares_host_memory();
+    assert_eq!(host.storage(), storage && shares, "storage import");
+    match host.in_place(&[bytes]) {
+        Some((chunk, offs)) => {
+            assert!(host.storage());
+            assert_eq!(offs, vec![off]);
+            assert_eq!(host.chunk(chunk).size(), src.size());
+            // SAFETY: as above.
+            let odd = unsafe { arena.bytes(3, 37, 100) };
+            assert!(host.in_place(&[bytes, odd]).is_none(), "a slice off a word");
+        }
+        None => assert!(!host.storage(), "not found in place in a storage import"),
+    }
     let outside = vec![0u8; 64];
     assert!(
         host.locate(&outside).is_none(),

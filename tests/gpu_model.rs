@@ -494,8 +494,10 @@ fn a_gpu_in_host_memory_is_in_the_plan() {
 /// cache at a few slots or at half the experts. The GPU's own copies,
 /// under the same budget, give the same bits too. The MLX fixture's
 /// tensors start two bytes off a word (its safetensors header is 6494
-/// bytes, unpadded), which the kernels cannot address: its experts take
-/// the arena's top-k slots instead, copied, with the same bits.
+/// bytes, unpadded), which the kernels cannot address: it keeps the GPU's
+/// own copies, with the same bits; with `MOEFLUX_GPU_IN_PLACE=always` (a
+/// run of CI) it is read in place anyway, and each of its experts is
+/// copied into the arena's top-k slots instead, with the same bits.
 #[test]
 fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
     if skip() {
@@ -529,14 +531,19 @@ fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
             };
             let engine = open(rel, opts.clone());
             let (plan, g) = (engine.plan(), engine.gpu_stats().unwrap());
-            assert_eq!(g.slots as u64, k, "{rel}, {name}: {}", plan.summary());
+            let forced = std::env::var("MOEFLUX_GPU_IN_PLACE").is_ok_and(|v| v == "always");
+            let aligned = rel.contains("gguf");
+            let in_place = aligned || forced;
             assert!(plan.total_bytes() <= budget, "{}", plan.summary());
-            assert!(
-                plan.slots >= cached,
-                "{rel}, {name}: the host's cache did not get the memory: {}",
-                plan.summary()
-            );
             assert!(plan.slots < total, "{}", plan.summary());
+            if in_place {
+                assert_eq!(g.slots as u64, k, "{rel}, {name}: {}", plan.summary());
+                assert!(
+                    plan.slots >= cached,
+                    "{rel}, {name}: the host's cache did not get the memory: {}",
+                    plan.summary()
+                );
+            }
             let got = bits(&engine, &tokens);
             let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
             assert!(
@@ -544,16 +551,21 @@ fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
                 "{rel}, {name}: differs at {first_diff:?}"
             );
             let g = engine.gpu_stats().unwrap();
-            if rel.contains("gguf") {
+            if aligned {
                 assert!(
                     g.read_in_place > 0 && g.bytes_read_in_place > 0,
                     "{rel}, {name}: nothing read in place: {g:?}"
                 );
                 assert_eq!(g.bytes_uploaded, 0, "{rel}, {name}: {g:?}");
-            } else {
+            } else if forced {
                 assert!(
                     g.read_in_place == 0 && g.misses > g.slots as u64 && g.bytes_uploaded > 0,
                     "{rel}, {name}: arrays off a word were not copied: {g:?}"
+                );
+            } else {
+                assert!(
+                    g.read_in_place == 0 && g.bytes_uploaded > 0 && g.slots as u64 != k,
+                    "{rel}, {name}: arrays off a word must keep the GPU's copies: {g:?}"
                 );
             }
 

@@ -69,10 +69,12 @@ pub struct EngineOptions {
     /// where the device allocates them; see `GpuModel::new`).
     pub gpu_mem: Option<u64>,
     /// On a GPU that shares host memory and can import it (integrated
-    /// GPUs, lavapipe), with `gpu_mem` unset and too little memory for the
-    /// GPU to hold every expert: read streamed experts in place from the
-    /// host's expert cache instead of copying them into GPU slots (one
-    /// cache in that memory, not two). The output is the same either way.
+    /// GPUs, lavapipe), with `gpu_mem` unset, a total or automatic budget
+    /// too small for the GPU to hold every expert, and a file whose expert
+    /// arrays start on 4-byte boundaries (GGUF's do): read streamed experts
+    /// in place from the host's expert cache instead of copying them into
+    /// GPU slots (one cache in that memory, not two). The output is the
+    /// same either way.
     pub gpu_in_place: bool,
 }
 
@@ -1006,6 +1008,14 @@ mod gpu_select {
     use crate::format::ModelFiles;
     use crate::model::Model;
 
+    /// `MOEFLUX_GPU_IN_PLACE=always`: read experts in place even from a
+    /// file whose arrays the kernels cannot address there, so that each is
+    /// copied into the arena's few slots instead (CI runs the in-place test
+    /// so, to cover that path).
+    fn in_place_forced() -> bool {
+        std::env::var("MOEFLUX_GPU_IN_PLACE").is_ok_and(|v| v == "always")
+    }
+
     /// The GPU model when `opts.backend` picks the GPU, a line saying
     /// which backend runs and why, and the memory plan to run under.
     /// `plan` is the host's plan without the GPU and `available` the
@@ -1034,12 +1044,17 @@ mod gpu_select {
             // Where the GPU's share of memory cannot hold every expert, a
             // GPU that reads the host's slots in place needs no copies of
             // them: its arena keeps a layer's top k only, for experts that
-            // cannot be read so, and the host's cache gets the rest.
+            // cannot be read so, and the host's cache gets the rest. Not
+            // where the host cache is the user's (--expert-cache: it would
+            // not grow), nor for files whose expert arrays the kernels
+            // cannot address where they land.
             let read_in_place = shared
                 && opts.gpu_in_place
                 && opts.gpu_mem.is_none()
+                && matches!(plan.budget, Budget::Total(_) | Budget::Auto { .. })
                 && gpu.reads_host_in_place()
-                && arena < (total as u64).saturating_mul(slot);
+                && arena < (total as u64).saturating_mul(slot)
+                && (GpuExperts::addressable_in_place(experts) || in_place_forced());
             let expert_mem = match opts.gpu_mem {
                 None if read_in_place => Some(model.cfg.n_experts_used.max(1) as u64 * slot),
                 None if shared => Some(arena),

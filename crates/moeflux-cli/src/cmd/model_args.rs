@@ -88,7 +88,8 @@ pub struct ModelArgs {
     /// --expert-cache, what that cache leaves of the available memory);
     /// where that half cannot hold every expert and the GPU can import host
     /// memory (Vulkan), it reads experts in place from the host's cache
-    /// instead, which then gets all of it. Setting --gpu-mem keeps the
+    /// instead, which then gets all of it (not under --expert-cache, nor
+    /// for tensors off 4-byte boundaries). Setting --gpu-mem keeps the
     /// GPU's own copies.
     #[arg(long, value_name = "SIZE")]
     pub gpu_mem: Option<String>,

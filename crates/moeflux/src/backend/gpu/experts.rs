@@ -228,6 +228,20 @@ impl GpuExperts {
         (arrays, bytes)
     }
 
+    /// Whether kernels can address every expert of `layers` where the
+    /// host store reads it: every array must start on a word, and an array
+    /// lands in its host slot at its file offset modulo the slot alignment
+    /// (a page), so its file offset must be a multiple of 4. (A safetensors
+    /// file with an unpadded header fails this for every tensor.)
+    pub fn addressable_in_place(layers: &[Vec<ExpertRef>]) -> bool {
+        layers.iter().flatten().all(|x| {
+            [&x.gate, &x.up, &x.down]
+                .into_iter()
+                .flat_map(|w| &w.parts)
+                .all(|s| s.offset.is_multiple_of(4))
+        })
+    }
+
     /// An arena of slots with arrays of `array_bytes` (see
     /// [`GpuExperts::slot_layout`]) for layers of `per_layer` experts.
     pub fn new(
@@ -394,7 +408,7 @@ impl GpuExperts {
             return;
         }
         self.host_tried = true;
-        self.host = HostMemory::import(gpu, store.arena());
+        self.host = HostMemory::import(gpu, store.arena(), self.in_place);
         self.in_place &= self.host.as_ref().is_some_and(HostMemory::storage);
         // The copy queue only copies into pools, which reads in place do
         // not fill.
@@ -453,11 +467,11 @@ impl GpuExperts {
             return Ok(());
         }
         let mut granted = Vec::new();
-        store.acquire(layer, experts, &mut granted)?;
+        acquire(store, layer, experts, &mut granted)?;
         if granted.is_empty() && !(self.in_flight.is_empty() && self.copying.is_empty()) {
             // Every free host slot holds a copy in flight.
-            self.settle(gpu, store)?;
-            store.acquire(layer, experts, &mut granted)?;
+            self.settle_all_copies(gpu, store)?;
+            acquire(store, layer, experts, &mut granted)?;
         }
         if granted.is_empty() {
             return Err(StoreError::Setup(
@@ -708,11 +722,17 @@ impl GpuExperts {
     /// work on wgpu's queue, which waited for the copy queue's copies of
     /// the step's misses; prefetches are for the step's own layers).
     pub fn settle(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
+        self.settle_all_copies(gpu, store)?;
+        self.release_read(gpu, store)
+    }
+
+    /// [`GpuExperts::settle`] but for experts read in place: mid-wave,
+    /// those of the wave being recorded are not in any submission yet.
+    fn settle_all_copies(&mut self, gpu: &Gpu, store: &mut ExpertStore) -> Result<(), GpuError> {
         if let Some(q) = &self.copy_queue {
             lock(q).wait(self.copy_last)?;
         }
-        self.settle_copies(gpu, store)?;
-        self.release_read(gpu, store)
+        self.settle_copies(gpu, store)
     }
 
     /// Reads the copy queue's progress into `copy_done` and gives the host
@@ -1104,11 +1124,11 @@ impl GpuExperts {
         let mut ready = Vec::new();
         while !todo.is_empty() {
             granted.clear();
-            store.acquire(layer, &todo, &mut granted)?;
+            acquire(store, layer, &todo, &mut granted)?;
             if granted.is_empty() && !(self.in_flight.is_empty() && self.copying.is_empty()) {
                 // Every free host slot holds a copy in flight.
-                self.settle(gpu, store)?;
-                store.acquire(layer, &todo, &mut granted)?;
+                self.settle_all_copies(gpu, store)?;
+                acquire(store, layer, &todo, &mut granted)?;
             }
             if granted.is_empty() {
                 return Err(StoreError::Setup(
@@ -1219,6 +1239,23 @@ impl GpuExperts {
         }
         Ok(())
     }
+}
+
+/// [`ExpertStore::acquire`], giving back what it pinned before an error
+/// (a read that failed), so that no pin outlives the failed step.
+fn acquire(
+    store: &mut ExpertStore,
+    layer: usize,
+    experts: &[u32],
+    granted: &mut Vec<u32>,
+) -> Result<(), StoreError> {
+    let before = granted.len();
+    let out = store.acquire(layer, experts, granted);
+    if out.is_err() {
+        store.release(layer, &granted[before..]);
+        granted.truncate(before);
+    }
+    out
 }
 
 /// One dispatch decodes gate and up with one format (SwiGLU): an expert

@@ -143,12 +143,13 @@ impl std::fmt::Debug for HostMemory {
 }
 
 impl HostMemory {
-    /// Imports `arena` into `gpu`'s device, in pieces of whole slots: as
-    /// storage buffers of at most one binding each where the adapter
-    /// shares host memory and a slot fits a binding, else as copy sources
-    /// of up to [`CHUNK_BYTES`]. `None` when the device was not opened for
-    /// it or the driver takes none of it.
-    pub fn import(gpu: &Gpu, arena: Arc<Arena>) -> Option<HostMemory> {
+    /// Imports `arena` into `gpu`'s device, in pieces of whole slots: with
+    /// `storage` asked for, as storage buffers of at most one binding each
+    /// where the adapter shares host memory and a slot fits a binding, else
+    /// as copy sources of up to [`CHUNK_BYTES`] (the usage a driver is
+    /// likeliest to accept). `None` when the device was not opened for it
+    /// or the driver takes none of it.
+    pub fn import(gpu: &Gpu, arena: Arc<Arena>, storage: bool) -> Option<HostMemory> {
         if !gpu.host_import {
             return None;
         }
@@ -168,7 +169,7 @@ impl HostMemory {
             .min(gpu.limits.max_buffer)
             .min(MAX_PART_BYTES);
         let binding = usize::try_from(binding).unwrap_or(usize::MAX);
-        let storage = gpu.shares_host_memory() && slot <= binding;
+        let storage = storage && gpu.shares_host_memory() && slot <= binding;
         let most = if storage {
             CHUNK_BYTES.min(binding)
         } else {

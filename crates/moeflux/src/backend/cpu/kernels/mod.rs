@@ -412,12 +412,20 @@ fn f_kernel(level: Level) -> FKernel {
     scalar_f
 }
 
-/// `Σ a_i b_i` with the float kernel of `level` (a fixed summation order,
-/// so results are deterministic): attention's scores.
+/// `Σ a_i b_i` in the fixed summation order of attention's scores at
+/// `level` (what [`scores`] computes per row): the float kernel of the
+/// level, but at both x86 levels the AVX2 one, which the AVX-512 level's
+/// scores use too (its own float kernel sums rows of 64 and more in
+/// another order).
 pub fn dot(level: Level, a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     if level == Level::Reference {
         return f32_dot(a, b);
+    }
+    #[cfg(target_arch = "x86_64")]
+    if x86_simd(level) {
+        // SAFETY: the level is supported (`x86_simd`), so AVX2 and FMA are.
+        return unsafe { x86::dot_f32(a, b) };
     }
     // SAFETY: the kernel was resolved for this level, SIMD code only for
     // a level the CPU has (`x86_simd`); `a` is `b.len()` f32s.

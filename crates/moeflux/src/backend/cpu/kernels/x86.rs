@@ -907,6 +907,15 @@ unsafe fn dot_f32_raw(w: *const u8, x: &[f32]) -> f32 {
     )) + tail
 }
 
+/// `Σ a_i b_i` as [`dot_f32_raw`] sums it: the dot of attention's scores
+/// at both x86 levels.
+#[target_feature(enable = "avx2,fma")]
+pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    // SAFETY: `a` holds 4 · b.len() bytes.
+    dot_f32_raw(a.as_ptr() as *const u8, b)
+}
+
 /// Attention scores of one query against consecutive rows of a tile:
 /// `out[j] = (q · row j) · scale`, each dot exactly as [`f_avx2`] computes
 /// it for f32 weights `q`.
