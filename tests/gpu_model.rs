@@ -204,6 +204,13 @@ fn bits(engine: &Engine, tokens: &[u32]) -> Vec<u32> {
     out
 }
 
+/// Asserts `got` has `want`'s bits, naming the first that differs.
+fn assert_same_bits(got: &[u32], want: &[u32], what: &str) {
+    let first_diff = got.iter().zip(want).position(|(a, b)| a != b);
+    assert!(first_diff.is_none(), "{what}: differs at {first_diff:?}");
+    assert_eq!(got.len(), want.len(), "{what}");
+}
+
 /// Prompt chunking (the causal multi-query attention at a nonzero start)
 /// changes no bit: every query's arithmetic depends only on its position.
 #[test]
@@ -268,12 +275,7 @@ fn output_does_not_depend_on_the_memory_plan() {
                     ..gpu_opts(KvType::F16)
                 },
             );
-            let got = bits(&engine, &tokens);
-            let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
-            assert!(
-                first_diff.is_none(),
-                "{rel}, {name}: differs at {first_diff:?}"
-            );
+            assert_same_bits(&bits(&engine, &tokens), &want, &format!("{rel}, {name}"));
             let g = engine.gpu_stats().unwrap();
             assert_eq!(g.slots as u64, slots, "{rel}, {name}");
             assert!(
@@ -544,12 +546,7 @@ fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
                     plan.summary()
                 );
             }
-            let got = bits(&engine, &tokens);
-            let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
-            assert!(
-                first_diff.is_none(),
-                "{rel}, {name}: differs at {first_diff:?}"
-            );
+            assert_same_bits(&bits(&engine, &tokens), &want, &format!("{rel}, {name}"));
             let g = engine.gpu_stats().unwrap();
             if aligned {
                 assert!(

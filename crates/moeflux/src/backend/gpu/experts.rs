@@ -480,22 +480,9 @@ impl GpuExperts {
             .into());
         }
         let mut pending = granted;
+        let mut ready = Vec::new();
         while !pending.is_empty() {
-            let mut ready = Vec::new();
-            for &e in &pending {
-                match store.ready(layer, e) {
-                    Ok(true) => ready.push(e),
-                    Ok(false) => {}
-                    Err(err) => {
-                        store.release(layer, &pending);
-                        return Err(err.into());
-                    }
-                }
-            }
-            if ready.is_empty() {
-                store.wait_any(layer, &pending);
-                continue;
-            }
+            wait_ready(store, layer, &pending, &mut ready)?;
             // `pending` keeps those not ready yet; `ready` is handled here.
             pending.retain(|e| !ready.contains(e));
             for (i, &e) in ready.iter().enumerate() {
@@ -1138,21 +1125,7 @@ impl GpuExperts {
             }
             let mut pending = granted.clone();
             while !pending.is_empty() {
-                ready.clear();
-                for &e in &pending {
-                    match store.ready(layer, e) {
-                        Ok(true) => ready.push(e),
-                        Ok(false) => {}
-                        Err(err) => {
-                            store.release(layer, &pending);
-                            return Err(err.into());
-                        }
-                    }
-                }
-                if ready.is_empty() {
-                    store.wait_any(layer, &pending);
-                    continue;
-                }
+                wait_ready(store, layer, &pending, &mut ready)?;
                 let mut failed = None;
                 // Experts in imported host memory: copied by the GPU; their
                 // host slots are released once the copies are done.
@@ -1256,6 +1229,34 @@ fn acquire(
         granted.truncate(before);
     }
     out
+}
+
+/// Waits until at least one of `pending` (acquired experts of `layer`) is
+/// ready, and puts those that are in `ready`. On a failed read, gives all
+/// of `pending` back to the store and returns the error.
+fn wait_ready(
+    store: &mut ExpertStore,
+    layer: usize,
+    pending: &[u32],
+    ready: &mut Vec<u32>,
+) -> Result<(), StoreError> {
+    loop {
+        ready.clear();
+        for &e in pending {
+            match store.ready(layer, e) {
+                Ok(true) => ready.push(e),
+                Ok(false) => {}
+                Err(err) => {
+                    store.release(layer, pending);
+                    return Err(err);
+                }
+            }
+        }
+        if !ready.is_empty() {
+            return Ok(());
+        }
+        store.wait_any(layer, pending);
+    }
 }
 
 /// One dispatch decodes gate and up with one format (SwiGLU): an expert
