@@ -25,8 +25,9 @@
 //! arena imported as storage buffers, a missing expert is not copied into
 //! a slot: the kernels read it from its host slot, which stays acquired
 //! until the GPU has finished the work that reads it. The arena then only
-//! holds the experts that cannot be read so (an array off a word, say),
-//! and a model whose experts all fit, which the GPU routes by itself.
+//! holds the experts that cannot be read so (one in a piece of the arena
+//! the driver did not import, or with an array off a word), or a model
+//! whose experts all fit, which the GPU routes by itself.
 //!
 //! Ordering rule (why slots are pinned per wave): `write_buffer` lands
 //! before the *next* submission, so a slot read by recorded but not yet
@@ -147,8 +148,9 @@ pub struct GpuExperts {
     /// Whether missing experts are read in place from their host slots
     /// (asked for; once the import is tried, whether it allows it).
     in_place: bool,
-    /// Experts `(layer, expert)` read in place by submitted work: their
-    /// host slots stay acquired until the GPU has finished it.
+    /// Experts `(layer, expert)` read in place by work recorded since the
+    /// last release: their host slots stay acquired until that work is
+    /// submitted and the GPU has finished it ([`GpuExperts::read_in_place`]).
     reading: Vec<(usize, u32)>,
     /// Experts `(layer, expert)` whose copies from their host slots were
     /// submitted (the last such submission: `copies_at`): the host slots
