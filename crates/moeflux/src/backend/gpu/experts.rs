@@ -469,18 +469,14 @@ impl GpuExperts {
             return Ok(());
         }
         let mut granted = Vec::new();
-        acquire(store, layer, experts, &mut granted)?;
-        if granted.is_empty() && !(self.in_flight.is_empty() && self.copying.is_empty()) {
-            // Every free host slot holds a copy in flight.
-            self.settle_all_copies(gpu, store)?;
-            acquire(store, layer, experts, &mut granted)?;
-        }
-        if granted.is_empty() {
-            return Err(StoreError::Setup(
-                "no host expert slot is free to read an expert in place".into(),
-            )
-            .into());
-        }
+        self.acquire_some(
+            gpu,
+            store,
+            layer,
+            experts,
+            &mut granted,
+            "read an expert in place",
+        )?;
         let mut pending = granted;
         let mut ready = Vec::new();
         while !pending.is_empty() {
@@ -550,6 +546,31 @@ impl GpuExperts {
             offsets,
         };
         Ok(Some((located, bytes)))
+    }
+
+    /// Pins as many of `experts` (of `layer`) in the host store as it
+    /// grants, appending them to `granted`; if every free host slot holds a
+    /// copy in flight, those copies are waited for and their slots given
+    /// back first. An error when none can be pinned, saying what for.
+    fn acquire_some(
+        &mut self,
+        gpu: &Gpu,
+        store: &mut ExpertStore,
+        layer: usize,
+        experts: &[u32],
+        granted: &mut Vec<u32>,
+        what: &str,
+    ) -> Result<(), crate::Error> {
+        let before = granted.len();
+        acquire(store, layer, experts, granted)?;
+        if granted.len() == before && !(self.in_flight.is_empty() && self.copying.is_empty()) {
+            self.settle_all_copies(gpu, store)?;
+            acquire(store, layer, experts, granted)?;
+        }
+        if granted.len() == before {
+            return Err(StoreError::Setup(format!("no host expert slot is free to {what}")).into());
+        }
+        Ok(())
     }
 
     /// Gives back the host slots of experts read in place, once the GPU
@@ -1113,18 +1134,8 @@ impl GpuExperts {
         let mut ready = Vec::new();
         while !todo.is_empty() {
             granted.clear();
-            acquire(store, layer, &todo, &mut granted)?;
-            if granted.is_empty() && !(self.in_flight.is_empty() && self.copying.is_empty()) {
-                // Every free host slot holds a copy in flight.
-                self.settle_all_copies(gpu, store)?;
-                acquire(store, layer, &todo, &mut granted)?;
-            }
-            if granted.is_empty() {
-                return Err(StoreError::Setup(
-                    "no host expert slot is free to stage an expert for the GPU".into(),
-                )
-                .into());
-            }
+            let why = "stage an expert for the GPU";
+            self.acquire_some(gpu, store, layer, &todo, &mut granted, why)?;
             let mut pending = granted.clone();
             while !pending.is_empty() {
                 wait_ready(store, layer, &pending, &mut ready)?;

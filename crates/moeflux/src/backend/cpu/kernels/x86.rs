@@ -909,10 +909,15 @@ unsafe fn dot_f32_raw(w: *const u8, x: &[f32]) -> f32 {
 
 /// `Σ a_i b_i` as [`dot_f32_raw`] sums it: the dot of attention's scores
 /// at both x86 levels.
+///
+/// # Safety
+/// `a` must hold at least `b.len()` values (callers check the lengths
+/// once, not per row), and the CPU must have AVX2 and FMA.
+#[inline]
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    // SAFETY: `a` holds 4 · b.len() bytes.
+    debug_assert!(a.len() >= b.len());
+    // SAFETY: `a` holds 4 · b.len() bytes (the caller's contract).
     dot_f32_raw(a.as_ptr() as *const u8, b)
 }
 
@@ -924,8 +929,8 @@ pub unsafe fn scores_avx2(q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) 
     let hd = q.len();
     assert!(tile.len() >= out.len() * hd);
     for (j, o) in out.iter_mut().enumerate() {
-        // SAFETY: q holds 4 · hd bytes.
-        *o = dot_f32_raw(q.as_ptr() as *const u8, &tile[j * hd..(j + 1) * hd]) * scale;
+        // SAFETY: q holds hd values, the row's length.
+        *o = dot_f32(q, &tile[j * hd..(j + 1) * hd]) * scale;
     }
 }
 
