@@ -257,9 +257,61 @@ fn matmul_mlx_affine() {
 #[test]
 fn matmul_rows_beyond_one_dispatch_dimension() {
     // 270 000 rows: more workgroups than one dimension must hold (65 535)
-    // for one token (four rows a workgroup) and for several (one row), so
-    // on most adapters rows are numbered over a 2-D grid.
+    // for one token (four rows a workgroup), so on most adapters rows are
+    // numbered over a 2-D grid (prompts take 64 rows a workgroup).
     check_ggml_split(GgmlType::F16, 270_000, 32, 100_000);
+}
+
+/// Prompt products over several tiles of rows and of tokens match the
+/// reference, and give every token the same bits whether a prompt computes
+/// it in one product or in chunks (of one token and of more than a tile):
+/// the property `prefill_chunking_changes_nothing` rests on.
+#[test]
+fn prompt_products_are_the_same_in_any_chunks() {
+    let Some(gpu) = gpu() else { return };
+    let (rows, cols, n) = (150, 256, 70);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_K] {
+        let bytes = random_ggml(ty, rows, cols, 77);
+        let m = Matrix::ggml(ty, rows, cols, &bytes).unwrap();
+        let w = GpuMatrix::upload(gpu, &m).unwrap();
+        let x = normals(n * cols, 78);
+        let mut wrow = vec![0f32; cols];
+        let mut want = vec![0f32; n * rows];
+        for r in 0..rows {
+            m.row(r, &mut wrow);
+            for t in 0..n {
+                want[t * rows + r] = dot(&wrow, &x[t * cols..(t + 1) * cols]);
+            }
+        }
+        let run = |x: &[f32], n: usize| {
+            let xb = gpu.upload_f32("x", x).unwrap();
+            let yb = gpu.zeros_f32("y", n * rows).unwrap();
+            let mut pass = Pass::new(gpu);
+            pass.set_prompt(true);
+            pass.matmul(&w, &xb, &yb, n).unwrap();
+            pass.submit().unwrap();
+            gpu.read_f32(&yb, n * rows).unwrap()
+        };
+        let whole = run(&x, n);
+        let cos = cosine(&whole, &want);
+        assert!(cos >= 0.9999, "{ty}: cosine {cos}");
+        for (i, (g, e)) in whole.iter().zip(&want).enumerate() {
+            assert!(
+                (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{ty} [{i}]: {g} vs {e}"
+            );
+        }
+        let mut chunked = Vec::new();
+        for (t0, t1) in [(0, 1), (1, 34), (34, 70)] {
+            chunked.extend(run(&x[t0 * cols..t1 * cols], t1 - t0));
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        assert_eq!(
+            bits(&chunked),
+            bits(&whole),
+            "{ty}: chunks differ from one product"
+        );
+    }
 }
 
 #[test]
@@ -355,9 +407,9 @@ fn rms_norm_matches_cpu() {
 
 /// A product whose input is RMS-normalised inside it: the normalised rows
 /// it stores match the CPU's rms_norm, the product matches the reference
-/// product of those rows, and a token's normalised row and outputs have
-/// the same bits whether it is computed alone (the one-token kernel) or
-/// among several (the four-token kernel).
+/// product of those rows, in a decode step's shape and a prompt's, and a
+/// token's normalised row and outputs have the same bits whether a prompt
+/// computes it alone (a one-token chunk) or among several.
 #[test]
 fn normalising_product_matches_cpu() {
     // Fewer parts a row than threads, and (2048 columns, Q4_0's column
@@ -397,11 +449,12 @@ fn check_normalising(ty: GgmlType, rows: usize, cols: usize, n: usize) {
         .collect();
     let nwb = gpu.upload_f32("norm", &nw).unwrap();
     for variant in gpu.variants() {
-        let run = |xs: &[f32], n: usize| {
+        let run = |xs: &[f32], n: usize, prompt: bool| {
             let xb = gpu.upload_f32("x", xs).unwrap();
             let hb = gpu.zeros_f32("normed", n * cols).unwrap();
             let yb = gpu.zeros_f32("y", n * rows).unwrap();
             let mut pass = Pass::with_variant(gpu, variant);
+            pass.set_prompt(prompt);
             pass.matmul_normed(&w, &xb, (&nwb, eps), &hb, &yb, n, (0, rows))
                 .unwrap();
             pass.submit().unwrap();
@@ -410,37 +463,43 @@ fn check_normalising(ty: GgmlType, rows: usize, cols: usize, n: usize) {
                 gpu.read_f32(&yb, n * rows).unwrap(),
             )
         };
-        let (got_h, got_y) = run(&x, n);
-        for (i, (g, e)) in got_h.iter().zip(&h).enumerate() {
+        let close = |what: &str, got_h: &[f32], got_y: &[f32], h: &[f32], want: &[f32]| {
+            for (i, (g, e)) in got_h.iter().zip(h).enumerate() {
+                assert!(
+                    (g - e).abs() <= 4e-6 * e.abs() + 1e-7,
+                    "{ty} {what} normed {variant:?} [{i}]: {g} vs {e}"
+                );
+            }
+            let cos = cosine(got_y, want);
             assert!(
-                (g - e).abs() <= 4e-6 * e.abs() + 1e-7,
-                "{ty} normed {variant:?} [{i}]: {g} vs {e}"
+                cos >= 0.9999,
+                "{ty} {what} normed product {variant:?}: cosine {cos}"
             );
-        }
-        let cos = cosine(&got_y, &want);
-        assert!(
-            cos >= 0.9999,
-            "{ty} normed product {variant:?}: cosine {cos}"
-        );
-        for (i, (g, e)) in got_y.iter().zip(&want).enumerate() {
-            assert!(
-                (g - e).abs() <= 1e-3 * (1.0 + e.abs()),
-                "{ty} y {variant:?} [{i}]: {g} vs {e}"
-            );
-        }
+            for (i, (g, e)) in got_y.iter().zip(want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                    "{ty} {what} y {variant:?} [{i}]: {g} vs {e}"
+                );
+            }
+        };
+        let (got_h, got_y) = run(&x, n, false);
+        close("prompt", &got_h, &got_y, &h, &want);
         for t in [0, n - 1] {
-            let (one_h, one_y) = run(&x[t * cols..(t + 1) * cols], 1);
+            let (ht, yt) = (t * cols..(t + 1) * cols, t * rows..(t + 1) * rows);
+            // A decode step's kernel (one token, its own order of sums).
+            let (one_h, one_y) = run(&x[ht.clone()], 1, false);
+            close(
+                "one token",
+                &one_h,
+                &one_y,
+                &h[ht.clone()],
+                &want[yt.clone()],
+            );
+            // A one-token chunk of a prompt: the prompt's bits.
+            let (one_h, one_y) = run(&x[ht.clone()], 1, true);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(
-                bits(&one_h),
-                bits(&got_h[t * cols..(t + 1) * cols]),
-                "token {t} normed alone"
-            );
-            assert_eq!(
-                bits(&one_y),
-                bits(&got_y[t * rows..(t + 1) * rows]),
-                "token {t} product alone"
-            );
+            assert_eq!(bits(&one_h), bits(&got_h[ht]), "token {t} normed alone");
+            assert_eq!(bits(&one_y), bits(&got_y[yt]), "token {t} product alone");
         }
     }
 }
@@ -1256,6 +1315,7 @@ fn every_kernel_translates_to_msl_spirv_and_hlsl() {
     let mut checked = 0;
     for kernel in Kernel::all() {
         let mut variants: Vec<Variant> = Variant::all().map(|v| kernel.normalize(v)).to_vec();
+        variants.sort_by_key(|v| (v.reduce == Reduce::Subgroup, v.f16_native));
         variants.dedup();
         for variant in variants {
             let what = format!("{} ({variant:?})", kernel.name());
@@ -1322,16 +1382,19 @@ fn every_kernel_translates_to_msl_spirv_and_hlsl() {
             checked += 1;
         }
     }
-    // Products (9 formats × one or four tokens × alone, alone with the
-    // input normalised, expert batch, expert batch with SwiGLU; and one
-    // token's expert batch with the combine, and its router product that
-    // routes) and attention (2 caches × with or without the decode prep ×
-    // merging or not): four variants each (reduction × f16 widening);
-    // attention_prep (2 caches), the norm and the MoE routing two
-    // (reduction); the attention merge, gather and the MoE combine one.
+    // One-token products (9 formats × alone, alone with the input
+    // normalised, expert batch, expert batch with SwiGLU, expert batch
+    // with the combine, the router product that routes) and attention (2
+    // caches × with or without the decode prep × merging or not): four
+    // variants each (reduction × f16 widening); prompt products (9 formats
+    // × alone, expert batch, expert batch with SwiGLU) two (f16 widening:
+    // they do not reduce); attention_prep (2 caches), the norm and the MoE
+    // routing two (reduction); the attention merge, gather and the MoE
+    // combine one.
+    let formats = WeightKind::all().len();
     assert_eq!(
         checked,
-        4 * (10 * WeightKind::all().len() + 8) + 2 * 2 + 2 + 2 + 3
+        4 * (6 * formats + 8) + 2 * 3 * formats + 2 * 2 + 2 + 2 + 3
     );
 }
 

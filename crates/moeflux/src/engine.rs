@@ -808,6 +808,10 @@ impl Session {
             None => self.gpu_kv.insert(gm.new_kv(inner.ctx, inner.kv_type)?),
         };
         let mut all = Vec::new();
+        // Several tokens are a prompt: every chunk of it, one token long or
+        // not, takes the prompt kernels, so that its bits do not depend on
+        // the chunk size (`--ubatch`).
+        let prompt = tokens.len() > 1;
         for chunk in tokens.chunks(inner.ubatch) {
             let pos0 = self.state.kv.len;
             let out = match gm.forward(
@@ -818,6 +822,7 @@ impl Session {
                 pos0,
                 chunk,
                 which,
+                prompt,
                 &mut self.ws.timings,
             ) {
                 Ok(out) => out,

@@ -5,7 +5,8 @@
 //! constants), then the files of its [`Variant`]: the reduction (which
 //! defines the entry point's `Lane` builtins and `wg_sum4`/`wg_max`) and
 //! the f16 widening (`f16x2`), then the kernel's own files: for a matrix
-//! product the shared `matmul.wgsl` skeleton and one weight-format file
+//! product `matmul_common.wgsl`, its shape's skeleton (`matmul.wgsl` for
+//! one token, `matmul_tiled.wgsl` for prompts) and one weight-format file
 //! defining `part_cols` and `part`.
 
 use std::collections::HashMap;
@@ -26,7 +27,9 @@ const REDUCE_SHARED: &str = include_str!("kernels/reduce_shared.wgsl");
 const REDUCE_SUBGROUP: &str = include_str!("kernels/reduce_subgroup.wgsl");
 const F16_NATIVE: &str = include_str!("kernels/f16_native.wgsl");
 const F16_BITS: &str = include_str!("kernels/f16_bits.wgsl");
+const MATMUL_COMMON: &str = include_str!("kernels/matmul_common.wgsl");
 const MATMUL: &str = include_str!("kernels/matmul.wgsl");
+const MATMUL_TILED: &str = include_str!("kernels/matmul_tiled.wgsl");
 const Q8_0: &str = include_str!("kernels/q8_0.wgsl");
 const Q4_0: &str = include_str!("kernels/q4_0.wgsl");
 const Q4_K: &str = include_str!("kernels/q4_k.wgsl");
@@ -153,8 +156,8 @@ pub const JOB_WORDS: usize = 12;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Product {
     pub kind: WeightKind,
-    /// One token, four rows per workgroup (decode); else two rows for four
-    /// tokens per workgroup (prompts).
+    /// One token, four rows per workgroup (decode, `matmul.wgsl`); else
+    /// tiles of rows and tokens (prompts, `matmul_tiled.wgsl`).
     pub one_token: bool,
     pub batch: Batch,
 }
@@ -164,8 +167,9 @@ pub struct Product {
 pub enum Batch {
     /// One part of one matrix.
     One,
-    /// One part of one matrix whose input rows are RMS-normalised on the
-    /// fly (the normalised rows are stored too, for later products).
+    /// One part of one matrix whose input row is RMS-normalised on the
+    /// fly (the normalised row is stored too, for later products; one-token
+    /// shape only: a prompt's rows are normalised by `rms_norm.wgsl` first).
     OneNormed,
     /// The same product for several experts (a job table).
     Experts,
@@ -184,7 +188,10 @@ pub enum Batch {
 impl Batch {
     /// Whether the batch exists only in the one-token shape.
     fn one_token_only(self) -> bool {
-        matches!(self, Batch::ExpertsCombine | Batch::Router)
+        matches!(
+            self,
+            Batch::OneNormed | Batch::ExpertsCombine | Batch::Router
+        )
     }
 }
 
@@ -216,21 +223,21 @@ impl Product {
         v
     }
 
-    /// Rows one workgroup computes.
+    /// Rows one workgroup computes (`R`, or `TR` of `matmul_tiled.wgsl`).
     pub fn rows_per_group(self) -> usize {
-        if self.one_token {
-            4
-        } else {
-            2
+        match (self.one_token, self.batch) {
+            (true, _) => 4,
+            (false, Batch::ExpertsGlu) => 32,
+            (false, _) => 64,
         }
     }
 
-    /// Tokens one workgroup computes.
+    /// Tokens one workgroup computes (`TT` of `matmul_tiled.wgsl`).
     pub fn tokens_per_group(self) -> usize {
         if self.one_token {
             1
         } else {
-            4
+            32
         }
     }
 
@@ -326,14 +333,17 @@ impl Kernel {
     /// Whether the kernel reduces across its workgroup (and so comes in a
     /// subgroup and a shared-memory variant).
     pub fn reduces(self) -> bool {
-        matches!(
-            self,
-            Kernel::MatMul(_)
-                | Kernel::RmsNorm
-                | Kernel::Attention { .. }
-                | Kernel::AttentionPrep { .. }
-                | Kernel::MoeRoute
-        )
+        match self {
+            // Prompt tiles sum each output in one thread.
+            Kernel::MatMul(p) => p.one_token,
+            _ => matches!(
+                self,
+                Kernel::RmsNorm
+                    | Kernel::Attention { .. }
+                    | Kernel::AttentionPrep { .. }
+                    | Kernel::MoeRoute
+            ),
+        }
     }
 
     /// Whether the kernel widens f16 values (and so comes in a native and
@@ -403,7 +413,9 @@ impl Kernel {
             // Products: a 4096-column row is 512 parts, eight a thread at 64
             // threads; at 128 an H100 decoded 21–27 % faster (Q4_0, Q4_K;
             // 256 was no faster, and prompts slowed).
-            Kernel::MatMul(_) => 2 * WG,
+            Kernel::MatMul(p) if p.one_token => 2 * WG,
+            // A prompt tile's threads: 16 outputs each.
+            Kernel::MatMul(p) => (p.rows_per_group() * p.tokens_per_group() / 16) as u32,
             // A chunk's rows read in rounds of WG · 2 / (head_dim / U)
             // rows (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
@@ -432,10 +444,9 @@ impl Kernel {
                 s.push_str(&consts);
                 let route = p.batch == Batch::Router;
                 s.push_str(&format!(
-                    "const TOK: u32 = {}u;\nconst BATCH: bool = {};\nconst GLU: bool = {};\n\
+                    "const BATCH: bool = {};\nconst GLU: bool = {};\n\
                      const NORM: bool = {};\nconst COMBINE: bool = {};\nconst ROUTE: bool = {route};\n\
                      const JOB_WORDS: u32 = {JOB_WORDS}u;\n",
-                    p.tokens_per_group(),
                     p.experts(),
                     p.batch == Batch::ExpertsGlu,
                     matches!(p.batch, Batch::OneNormed | Batch::Router),
@@ -443,7 +454,7 @@ impl Kernel {
                 ));
                 // Y: through atomics when the last workgroup reads it.
                 s.push_str(&f32_array(2, "y", ("put_y", "y_at"), route));
-                if !route {
+                if !route && p.one_token {
                     s.push_str("fn route_after(lane: Lane) {}\n");
                 }
                 // The job table, or the norm weights and normalised rows,
@@ -494,9 +505,11 @@ impl Kernel {
                     );
                 }
                 if route {
-                    &[MATMUL, decoder, MATMUL_ROUTE, ROUTE, ARRIVE]
+                    &[MATMUL_COMMON, MATMUL, decoder, MATMUL_ROUTE, ROUTE, ARRIVE]
+                } else if p.one_token {
+                    &[MATMUL_COMMON, MATMUL, decoder]
                 } else {
-                    &[MATMUL, decoder]
+                    &[MATMUL_COMMON, MATMUL_TILED, decoder]
                 }
             }
             Kernel::RmsNorm => &[RMS_NORM],

@@ -554,6 +554,9 @@ impl GpuModel {
     /// `kv`; returns the logits of the last position or of all (`n ×
     /// vocab`). Token ids must be below the vocabulary size and `pos0 + n`
     /// within the cache (checked by the caller; checked again here).
+    /// `prompt`: the tokens are a chunk of a prompt, computed with the
+    /// prompt kernels even when there is one (see [`Pass::set_prompt`]);
+    /// else one token is a decode step.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &mut self,
@@ -564,6 +567,7 @@ impl GpuModel {
         pos0: usize,
         tokens: &[TokenId],
         which: Logits,
+        prompt: bool,
         timings: &mut Timings,
     ) -> Result<Vec<f32>, crate::Error> {
         let mut arena = self
@@ -571,7 +575,7 @@ impl GpuModel {
             .take()
             .ok_or_else(|| shape_err("the parameter arena is in use".into()))?;
         let out = self.forward_in(
-            &mut arena, model, files, store, kv, pos0, tokens, which, timings,
+            &mut arena, model, files, store, kv, pos0, tokens, which, prompt, timings,
         );
         self.params = Some(arena);
         if out.is_err() {
@@ -599,10 +603,14 @@ impl GpuModel {
         pos0: usize,
         tokens: &[TokenId],
         which: Logits,
+        prompt: bool,
         t: &mut Timings,
     ) -> Result<Vec<f32>, crate::Error> {
         let d = self.dims;
         let n = tokens.len();
+        // A decode step: one token, not a chunk of a prompt (which takes
+        // the prompt shapes whatever its length; see `Pass::set_prompt`).
+        let one = n == 1 && !prompt;
         if n == 0 || n > d.ubatch || pos0 + n > kv.capacity {
             return Err(shape_err(format!(
                 "{n} tokens at position {pos0} (chunks of at most {}, cache of {})",
@@ -637,12 +645,13 @@ impl GpuModel {
         // decode step routes on the GPU and never waits for it before the
         // logits.
         self.experts.load_all(gpu, store, &self.per_layer)?;
-        let on_gpu = n == 1 && self.experts.all_resident();
+        let on_gpu = one && self.experts.all_resident();
         let mut pass = Pass::with_arena(gpu, arena);
+        pass.set_prompt(!one);
         // A guess left by a step that ended early is not this step's.
         self.guesses.drop_pending();
         for l in 0..self.layers.len() {
-            self.attention_block(&mut pass, kv, l, n, pos0)?;
+            self.attention_block(&mut pass, kv, l, n, one, pos0)?;
             lap.charge(&mut t.full_attn);
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
@@ -671,7 +680,7 @@ impl GpuModel {
             // go where a second token's would, so one routing dispatch and
             // one read-back serve both; its normalised row goes to `moe_in`,
             // scratch until this layer's gather.
-            let guessing = n == 1 && d.ubatch >= 2 && self.experts.can_prefetch();
+            let guessing = one && d.ubatch >= 2 && self.experts.can_prefetch();
             let next = (self.layers.get(l + 1)).filter(|nx| guessing && nx.router.shape.rows == ne);
             if let Some(next) = next {
                 let norm = (&next.ffn_norm, d.eps);
@@ -696,7 +705,7 @@ impl GpuModel {
             let choice = gpu.map_f32(&a.readback, len)?;
             lap.charge(&mut t.gpu_wait);
             self.route(&choice, n)?;
-            if n == 1 {
+            if one {
                 let chosen: Vec<u32> = self.routing.choice.iter().map(|c| c.0).collect();
                 self.guesses.judge(l, &chosen);
             }
@@ -712,7 +721,7 @@ impl GpuModel {
             }
             self.experts_block(gpu, &mut pass, store, l, n)?;
             lap.charge(&mut t.moe);
-            if n == 1 && l + 1 < self.layers.len() {
+            if one && l + 1 < self.layers.len() {
                 // The layer's products go now, so the GPU computes them
                 // while the host records the next attention block (one
                 // submission more a layer; H100 decode 32.3/32.8 → 36.2/35.8
@@ -732,13 +741,15 @@ impl GpuModel {
     }
 
     /// Records layer `l`'s attention block: norm, projections, q/k norms,
-    /// RoPE, K/V append, attention, output projection, residual add.
+    /// RoPE, K/V append, attention, output projection, residual add (`one`:
+    /// a decode step's, with the prep inside the attention dispatch).
     fn attention_block(
         &self,
         pass: &mut Pass<'_>,
         kv: &GpuKv,
         l: usize,
         n: usize,
+        one: bool,
         pos0: usize,
     ) -> Result<(), GpuError> {
         let (d, a, layer) = (self.dims, &self.act, &self.layers[l]);
@@ -772,7 +783,7 @@ impl GpuModel {
             kv_f16: kv.kv_f16,
         };
         let norm = (layer.qk_norm, layer.qk_eps);
-        if n == 1 {
+        if one {
             // One dispatch fewer: the attention workgroups prepare their
             // own query and the new position (same bits).
             pass.attention_decode(

@@ -112,6 +112,9 @@ pub struct Pass<'g> {
     /// The copy-queue value the next submission waits for (see
     /// [`Pass::after_copies`]).
     after: u64,
+    /// Whether one-token products take the prompt shape (see
+    /// [`Pass::set_prompt`]).
+    prompt: bool,
 }
 
 /// Shape of a decode-attention call.
@@ -361,6 +364,7 @@ impl<'g> Pass<'g> {
             items: Vec::new(),
             arena: None,
             after: 0,
+            prompt: false,
         }
     }
 
@@ -379,6 +383,16 @@ impl<'g> Pass<'g> {
     /// dispatches stay); tests run both.
     pub fn set_last_group_finishes(&mut self, on: bool) {
         self.last_group_finishes = on && self.gpu.device_scope_barrier;
+    }
+
+    /// Whether products of one token take the prompt shape
+    /// (`matmul_tiled.wgsl`, as products of several tokens always do)
+    /// instead of the one-token kernels. The two shapes sum in different
+    /// orders, so a prompt cut into chunks (some of one token) gets the
+    /// bits of the whole prompt only if every chunk takes the prompt
+    /// shape; decode steps take the one-token shape (the default).
+    pub fn set_prompt(&mut self, on: bool) {
+        self.prompt = on;
     }
 
     /// Whether a product of `shape` binds no more storage buffers than the
@@ -400,6 +414,7 @@ impl<'g> Pass<'g> {
             items: Vec::new(),
             arena: Some(arena),
             after: 0,
+            prompt: false,
         }
     }
 
@@ -577,7 +592,8 @@ impl<'g> Pass<'g> {
     /// [`Pass::matmul_into`] of `x`'s rows RMS-normalised with `norm`
     /// (weights of `w.cols` values, epsilon), which also leaves the
     /// normalised rows in `normed` (`n × w.cols`): an RMSNorm and the first
-    /// product that reads it in one dispatch.
+    /// product that reads it in one dispatch (a prompt's: `rms_norm`, then
+    /// the product of the normalised rows).
     #[allow(clippy::too_many_arguments)]
     pub fn matmul_normed(
         &mut self,
@@ -622,9 +638,18 @@ impl<'g> Pass<'g> {
             holds(K, "norm weights", weights, m.cols)?;
             holds(K, "normed", normed, n * m.cols)?;
         }
+        let one_token = n == 1 && !self.prompt;
+        // A prompt's rows are normalised first, and the product reads them.
+        let (x, norm) = match norm {
+            Some((weights, normed, eps)) if !one_token => {
+                self.rms_norm(x, weights, normed, n, m.cols, eps)?;
+                (normed, None)
+            }
+            other => (x, other),
+        };
         let shape = Product {
             kind: m.kind,
-            one_token: n == 1,
+            one_token,
             batch: if norm.is_some() {
                 Batch::OneNormed
             } else {
@@ -656,7 +681,8 @@ impl<'g> Pass<'g> {
     /// token count, first row of `x`). `Batch::Experts`: `y = x Aᵀ`;
     /// `Batch::ExpertsGlu`: `y = silu(x Aᵀ) · x Bᵀ`. `x` and `y` hold
     /// `rows.0` and `rows.1` token rows (of `m.cols` and `m.rows` values);
-    /// `max_tokens` is the most tokens of a job (one: the decode kernel).
+    /// `max_tokens` is the most tokens of a job (one, outside a prompt: the
+    /// decode kernel).
     #[allow(clippy::too_many_arguments)]
     pub fn expert_matmul(
         &mut self,
@@ -679,7 +705,7 @@ impl<'g> Pass<'g> {
         holds(K, "jobs", jobs, JOB_WORDS * (job0 + count))?;
         let shape = Product {
             kind: m.kind,
-            one_token: max_tokens == 1,
+            one_token: max_tokens == 1 && !self.prompt,
             batch: if glu {
                 Batch::ExpertsGlu
             } else {

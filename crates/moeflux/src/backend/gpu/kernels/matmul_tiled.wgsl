@@ -1,0 +1,172 @@
+// Prompt products: Y = X Wᵀ for many tokens, in tiles. A workgroup
+// computes TR rows of W against TT tokens of X (GLU: TR rows of A and of
+// B), walking the columns a unit (32) at a time: its threads decode the
+// tile's parts of the unit into shared memory and load the tokens' 32
+// activations beside them, then each thread adds the unit into its 4 × 4
+// outputs (4 rows × 4 tokens; GLU: twice) while its loads of the next
+// unit are in flight. Each weight is decoded once
+// for TT tokens and each activation loaded once for TR rows, where the
+// one-token kernel (matmul.wgsl) decodes every weight once per token.
+//
+// Every output is summed in one order — column by column, from the first
+// to the last — whatever the token count, the tile a token falls in or
+// the job it belongs to, so a prompt gives the same bits in chunks of any
+// size (`prefill_chunking_changes_nothing`). A decode step (matmul.wgsl)
+// sums in another order: its bits are not a prompt's.
+//
+// Rows are numbered as in matmul.wgsl (row groups wg.x + wg.y * wg_x, or
+// wg.x with BATCH); token tiles are workgroup z. Rows and tokens past the
+// end repeat the last one; their sums are dropped. The RMSNorm of a
+// normalising product runs before this kernel (rms_norm.wgsl), and
+// ROUTE and COMBINE are one-token shapes.
+
+// Rows and tokens of a tile; the threads (WG, set by the host) are
+// TR · TT / 16. GLU halves the rows so that the two matrices' tiles and
+// the tokens' fit in 12 KiB of shared memory (WebGPU promises 16).
+const TR: u32 = select(64u, 32u, GLU);
+const TT: u32 = 32u;
+const_assert TR * TT == 16u * WG;
+// Parts of a unit's tile a thread decodes (each matrix): TR · 4 / WG.
+const PARTS: u32 = 4u * TR / WG;
+// vec4s of a unit's activations a thread loads: TT · 8 / WG.
+const XLOADS: u32 = 8u * TT / WG;
+
+// A unit of the tile, column-major: `wa[k * TR / 4 + r / 4][r % 4]` is
+// row r's weight at column k of the unit (B's in `wb2`), and
+// `xs[k * TT / 4 + t / 4][t % 4]` token t's activation there, so that a
+// thread reads its four rows and its four tokens at a column as two vec4s.
+var<workgroup> wa: array<vec4<f32>, 8u * TR>;
+var<workgroup> wb2: array<vec4<f32>, select(1u, 8u * TR, GLU)>;
+var<workgroup> xs: array<vec4<f32>, 8u * TT>;
+
+// The next unit's parts and activations, loaded while the threads
+// compute the unit in shared memory (its loads then wait beside that
+// work instead of after it).
+var<private> next_a: array<Part, PARTS>;
+var<private> next_b: array<Part, PARTS>;
+var<private> next_x: array<vec4<f32>, XLOADS>;
+
+// Loads unit u of the tile (rows r0.., tokens t0.. of n from X's row
+// x_base, c4 vec4s a row) into the `next_` registers: part i of the
+// tile's TR · 4 is row i / 4, part i % 4 (four threads a row read its
+// unit's bytes side by side), and vec4 i of its activations is token
+// i / 8, columns 4 (i % 8).. (eight threads a token).
+fn fetch(o: array<vec3<u32>, 2>, r0: u32, t0: u32, n: u32, x_base: u32, u: u32, lid: u32) {
+    for (var k = 0u; k < PARTS; k++) {
+        let i = lid + k * WG;
+        let r = min(r0 + i / 4u, p.rows - 1u);
+        use_matrix(o, 0u);
+        next_a[k] = part(r, u, i % 4u);
+        if GLU {
+            use_matrix(o, 1u);
+            next_b[k] = part(r, u, i % 4u);
+        }
+    }
+    for (var k = 0u; k < XLOADS; k++) {
+        let i = lid + k * WG;
+        let t = min(t0 + i / 8u, n - 1u);
+        next_x[k] = x[(x_base + t) * (p.cols / 4u) + u * (UNIT / 4u) + i % 8u];
+    }
+}
+
+// Stores the `next_` registers into the shared tile.
+fn stage(lid: u32) {
+    for (var k = 0u; k < PARTS; k++) {
+        let i = lid + k * WG;
+        let c = part_cols(i % 4u);
+        let at = i / 16u;
+        let lane = (i / 4u) % 4u;
+        for (var j = 0u; j < 4u; j++) {
+            wa[(c.x + j) * (TR / 4u) + at][lane] = next_a[k].lo[j];
+            wa[(c.y + j) * (TR / 4u) + at][lane] = next_a[k].hi[j];
+            if GLU {
+                wb2[(c.x + j) * (TR / 4u) + at][lane] = next_b[k].lo[j];
+                wb2[(c.y + j) * (TR / 4u) + at][lane] = next_b[k].hi[j];
+            }
+        }
+    }
+    for (var k = 0u; k < XLOADS; k++) {
+        let i = lid + k * WG;
+        let t = i / 8u;
+        let c = 4u * (i % 8u);
+        for (var j = 0u; j < 4u; j++) {
+            xs[(c + j) * (TT / 4u) + t / 4u][t % 4u] = next_x[k][j];
+        }
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    var g = wg.x + wg.y * p.wg_x;
+    var x_base = 0u;
+    var y_base = 0u;
+    var n = p.n;
+    var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
+    if BATCH {
+        g = wg.x;
+        let j = (p.job0 + wg.y) * JOB_WORDS;
+        o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+        o[1] = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
+        y_base = job_word(j + 6u);
+        n = job_word(j + 7u);
+        x_base = job_word(j + 8u);
+    }
+    let r0 = g * TR;
+    let t0 = wg.z * TT;
+    // Uniform over the workgroup, so the barriers below stay uniform.
+    if r0 >= p.rows || t0 >= n {
+        return;
+    }
+    // This thread's outputs: rows r0 + 4·tr.. and tokens t0 + 4·tt...
+    let tr = lid % (TR / 4u);
+    let tt = lid / (TR / 4u);
+    var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    var acc2 = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    fetch(o, r0, t0, n, x_base, 0u, lid);
+    for (var u = 0u; u < p.units; u++) {
+        stage(lid);
+        workgroupBarrier();
+        // The next unit (the last one again after the last: a load that
+        // is never used, where a branch would keep its loads from
+        // overlapping the sums below).
+        fetch(o, r0, t0, n, x_base, min(u + 1u, p.units - 1u), lid);
+        for (var k = 0u; k < UNIT; k++) {
+            let xv = xs[k * (TT / 4u) + tt];
+            let wv = wa[k * (TR / 4u) + tr];
+            // acc[j] holds token j's four rows.
+            for (var j = 0u; j < 4u; j++) {
+                acc[j] += wv * xv[j];
+            }
+            if GLU {
+                let bv = wb2[k * (TR / 4u) + tr];
+                for (var j = 0u; j < 4u; j++) {
+                    acc2[j] += bv * xv[j];
+                }
+            }
+        }
+        // Nobody may stage the next unit before every thread has read
+        // this one.
+        workgroupBarrier();
+    }
+    for (var j = 0u; j < 4u; j++) {
+        let t = t0 + 4u * tt + j;
+        var s = acc[j];
+        if GLU {
+            s = s / (1.0 + exp(-s)) * acc2[j];
+        }
+        for (var i = 0u; i < 4u; i++) {
+            let r = r0 + 4u * tr + i;
+            if t < n && r < p.rows {
+                let at = (y_base + t) * p.y_stride + p.row0 + r;
+                if p.acc == 1u {
+                    put_y(at, y_at(at) + s[i]);
+                } else {
+                    put_y(at, s[i]);
+                }
+            }
+        }
+    }
+}
