@@ -158,12 +158,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     }
     if BATCH {
         g = wg.x;
-        let j = (p.job0 + wg.y) * JOB_WORDS;
-        o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
-        o[1] = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
-        y_base = job_word(j + 6u);
-        n = job_word(j + 7u);
-        x_base = job_word(j + 8u);
+        let job = job_at(wg.y);
+        o = job.o;
+        y_base = job.y_base;
+        n = job.n;
+        x_base = job.x_base;
     }
     let r0 = g * R;
     // One token a workgroup z (dense products: the token's row of X and Y).

@@ -105,3 +105,19 @@ fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
     sb = o[m].y;
     bb = o[m].z;
 }
+
+// Job p.job0 + y of an expert batch (see above): its matrices' offsets,
+// its first rows of Y and of X, and its token count.
+struct Job {
+    o: array<vec3<u32>, 2>,
+    y_base: u32,
+    n: u32,
+    x_base: u32,
+}
+
+fn job_at(y: u32) -> Job {
+    let j = (p.job0 + y) * JOB_WORDS;
+    let a = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+    let b = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
+    return Job(array<vec3<u32>, 2>(a, b), job_word(j + 6u), job_word(j + 7u), job_word(j + 8u));
+}

@@ -107,12 +107,11 @@ fn main(
     var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
     if BATCH {
         g = wg.x;
-        let j = (p.job0 + wg.y) * JOB_WORDS;
-        o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
-        o[1] = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
-        y_base = job_word(j + 6u);
-        n = job_word(j + 7u);
-        x_base = job_word(j + 8u);
+        let job = job_at(wg.y);
+        o = job.o;
+        y_base = job.y_base;
+        n = job.n;
+        x_base = job.x_base;
     }
     let r0 = g * TR;
     let t0 = wg.z * TT;
