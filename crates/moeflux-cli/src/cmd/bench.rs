@@ -118,13 +118,15 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         let mut rng = decode_rng.clone();
         let before_prompt = engine.store_stats();
         let gpu_before = engine.gpu_stats();
+        // The profile from here is the prompt's, then the decode's.
+        engine.gpu_profile(true);
         let t = Instant::now();
         let mut logits = session.eval(&prompt)?;
         prompt_runs.push(t.elapsed().as_secs_f64());
         let after_prompt = engine.store_stats();
         let gpu_after_prompt = engine.gpu_stats();
         let timings_prompt = session.timings();
-        engine.gpu_profile(true);
+        let prompt_kernels = engine.gpu_profile(true);
         let t = Instant::now();
         for _ in 0..args.n_gen {
             let next = if args.greedy {
@@ -141,9 +143,17 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             after_prompt,
             gpu_after_prompt,
             timings_prompt,
+            prompt_kernels,
         ));
     }
-    let Some((before_prompt, gpu_before, after_prompt, gpu_after_prompt, timings_prompt)) = last
+    let Some((
+        before_prompt,
+        gpu_before,
+        after_prompt,
+        gpu_after_prompt,
+        timings_prompt,
+        prompt_kernels,
+    )) = last
     else {
         anyhow::bail!("no repetition ran");
     };
@@ -297,19 +307,26 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             );
         }
     }
-    if let Some(kernels) = engine.gpu_profile(false) {
-        let per = args.n_gen.max(1) as f64;
+    // GPU time by kernel, a token's share (MOEFLUX_GPU_PROFILE).
+    let kernels = |what: &str, kernels: &[(String, u64, f64)], tokens: usize| {
+        let per = tokens.max(1) as f64;
         let total: f64 = kernels.iter().map(|k| k.2).sum();
         println!(
-            "kernels {:.2} ms/token of GPU time (MOEFLUX_GPU_PROFILE is set): {}",
+            "kernels {what} {:.3} ms/token of GPU time (MOEFLUX_GPU_PROFILE is set): {}",
             total / per,
             kernels
                 .iter()
                 .take(12)
-                .map(|(k, n, ms)| format!("{k} {:.3} ({:.0}×)", ms / per, *n as f64 / per))
+                .map(|(k, n, ms)| format!("{k} {:.4} ({:.1}×)", ms / per, *n as f64 / per))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    };
+    if let Some(k) = &prompt_kernels {
+        kernels("prompt", k, args.n_prompt);
+    }
+    if let Some(k) = engine.gpu_profile(false) {
+        kernels("decode", &k, args.n_gen);
     }
     let total: f64 = split.iter().map(|(_, v)| v).sum();
     println!(

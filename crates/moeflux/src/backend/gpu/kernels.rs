@@ -234,10 +234,10 @@ impl Product {
 
     /// Tokens one workgroup computes (`TT` of `matmul_tiled.wgsl`).
     pub fn tokens_per_group(self) -> usize {
-        if self.one_token {
-            1
-        } else {
-            32
+        match (self.one_token, self.experts()) {
+            (true, _) => 1,
+            (false, true) => 32,
+            (false, false) => 64,
         }
     }
 

@@ -21,10 +21,13 @@
 // ROUTE and COMBINE are one-token shapes.
 
 // Rows and tokens of a tile; the threads (WG, set by the host) are
-// TR · TT / 16. GLU halves the rows so that the two matrices' tiles and
-// the tokens' fit in 12 KiB of shared memory (WebGPU promises 16).
+// TR · TT / 16. Dense products take 64 tokens; an expert's job has fewer
+// (k / experts of a prompt's tokens: 32 of 512 for Qwen3-30B-A3B), so
+// expert batches take 32, and GLU halves the rows so that the two
+// matrices' tiles and the tokens' fit in 12 KiB of shared memory. Every
+// shape stays within 16 KiB (WebGPU's guaranteed minimum).
 const TR: u32 = select(64u, 32u, GLU);
-const TT: u32 = 32u;
+const TT: u32 = select(64u, 32u, BATCH);
 const_assert TR * TT == 16u * WG;
 // Parts of a unit's tile a thread decodes (each matrix): TR · 4 / WG.
 const PARTS: u32 = 4u * TR / WG;
@@ -32,11 +35,12 @@ const PARTS: u32 = 4u * TR / WG;
 const XLOADS: u32 = 8u * TT / WG;
 
 // A unit of the tile, column-major: `wa[k * TR / 4 + r / 4][r % 4]` is
-// row r's weight at column k of the unit (B's in `wb2`), and
+// row r's weight at column k of the unit (B's 8 · TR further on), and
 // `xs[k * TT / 4 + t / 4][t % 4]` token t's activation there, so that a
 // thread reads its four rows and its four tokens at a column as two vec4s.
-var<workgroup> wa: array<vec4<f32>, 8u * TR>;
-var<workgroup> wb2: array<vec4<f32>, select(1u, 8u * TR, GLU)>;
+var<workgroup> wa: array<vec4<f32>, select(8u * TR, 16u * TR, GLU)>;
+// Where B's tile starts in `wa`.
+const B: u32 = 8u * TR;
 var<workgroup> xs: array<vec4<f32>, 8u * TT>;
 
 // The next unit's parts and activations, loaded while the threads
@@ -80,8 +84,8 @@ fn stage(lid: u32) {
             wa[(c.x + j) * (TR / 4u) + at][lane] = next_a[k].lo[j];
             wa[(c.y + j) * (TR / 4u) + at][lane] = next_a[k].hi[j];
             if GLU {
-                wb2[(c.x + j) * (TR / 4u) + at][lane] = next_b[k].lo[j];
-                wb2[(c.y + j) * (TR / 4u) + at][lane] = next_b[k].hi[j];
+                wa[B + (c.x + j) * (TR / 4u) + at][lane] = next_b[k].lo[j];
+                wa[B + (c.y + j) * (TR / 4u) + at][lane] = next_b[k].hi[j];
             }
         }
     }
@@ -140,7 +144,7 @@ fn main(
                 acc[j] += wv * xv[j];
             }
             if GLU {
-                let bv = wb2[k * (TR / 4u) + tr];
+                let bv = wa[B + k * (TR / 4u) + tr];
                 for (var j = 0u; j < 4u; j++) {
                     acc2[j] += bv * xv[j];
                 }
