@@ -20,14 +20,8 @@
 // normalising product runs before this kernel (rms_norm.wgsl), and
 // ROUTE and COMBINE are one-token shapes.
 
-// Rows and tokens of a tile; the threads (WG, set by the host) are
-// TR · TT / 16. Dense products take 64 tokens; an expert's job has fewer
-// (k / experts of a prompt's tokens: 32 of 512 for Qwen3-30B-A3B), so
-// expert batches take 32, and GLU halves the rows so that the two
-// matrices' tiles and the tokens' fit in 12 KiB of shared memory. Every
-// shape stays within 16 KiB (WebGPU's guaranteed minimum).
-const TR: u32 = select(64u, 32u, GLU);
-const TT: u32 = select(64u, 32u, BATCH);
+// TR rows and TT tokens a tile, and WG = TR · TT / 16 threads, are set
+// by the host (`Product::rows_per_group`, `tokens_per_group`).
 const_assert TR * TT == 16u * WG;
 // Parts of a unit's tile a thread decodes (each matrix): TR · 4 / WG.
 const PARTS: u32 = 4u * TR / WG;
