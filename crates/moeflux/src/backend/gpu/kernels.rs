@@ -421,8 +421,12 @@ impl Kernel {
             // threads; at 128 an H100 decoded 21–27 % faster (Q4_0, Q4_K;
             // 256 was no faster, and prompts slowed).
             Kernel::MatMul(p) if p.one_token => 2 * WG,
-            // A prompt tile's threads: 16 outputs each.
-            Kernel::MatMul(p) => (p.rows_per_group() * p.tokens_per_group() / 16) as u32,
+            // A prompt tile's threads: 16 outputs each, of one matrix (SwiGLU
+            // has two).
+            Kernel::MatMul(p) => {
+                let glu = p.batch == Batch::ExpertsGlu;
+                (p.rows_per_group() * p.tokens_per_group() / 16 * (1 + glu as usize)) as u32
+            }
             // A chunk's rows read in rounds of WG · 2 / (head_dim / U)
             // rows (see attention.wgsl).
             Kernel::Attention { .. } => 2 * WG,
