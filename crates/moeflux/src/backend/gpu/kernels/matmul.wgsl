@@ -5,8 +5,7 @@
 // (coalesced loads: reading x with a stride of a whole unit per thread
 // made every load touch as many cache lines as there are threads). The
 // four rows' sums are one vec4, reduced across the workgroup at the end.
-// Row groups are numbered wg.x + wg.y * wg_x, because one dispatch
-// dimension holds at most 65535 workgroups and an LM head has more rows.
+// Row groups are numbered as `work_of` says (matmul_common.wgsl).
 // Prompts take matmul_tiled.wgsl.
 //
 // COMBINE: the job loop runs inside each workgroup, and the weighted sum
@@ -118,13 +117,6 @@ fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
 
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
-    var g = wg.x + wg.y * p.wg_x;
-    // First token rows of X and of Y.
-    var x_base = 0u;
-    var y_base = 0u;
-    var n = p.n;
-    // Offsets of matrices A and B.
-    var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
     let c4 = p.cols / 4u;
     footprint(lane);
     let parts = p.units * 4u;
@@ -139,6 +131,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         }
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
         var total = vec4<f32>(0.0);
+        var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
         for (var r = 0u; r < p.n; r++) {
             let j = (p.job0 + r) * JOB_WORDS;
             o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
@@ -156,19 +149,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         }
         return;
     }
-    if BATCH {
-        g = wg.x;
-        let job = job_at(wg.y);
-        o = job.o;
-        y_base = job.y_base;
-        n = job.n;
-        x_base = job.x_base;
-    }
-    let r0 = g * R;
+    let w = work_of(wg);
+    let r0 = w.g * R;
     // One token a workgroup z (dense products: the token's row of X and Y).
     let t0 = wg.z;
     // Uniform over the workgroup, so the barriers below stay uniform.
-    if r0 >= p.rows || t0 >= n {
+    if r0 >= p.rows || t0 >= w.n {
         return;
     }
     // Sums of A's rows, and of B's (GLU).
@@ -179,15 +165,15 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     // Rows past the end repeat the last one; their sums are dropped.
     let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
     // The token row's first (vec4) index in X.
-    let xr = (x_base + t0) * c4;
+    let xr = (w.x_base + t0) * c4;
     for (var i = lane.lid; i < parts; i += WG) {
-        use_matrix(o, 0u);
+        use_matrix(w.o, 0u);
         acc += rows_part(rr, xr, i);
         if NORM {
             squares.x += part_squares(xr, i);
         }
         if GLU {
-            use_matrix(o, 1u);
+            use_matrix(w.o, 1u);
             acc2 += rows_part(rr, xr, i);
         }
     }
@@ -215,7 +201,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     }
     // Lanes 0..4 write rows r0..r0 + 4.
     if lane.lid < 4u && r0 + lane.lid < p.rows {
-        let at = (y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid;
+        let at = (w.y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid;
         let v = s[lane.lid];
         if p.acc == 1u {
             put_y(at, y_at(at) + v);

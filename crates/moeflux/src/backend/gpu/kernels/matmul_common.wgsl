@@ -106,18 +106,27 @@ fn use_matrix(o: array<vec3<u32>, 2>, m: u32) {
     bb = o[m].z;
 }
 
-// Job p.job0 + y of an expert batch (see above): its matrices' offsets,
-// its first rows of Y and of X, and its token count.
-struct Job {
+// Where a workgroup's work lies: its row group, the offsets of matrices A
+// and B, its first token rows of X and of Y, and its token count. A
+// dense product's row groups are wg.x + wg.y * wg_x (one dispatch
+// dimension holds at most 65535 workgroups, and an LM head has more row
+// groups); an expert batch's are wg.x, of job p.job0 + wg.y.
+struct Work {
+    g: u32,
     o: array<vec3<u32>, 2>,
+    x_base: u32,
     y_base: u32,
     n: u32,
-    x_base: u32,
 }
 
-fn job_at(y: u32) -> Job {
-    let j = (p.job0 + y) * JOB_WORDS;
-    let a = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
-    let b = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
-    return Job(array<vec3<u32>, 2>(a, b), job_word(j + 6u), job_word(j + 7u), job_word(j + 8u));
+fn work_of(wg: vec3<u32>) -> Work {
+    if BATCH {
+        let j = (p.job0 + wg.y) * JOB_WORDS;
+        let a = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+        let b = vec3<u32>(job_word(j + 3u), job_word(j + 4u), job_word(j + 5u));
+        let o = array<vec3<u32>, 2>(a, b);
+        return Work(wg.x, o, job_word(j + 8u), job_word(j + 6u), job_word(j + 7u));
+    }
+    let none = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
+    return Work(wg.x + wg.y * p.wg_x, none, 0u, 0u, p.n);
 }

@@ -4,9 +4,9 @@
 // tile's parts of the unit into shared memory and load the tokens' 32
 // activations beside them, then each thread adds the unit into its 4 × 4
 // outputs (4 rows × 4 tokens of one matrix) while its loads of the next
-// unit are in flight. Each weight is decoded once
-// for TT tokens and each activation loaded once for TR rows, where the
-// one-token kernel (matmul.wgsl) decodes every weight once per token.
+// unit are in flight. Each weight is decoded once for TT tokens and each
+// activation loaded once for TR rows, where the one-token kernel
+// (matmul.wgsl) decodes every weight once per token.
 //
 // Every output is summed in one order — column by column, from the first
 // to the last — whatever the token count, the tile a token falls in or
@@ -14,11 +14,11 @@
 // size (`prefill_chunking_changes_nothing`). A decode step (matmul.wgsl)
 // sums in another order: its bits are not a prompt's.
 //
-// Rows are numbered as in matmul.wgsl (row groups wg.x + wg.y * wg_x, or
-// wg.x with BATCH); token tiles are workgroup z. Rows and tokens past the
-// end repeat the last one; their sums are dropped. The RMSNorm of a
-// normalising product runs before this kernel (rms_norm.wgsl), and
-// ROUTE and COMBINE are one-token shapes.
+// Row groups are numbered as `work_of` says (matmul_common.wgsl); token
+// tiles are workgroup z. Rows and tokens past the end repeat the last
+// one; their sums are dropped. The RMSNorm of a normalising product runs
+// before this kernel (rms_norm.wgsl), and ROUTE and COMBINE are one-token
+// shapes.
 
 // TR rows and TT tokens a tile are set by the host
 // (`Product::rows_per_group`, `tokens_per_group`); WG = TR · TT / 16
@@ -103,23 +103,11 @@ fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    var g = wg.x + wg.y * p.wg_x;
-    var x_base = 0u;
-    var y_base = 0u;
-    var n = p.n;
-    var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
-    if BATCH {
-        g = wg.x;
-        let job = job_at(wg.y);
-        o = job.o;
-        y_base = job.y_base;
-        n = job.n;
-        x_base = job.x_base;
-    }
-    let r0 = g * TR;
+    let w = work_of(wg);
+    let r0 = w.g * TR;
     let t0 = wg.z * TT;
     // Uniform over the workgroup, so the barriers below stay uniform.
-    if r0 >= p.rows || t0 >= n {
+    if r0 >= p.rows || t0 >= w.n {
         return;
     }
     // This thread's outputs: rows r0 + 4·tr.. and tokens t0 + 4·tt.. of
@@ -129,14 +117,14 @@ fn main(
     let tr = l % (TR / 4u);
     let tt = l / (TR / 4u);
     var acc = array<vec4<f32>, 4>(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
-    fetch(o, r0, t0, n, x_base, 0u, lid);
+    fetch(w.o, r0, t0, w.n, w.x_base, 0u, lid);
     for (var u = 0u; u < p.units; u++) {
         stage(lid);
         workgroupBarrier();
         // The next unit (the last one again after the last: a load that
         // is never used, where a branch would keep its loads from
         // overlapping the sums below).
-        fetch(o, r0, t0, n, x_base, min(u + 1u, p.units - 1u), lid);
+        fetch(w.o, r0, t0, w.n, w.x_base, min(u + 1u, p.units - 1u), lid);
         for (var k = 0u; k < UNIT; k++) {
             let xv = xs[k * (TT / 4u) + tt];
             let wv = wa[m * B + k * (TR / 4u) + tr];
@@ -170,8 +158,8 @@ fn main(
         }
         for (var i = 0u; i < 4u; i++) {
             let r = r0 + 4u * tr + i;
-            if t < n && r < p.rows {
-                let at = (y_base + t) * p.y_stride + p.row0 + r;
+            if t < w.n && r < p.rows {
+                let at = (w.y_base + t) * p.y_stride + p.row0 + r;
                 if p.acc == 1u {
                     put_y(at, y_at(at) + s[i]);
                 } else {
