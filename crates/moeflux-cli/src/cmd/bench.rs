@@ -137,38 +137,31 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
             logits = session.eval(&[next])?;
         }
         gen_runs.push(t.elapsed().as_secs_f64());
-        last = Some((
+        last = Some(Counters {
             before_prompt,
             gpu_before,
             after_prompt,
             gpu_after_prompt,
             timings_prompt,
             prompt_kernels,
-        ));
+        });
     }
-    let Some((
-        before_prompt,
-        gpu_before,
-        after_prompt,
-        gpu_after_prompt,
-        timings_prompt,
-        prompt_kernels,
-    )) = last
-    else {
+    let Some(last) = last else {
         anyhow::bail!("no repetition ran");
     };
     let (prompt_s, gen_s) = (median(&prompt_runs), median(&gen_runs));
-    let decode = engine.store_stats().since(&after_prompt);
+    let decode = engine.store_stats().since(&last.after_prompt);
     // The GPU tier (when the GPU runs the model): hits, uploads.
     let gpu_decode = engine
         .gpu_stats()
-        .zip(gpu_after_prompt)
+        .zip(last.gpu_after_prompt)
         .map(|(now, then)| now.since(&then));
-    let gpu_prompt = gpu_after_prompt
-        .zip(gpu_before)
+    let gpu_prompt = last
+        .gpu_after_prompt
+        .zip(last.gpu_before)
         .map(|(now, then)| now.since(&then));
     let split = time_split(
-        &session.timings().since(&timings_prompt),
+        &session.timings().since(&last.timings_prompt),
         decode.total.stall_ns,
         args.n_gen,
     );
@@ -218,7 +211,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         "peak_rss_bytes": rss,
         "huge_page_bytes": huge,
         "decode_ms_per_token": split.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
-        "store_prompt": after_prompt.since(&before_prompt),
+        "store_prompt": last.after_prompt.since(&last.before_prompt),
         "store_decode": decode,
         "gpu_prompt": gpu_prompt.map(|g| gpu_json(&g, prompt_s)),
         "gpu_decode": gpu_decode.map(|g| gpu_json(&g, gen_s)),
@@ -322,7 +315,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
                 .join(", ")
         );
     };
-    if let Some(k) = &prompt_kernels {
+    if let Some(k) = &last.prompt_kernels {
         kernels("prompt", k, args.n_prompt);
     }
     if let Some(k) = engine.gpu_profile(false) {
@@ -397,6 +390,18 @@ fn gpu_json(g: &moeflux::experts::GpuTierStats, secs: f64) -> serde_json::Value 
 }
 
 /// The median of `v` (the mean of the middle two for an even count).
+/// The counters a repetition leaves, read after its prompt and its
+/// decode (the report is the last repetition's).
+struct Counters {
+    before_prompt: moeflux::experts::StoreStats,
+    gpu_before: Option<moeflux::experts::GpuTierStats>,
+    after_prompt: moeflux::experts::StoreStats,
+    gpu_after_prompt: Option<moeflux::experts::GpuTierStats>,
+    timings_prompt: moeflux::model::Timings,
+    /// GPU time by kernel during the prompt (`MOEFLUX_GPU_PROFILE`).
+    prompt_kernels: Option<Vec<(String, u64, f64)>>,
+}
+
 fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
