@@ -44,9 +44,8 @@
 //! memory a decode token runs without a host round trip (submitted in
 //! pieces: see the dispatch plan); otherwise one submit-and-wait per layer
 //! brings the routed experts in.
-//! Not yet: a tiled prefill matmul (prompts run the same kernels with
-//! four tokens a workgroup), lookahead prefetch off Vulkan (Metal and DX12
-//! have no second queue through wgpu), the delta-net step and gated attention (Qwen3.5 /
+//! Not yet: lookahead prefetch off Vulkan (Metal and DX12 have no second
+//! queue through wgpu), the delta-net step and gated attention (Qwen3.5 /
 //! Qwen3-Next are refused with a typed error, or run on the CPU under
 //! `--backend auto`), shared experts and dense FFN layers.
 
@@ -177,11 +176,13 @@
 //! When experts must come from the host, step 5's choices are read back
 //! (the layer's one round trip), the host writes the jobs of the experts
 //! it brought in, and step 7 is a down product and a separate
-//! `moe_combine` (they give the same bits as the fused one). A matrix
-//! product's workgroup (128 threads) handles four rows of one token, or
-//! two rows of four tokens (prompts), with neighbouring threads on
-//! neighbouring weights; a tiled prefill kernel that reuses each decoded
-//! block for many more tokens is still to come.
+//! `moe_combine` (they give the same bits as the fused one). A decode
+//! product's workgroup (128 threads) handles four rows of one token, with
+//! neighbouring threads on neighbouring weights (`matmul.wgsl`); a
+//! prompt's products run in tiles of up to 64 rows × 64 tokens that decode
+//! each weight once for the tile's tokens (`matmul_tiled.wgsl`). The two
+//! sum in different orders, so every chunk of a prompt, one token long or
+//! not, takes the tiles ([`Pass::set_prompt`]).
 
 pub mod copy_queue;
 pub mod device;

@@ -907,7 +907,7 @@ unsafe fn dot_f32_raw(w: *const u8, x: &[f32]) -> f32 {
     )) + tail
 }
 
-/// `Σ a_i b_i` as [`dot_f32_raw`] sums it: the dot of attention's scores
+/// `Σ a_i b_i` as `dot_f32_raw` sums it: the dot of attention's scores
 /// at both x86 levels.
 ///
 /// # Safety

@@ -7,9 +7,10 @@
 // every function of a file in that one order):
 // - wg_sum4, wg_max: one sum (maximum), ending with a barrier, so the
 //   slots may be used again at once;
-// - wg_sum4x2: two sums in the barrier rounds of one;
-// - wg_sum4_last, wg_sum4x2_last: the same without the closing barrier,
-//   for a kernel's last reduction (no slot may be written after it).
+// - wg_sum4_last: the same without the closing barrier, for a kernel's
+//   last reduction (no slot may be written after it);
+// - wg_sum4x2_last: two sums in the barrier rounds of one, without the
+//   closing barrier.
 
 struct Lane {
     @builtin(local_invocation_index) lid: u32,
@@ -55,12 +56,6 @@ fn wg_sum4x2_last(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
         workgroupBarrier();
     }
     return Sum2(red4[0], red4b[0]);
-}
-
-fn wg_sum4x2(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
-    let r = wg_sum4x2_last(a, b, lane);
-    workgroupBarrier();
-    return r;
 }
 
 fn wg_max(v: f32, lane: Lane) -> f32 {

@@ -57,12 +57,6 @@ fn wg_sum4x2_last(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
     return r;
 }
 
-fn wg_sum4x2(a: vec4<f32>, b: vec4<f32>, lane: Lane) -> Sum2 {
-    let r = wg_sum4x2_last(a, b, lane);
-    workgroupBarrier();
-    return r;
-}
-
 fn wg_max(v: f32, lane: Lane) -> f32 {
     let s = subgroupMax(v);
     if lane.sg_lane == 0u {
