@@ -16,8 +16,8 @@ use moeflux::backend::gpu::host_memory::HostMemory;
 use moeflux::backend::gpu::kernels::JOB_WORDS;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
-    rope_table, AttentionShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape, Pass,
-    Reduce, Variant, WeightKind,
+    rope_table, AttentionShape, DeltaShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape,
+    Pass, Reduce, Variant, WeightKind,
 };
 use moeflux::experts::arena::Arena;
 use moeflux::quant::mlx::ScaleType;
@@ -354,6 +354,7 @@ fn unsupported_and_mismatched_inputs_are_typed_errors() {
         k_stride: 256,
         v_stride: 256,
         kv_f16: false,
+        gated: false,
     };
     let q = gpu.zeros_f32("q", 6 * 64).unwrap();
     let kv = gpu.zeros_f32("kv", 256).unwrap();
@@ -1260,6 +1261,7 @@ fn decode_attention_matches_cpu() {
                 k_stride: kv.k_dim,
                 v_stride: kv.v_dim,
                 kv_f16: kv_type == KvType::F16,
+                gated: false,
             };
             // Scratch for one span (one workgroup reads the whole context),
             // two, and as many as the context has (one per 64 positions);
@@ -1390,11 +1392,12 @@ fn every_kernel_translates_to_msl_spirv_and_hlsl() {
     // × alone, expert batch, expert batch with SwiGLU) two (f16 widening:
     // they do not reduce); attention_prep (2 caches), the norm and the MoE
     // routing two (reduction); the attention merge, gather and the MoE
-    // combine one.
+    // combine one; the Gated DeltaNet (two head sizes) two (reduction),
+    // the dense SwiGLU and the output gate one.
     let formats = WeightKind::all().len();
     assert_eq!(
         checked,
-        4 * (6 * formats + 8) + 2 * 3 * formats + 2 * 2 + 2 + 2 + 3
+        4 * (6 * formats + 8) + 2 * 3 * formats + 2 * 2 + 2 + 2 + 3 + 2 * 2 + 2
     );
 }
 
@@ -1669,6 +1672,7 @@ fn attention_prep_matches_cpu() {
                 k_stride: stride,
                 v_stride: stride,
                 kv_f16,
+                gated: false,
             };
             for variant in gpu.variants() {
                 let mut pass = Pass::with_variant(gpu, variant);
@@ -1763,6 +1767,7 @@ fn attention_prep_matches_cpu() {
         k_stride: 8,
         v_stride: 8,
         kv_f16: false,
+        gated: false,
     };
     let mut pass = Pass::new(gpu);
     assert!(matches!(
@@ -1966,6 +1971,7 @@ fn causal_attention_matches_cpu() {
                 k_stride: kv.k_dim,
                 v_stride: kv.v_dim,
                 kv_f16: kv_type == KvType::F16,
+                gated: false,
             };
             for merge in [true, false] {
                 let out = gpu.zeros_f32("out", nq * nh * hd).unwrap();
@@ -2105,6 +2111,7 @@ fn decode_attention_with_prep_is_prep_then_attention() {
                 k_stride: stride,
                 v_stride: stride,
                 kv_f16,
+                gated: false,
             };
             for variant in gpu.variants() {
                 let mut counts = vec![1, len.div_ceil(64)];
@@ -2205,6 +2212,7 @@ fn decode_attention_with_prep_is_prep_then_attention() {
         k_stride: head_dim,
         v_stride: head_dim,
         kv_f16: false,
+        gated: false,
     };
     let mut pass = Pass::new(gpu);
     for (what, qkv, hd, half) in [
@@ -2225,4 +2233,330 @@ fn decode_attention_with_prep_is_prep_then_attention() {
         );
         assert!(matches!(r, Err(GpuError::Shape { .. })), "{what}: {r:?}");
     }
+}
+
+/// One Gated DeltaNet test case: its shape and a chunk's inputs in the
+/// logical form the formulas use (per token: q and k per key head, v, z,
+/// b and a per value head), plus the conv taps, the per-head weights and
+/// a starting state.
+struct DeltaCase {
+    shape: DeltaShape,
+    n: usize,
+    /// `n × channels`: the conv inputs, `[q (all key heads) | k | v]`.
+    x: Vec<f32>,
+    z: Vec<f32>,
+    b: Vec<f32>,
+    a: Vec<f32>,
+    conv_w: Vec<f32>,
+    head_w: Vec<f32>,
+    window: Vec<f32>,
+    state: Vec<f32>,
+}
+
+impl DeltaCase {
+    fn new(shape: DeltaShape, n: usize, seed: u64) -> DeltaCase {
+        let s = shape;
+        let ch = s.channels();
+        let scaled = |len: usize, k: u64, f: f32| -> Vec<f32> {
+            normals(len, seed * 16 + k).iter().map(|v| v * f).collect()
+        };
+        let mut head_w: Vec<f32> = scaled(s.n_v, 6, 0.5).iter().map(|v| -v.exp()).collect();
+        head_w.extend(scaled(s.n_v, 7, 1.0));
+        head_w.extend(
+            normals(s.v_dim, seed * 16 + 8)
+                .iter()
+                .map(|v| 1.0 + 0.2 * v),
+        );
+        DeltaCase {
+            shape,
+            n,
+            x: scaled(n * ch, 1, 1.0),
+            z: scaled(n * s.n_v * s.v_dim, 2, 1.0),
+            b: scaled(n * s.n_v, 3, 1.0),
+            // Some a + dt_bias far below zero, where softplus is tiny.
+            a: scaled(n * s.n_v, 4, 8.0),
+            conv_w: scaled(ch * s.taps, 5, 0.5),
+            head_w,
+            window: scaled((s.taps - 1) * ch, 9, 1.0),
+            state: scaled(s.n_v * s.k_dim * s.v_dim, 10, 0.1),
+        }
+    }
+
+    fn key_head(&self, j: usize) -> usize {
+        let s = self.shape;
+        if s.tiled {
+            j % s.n_k
+        } else {
+            j / (s.n_v / s.n_k)
+        }
+    }
+
+    /// The projection rows in the shape's layout (the inverse of the
+    /// CPU loader's regrouping: `LinearInput` in model/linear_attention.rs).
+    fn rows(&self) -> Vec<f32> {
+        let s = self.shape;
+        let (nk, nv, dk, dv) = (s.n_k, s.n_v, s.k_dim, s.v_dim);
+        let r = nv / nk;
+        let ch = s.channels();
+        let mut out = Vec::with_capacity(self.n * s.stride);
+        for t in 0..self.n {
+            let x = &self.x[t * ch..(t + 1) * ch];
+            let z = &self.z[t * nv * dv..(t + 1) * nv * dv];
+            let (b, a) = (&self.b[t * nv..(t + 1) * nv], &self.a[t * nv..(t + 1) * nv]);
+            let row0 = out.len();
+            if s.layout == 2 {
+                for g in 0..nk {
+                    out.extend_from_slice(&x[g * dk..(g + 1) * dk]);
+                    out.extend_from_slice(&x[(nk + g) * dk..(nk + g + 1) * dk]);
+                    let v0 = 2 * nk * dk + g * r * dv;
+                    out.extend_from_slice(&x[v0..v0 + r * dv]);
+                    out.extend_from_slice(&z[g * r * dv..(g + 1) * r * dv]);
+                }
+            } else {
+                out.extend_from_slice(x);
+                out.extend_from_slice(z);
+            }
+            if s.layout == 0 {
+                out.extend_from_slice(b);
+                out.extend_from_slice(a);
+            } else {
+                for g in 0..nk {
+                    out.extend_from_slice(&b[g * r..(g + 1) * r]);
+                    out.extend_from_slice(&a[g * r..(g + 1) * r]);
+                }
+            }
+            out.resize(row0 + s.stride, 0.0);
+        }
+        out
+    }
+
+    /// The formulas, token by token: the outputs, and the window and
+    /// state after the chunk.
+    fn reference(&self) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let s = self.shape;
+        let (nk, nv, dk, dv, kk) = (s.n_k, s.n_v, s.k_dim, s.v_dim, s.taps);
+        let ch = s.channels();
+        let (mut window, mut state) = (self.window.clone(), self.state.clone());
+        let mut out = vec![0f32; self.n * nv * dv];
+        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+        let softplus = |x: f32| if x > 20.0 { x } else { x.exp().ln_1p() };
+        for t in 0..self.n {
+            let x = &self.x[t * ch..(t + 1) * ch];
+            let mut y = vec![0f32; ch];
+            for c in 0..ch {
+                let w = &self.conv_w[c * kk..(c + 1) * kk];
+                let mut acc = 0f32;
+                for tap in 0..kk - 1 {
+                    acc += w[tap] * window[tap * ch + c];
+                }
+                y[c] = silu(acc + w[kk - 1] * x[c]);
+            }
+            if kk > 1 {
+                window.copy_within(ch.., 0);
+                window[(kk - 2) * ch..].copy_from_slice(x);
+            }
+            for (h, head) in y[..2 * nk * dk].chunks_exact_mut(dk).enumerate() {
+                let inv = 1.0 / (head.iter().map(|v| v * v).sum::<f32>() + s.eps).sqrt();
+                let f = if h < nk {
+                    inv / (dk as f32).sqrt()
+                } else {
+                    inv
+                };
+                head.iter_mut().for_each(|v| *v *= f);
+            }
+            for j in 0..nv {
+                let kh = self.key_head(j);
+                let q = &y[kh * dk..(kh + 1) * dk];
+                let k = &y[(nk + kh) * dk..(nk + kh + 1) * dk];
+                let v = &y[2 * nk * dk + j * dv..2 * nk * dk + (j + 1) * dv];
+                let g = (self.head_w[j] * softplus(self.a[t * nv + j] + self.head_w[nv + j])).exp();
+                let beta = sigmoid(self.b[t * nv + j]);
+                let st = &mut state[j * dk * dv..(j + 1) * dk * dv];
+                st.iter_mut().for_each(|e| *e *= g);
+                let o = &mut out[(t * nv + j) * dv..(t * nv + j + 1) * dv];
+                for c in 0..dv {
+                    let mem: f32 = (0..dk).map(|i| st[i * dv + c] * k[i]).sum();
+                    let d = (v[c] - mem) * beta;
+                    for i in 0..dk {
+                        st[i * dv + c] += k[i] * d;
+                    }
+                    o[c] = (0..dk).map(|i| st[i * dv + c] * q[i]).sum();
+                }
+                let ms = o.iter().map(|e| e * e).sum::<f32>() / dv as f32;
+                let inv = 1.0 / (ms + s.eps).sqrt();
+                let z = &self.z[(t * nv + j) * dv..(t * nv + j + 1) * dv];
+                for c in 0..dv {
+                    o[c] = o[c] * inv * self.head_w[2 * nv + c] * silu(z[c]);
+                }
+            }
+        }
+        (out, window, state)
+    }
+}
+
+/// The Gated DeltaNet kernel against the formulas written out above, for
+/// each layout of the input projections (Qwen3.5's split, Qwen3-Next's
+/// grouped b|a and its fused q|k|v|z), value heads tiled over the key
+/// heads (Qwen3.5 GGUFs) or grouped, heads of different sizes and conv
+/// kernels of 4 and 2 taps: the outputs, the state and the conv window
+/// after the chunk; and a chunk cut into 1 + 2 + 5 tokens (each reading
+/// the window the one before wrote) gives the same bits as one chunk.
+#[test]
+fn delta_net_matches_the_formulas() {
+    let Some(gpu) = gpu() else { return };
+    let shape = |n_k, n_v, k_dim, v_dim, taps, layout, tiled| {
+        let mut s = DeltaShape {
+            n_k,
+            n_v,
+            k_dim,
+            v_dim,
+            taps,
+            layout,
+            tiled,
+            stride: 0,
+            eps: 1e-6,
+        };
+        // A row wider than its inputs, as in a buffer shared with others.
+        s.stride = s.channels() + n_v * v_dim + 2 * n_v + 3;
+        s
+    };
+    let cases = [
+        shape(2, 4, 16, 16, 4, 0, false),
+        shape(2, 4, 16, 16, 4, 0, true),
+        shape(2, 4, 16, 16, 4, 1, false),
+        shape(2, 4, 16, 16, 4, 2, false),
+        shape(1, 3, 32, 24, 2, 0, false),
+        shape(2, 2, 128, 128, 4, 2, false),
+    ];
+    let n = 8;
+    for (i, s) in cases.into_iter().enumerate() {
+        let case = DeltaCase::new(s, n, i as u64 + 1);
+        let (want, want_window, want_state) = case.reference();
+        let rows = case.rows();
+        let conv_w = gpu.upload_f32("conv_w", &case.conv_w).unwrap();
+        let head_w = gpu.upload_f32("head_w", &case.head_w).unwrap();
+        let window_len = (s.taps - 1) * s.channels();
+        for variant in gpu.variants() {
+            let what = format!("{s:?} {variant:?}");
+            let mut got_bits: Vec<Vec<u32>> = Vec::new();
+            for chunks in [&[8][..], &[1, 2, 5]] {
+                let mut window = case.window.clone();
+                window.extend(vec![0.0; window_len]);
+                let window = gpu.upload_f32("window", &window).unwrap();
+                let state = gpu.upload_f32("state", &case.state).unwrap();
+                let out = gpu.zeros_f32("out", n * s.n_v * s.v_dim).unwrap();
+                let mut cur = false;
+                let mut t0 = 0;
+                let mut outs = Vec::new();
+                for &len in chunks {
+                    let part = gpu
+                        .upload_f32("part", &rows[t0 * s.stride..(t0 + len) * s.stride])
+                        .unwrap();
+                    let mut pass = Pass::with_variant(gpu, variant);
+                    pass.delta_net(
+                        &part,
+                        (&conv_w, &head_w),
+                        (&window, &state),
+                        &out,
+                        s,
+                        len,
+                        cur,
+                    )
+                    .unwrap();
+                    pass.submit().unwrap();
+                    outs.extend(gpu.read_f32(&out, len * s.n_v * s.v_dim).unwrap());
+                    cur = !cur;
+                    t0 += len;
+                }
+                let both = gpu.read_f32(&window, 2 * window_len).unwrap();
+                let at = if cur { window_len } else { 0 };
+                let got_window = &both[at..at + window_len];
+                let got_state = gpu.read_f32(&state, case.state.len()).unwrap();
+                assert_eq!(
+                    got_window,
+                    &want_window[..],
+                    "{what}: window after {chunks:?}"
+                );
+                let c = cosine(&outs, &want);
+                assert!(c >= 0.9999, "{what} {chunks:?}: cosine {c}");
+                for (k, (g, e)) in outs.iter().zip(&want).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-3 * (1.0 + e.abs()),
+                        "{what} out[{k}]: {g} vs {e}"
+                    );
+                }
+                for (k, (g, e)) in got_state.iter().zip(&want_state).enumerate() {
+                    assert!(
+                        (g - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                        "{what} state[{k}]: {g} vs {e}"
+                    );
+                }
+                got_bits.push(outs.iter().chain(&got_state).map(|v| v.to_bits()).collect());
+            }
+            assert!(got_bits[0] == got_bits[1], "{what}: chunks change the bits");
+        }
+    }
+}
+
+/// The shared expert's SwiGLU (scaled by σ of a logit in the same row, or
+/// not) and the gated attention's output gate, against the CPU's silu and
+/// sigmoid.
+#[test]
+fn swiglu_and_output_gate_match_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (n, width) = (5, 70);
+    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
+    for scaled in [true, false] {
+        let stride = 2 * width + 3;
+        let a = normals(n * stride, 21);
+        let buf = gpu.upload_f32("a", &a).unwrap();
+        let out = gpu.zeros_f32("out", n * width).unwrap();
+        let mut pass = Pass::new(gpu);
+        pass.swiglu(&buf, &out, n, width, (stride, scaled)).unwrap();
+        pass.submit().unwrap();
+        let got = gpu.read_f32(&out, n * width).unwrap();
+        for t in 0..n {
+            let row = &a[t * stride..(t + 1) * stride];
+            let s = if scaled { sigmoid(row[2 * width]) } else { 1.0 };
+            for i in 0..width {
+                let e = silu(row[i]) * row[width + i] * s;
+                let g = got[t * width + i];
+                assert!(
+                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                    "swiglu {scaled} [{t}, {i}]: {g} vs {e}"
+                );
+            }
+        }
+    }
+    let (stride, at) = (3 * width, 2 * width - 4);
+    let g = normals(n * stride, 22);
+    let y = normals(n * width, 23);
+    let (gb, yb) = (
+        gpu.upload_f32("g", &g).unwrap(),
+        gpu.upload_f32("y", &y).unwrap(),
+    );
+    let mut pass = Pass::new(gpu);
+    pass.output_gate(&gb, &yb, n, width, (stride, at)).unwrap();
+    pass.submit().unwrap();
+    let got = gpu.read_f32(&yb, n * width).unwrap();
+    for t in 0..n {
+        for i in 0..width {
+            let e = y[t * width + i] * sigmoid(g[t * stride + at + i]);
+            let v = got[t * width + i];
+            assert!(
+                (v - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                "output gate [{t}, {i}]: {v} vs {e}"
+            );
+        }
+    }
+    // Rows too short for what they must hold are typed errors.
+    let mut pass = Pass::new(gpu);
+    assert!(pass
+        .swiglu(&buf_len(gpu, 10), &yb, 1, 5, (10, true))
+        .is_err());
+    assert!(pass.output_gate(&gb, &yb, 1, width, (width, 1)).is_err());
+}
+
+fn buf_len(gpu: &Gpu, len: usize) -> moeflux::backend::gpu::wgpu::Buffer {
+    gpu.zeros_f32("buf", len).unwrap()
 }

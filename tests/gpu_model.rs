@@ -334,9 +334,9 @@ fn snapshots_cross_backends() {
     );
 }
 
-/// `Auto` never picks a software rasterizer; `Gpu` refuses a model the GPU
-/// path cannot run (a model, a KV cache type) with a typed error naming
-/// what is missing, and `Auto` falls back to the CPU for it.
+/// `Auto` never picks a software rasterizer; `Gpu` refuses what the GPU
+/// path cannot run (a KV cache type) with a typed error naming what is
+/// missing, and `Auto` falls back to the CPU for it.
 #[test]
 fn backend_selection() {
     if skip() {
@@ -353,17 +353,13 @@ fn backend_selection() {
         .unwrap_or(true);
     assert_eq!(engine.on_gpu(), !software, "{}", engine.backend());
 
+    // The hybrids run on the GPU when asked, and like any model only on a
+    // hardware adapter under Auto.
     let hybrid = fixture("qwen3_5_moe/hf");
-    let err = Engine::open(&hybrid, gpu_opts(KvType::F16))
-        .err()
-        .map(|e| e.to_string())
-        .unwrap_or_default();
-    assert!(
-        err.contains("cannot run this model") && err.contains("Gated DeltaNet"),
-        "{err}"
-    );
+    let engine = Engine::open(&hybrid, gpu_opts(KvType::F16)).unwrap();
+    assert!(engine.on_gpu(), "{}", engine.backend());
     let engine = Engine::open(&hybrid, auto.clone()).unwrap();
-    assert!(!engine.on_gpu() && engine.backend().starts_with("cpu"));
+    assert_eq!(engine.on_gpu(), !software, "{}", engine.backend());
 
     // A cache type the GPU kernels cannot read: refused on the GPU,
     // the CPU under Auto, saying why.
@@ -580,5 +576,216 @@ fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
                 "{rel}, {name}: {g:?}"
             );
         }
+    }
+}
+
+/// The Qwen hybrids (Gated DeltaNet, gated attention with partial RoPE,
+/// shared experts) on the GPU: every copy of both fixtures against the
+/// references the CPU tests use (transformers; transformers on each GGUF
+/// type's dequantized weights; llama.cpp on the F32 GGUF; the dequantized
+/// MLX reference), greedy continuations included, and against the CPU.
+/// The four layouts of the linear layers' projections are all here:
+/// Qwen3.5 HF (split), Qwen3.5 GGUF (split, value heads tiled), Qwen3-Next
+/// HF (fused) and GGUF (b and a grouped).
+#[test]
+fn hybrids_match_their_references() {
+    if skip() {
+        return;
+    }
+    for family in ["qwen3_5_moe", "qwen3_next"] {
+        let tokens = fixture_tokens(family);
+        let hf = fixture_ref(family, "hf_logits").to_f32().unwrap();
+        let engine = open_gpu(&format!("{family}/hf"));
+        let what = format!("{family} HF on the GPU");
+        assert_logits(
+            &what,
+            &all_logits(&engine, &tokens),
+            &hf,
+            engine.vocab(),
+            F32_REL,
+            1.0,
+        );
+        let want = ref_ids(family, "hf_greedy");
+        let ours = greedy(&engine, &tokens, want.len());
+        assert_eq!(ours, want, "{what}: greedy vs transformers");
+        let cpu = common::open_at(
+            &format!("{family}/hf"),
+            moeflux::backend::cpu::kernels::Level::Reference,
+        );
+        assert_eq!(
+            ours,
+            greedy(&cpu, &tokens, want.len()),
+            "{what}: greedy vs CPU"
+        );
+
+        let engine = open_gpu(&format!("{family}/gguf/{family}-F32.gguf"));
+        let ours = all_logits(&engine, &tokens);
+        for (who, r) in [
+            ("llama.cpp", "gguf_F32_logits"),
+            ("transformers", "hf_logits"),
+        ] {
+            let reference = fixture_ref(family, r).to_f32().unwrap();
+            let what = format!("{family} GGUF F32 on the GPU vs {who}");
+            assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
+        }
+        let want = ref_ids(family, "gguf_F32_greedy");
+        assert_eq!(
+            greedy(&engine, &tokens, want.len()),
+            want,
+            "{family} F32 greedy"
+        );
+
+        for ty in ["F16", "Q8_0", "Q4_0"] {
+            let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
+                .to_f32()
+                .unwrap();
+            let engine = open_gpu(&format!("{family}/gguf/{family}-{ty}.gguf"));
+            let what = format!("{family} {ty} on the GPU vs dequantized reference");
+            assert_logits(
+                &what,
+                &all_logits(&engine, &tokens),
+                &dequant,
+                engine.vocab(),
+                F32_REL,
+                1.0,
+            );
+            let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
+            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+        }
+    }
+    let family = "qwen3_5_moe";
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
+    let engine = open_gpu(&format!("{family}/mlx"));
+    assert_logits(
+        "qwen3_5_moe MLX on the GPU",
+        &all_logits(&engine, &tokens),
+        &reference,
+        engine.vocab(),
+        F32_REL,
+        1.0,
+    );
+    let want = ref_ids(family, "mlx_greedy");
+    assert_eq!(greedy(&engine, &tokens, want.len()), want, "MLX greedy");
+}
+
+/// A hybrid's prompt in chunks of any size gives the bits of one chunk
+/// (the recurrent state carried between chunks in GPU memory), and so do
+/// the decode steps after it; with an f16 KV cache too.
+#[test]
+fn hybrid_prefill_chunking_changes_nothing() {
+    if skip() {
+        return;
+    }
+    let tokens = fixture_tokens("qwen3_5_moe");
+    for rel in ["qwen3_5_moe/hf", "qwen3_next/gguf/qwen3_next-Q8_0.gguf"] {
+        let whole = bits(&open_gpu(rel), &tokens);
+        for ubatch in [1, 3, 7] {
+            let engine = open(
+                rel,
+                EngineOptions {
+                    ubatch,
+                    ..gpu_opts(KvType::F32)
+                },
+            );
+            assert_same_bits(
+                &bits(&engine, &tokens),
+                &whole,
+                &format!("{rel}: chunks of {ubatch}"),
+            );
+        }
+    }
+}
+
+/// A hybrid session's recurrent state lives in GPU memory and still does
+/// what the CPU's does: a snapshot reads it back (restored on the GPU it
+/// continues with the same bits, on the CPU within the f32 tolerance);
+/// truncating resumes from a checkpoint read back from the GPU, or from
+/// the start, with the bits of a fresh session; `reset` starts over.
+#[test]
+fn hybrid_session_state_on_the_gpu() {
+    if skip() {
+        return;
+    }
+    let raw = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
+    let tokens = fixture_tokens("qwen3_5_moe");
+    let (head, tail) = tokens.split_at(20);
+    for rel in ["qwen3_5_moe/hf", "qwen3_next/gguf/qwen3_next-F32.gguf"] {
+        let gpu = open_gpu(rel);
+        let mut straight = gpu.new_session();
+        straight.eval(head).unwrap();
+        let want = straight.eval_all(tail).unwrap();
+
+        let mut s = gpu.new_session();
+        s.eval(head).unwrap();
+        let snap = s.snapshot().unwrap();
+        s.eval(&[5, 6, 7, 8, 9]).unwrap();
+        s.restore(&snap).unwrap();
+        assert_same_bits(
+            &raw(&s.eval_all(tail).unwrap()),
+            &raw(&want),
+            &format!("{rel}: restored on the GPU"),
+        );
+        let cpu = common::open_at(rel, moeflux::backend::cpu::kernels::Level::Reference);
+        let mut c = cpu.new_session();
+        c.restore(&snap).unwrap();
+        let got = c.eval_all(tail).unwrap();
+        assert_logits(
+            &format!("{rel}: GPU snapshot on the CPU"),
+            &got,
+            &want,
+            cpu.vocab(),
+            F32_REL,
+            1.0,
+        );
+        // And a CPU snapshot on the GPU.
+        let mut c = cpu.new_session();
+        c.eval(head).unwrap();
+        let mut g = gpu.new_session();
+        g.restore(&c.snapshot().unwrap()).unwrap();
+        let got = g.eval_all(tail).unwrap();
+        assert_logits(
+            &format!("{rel}: CPU snapshot on the GPU"),
+            &got,
+            &want,
+            cpu.vocab(),
+            F32_REL,
+            1.0,
+        );
+
+        s.reset();
+        s.eval(head).unwrap();
+        assert_same_bits(
+            &raw(&s.eval_all(tail).unwrap()),
+            &raw(&want),
+            &format!("{rel}: after reset"),
+        );
+    }
+
+    let e = open_gpu("qwen3_5_moe/hf");
+    let next = [11u32, 12, 13];
+    let fresh = |n: usize| -> Vec<u32> {
+        let mut s = e.new_session();
+        s.eval(&tokens[..n]).unwrap();
+        raw(&s.eval_all(&next).unwrap())
+    };
+    // Checkpoints at 10 and 25: a cut at 30 resumes from 25, one at 12
+    // from 10, one at 5 from the start (replays of more than one token:
+    // a prompt, as in the fresh session).
+    for cut in [30, 12, 5] {
+        let mut s = e.new_session();
+        s.eval(&tokens[..10]).unwrap();
+        s.checkpoint();
+        s.eval(&tokens[10..25]).unwrap();
+        s.checkpoint();
+        s.eval(&tokens[25..]).unwrap();
+        assert_eq!(s.checkpoint_positions(), vec![10, 25]);
+        s.truncate(cut).unwrap();
+        assert_eq!(s.tokens(), &tokens[..cut]);
+        assert_same_bits(
+            &raw(&s.eval_all(&next).unwrap()),
+            &fresh(cut),
+            &format!("cut at {cut}"),
+        );
     }
 }

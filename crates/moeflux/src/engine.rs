@@ -435,6 +435,8 @@ impl Engine {
             checkpoints: Vec::new(),
             #[cfg(feature = "gpu")]
             gpu_kv: None,
+            #[cfg(feature = "gpu")]
+            recurrent_on_host: false,
         }
     }
 
@@ -520,6 +522,12 @@ pub struct Session {
     /// (made on first use; `state.kv` then only counts positions).
     #[cfg(feature = "gpu")]
     gpu_kv: Option<crate::backend::gpu::GpuKv>,
+    /// On the GPU backend, whether `state.linear` (reset, or put back from
+    /// a checkpoint or snapshot) is newer than the recurrent state in GPU
+    /// memory: the next step uploads it. Otherwise the GPU's is the
+    /// current one, and `state.linear` is read back from it when needed.
+    #[cfg(feature = "gpu")]
+    recurrent_on_host: bool,
 }
 
 /// A GPU session's KV cache leaves the GPU model's bind-group cache with it.
@@ -564,6 +572,7 @@ impl Session {
     /// Forgets everything.
     pub fn reset(&mut self) {
         self.state.reset();
+        self.recurrent_changed();
         self.tokens.clear();
         self.logits.clear();
         self.checkpoints.clear();
@@ -593,14 +602,43 @@ impl Session {
         if self.checkpoints.last().is_some_and(|c| c.pos == pos) {
             return;
         }
+        // A state the GPU cannot give back is not taken: a later truncate
+        // then starts from an older checkpoint, with the same result.
+        let Ok(linear) = self.recurrent_state() else {
+            return;
+        };
         if self.checkpoints.len() >= max {
             self.checkpoints.remove(0);
         }
         self.checkpoints.push(Checkpoint {
             pos,
-            linear: self.state.linear.clone(),
+            linear,
             logits: self.logits.clone(),
         });
+    }
+
+    /// The recurrent state now: the host's, or on the GPU backend the
+    /// GPU's, read back.
+    fn recurrent_state(&self) -> Result<Vec<Option<crate::state::LinearState>>> {
+        #[allow(unused_mut)]
+        let mut linear = self.state.linear.clone();
+        #[cfg(feature = "gpu")]
+        if let (Some(g), Some(kv), false) =
+            (&self.engine.inner.gpu, &self.gpu_kv, self.recurrent_on_host)
+        {
+            let gpu = g.lock().unwrap_or_else(|p| p.into_inner()).gpu().clone();
+            kv.read_linear(&gpu, &mut linear)?;
+        }
+        Ok(linear)
+    }
+
+    /// `state.linear` was set on the host: on the GPU backend the next
+    /// step uploads it.
+    fn recurrent_changed(&mut self) {
+        #[cfg(feature = "gpu")]
+        {
+            self.recurrent_on_host = self.state.is_recurrent();
+        }
     }
 
     /// Keeps the first `n` tokens and forgets the rest; the next `eval`
@@ -646,6 +684,7 @@ impl Session {
                 0
             }
         };
+        self.recurrent_changed();
         self.tokens.truncate(from);
         self.state.kv.truncate(from);
         from
@@ -657,6 +696,7 @@ impl Session {
     pub fn snapshot(&self) -> Result<Snapshot> {
         #[allow(unused_mut)]
         let mut state = self.state.clone();
+        state.linear = self.recurrent_state()?;
         #[cfg(feature = "gpu")]
         if let (Some(g), Some(kv)) = (&self.engine.inner.gpu, &self.gpu_kv) {
             let gpu = g.lock().unwrap_or_else(|p| p.into_inner()).gpu().clone();
@@ -706,6 +746,7 @@ impl Session {
         self.logits = snap.logits;
         self.state = state;
         self.checkpoints = snap.checkpoints;
+        self.recurrent_changed();
         Ok(())
     }
 
@@ -807,6 +848,10 @@ impl Session {
             Some(kv) => kv,
             None => self.gpu_kv.insert(gm.new_kv(inner.ctx, inner.kv_type)?),
         };
+        if self.recurrent_on_host {
+            kv.write_linear(gm.gpu(), &self.state.linear)?;
+            self.recurrent_on_host = false;
+        }
         let mut all = Vec::new();
         // Several tokens are a prompt: every chunk of it, one token long or
         // not, takes the prompt kernels, so that its bits do not depend on

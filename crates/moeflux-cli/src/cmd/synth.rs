@@ -11,7 +11,10 @@ use moeflux::synth::{self, SynthSpec};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// The shape: qwen3-30b-a3b, qwen3-235b-a22b, tiny-qwen3moe.
+    /// The shape: qwen3-30b-a3b, qwen3-235b-a22b (Qwen3-MoE);
+    /// qwen3.5-35b-a3b, qwen3.5-122b-a10b, qwen3.5-397b-a17b,
+    /// qwen3-next-80b-a3b (hybrids: Gated DeltaNet, gated attention, a
+    /// shared expert); tiny-qwen3moe, tiny-qwen35moe, test-stream (tests).
     #[arg(long, value_name = "NAME")]
     pub preset: String,
 

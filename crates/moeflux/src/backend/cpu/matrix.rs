@@ -135,6 +135,43 @@ impl<'a> Matrix<'a> {
         })
     }
 
+    /// Rows `r0..r0 + n` as a matrix of their own (`None` past the end, or
+    /// for rows interleaved by eight, which cannot be cut anywhere). Every
+    /// array holds whole rows of equal size, so a row range is a byte range
+    /// of each.
+    pub fn row_range(&self, r0: usize, n: usize) -> Option<Matrix<'a>> {
+        if r0.checked_add(n)? > self.rows || self.rows == 0 {
+            return None;
+        }
+        let cut = |b: &'a [u8]| {
+            let row = b.len() / self.rows;
+            &b[r0 * row..(r0 + n) * row]
+        };
+        let data = match self.data {
+            MatrixData::Ggml { ty, bytes } => MatrixData::Ggml {
+                ty,
+                bytes: cut(bytes),
+            },
+            MatrixData::Mlx {
+                q,
+                weight,
+                scales,
+                biases,
+            } => MatrixData::Mlx {
+                q,
+                weight: cut(weight),
+                scales: cut(scales),
+                biases: cut(biases),
+            },
+            MatrixData::Interleaved { .. } => return None,
+        };
+        Some(Matrix {
+            rows: n,
+            cols: self.cols,
+            data,
+        })
+    }
+
     /// Decodes row `r` into `out` (`cols` values).
     pub fn row(&self, r: usize, out: &mut [f32]) {
         let c = self.cols;

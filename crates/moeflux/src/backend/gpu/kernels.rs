@@ -49,6 +49,9 @@ const ROUTE: &str = include_str!("kernels/route.wgsl");
 const MATMUL_ROUTE: &str = include_str!("kernels/matmul_route.wgsl");
 const ARRIVE: &str = include_str!("kernels/arrive.wgsl");
 const MOE_COMBINE: &str = include_str!("kernels/moe_combine.wgsl");
+const DELTA_NET: &str = include_str!("kernels/delta_net.wgsl");
+const SWIGLU: &str = include_str!("kernels/swiglu.wgsl");
+const OUTPUT_GATE: &str = include_str!("kernels/output_gate.wgsl");
 
 /// A weight format the matrix kernels decode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -151,6 +154,11 @@ pub const MAX_HEAD_DIM: usize = 4 * WG as usize;
 /// byte offset, scale and bias word offsets; the same for B; the first
 /// row of Y; the token count; the first row of X; three unused.
 pub const JOB_WORDS: usize = 12;
+
+/// The largest key and value head of a Gated DeltaNet layer on the GPU
+/// (`delta_net.wgsl` gives a thread each column of a head's state, and
+/// keeps it in registers: 128 in every Qwen hybrid released).
+pub const MAX_DELTA_DIM: usize = 128;
 
 /// The shape of a matrix-product kernel (see `matmul.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -308,6 +316,17 @@ pub enum Kernel {
     MoeCombine,
     /// One token's routing and expert jobs, on the GPU.
     MoeRoute,
+    /// A chunk of tokens through a Gated DeltaNet layer, from its input
+    /// projections to the gated RMSNorm (the Qwen hybrids' linear
+    /// attention), for key heads of `k_dim` values.
+    DeltaNet {
+        k_dim: u32,
+    },
+    /// A dense SwiGLU, optionally scaled by a sigmoid gate (shared
+    /// experts).
+    Swiglu,
+    /// The gated attention's sigmoid output gate.
+    OutputGate,
 }
 
 impl Kernel {
@@ -333,6 +352,11 @@ impl Kernel {
             Kernel::Gather,
             Kernel::MoeCombine,
             Kernel::MoeRoute,
+            // Qwen3.5's and Qwen3-Next's key heads, and a small one.
+            Kernel::DeltaNet { k_dim: 128 },
+            Kernel::DeltaNet { k_dim: 16 },
+            Kernel::Swiglu,
+            Kernel::OutputGate,
         ]);
         v
     }
@@ -349,6 +373,7 @@ impl Kernel {
                     | Kernel::Attention { .. }
                     | Kernel::AttentionPrep { .. }
                     | Kernel::MoeRoute
+                    | Kernel::DeltaNet { .. }
             ),
         }
     }
@@ -404,6 +429,9 @@ impl Kernel {
             Kernel::Gather => "gather".into(),
             Kernel::MoeCombine => "moe_combine".into(),
             Kernel::MoeRoute => "moe_route".into(),
+            Kernel::DeltaNet { k_dim } => format!("delta_net k_dim {k_dim}"),
+            Kernel::Swiglu => "swiglu".into(),
+            Kernel::OutputGate => "output_gate".into(),
         }
     }
 
@@ -433,6 +461,9 @@ impl Kernel {
             // A thread an output value of a 128-wide head: one round of
             // loads, not two.
             Kernel::AttentionMerge => 2 * WG,
+            // A thread a column of a head's state: value heads of up to
+            // MAX_DELTA_DIM.
+            Kernel::DeltaNet { .. } => MAX_DELTA_DIM as u32,
             _ => WG,
         }
     }
@@ -593,6 +624,12 @@ impl Kernel {
                 s.push_str(&format!("const JOB_WORDS: u32 = {JOB_WORDS}u;\n"));
                 &[ROUTE, MOE_ROUTE]
             }
+            Kernel::DeltaNet { k_dim } => {
+                s.push_str(&format!("const DK: u32 = {k_dim}u;\n"));
+                &[DELTA_NET]
+            }
+            Kernel::Swiglu => &[SWIGLU],
+            Kernel::OutputGate => &[OUTPUT_GATE],
         };
         if self.reduces() {
             s.push_str(match v.reduce {

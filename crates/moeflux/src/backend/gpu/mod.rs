@@ -44,10 +44,12 @@
 //! memory a decode token runs without a host round trip (submitted in
 //! pieces: see the dispatch plan); otherwise one submit-and-wait per layer
 //! brings the routed experts in.
+//! The Qwen hybrids (Qwen3.5 / Qwen3-Next) run too: Gated DeltaNet layers
+//! in one dispatch a chunk (`delta_net.wgsl`, their recurrent state in
+//! the session's [`GpuKv`]), gated attention (the gate's rows after v in
+//! the q|k|v product, `output_gate.wgsl`), shared experts (`swiglu.wgsl`).
 //! Not yet: lookahead prefetch off Vulkan (Metal and DX12 have no second
-//! queue through wgpu), the delta-net step and gated attention (Qwen3.5 /
-//! Qwen3-Next are refused with a typed error, or run on the CPU under
-//! `--backend auto`), shared experts and dense FFN layers.
+//! queue through wgpu) and dense FFN layers.
 
 //! # Buffers
 //! - **Activations** are f32, row-major, `n × width` (`n` tokens), one
@@ -206,7 +208,7 @@ pub use kernels::{Kernel, WeightKind};
 pub use kv::GpuKv;
 pub use matrix::{GpuMatrix, MatShape};
 pub use model::{GpuModel, GpuOptions};
-pub use pass::{rope_table, AttentionShape, Pass};
+pub use pass::{rope_table, AttentionShape, DeltaShape, Pass};
 
 /// Why the GPU backend could not do something.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,8 @@
-//! The GPU forward pass: a [`Model`] of softmax-attention MoE layers
-//! (Qwen3-MoE) computed with the WGSL kernels, with the same semantics as
-//! the CPU's [`Model::forward`].
+//! The GPU forward pass: a [`Model`] of MoE layers whose token mixer is
+//! softmax attention (Qwen3-MoE; gated, Qwen3.5 / Qwen3-Next) or Gated
+//! DeltaNet (the hybrids' linear layers), with an optional shared expert,
+//! computed with the WGSL kernels, with the same semantics as the CPU's
+//! [`Model::forward`].
 //!
 //! Dense weights are resident ([`GpuMatrix`], norms as f32 buffers);
 //! activations live in buffers sized once for the largest chunk; routed
@@ -32,13 +34,19 @@ use super::guess::GuessPrecision;
 use super::kernels::JOB_WORDS;
 use super::kv::GpuKv;
 use super::matrix::{GpuMatrix, MatShape};
-use super::pass::{rope_table, AttentionShape, ExpertPlace, ParamArena, Pass, RouteOut};
+use super::pass::{
+    rope_table, AttentionShape, DeltaShape, ExpertPlace, ParamArena, Pass, RouteOut,
+};
 use super::GpuError;
+use crate::backend::cpu::Matrix;
 use crate::experts::{ExpertRef, ExpertStore};
 use crate::format::ModelFiles;
+use crate::model::attention::Attention;
+use crate::model::linear_attention::{GatedDeltaNet, LinearInput, ValueHeads};
 use crate::model::moe::{Moe, Routing};
 use crate::model::timings::Lap;
 use crate::model::transformer::{Ffn, Layer};
+use crate::model::weights::WeightRef;
 use crate::model::{Logits, Mixer, Model, Timings};
 use crate::state::KvType;
 use crate::tokenizer::TokenId;
@@ -69,38 +77,156 @@ pub struct GpuOptions {
     pub read_in_place: bool,
 }
 
-/// One layer's resident weights.
-struct GpuLayer {
-    attn_norm: wgpu::Buffer,
-    ffn_norm: wgpu::Buffer,
+/// A layer's projections of one input into one activation row: stacked
+/// into one matrix (one dispatch) when they share a format and width, else
+/// one product each into consecutive columns of the row.
+enum Proj {
+    Stacked(GpuMatrix),
+    Apart(Vec<GpuMatrix>),
+}
+
+impl Proj {
+    fn upload(gpu: &Gpu, ms: &[Matrix<'_>]) -> Result<Proj, GpuError> {
+        let refs: Vec<&Matrix<'_>> = ms.iter().collect();
+        if let Some(m) = GpuMatrix::upload_stacked(gpu, &refs)? {
+            return Ok(Proj::Stacked(m));
+        }
+        let apart = ms.iter().map(|m| GpuMatrix::upload(gpu, m));
+        Ok(Proj::Apart(apart.collect::<Result<_, _>>()?))
+    }
+
+    /// Values of the row it writes.
+    fn width(&self) -> usize {
+        match self {
+            Proj::Stacked(m) => m.shape.rows,
+            Proj::Apart(ms) => ms.iter().map(|m| m.shape.rows).sum(),
+        }
+    }
+
+    fn bytes(&self) -> u64 {
+        match self {
+            Proj::Stacked(m) => m.bytes(),
+            Proj::Apart(ms) => ms.iter().map(GpuMatrix::bytes).sum(),
+        }
+    }
+
+    /// `y = x Wᵀ` for `n` tokens, rows of `width` (≥ its width) values;
+    /// with `norm`, `x` is RMS-normalised first (the first product leaves
+    /// the normalised rows in `h`, which the others read: the same values
+    /// as the first's, scaled after its sum, up to f32 rounding).
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        pass: &mut Pass<'_>,
+        x: &wgpu::Buffer,
+        norm: Option<(&wgpu::Buffer, f32)>,
+        h: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+        width: usize,
+    ) -> Result<(), GpuError> {
+        let ms: &[GpuMatrix] = match self {
+            Proj::Stacked(m) => std::slice::from_ref(m),
+            Proj::Apart(ms) => ms,
+        };
+        let mut col = 0;
+        for (i, m) in ms.iter().enumerate() {
+            match norm {
+                Some(norm) if i == 0 => pass.matmul_normed(m, x, norm, h, y, n, (col, width))?,
+                Some(_) => pass.matmul_into(m, h, y, n, (col, width))?,
+                None => pass.matmul_into(m, x, y, n, (col, width))?,
+            }
+            col += m.shape.rows;
+        }
+        Ok(())
+    }
+}
+
+/// A softmax-attention layer's resident weights.
+struct GpuAttention {
     /// The per-head q and k norm weights, `2 × head_dim` (zeros where
     /// a model has none), and which the model has.
     qk_norms: wgpu::Buffer,
     qk_norm: (bool, bool),
     qk_eps: f32,
-    /// q, k and v projections: stacked into one matrix when they share a
-    /// format (one dispatch), else apart.
-    qkv: Result<GpuMatrix, [GpuMatrix; 3]>,
+    /// q, k, v (and a gated attention's gates, all heads' after v).
+    qkv: Proj,
     wo: GpuMatrix,
-    router: GpuMatrix,
-    moe: Moe,
 }
 
-/// Sizes every layer shares (checked when the model is built).
+/// A Gated DeltaNet layer's resident weights.
+struct GpuDelta {
+    /// Its input projections, in the layout `shape.layout` says.
+    proj: Proj,
+    /// Conv taps, `channels × taps`.
+    conv_w: wgpu::Buffer,
+    /// `[a | dt_bias | norm]`.
+    head_w: wgpu::Buffer,
+    out: GpuMatrix,
+    shape: DeltaShape,
+}
+
+enum GpuMixer {
+    Attention(GpuAttention),
+    Linear(GpuDelta),
+}
+
+/// A shared expert: gate, up and (Qwen hybrids) its sigmoid gate's row
+/// side by side, then down.
+struct GpuShared {
+    proj: Proj,
+    down: GpuMatrix,
+    ff: usize,
+    scaled: bool,
+}
+
+/// One layer's resident weights.
+struct GpuLayer {
+    attn_norm: wgpu::Buffer,
+    ffn_norm: wgpu::Buffer,
+    mixer: GpuMixer,
+    router: GpuMatrix,
+    moe: Moe,
+    shared: Option<GpuShared>,
+}
+
+/// Sizes every layer of a kind shares (checked when the model is built).
 #[derive(Clone, Copy, Debug)]
 struct Dims {
     hidden: usize,
+    /// Of the attention layers (zeros in a model without).
     n_heads: usize,
     n_kv_heads: usize,
     head_dim: usize,
     /// Rotated pairs per head.
     half: usize,
+    /// Whether attention has an output gate.
+    gated: bool,
+    /// The linear-attention layers' shape (`None` in a model without).
+    delta: Option<DeltaShape>,
+    /// The widest shared expert: its row (gate | up | scale) and ff.
+    shared: (usize, usize),
     n_experts: usize,
     k: usize,
     ff: usize,
     vocab: usize,
     eps: f32,
     ubatch: usize,
+}
+
+impl Dims {
+    fn attention(&self) -> AttentionShape {
+        AttentionShape {
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            len: 0,
+            k_stride: self.n_kv_heads * self.head_dim,
+            v_stride: self.n_kv_heads * self.head_dim,
+            kv_f16: false,
+            gated: self.gated,
+        }
+    }
 }
 
 /// Activation buffers, f32 unless said (sizes for `ubatch` tokens).
@@ -110,10 +236,13 @@ struct Activations {
     /// Normalised state, `n × hidden`.
     h: wgpu::Buffer,
     /// Each token's q, k and v projections side by side, `n × (n_heads +
-    /// 2 n_kv_heads) · head_dim`.
+    /// 2 n_kv_heads) · head_dim` (and a gated attention's gates after v).
     qkv: wgpu::Buffer,
+    /// A linear-attention layer's input projections, `n ×` its row.
+    lin: wgpu::Buffer,
     /// q after its per-head norm and RoPE.
     qn: wgpu::Buffer,
+    /// Attention's output, or a linear-attention layer's.
     attn: wgpu::Buffer,
     /// Partial results of attention spans (see `Pass::attention_causal`).
     attn_parts: wgpu::Buffer,
@@ -133,6 +262,9 @@ struct Activations {
     combine_row: wgpu::Buffer,
     /// Routing weight of each (token, rank).
     combine_w: wgpu::Buffer,
+    /// A shared expert's gate | up | scale rows and its SwiGLU output.
+    shared: wgpu::Buffer,
+    shared_act: wgpu::Buffer,
     /// u32: the expert products' job tables (see `Pass::expert_matmul`).
     jobs: wgpu::Buffer,
     /// u32 pairs: each (token, rank)'s expert and weight bits, as the
@@ -149,7 +281,7 @@ struct Activations {
 }
 
 /// Buffers in [`Activations`]: all of its fields.
-const ACTIVATION_BUFFERS: usize = 21;
+const ACTIVATION_BUFFERS: usize = 24;
 
 // A field added to `Activations` changes its size: it then does not
 // compile until `Activations::bytes` counts it (the memory plan of a GPU
@@ -165,6 +297,7 @@ impl Activations {
             &self.x,
             &self.h,
             &self.qkv,
+            &self.lin,
             &self.qn,
             &self.attn,
             &self.attn_parts,
@@ -173,6 +306,8 @@ impl Activations {
             &self.moe_in,
             &self.act,
             &self.down,
+            &self.shared,
+            &self.shared_act,
             &self.gather_idx,
             &self.combine_row,
             &self.combine_w,
@@ -235,23 +370,15 @@ impl std::fmt::Debug for GpuModel {
 /// Why `model` cannot run on the GPU path (what is missing), if it cannot.
 pub fn unsupported(model: &Model) -> Option<String> {
     for (i, l) in model.layers.iter().enumerate() {
-        match &l.mixer {
-            Mixer::Attention(a) if a.output_gate => {
+        if let Mixer::Linear(g) = &l.mixer {
+            let d = &g.dims;
+            let most = super::kernels::MAX_DELTA_DIM;
+            if d.k_head_dim > most || d.v_head_dim > most {
                 return Some(format!(
-                    "layer {i}: gated attention output (Qwen3.5 / Qwen3-Next) has no GPU kernel yet"
-                ))
+                    "layer {i}: linear-attention heads of {} key and {} value dimensions (the GPU takes up to {most})",
+                    d.k_head_dim, d.v_head_dim
+                ));
             }
-            Mixer::Attention(_) => {}
-            Mixer::Linear(_) => {
-                return Some(format!(
-                    "layer {i}: linear-attention (Gated DeltaNet) layers have no GPU kernel yet"
-                ))
-            }
-        }
-        if l.shared.is_some() {
-            return Some(format!(
-                "layer {i}: shared experts are not wired on the GPU yet"
-            ));
         }
         match &l.ffn {
             Ffn::Moe(m) if m.n_experts > super::pass::MAX_ROUTED || m.routing.k() > 64 => {
@@ -284,6 +411,32 @@ fn norm_buffer(gpu: &Gpu, w: &[f32]) -> Result<wgpu::Buffer, GpuError> {
     gpu.upload_f32("norm", w)
 }
 
+/// The shape the GPU gives a Gated DeltaNet layer (`None` for a layout of
+/// its projections the kernel does not read).
+fn delta_shape(g: &GatedDeltaNet) -> Option<DeltaShape> {
+    let d = g.dims;
+    let layout = match &g.input {
+        LinearInput::Split { .. } => 0,
+        LinearInput::SplitBa { .. } => 1,
+        LinearInput::Fused { .. } => 2,
+    };
+    let tiled = g.heads == ValueHeads::Tiled;
+    if tiled && layout != 0 {
+        return None;
+    }
+    Some(DeltaShape {
+        n_k: d.n_k_heads,
+        n_v: d.n_v_heads,
+        k_dim: d.k_head_dim,
+        v_dim: d.v_head_dim,
+        taps: d.conv_kernel,
+        layout,
+        tiled,
+        stride: d.conv_channels() + d.n_v_heads * d.v_head_dim + 2 * d.n_v_heads,
+        eps: g.eps,
+    })
+}
+
 impl GpuModel {
     /// Uploads `model`'s dense weights and makes the activation buffers and
     /// the expert arena. The arena gets `opts.expert_mem / slot` slots, at
@@ -303,20 +456,47 @@ impl GpuModel {
             return Err(GpuError::UnsupportedModel(why));
         }
         let cfg = &model.cfg;
-        let first = model
-            .layers
-            .first()
-            .ok_or_else(|| shape_err("a model without layers".into()))?;
-        let (a0, m0) = match (&first.mixer, &first.ffn) {
-            (Mixer::Attention(a), Ffn::Moe(m)) => (a, m),
-            _ => return Err(GpuError::Unsupported("the first layer's kind".into())),
+        let m0 = match model.layers.first().map(|l| &l.ffn) {
+            Some(Ffn::Moe(m)) => m,
+            Some(Ffn::Dense(_)) => return Err(GpuError::Unsupported("a dense FFN layer".into())),
+            None => return Err(shape_err("a model without layers".into())),
         };
+        // Attention's shape from the first attention layer, the linear
+        // layers' from the first linear one: every other must match.
+        let a0 = model.layers.iter().find_map(|l| match &l.mixer {
+            Mixer::Attention(a) => Some(a),
+            Mixer::Linear(_) => None,
+        });
+        let delta = match model.layers.iter().find_map(|l| match &l.mixer {
+            Mixer::Linear(g) => Some(g),
+            Mixer::Attention(_) => None,
+        }) {
+            Some(g) => Some(delta_shape(g).ok_or_else(|| {
+                GpuError::Unsupported(
+                    "linear attention with tiled value heads and grouped b/a projections".into(),
+                )
+            })?),
+            None => None,
+        };
+        let shared = model
+            .layers
+            .iter()
+            .filter_map(|l| l.shared.as_ref())
+            .map(|s| {
+                let ff = s.ffn.gate.rows;
+                (2 * ff + usize::from(s.gate.is_some()), ff)
+            })
+            .fold((0, 0), |a, b| (a.0.max(b.0), a.1.max(b.1)));
+        let inv_freq = a0.map_or(Vec::new(), |a| a.rope.inv_freq.clone());
         let dims = Dims {
             hidden: cfg.hidden,
-            n_heads: a0.n_heads,
-            n_kv_heads: a0.n_kv_heads,
-            head_dim: a0.head_dim,
-            half: a0.rope.inv_freq.len(),
+            n_heads: a0.map_or(0, |a| a.n_heads),
+            n_kv_heads: a0.map_or(0, |a| a.n_kv_heads),
+            head_dim: a0.map_or(0, |a| a.head_dim),
+            half: inv_freq.len(),
+            gated: a0.is_some_and(|a| a.output_gate),
+            delta,
+            shared,
             n_experts: m0.n_experts,
             k: m0.routing.k(),
             ff: m0.expert_ff,
@@ -326,7 +506,7 @@ impl GpuModel {
         };
         let mut layers = Vec::with_capacity(model.layers.len());
         for (i, l) in model.layers.iter().enumerate() {
-            layers.push(Self::layer(&gpu, files, l, i, &dims, &a0.rope.inv_freq)?);
+            layers.push(Self::layer(&gpu, files, l, i, &dims, &inv_freq)?);
             // wgpu keeps each write's staging copy until a submission
             // carries it: a layer at a time, so a load never holds a
             // second copy of the dense weights (host memory, and on a
@@ -358,7 +538,7 @@ impl GpuModel {
             layers,
             output_norm,
             lm_head,
-            inv_freq: a0.rope.inv_freq.clone(),
+            inv_freq,
             dims,
             act,
             experts,
@@ -377,79 +557,176 @@ impl GpuModel {
         d: &Dims,
         inv_freq: &[f32],
     ) -> Result<GpuLayer, GpuError> {
-        let (Mixer::Attention(a), Ffn::Moe(m)) = (&l.mixer, &l.ffn) else {
-            return Err(GpuError::Unsupported(format!("layer {i}'s kind")));
+        let Ffn::Moe(m) = &l.ffn else {
+            return Err(GpuError::Unsupported(format!("layer {i}'s FFN kind")));
         };
-        let same = (
-            a.n_heads,
-            a.n_kv_heads,
-            a.head_dim,
-            m.n_experts,
-            m.routing.k(),
-            m.expert_ff,
-        ) == (d.n_heads, d.n_kv_heads, d.head_dim, d.n_experts, d.k, d.ff);
+        if (m.n_experts, m.routing.k(), m.expert_ff) != (d.n_experts, d.k, d.ff) {
+            return Err(GpuError::Unsupported(format!(
+                "layer {i}'s experts differ in shape from layer 0's"
+            )));
+        }
+        let view = |w: &WeightRef| w.view(files);
+        let up = |w: &WeightRef| GpuMatrix::upload(gpu, &w.view(files));
+        let mixer = match &l.mixer {
+            Mixer::Attention(a) => {
+                GpuMixer::Attention(Self::attention(gpu, files, a, i, d, inv_freq)?)
+            }
+            Mixer::Linear(g) => {
+                if delta_shape(g) != d.delta {
+                    return Err(GpuError::Unsupported(format!(
+                        "layer {i}'s linear attention differs in shape from the first's"
+                    )));
+                }
+                let shape = d
+                    .delta
+                    .ok_or_else(|| shape_err(format!("layer {i}: no linear shape")))?;
+                let ws = g.weights();
+                let inputs: Vec<Matrix<'_>> = ws[..ws.len() - 1].iter().map(|w| view(w)).collect();
+                let proj = Proj::upload(gpu, &inputs)?;
+                if proj.width() != shape.stride {
+                    return Err(shape_err(format!(
+                        "layer {i}: linear-attention projections of {} rows, {} expected",
+                        proj.width(),
+                        shape.stride
+                    )));
+                }
+                let mut head_w = g.a.clone();
+                head_w.extend_from_slice(&g.dt_bias);
+                head_w.extend_from_slice(&g.norm);
+                GpuMixer::Linear(GpuDelta {
+                    proj,
+                    conv_w: gpu.upload_f32("conv taps", &g.conv)?,
+                    head_w: gpu.upload_f32("linear heads", &head_w)?,
+                    out: up(&g.out)?,
+                    shape,
+                })
+            }
+        };
+        let shared = match &l.shared {
+            Some(s) => {
+                let mut ms = vec![view(&s.ffn.gate), view(&s.ffn.up)];
+                ms.extend(s.gate.as_ref().map(view));
+                Some(GpuShared {
+                    proj: Proj::upload(gpu, &ms)?,
+                    down: up(&s.ffn.down)?,
+                    ff: s.ffn.gate.rows,
+                    scaled: s.gate.is_some(),
+                })
+            }
+            None => None,
+        };
+        Ok(GpuLayer {
+            attn_norm: norm_buffer(gpu, &l.attn_norm)?,
+            ffn_norm: norm_buffer(gpu, &l.ffn_norm)?,
+            mixer,
+            router: up(&m.router)?,
+            moe: m.clone(),
+            shared,
+        })
+    }
+
+    /// An attention layer's weights, checked against the model's shape.
+    fn attention(
+        gpu: &Gpu,
+        files: &ModelFiles,
+        a: &Attention,
+        i: usize,
+        d: &Dims,
+        inv_freq: &[f32],
+    ) -> Result<GpuAttention, GpuError> {
+        let same = (a.n_heads, a.n_kv_heads, a.head_dim, a.output_gate)
+            == (d.n_heads, d.n_kv_heads, d.head_dim, d.gated);
         if !same || a.rope.inv_freq != inv_freq {
             return Err(GpuError::Unsupported(format!(
-                "layer {i} differs in shape or RoPE from layer 0"
+                "layer {i} differs in shape or RoPE from the first attention layer"
             )));
         }
         // attention.wgsl reads rows in 16-byte loads; see MAX_HEAD_DIM.
         let most = super::kernels::MAX_HEAD_DIM;
-        if a.head_dim > most || a.head_dim % 8 != 0 {
+        if a.head_dim > most || !a.head_dim.is_multiple_of(8) {
             return Err(GpuError::Unsupported(format!(
                 "head_dim {} (the attention kernels take multiples of 8 up to {most})",
                 a.head_dim
             )));
         }
-        let up = |w: &crate::model::weights::WeightRef| GpuMatrix::upload(gpu, &w.view(files));
-        Ok(GpuLayer {
-            attn_norm: norm_buffer(gpu, &l.attn_norm)?,
-            ffn_norm: norm_buffer(gpu, &l.ffn_norm)?,
-            qk_norms: {
-                let hd = a.head_dim;
-                let mut w = vec![0f32; 2 * hd];
-                for (i, n) in [&a.q_norm, &a.k_norm].into_iter().enumerate() {
-                    if let Some(n) = n.as_deref() {
-                        if n.len() != hd {
-                            return Err(shape_err(format!(
-                                "layer {i}: a q/k norm of {} values for heads of {hd}",
-                                n.len()
-                            )));
-                        }
-                        w[i * hd..(i + 1) * hd].copy_from_slice(n);
-                    }
+        let hd = a.head_dim;
+        let mut w = vec![0f32; 2 * hd];
+        for (j, n) in [&a.q_norm, &a.k_norm].into_iter().enumerate() {
+            if let Some(n) = n.as_deref() {
+                if n.len() != hd {
+                    return Err(shape_err(format!(
+                        "layer {i}: a q/k norm of {} values for heads of {hd}",
+                        n.len()
+                    )));
                 }
-                norm_buffer(gpu, &w)?
-            },
+                w[j * hd..(j + 1) * hd].copy_from_slice(n);
+            }
+        }
+        let (q, k, v) = (a.wq.view(files), a.wk.view(files), a.wv.view(files));
+        let qkv = if a.output_gate {
+            // `[q_h | gate_h]` per head: the q rows of every head, k, v,
+            // then the gate rows of every head.
+            let rows = |r0: usize| {
+                q.row_range(r0, hd).ok_or_else(|| {
+                    shape_err(format!(
+                        "layer {i}: a gated q projection of {} rows for {} heads of {hd}",
+                        q.rows, a.n_heads
+                    ))
+                })
+            };
+            let mut ms = Vec::with_capacity(2 * a.n_heads + 2);
+            for h in 0..a.n_heads {
+                ms.push(rows(2 * h * hd)?);
+            }
+            ms.extend([k, v]);
+            for h in 0..a.n_heads {
+                ms.push(rows(2 * h * hd + hd)?);
+            }
+            // Apart, the heads' rows would be a product each: stack the
+            // q and gate rows (one format) and keep k and v apart.
+            match GpuMatrix::upload_stacked(gpu, &ms.iter().collect::<Vec<_>>())? {
+                Some(m) => Proj::Stacked(m),
+                None => {
+                    let n = a.n_heads;
+                    let stack = |part: &[Matrix<'_>]| {
+                        GpuMatrix::upload_stacked(gpu, &part.iter().collect::<Vec<_>>())?
+                            .ok_or_else(|| shape_err(format!("layer {i}: q rows of two formats")))
+                    };
+                    Proj::Apart(vec![
+                        stack(&ms[..n])?,
+                        GpuMatrix::upload(gpu, &k)?,
+                        GpuMatrix::upload(gpu, &v)?,
+                        stack(&ms[n + 2..])?,
+                    ])
+                }
+            }
+        } else {
+            Proj::upload(gpu, &[q, k, v])?
+        };
+        Ok(GpuAttention {
+            qk_norms: norm_buffer(gpu, &w)?,
             qk_norm: (a.q_norm.is_some(), a.k_norm.is_some()),
             qk_eps: a.norm_eps,
-            qkv: {
-                let (q, k, v) = (a.wq.view(files), a.wk.view(files), a.wv.view(files));
-                match GpuMatrix::upload_stacked(gpu, &[&q, &k, &v])? {
-                    Some(m) => Ok(m),
-                    None => Err([up(&a.wq)?, up(&a.wk)?, up(&a.wv)?]),
-                }
-            },
-            wo: up(&a.wo)?,
-            router: up(&m.router)?,
-            moe: m.clone(),
+            qkv,
+            wo: GpuMatrix::upload(gpu, &a.wo.view(files))?,
         })
     }
 
     fn activations(gpu: &Gpu, d: &Dims) -> Result<Activations, GpuError> {
         let u = d.ubatch;
         let q = u * d.n_heads * d.head_dim;
-        let kv = u * d.n_kv_heads * d.head_dim;
         let rows = u * d.k;
         let z = |label: &str, len: usize| gpu.zeros_f32(label, len);
         let lr = LOGIT_ROWS.min(u);
         let readback = (2 * u * d.k).max(lr * d.vocab);
+        let (lin, lin_out) = d.delta.map_or((0, 0), |s| (s.stride, s.n_v * s.v_dim));
         Ok(Activations {
             x: z("x", u * d.hidden)?,
             h: z("h", u * d.hidden)?,
-            qkv: z("qkv", q + 2 * kv)?,
+            qkv: z("qkv", u * d.attention().qkv_width())?,
+            lin: z("linear projections", u * lin)?,
             qn: z("qn", q)?,
-            attn: z("attn", q)?,
+            attn: z("attn", q.max(u * lin_out))?,
             // Room for 32 Ki spans × heads: a decode step over 32 Ki
             // positions uses 512 spans of each of 32 heads (the most,
             // merge.wgsl's MAX_SPANS; longer contexts get longer spans).
@@ -462,6 +739,8 @@ impl GpuModel {
             moe_in: z("moe_in", rows * d.hidden)?,
             act: z("act", rows * d.ff)?,
             down: z("down", rows * d.hidden)?,
+            shared: z("shared expert", u * d.shared.0)?,
+            shared_act: z("shared expert SwiGLU", u * d.shared.1)?,
             gather_idx: z("gather_idx", rows)?,
             combine_row: z("combine_row", rows)?,
             combine_w: z("combine_w", rows)?,
@@ -488,17 +767,17 @@ impl GpuModel {
             .layers
             .iter()
             .map(|l| {
-                let qkv = match &l.qkv {
-                    Ok(m) => m.bytes(),
-                    Err(ms) => ms.iter().map(GpuMatrix::bytes).sum(),
+                let mixer = match &l.mixer {
+                    GpuMixer::Attention(a) => a.qk_norms.size() + a.qkv.bytes() + a.wo.bytes(),
+                    GpuMixer::Linear(g) => {
+                        g.proj.bytes() + g.conv_w.size() + g.head_w.size() + g.out.bytes()
+                    }
                 };
-                [&l.attn_norm, &l.ffn_norm, &l.qk_norms]
-                    .iter()
-                    .map(|b| b.size())
-                    .sum::<u64>()
-                    + qkv
-                    + l.wo.bytes()
-                    + l.router.bytes()
+                let shared = l
+                    .shared
+                    .as_ref()
+                    .map_or(0, |s| s.proj.bytes() + s.down.bytes());
+                l.attn_norm.size() + l.ffn_norm.size() + mixer + l.router.bytes() + shared
             })
             .sum();
         let act = self.act.bytes();
@@ -511,15 +790,36 @@ impl GpuModel {
             + self.experts.pool_bytes()
     }
 
-    /// Bytes of a session's KV cache of `capacity` positions
-    /// ([`GpuModel::new_kv`]).
+    /// Bytes of a session's KV cache of `capacity` positions and its
+    /// recurrent state ([`GpuModel::new_kv`]).
     pub fn kv_bytes(&self, capacity: usize, ty: KvType) -> u64 {
-        2 * self.layers.len() as u64 * capacity as u64 * ty.row_bytes(self.kv_dim() as u64)
+        let row = ty.row_bytes(self.kv_dim() as u64);
+        self.state_shape()
+            .map(|(kv, lin)| match (kv, lin) {
+                (Some(_), _) => 2 * capacity as u64 * row,
+                // Two copies of the conv window.
+                (None, Some((w, s))) => 4 * (2 * w + s) as u64,
+                (None, None) => 0,
+            })
+            .sum()
     }
 
-    /// Values a position's K (or V) row holds in one layer.
+    /// Values a position's K (or V) row holds in one attention layer.
     fn kv_dim(&self) -> usize {
         self.dims.n_kv_heads * self.dims.head_dim
+    }
+
+    /// Per layer, the KV row of an attention layer, or the conv window's
+    /// and recurrent state's values of a linear one.
+    fn state_shape(&self) -> impl Iterator<Item = (Option<usize>, Option<(usize, usize)>)> + '_ {
+        self.layers.iter().map(|l| match &l.mixer {
+            GpuMixer::Attention(_) => (Some(self.kv_dim()), None),
+            GpuMixer::Linear(g) => {
+                let d = g.shape;
+                let window = (d.taps - 1) * d.channels();
+                (None, Some((window, d.n_v * d.k_dim * d.v_dim)))
+            }
+        })
     }
 
     /// Counters of the GPU expert tier.
@@ -533,21 +833,23 @@ impl GpuModel {
     /// go with it (they would keep its memory alive, a cache for every
     /// session a long-lived engine ever ran).
     pub fn release_kv(&mut self, kv: GpuKv) {
-        let gone: Vec<&wgpu::Buffer> = kv
-            .layers
+        let kv_rows = kv.layers.iter().flatten().flat_map(|l| [&l.k, &l.v]);
+        let recurrent = kv
+            .linear
             .iter()
             .flatten()
-            .flat_map(|l| [&l.k, &l.v])
-            .collect();
+            .flat_map(|l| [&l.window, &l.state]);
+        let gone: Vec<&wgpu::Buffer> = kv_rows.chain(recurrent).collect();
         if let Some(arena) = &mut self.params {
             arena.forget(&gone);
         }
     }
 
-    /// An empty KV cache for `capacity` positions.
+    /// An empty KV cache for `capacity` positions, and a zeroed
+    /// recurrent state.
     pub fn new_kv(&self, capacity: usize, ty: KvType) -> Result<GpuKv, GpuError> {
-        let dims = vec![Some(self.kv_dim()); self.layers.len()];
-        GpuKv::new(&self.gpu, &dims, capacity, ty)
+        let (dims, linear): (Vec<_>, Vec<_>) = self.state_shape().unzip();
+        GpuKv::new(&self.gpu, &dims, &linear, capacity, ty)
     }
 
     /// Runs `tokens` at positions `pos0..` through the model, appending to
@@ -651,10 +953,11 @@ impl GpuModel {
         // A guess left by a step that ended early is not this step's.
         self.guesses.drop_pending();
         for l in 0..self.layers.len() {
-            self.attention_block(&mut pass, kv, l, n, one, pos0)?;
+            self.mixer_block(&mut pass, kv, l, n, one, pos0)?;
             lap.charge(&mut t.full_attn);
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
+                self.shared_block(&mut pass, l, n)?;
                 lap.charge(&mut t.moe);
                 // Submitted in pieces, so the GPU runs the first layers
                 // while the host encodes the rest (encoding a token's
@@ -720,6 +1023,7 @@ impl GpuModel {
                 ahead.retain(|&e| (e as usize) < d.n_experts);
             }
             self.experts_block(gpu, &mut pass, store, l, n)?;
+            self.shared_block(&mut pass, l, n)?;
             lap.charge(&mut t.moe);
             if one && l + 1 < self.layers.len() {
                 // The layer's products go now, so the GPU computes them
@@ -740,13 +1044,56 @@ impl GpuModel {
         self.logits(&mut pass, which, n, &mut lap, t)
     }
 
-    /// Records layer `l`'s attention block: norm, projections, q/k norms,
-    /// RoPE, K/V append, attention, output projection, residual add (`one`:
-    /// a decode step's, with the prep inside the attention dispatch).
+    /// Records layer `l`'s token mixer and its residual add: attention
+    /// ([`GpuModel::attention_block`]) or Gated DeltaNet (the norm inside
+    /// the input projections, then `delta_net.wgsl`, whose recurrent state
+    /// the chunk advances, then the output projection).
+    fn mixer_block(
+        &self,
+        pass: &mut Pass<'_>,
+        kv: &mut GpuKv,
+        l: usize,
+        n: usize,
+        one: bool,
+        pos0: usize,
+    ) -> Result<(), GpuError> {
+        let (d, a, layer) = (self.dims, &self.act, &self.layers[l]);
+        let g = match &layer.mixer {
+            GpuMixer::Attention(at) => return self.attention_block(pass, kv, at, l, n, one, pos0),
+            GpuMixer::Linear(g) => g,
+        };
+        let st = kv
+            .linear
+            .get_mut(l)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| shape_err(format!("layer {l} has no recurrent state")))?;
+        let norm = Some((&layer.attn_norm, d.eps));
+        g.proj
+            .record(pass, &a.x, norm, &a.h, &a.lin, n, g.shape.stride)?;
+        pass.delta_net(
+            &a.lin,
+            (&g.conv_w, &g.head_w),
+            (&st.window, &st.state),
+            &a.attn,
+            g.shape,
+            n,
+            st.cur,
+        )?;
+        // The next chunk reads the window this one wrote.
+        st.cur = !st.cur;
+        pass.matmul_add(&g.out, &a.attn, &a.x, n)
+    }
+
+    /// Records an attention layer's block: norm, projections, q/k norms,
+    /// RoPE, K/V append, attention, output gate, output projection,
+    /// residual add (`one`: a decode step's, with the prep inside the
+    /// attention dispatch).
+    #[allow(clippy::too_many_arguments)]
     fn attention_block(
         &self,
         pass: &mut Pass<'_>,
         kv: &GpuKv,
+        at: &GpuAttention,
         l: usize,
         n: usize,
         one: bool,
@@ -756,39 +1103,24 @@ impl GpuModel {
         let cache = kv.layers[l]
             .as_ref()
             .ok_or_else(|| shape_err(format!("layer {l} has no KV cache")))?;
-        let (nh, nkv, hd) = (d.n_heads, d.n_kv_heads, d.head_dim);
+        let shape = AttentionShape {
+            len: pos0 + n,
+            kv_f16: kv.kv_f16,
+            ..d.attention()
+        };
         // The norm inside the first projection; q, k and v side by side
         // in one buffer, then norms, RoPE and the cache writes in one
         // dispatch (for one token, inside the attention dispatch).
-        let width = (nh + 2 * nkv) * hd;
-        let norm = (&layer.attn_norm, d.eps);
-        match &layer.qkv {
-            Ok(m) => pass.matmul_normed(m, &a.x, norm, &a.h, &a.qkv, n, (0, width))?,
-            Err([wq, wk, wv]) => {
-                // k and v read the stored normalised rows: the same values
-                // as q's product scaled after its sum, up to f32 rounding.
-                pass.matmul_normed(wq, &a.x, norm, &a.h, &a.qkv, n, (0, width))?;
-                pass.matmul_into(wk, &a.h, &a.qkv, n, (nh * hd, width))?;
-                pass.matmul_into(wv, &a.h, &a.qkv, n, ((nh + nkv) * hd, width))?;
-            }
-        }
-        let dim = nkv * hd;
-        let shape = AttentionShape {
-            n_heads: nh,
-            n_kv_heads: nkv,
-            head_dim: hd,
-            len: pos0 + n,
-            k_stride: dim,
-            v_stride: dim,
-            kv_f16: kv.kv_f16,
-        };
-        let norm = (layer.qk_norm, layer.qk_eps);
+        let width = shape.qkv_width();
+        let norm = Some((&layer.attn_norm, d.eps));
+        at.qkv.record(pass, &a.x, norm, &a.h, &a.qkv, n, width)?;
+        let norm = (at.qk_norm, at.qk_eps);
         if one {
             // One dispatch fewer: the attention workgroups prepare their
             // own query and the new position (same bits).
             pass.attention_decode(
                 &a.qkv,
-                &layer.qk_norms,
+                &at.qk_norms,
                 &a.rope,
                 (&cache.k, &cache.v),
                 &a.attn_parts,
@@ -800,7 +1132,7 @@ impl GpuModel {
         } else {
             pass.attention_prep(
                 &a.qkv,
-                &layer.qk_norms,
+                &at.qk_norms,
                 &a.rope,
                 &a.qn,
                 (&cache.k, &cache.v),
@@ -811,7 +1143,26 @@ impl GpuModel {
             let q = &a.qn;
             pass.attention_causal(q, &cache.k, &cache.v, &a.attn_parts, &a.attn, shape, n)?;
         }
-        pass.matmul_add(&layer.wo, &a.attn, &a.x, n)
+        if shape.gated {
+            let q = d.n_heads * d.head_dim;
+            let gates = width - q;
+            pass.output_gate(&a.qkv, &a.attn, n, q, (width, gates))?;
+        }
+        pass.matmul_add(&at.wo, &a.attn, &a.x, n)
+    }
+
+    /// Records layer `l`'s shared expert, if it has one, for the
+    /// normalised rows in `h`: gate, up and the gate's logit in one row,
+    /// SwiGLU scaled by σ of that logit, down added to `x`.
+    fn shared_block(&self, pass: &mut Pass<'_>, l: usize, n: usize) -> Result<(), GpuError> {
+        let Some(s) = &self.layers[l].shared else {
+            return Ok(());
+        };
+        let a = &self.act;
+        let width = s.proj.width();
+        s.proj.record(pass, &a.h, None, &a.h, &a.shared, n, width)?;
+        pass.swiglu(&a.shared, &a.shared_act, n, s.ff, (width, s.scaled))?;
+        pass.matmul_add(&s.down, &a.shared_act, &a.x, n)
     }
 
     /// Records layer `l`'s MoE block for one token with every expert

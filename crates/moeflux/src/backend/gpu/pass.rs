@@ -10,7 +10,8 @@ use std::sync::Arc;
 
 use super::device::{Gpu, Variant, ARRIVAL_COUNTS};
 use super::kernels::{
-    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_HEAD_DIM, MAX_SPANS, WG,
+    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_DELTA_DIM, MAX_HEAD_DIM,
+    MAX_SPANS, WG,
 };
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
@@ -131,6 +132,44 @@ pub struct AttentionShape {
     pub v_stride: usize,
     /// Whether the cache holds f16 (else f32).
     pub kv_f16: bool,
+    /// Whether each token's q|k|v row is followed by `n_heads · head_dim`
+    /// output-gate values (gated attention: the row is that much wider).
+    pub gated: bool,
+}
+
+impl AttentionShape {
+    /// Values of one token's q|k|v row (gates included).
+    pub fn qkv_width(&self) -> usize {
+        (self.n_heads * (1 + self.gated as usize) + 2 * self.n_kv_heads) * self.head_dim
+    }
+}
+
+/// Shape of a Gated DeltaNet layer (see [`Pass::delta_net`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeltaShape {
+    pub n_k: usize,
+    pub n_v: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+    /// Conv taps.
+    pub taps: usize,
+    /// How a projection row is laid out (`delta_net.wgsl`): 0 `[q | k |
+    /// v | z | b | a]`, 1 with b and a grouped per key head, 2 q, k, v
+    /// and z grouped too.
+    pub layout: u32,
+    /// Value head `j` reads key head `j % n_k` (else `j / (n_v / n_k)`).
+    pub tiled: bool,
+    /// Values of one token's projection row.
+    pub stride: usize,
+    /// Epsilon of the gated RMSNorm and of the q/k L2 normalisation.
+    pub eps: f32,
+}
+
+impl DeltaShape {
+    /// Conv channels: q and k of every key head, v of every value head.
+    pub fn channels(&self) -> usize {
+        2 * self.n_k * self.k_dim + self.n_v * self.v_dim
+    }
 }
 
 /// Positions of one attention span (a multiple of the kernel's chunk): a
@@ -308,7 +347,7 @@ fn prep_inputs(
             ),
         });
     }
-    holds(kernel, "qkv", qkv, n * (s.n_heads + 2 * s.n_kv_heads) * hd)?;
+    holds(kernel, "qkv", qkv, n * s.qkv_width())?;
     holds(kernel, "cs", cs, 2 * n * half)?;
     if normed {
         holds(kernel, "norms", norms, 2 * hd)?;
@@ -1057,7 +1096,7 @@ impl<'g> Pass<'g> {
             eps.to_bits(),
             norm.0 as u32,
             norm.1 as u32,
-            0,
+            u32_of(K, "q|k|v row", s.qkv_width())?,
             0,
             0,
         ]);
@@ -1126,6 +1165,156 @@ impl<'g> Pass<'g> {
             gx,
         ]);
         self.push(Kernel::MoeCombine, &params, &[x, y, row, w], [gx, gy, 1])
+    }
+
+    /// A chunk of `n` tokens through a Gated DeltaNet layer (see
+    /// `delta_net.wgsl`): `proj` holds each token's input projections
+    /// (`shape.stride` values, laid out as `shape.layout` says), `conv_w`
+    /// the conv taps, `head_w` `[a | dt_bias | norm]`; `window` (two
+    /// copies, `cur` the one read) and `state` are the layer's recurrent
+    /// state; `out` gets `n × n_v × d_v`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn delta_net(
+        &mut self,
+        proj: &wgpu::Buffer,
+        (conv_w, head_w): (&wgpu::Buffer, &wgpu::Buffer),
+        (window, state): (&wgpu::Buffer, &wgpu::Buffer),
+        out: &wgpu::Buffer,
+        shape: DeltaShape,
+        n: usize,
+        cur: bool,
+    ) -> Result<(), GpuError> {
+        const K: &str = "delta_net";
+        let d = shape;
+        let bad = |detail: String| GpuError::Shape { kernel: K, detail };
+        if d.n_k == 0 || d.n_v == 0 || !d.n_v.is_multiple_of(d.n_k) || d.taps == 0 || n == 0 {
+            return Err(bad(format!(
+                "{} key heads, {} value heads, {} taps, {n} tokens",
+                d.n_k, d.n_v, d.taps
+            )));
+        }
+        if d.k_dim == 0 || d.v_dim == 0 || d.k_dim > MAX_DELTA_DIM || d.v_dim > MAX_DELTA_DIM {
+            return Err(bad(format!(
+                "heads of {} key and {} value dimensions (at most {MAX_DELTA_DIM})",
+                d.k_dim, d.v_dim
+            )));
+        }
+        if d.layout > 2 || (d.layout != 0 && d.tiled) {
+            return Err(bad(format!(
+                "layout {} with tiled heads {}",
+                d.layout, d.tiled
+            )));
+        }
+        let ch = d.channels();
+        let row = ch + d.n_v * d.v_dim + 2 * d.n_v;
+        if d.stride < row {
+            return Err(bad(format!("rows of {} values for {row} inputs", d.stride)));
+        }
+        holds(K, "proj", proj, n * d.stride)?;
+        holds(K, "conv_w", conv_w, ch * d.taps)?;
+        holds(K, "head_w", head_w, 2 * d.n_v + d.v_dim)?;
+        holds(K, "window", window, 2 * (d.taps - 1) * ch)?;
+        holds(K, "state", state, d.n_v * d.k_dim * d.v_dim)?;
+        holds(K, "out", out, n * d.n_v * d.v_dim)?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "key heads", d.n_k)?,
+            u32_of(K, "value heads", d.n_v)?,
+            u32_of(K, "v_dim", d.v_dim)?,
+            u32_of(K, "taps", d.taps)?,
+            d.layout,
+            d.tiled as u32,
+            u32_of(K, "stride", d.stride)?,
+            cur as u32,
+            d.eps.to_bits(),
+            (1.0 / (d.k_dim as f32).sqrt()).to_bits(),
+            0,
+        ]);
+        let heads = u32_of(K, "value heads", d.n_v)?;
+        if heads > self.gpu.limits.max_workgroups_per_dim {
+            return Err(bad(format!("{heads} value heads")));
+        }
+        self.push(
+            Kernel::DeltaNet {
+                k_dim: d.k_dim as u32,
+            },
+            &params,
+            &[proj, conv_w, head_w, window, state, out],
+            [heads, 1, 1],
+        )
+    }
+
+    /// `out[t] = SiLU(gate) · up · σ(s)` for `n` tokens of `width` values
+    /// (see `swiglu.wgsl`): `a` holds each token's gate, up and (when
+    /// `scaled`) the scale's logit side by side, `stride` values a token.
+    pub fn swiglu(
+        &mut self,
+        a: &wgpu::Buffer,
+        out: &wgpu::Buffer,
+        n: usize,
+        width: usize,
+        (stride, scaled): (usize, bool),
+    ) -> Result<(), GpuError> {
+        const K: &str = "swiglu";
+        if n == 0 {
+            return Ok(());
+        }
+        if stride < 2 * width + scaled as usize {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("rows of {stride} values for {width} outputs"),
+            });
+        }
+        holds(K, "a", a, n * stride)?;
+        holds(K, "out", out, n * width)?;
+        let (gx, gy) = self.grid((n * width).div_ceil(WG as usize))?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "width", width)?,
+            u32_of(K, "stride", stride)?,
+            scaled as u32,
+            gx,
+            0,
+            0,
+            0,
+        ]);
+        self.push(Kernel::Swiglu, &params, &[a, out], [gx, gy, 1])
+    }
+
+    /// `y[t][i] *= σ(g[t · stride + at + i])` for `n` tokens of `width`
+    /// values: the gated attention's output gate.
+    pub fn output_gate(
+        &mut self,
+        g: &wgpu::Buffer,
+        y: &wgpu::Buffer,
+        n: usize,
+        width: usize,
+        (stride, at): (usize, usize),
+    ) -> Result<(), GpuError> {
+        const K: &str = "output_gate";
+        if n == 0 {
+            return Ok(());
+        }
+        if stride < at + width {
+            return Err(GpuError::Shape {
+                kernel: K,
+                detail: format!("gates at {at} of rows of {stride} values"),
+            });
+        }
+        holds(K, "g", g, n * stride)?;
+        holds(K, "y", y, n * width)?;
+        let (gx, gy) = self.grid((n * width).div_ceil(WG as usize))?;
+        let params = words(&[
+            u32_of(K, "tokens", n)?,
+            u32_of(K, "width", width)?,
+            u32_of(K, "stride", stride)?,
+            u32_of(K, "gate offset", at)?,
+            gx,
+            0,
+            0,
+            0,
+        ]);
+        self.push(Kernel::OutputGate, &params, &[g, y], [gx, gy, 1])
     }
 
     /// A layer's router product for one token — `x` RMS-normalised with

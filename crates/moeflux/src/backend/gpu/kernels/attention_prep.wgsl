@@ -1,7 +1,8 @@
 // The steps of an attention block between the projections and the
 // attention, in one dispatch: for each token t, the q, k and v head rows of
-// `qkv` (token t's row: n_heads q heads, then n_kv k heads, then n_kv v
-// heads, head_dim values each) are
+// `qkv` (token t's row of p.width values: n_heads q heads, then n_kv k
+// heads, then n_kv v heads, head_dim values each, then a gated attention's
+// gates) are
 // - q: normalised (RMSNorm with the per-head weight norms[0..head_dim],
 //   when p.norm_q), rotated (NEOX RoPE of the first 2 · half dimensions,
 //   angles from the host's (cos, sin) table cs[t · half + i], computed as
@@ -25,7 +26,8 @@ struct Params {
     eps: f32,
     norm_q: u32,
     norm_k: u32,
-    _pad0: u32,
+    // Values of one token's q|k|v row (a gated attention's gates follow v).
+    width: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -53,7 +55,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let hd = p.head_dim;
     let slot = wg.x;
     let t = wg.y;
-    let width = (p.n_heads + 2u * p.n_kv) * hd;
+    let width = p.width;
     let is_q = slot < p.n_heads;
     let is_v = slot >= p.n_heads + p.n_kv;
     // q and k rows normalised (when asked) and rotated; v rows as they

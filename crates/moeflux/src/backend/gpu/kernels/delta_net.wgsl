@@ -1,0 +1,233 @@
+// Gated DeltaNet, the Qwen hybrids' linear attention, for a chunk of n
+// tokens of one layer: from the input projections (`proj`, one row of
+// p.stride values a token) to the gated RMSNorm's output (`out`, n ×
+// n_v × d_v), as `GatedDeltaNet::forward` on the CPU (model/
+// linear_attention.rs): the causal depthwise conv over q|k|v with SiLU,
+// q and k L2-normalised per key head (q scaled by 1/√d_k), the decay
+// g = exp(a · softplus(α + dt_bias)) and β = σ(b), then per token
+//
+//     S ← g·S;  δ = β·(v − Sᵀk);  S ← S + k δᵀ;  o = Sᵀq
+//
+// and RMSNorm(o) · w · SiLU(z). Every sum is taken in the CPU's order
+// except the three reductions over a head (the squares of q, of k and of
+// o), which take the workgroup's.
+//
+// One workgroup per value head j (wg.x); thread c owns column c of the
+// head's DK × d_v state (which it keeps in registers over the chunk) and
+// conv channel c of the head's q, k (c < DK) and v (c < d_v). The tokens
+// of a chunk run in order inside the workgroup, so a prompt gives the
+// same bits in chunks of any size (the conv reads a chunk's earlier
+// inputs from `proj` and older ones from the window, both the same
+// values).
+//
+// The conv window (the last K − 1 inputs of every channel, oldest first,
+// the CPU's layout) has two copies: this dispatch reads copy p.cur and
+// writes the next window into the other, so no workgroup can overwrite a
+// window another still reads (the q and k channels of a key head are read
+// by every value head of its group and written by the first). The host
+// flips p.cur after each chunk.
+//
+// Layouts of a projection row (p.packing), with r = n_v / n_k:
+// 0: [q (n_k·DK) | k (n_k·DK) | v (n_v·d_v) | z (n_v·d_v) | b (n_v) | a (n_v)]
+// 1: the same with b and a grouped per key head: [b (r) | a (r)] × n_k
+// 2: [q | k | v (r heads) | z (r heads)] per key head, then b|a as 1
+// Value head j reads key head j % n_k when p.tiled, else j / r (layouts
+// 1 and 2 are always grouped).
+
+struct Params {
+    n: u32,
+    n_k: u32,
+    n_v: u32,
+    d_v: u32,
+    taps: u32,
+    packing: u32,
+    tiled: u32,
+    stride: u32,
+    cur: u32,
+    eps: f32,
+    q_scale: f32,
+    _pad0: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> proj: array<f32>;
+// channels × taps, channels in the order [q (all key heads) | k | v].
+@group(0) @binding(2) var<storage, read> conv_w: array<f32>;
+// [a = −exp(A_log) (n_v) | dt_bias (n_v) | norm (d_v)]
+@group(0) @binding(3) var<storage, read> head_w: array<f32>;
+// 2 × (taps − 1) × channels
+@group(0) @binding(4) var<storage, read_write> window: array<f32>;
+// n_v × DK × d_v: head j's S[i][c] at (j · DK + i) · d_v + c.
+@group(0) @binding(5) var<storage, read_write> state: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+
+var<workgroup> qs: array<f32, DK>;
+var<workgroup> ks: array<f32, DK>;
+// This thread's column of S.
+var<private> s: array<f32, DK>;
+
+// Where a value head's inputs lie in a projection row, and its conv
+// channels.
+struct Head {
+    q: u32,
+    k: u32,
+    v: u32,
+    z: u32,
+    b: u32,
+    a: u32,
+    kh: u32,
+}
+
+fn channels() -> u32 {
+    return 2u * p.n_k * DK + p.n_v * p.d_v;
+}
+
+fn head_of(j: u32) -> Head {
+    let r = p.n_v / p.n_k;
+    let ch = channels();
+    let kh = select(j / r, j % p.n_k, p.tiled == 1u);
+    let i = j % r;
+    let ba = ch + p.n_v * p.d_v + kh * 2u * r;
+    if p.packing == 2u {
+        let g = kh * (2u * DK + 2u * r * p.d_v);
+        let v = g + 2u * DK + i * p.d_v;
+        return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, kh);
+    }
+    var b = ch + p.n_v * p.d_v + j;
+    var a = b + p.n_v;
+    if p.packing == 1u {
+        b = ba + i;
+        a = ba + r + i;
+    }
+    return Head(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v, ch + j * p.d_v, b, a, kh);
+}
+
+// Conv input of channel `chan` (at `at` in a projection row) at chunk
+// position t: a row of this chunk, or a slot of the window for t < 0.
+fn conv_in(t: i32, chan: u32, at: u32) -> f32 {
+    if t >= 0 {
+        return proj[u32(t) * p.stride + at];
+    }
+    let slot = u32(t + i32(p.taps) - 1);
+    return window[(p.cur * (p.taps - 1u) + slot) * channels() + chan];
+}
+
+// SiLU of the causal conv of channel `chan` at chunk position t.
+fn conv_at(t: u32, chan: u32, at: u32) -> f32 {
+    let kk = p.taps;
+    let last = kk - 1u;
+    var acc = 0.0;
+    for (var tap = 0u; tap < last; tap++) {
+        acc += conv_w[chan * kk + tap] * conv_in(i32(t + tap) - i32(last), chan, at);
+    }
+    let x = acc + conv_w[chan * kk + last] * proj[t * p.stride + at];
+    return x / (1.0 + exp(-x));
+}
+
+// log(1 + e^x) without overflow (torch's threshold), and without losing
+// e^x where 1 + e^x rounds to 1.
+fn softplus(x: f32) -> f32 {
+    if x > 20.0 {
+        return x;
+    }
+    let e = exp(x);
+    let u = 1.0 + e;
+    if u == 1.0 {
+        return e;
+    }
+    return log(u) * e / (u - 1.0);
+}
+
+// Writes channel `chan`'s next window (the last taps − 1 inputs once the
+// chunk is in) into the copy not read.
+fn slide(chan: u32, at: u32) {
+    let last = p.taps - 1u;
+    let next = 1u - p.cur;
+    for (var slot = 0u; slot < last; slot++) {
+        let t = i32(p.n + slot) - i32(last);
+        window[(next * last + slot) * channels() + chan] = conv_in(t, chan, at);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
+    let j = wg.x;
+    if j >= p.n_v {
+        return;
+    }
+    let c = lane.lid;
+    let dv = p.d_v;
+    let h = head_of(j);
+    let q_chan = h.kh * DK + c;
+    let k_chan = (p.n_k + h.kh) * DK + c;
+    let v_chan = 2u * p.n_k * DK + j * dv + c;
+    let col = c < dv;
+    let qk = c < DK;
+    if col {
+        for (var i = 0u; i < DK; i++) {
+            s[i] = state[(j * DK + i) * dv + c];
+        }
+    }
+    let decay = head_w[j];
+    let dt_bias = head_w[p.n_v + j];
+    var norm_w = 0.0;
+    if col {
+        norm_w = head_w[2u * p.n_v + c];
+    }
+    for (var t = 0u; t < p.n; t++) {
+        var qv = 0.0;
+        var kv = 0.0;
+        var vv = 0.0;
+        if qk {
+            qv = conv_at(t, q_chan, h.q + c);
+            kv = conv_at(t, k_chan, h.k + c);
+        }
+        if col {
+            vv = conv_at(t, v_chan, h.v + c);
+        }
+        let sq = wg_sum4(vec4<f32>(qv * qv, kv * kv, 0.0, 0.0), lane);
+        let q_inv = 1.0 / sqrt(sq.x + p.eps) * p.q_scale;
+        let k_inv = 1.0 / sqrt(sq.y + p.eps);
+        if qk {
+            qs[c] = qv * q_inv;
+            ks[c] = kv * k_inv;
+        }
+        workgroupBarrier();
+        let row = t * p.stride;
+        let g = exp(decay * softplus(proj[row + h.a] + dt_bias));
+        let beta = 1.0 / (1.0 + exp(-proj[row + h.b]));
+        var o = 0.0;
+        if col {
+            var mem = 0.0;
+            for (var i = 0u; i < DK; i++) {
+                s[i] *= g;
+                mem += s[i] * ks[i];
+            }
+            let d = (vv - mem) * beta;
+            for (var i = 0u; i < DK; i++) {
+                s[i] += ks[i] * d;
+                o += s[i] * qs[i];
+            }
+        }
+        // Its closing barrier also keeps qs and ks until every thread has
+        // read them.
+        let ms = wg_sum4(vec4<f32>(o * o, 0.0, 0.0, 0.0), lane).x / f32(dv);
+        if col {
+            let z = proj[row + h.z + c];
+            let inv = 1.0 / sqrt(ms + p.eps);
+            out[(t * p.n_v + j) * dv + c] = o * inv * norm_w * (z / (1.0 + exp(-z)));
+        }
+    }
+    if col {
+        for (var i = 0u; i < DK; i++) {
+            state[(j * DK + i) * dv + c] = s[i];
+        }
+        slide(v_chan, h.v + c);
+    }
+    // The q and k channels of a key head: by its first value head.
+    let first = select(h.kh * (p.n_v / p.n_k), h.kh, p.tiled == 1u) == j;
+    if first && qk {
+        slide(q_chan, h.q + c);
+        slide(k_chan, h.k + c);
+    }
+}
