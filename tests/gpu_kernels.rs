@@ -17,7 +17,7 @@ use moeflux::backend::gpu::kernels::JOB_WORDS;
 use moeflux::backend::gpu::pass::ParamArena;
 use moeflux::backend::gpu::{
     rope_table, AttentionShape, DeltaShape, Gpu, GpuError, GpuExperts, GpuMatrix, Kernel, MatShape,
-    Pass, Reduce, Variant, WeightKind,
+    Pass, Reduce, SwigluGate, Variant, WeightKind,
 };
 use moeflux::experts::arena::Arena;
 use moeflux::quant::mlx::ScaleType;
@@ -1392,12 +1392,12 @@ fn every_kernel_translates_to_msl_spirv_and_hlsl() {
     // × alone, expert batch, expert batch with SwiGLU) two (f16 widening:
     // they do not reduce); attention_prep (2 caches), the norm and the MoE
     // routing two (reduction); the attention merge, gather and the MoE
-    // combine one; the Gated DeltaNet (two head sizes) two (reduction),
-    // the dense SwiGLU and the output gate one.
+    // combine one; the Gated DeltaNet (two head sizes) and the dense
+    // SwiGLU two (reduction), the output gate one.
     let formats = WeightKind::all().len();
     assert_eq!(
         checked,
-        4 * (6 * formats + 8) + 2 * 3 * formats + 2 * 2 + 2 + 2 + 3 + 2 * 2 + 2
+        4 * (6 * formats + 8) + 2 * 3 * formats + 2 * 2 + 2 + 2 + 3 + 2 * 2 + 2 + 1
     );
 }
 
@@ -2426,6 +2426,7 @@ fn delta_net_matches_the_formulas() {
         shape(2, 4, 16, 16, 4, 1, false),
         shape(2, 4, 16, 16, 4, 2, false),
         shape(1, 3, 32, 24, 2, 0, false),
+        shape(1, 2, 16, 16, 1, 0, true),
         shape(2, 2, 128, 128, 4, 2, false),
     ];
     let n = 8;
@@ -2496,35 +2497,74 @@ fn delta_net_matches_the_formulas() {
             assert!(got_bits[0] == got_bits[1], "{what}: chunks change the bits");
         }
     }
+    // Shapes the kernel does not take are typed errors, not garbage.
+    let s = shape(2, 4, 16, 16, 4, 0, false);
+    let b = gpu.zeros_f32("b", 1 << 16).unwrap();
+    for bad in [
+        DeltaShape { taps: 5, ..s },
+        DeltaShape { k_dim: 256, ..s },
+        DeltaShape { n_v: 3, ..s },
+        DeltaShape {
+            layout: 1,
+            tiled: true,
+            ..s
+        },
+        DeltaShape { stride: 10, ..s },
+    ] {
+        let mut pass = Pass::new(gpu);
+        let r = pass.delta_net(&b, (&b, &b), (&b, &b), &b, bad, 1, false);
+        assert!(matches!(r, Err(GpuError::Shape { .. })), "{bad:?}: {r:?}");
+    }
 }
 
-/// The shared expert's SwiGLU (scaled by σ of a logit in the same row, or
-/// not) and the gated attention's output gate, against the CPU's silu and
-/// sigmoid.
+/// The shared expert's SwiGLU (scaled by σ of a logit in the same row, of
+/// a dot product it takes itself, or not) and the gated attention's output
+/// gate, against the CPU's silu and sigmoid.
 #[test]
 fn swiglu_and_output_gate_match_cpu() {
     let Some(gpu) = gpu() else { return };
-    let (n, width) = (5, 70);
+    let (n, width, hidden) = (5, 300, 520);
     let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
-    for scaled in [true, false] {
-        let stride = 2 * width + 3;
-        let a = normals(n * stride, 21);
-        let buf = gpu.upload_f32("a", &a).unwrap();
-        let out = gpu.zeros_f32("out", n * width).unwrap();
-        let mut pass = Pass::new(gpu);
-        pass.swiglu(&buf, &out, n, width, (stride, scaled)).unwrap();
-        pass.submit().unwrap();
-        let got = gpu.read_f32(&out, n * width).unwrap();
-        for t in 0..n {
-            let row = &a[t * stride..(t + 1) * stride];
-            let s = if scaled { sigmoid(row[2 * width]) } else { 1.0 };
-            for i in 0..width {
-                let e = silu(row[i]) * row[width + i] * s;
-                let g = got[t * width + i];
-                assert!(
-                    (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
-                    "swiglu {scaled} [{t}, {i}]: {g} vs {e}"
-                );
+    let stride = 2 * width + 3;
+    let a = normals(n * stride, 21);
+    let hs = normals(n * hidden, 24);
+    let gw: Vec<f32> = normals(hidden, 25).iter().map(|v| v * 0.05).collect();
+    let buf = gpu.upload_f32("a", &a).unwrap();
+    let (hb, wb) = (
+        gpu.upload_f32("h", &hs).unwrap(),
+        gpu.upload_f32("gw", &gw).unwrap(),
+    );
+    for mode in 0..3 {
+        for variant in gpu.variants() {
+            let gate = match mode {
+                0 => SwigluGate::None,
+                1 => SwigluGate::InRow,
+                _ => SwigluGate::Dot {
+                    h: &hb,
+                    w: &wb,
+                    hidden,
+                },
+            };
+            let out = gpu.zeros_f32("out", n * width).unwrap();
+            let mut pass = Pass::with_variant(gpu, variant);
+            pass.swiglu(&buf, &out, n, width, (stride, gate)).unwrap();
+            pass.submit().unwrap();
+            let got = gpu.read_f32(&out, n * width).unwrap();
+            for t in 0..n {
+                let row = &a[t * stride..(t + 1) * stride];
+                let s = match mode {
+                    0 => 1.0,
+                    1 => sigmoid(row[2 * width]),
+                    _ => sigmoid(dot(&hs[t * hidden..(t + 1) * hidden], &gw)),
+                };
+                for i in 0..width {
+                    let e = silu(row[i]) * row[width + i] * s;
+                    let g = got[t * width + i];
+                    assert!(
+                        (g - e).abs() <= 1e-5 * (1.0 + e.abs()),
+                        "swiglu mode {mode} {variant:?} [{t}, {i}]: {g} vs {e}"
+                    );
+                }
             }
         }
     }
@@ -2551,12 +2591,15 @@ fn swiglu_and_output_gate_match_cpu() {
     }
     // Rows too short for what they must hold are typed errors.
     let mut pass = Pass::new(gpu);
+    let short = gpu.zeros_f32("short", 10).unwrap();
     assert!(pass
-        .swiglu(&buf_len(gpu, 10), &yb, 1, 5, (10, true))
+        .swiglu(&short, &yb, 1, 5, (10, SwigluGate::InRow))
         .is_err());
+    let odd = SwigluGate::Dot {
+        h: &hb,
+        w: &wb,
+        hidden: 6,
+    };
+    assert!(pass.swiglu(&buf, &yb, 1, 5, (stride, odd)).is_err());
     assert!(pass.output_gate(&gb, &yb, 1, width, (width, 1)).is_err());
-}
-
-fn buf_len(gpu: &Gpu, len: usize) -> moeflux::backend::gpu::wgpu::Buffer {
-    gpu.zeros_f32("buf", len).unwrap()
 }

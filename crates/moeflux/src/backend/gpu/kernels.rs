@@ -160,6 +160,10 @@ pub const JOB_WORDS: usize = 12;
 /// keeps it in registers: 128 in every Qwen hybrid released).
 pub const MAX_DELTA_DIM: usize = 128;
 
+/// The most conv taps of a Gated DeltaNet layer on the GPU (`delta_net.wgsl`
+/// loads them together; 4 in every Qwen hybrid released).
+pub const MAX_CONV_TAPS: usize = 4;
+
 /// The shape of a matrix-product kernel (see `matmul.wgsl`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Product {
@@ -322,8 +326,8 @@ pub enum Kernel {
     DeltaNet {
         k_dim: u32,
     },
-    /// A dense SwiGLU, optionally scaled by a sigmoid gate (shared
-    /// experts).
+    /// A dense SwiGLU, optionally scaled by a sigmoid gate whose logit it
+    /// may take itself (shared experts).
     Swiglu,
     /// The gated attention's sigmoid output gate.
     OutputGate,
@@ -374,6 +378,7 @@ impl Kernel {
                     | Kernel::AttentionPrep { .. }
                     | Kernel::MoeRoute
                     | Kernel::DeltaNet { .. }
+                    | Kernel::Swiglu
             ),
         }
     }
@@ -464,6 +469,8 @@ impl Kernel {
             // A thread a column of a head's state: value heads of up to
             // MAX_DELTA_DIM.
             Kernel::DeltaNet { .. } => MAX_DELTA_DIM as u32,
+            // Its gate's dot product: 2048 values in four rounds of vec4s.
+            Kernel::Swiglu => 2 * WG,
             _ => WG,
         }
     }
@@ -626,6 +633,7 @@ impl Kernel {
             }
             Kernel::DeltaNet { k_dim } => {
                 s.push_str(&format!("const DK: u32 = {k_dim}u;\n"));
+                s.push_str(&delta_net_rows(k_dim));
                 &[DELTA_NET]
             }
             Kernel::Swiglu => &[SWIGLU],
@@ -645,6 +653,29 @@ impl Kernel {
         }
         Ok(s)
     }
+}
+
+/// `delta_net.wgsl`'s walks down a thread's column of the state (a
+/// function-scope array of the kernel's main, passed by pointer), written
+/// out row by row for `k_dim` rows: indexed with constants only, the column
+/// can stay in registers and its loads are issued together (an NVIDIA
+/// driver issued a loop's loads one wait at a time; see attention.wgsl's
+/// chunk loads). Each sum is taken row by row, as the CPU takes it.
+fn delta_net_rows(k_dim: u32) -> String {
+    let rows = |line: &dyn Fn(u32) -> String| -> String { (0..k_dim).map(line).collect() };
+    let col = "s: ptr<function, array<f32, DK>>";
+    format!(
+        "fn load_column({col}, at: u32, stride: u32) {{\n{}}}\n\
+         fn store_column({col}, at: u32, stride: u32) {{\n{}}}\n\
+         // S ← g·S; returns Sᵀk (this column's).\n\
+         fn decay_then_k({col}, g: f32) -> f32 {{\n    var m = 0.0;\n{}    return m;\n}}\n\
+         // S ← S + k·d; returns Sᵀq (this column's).\n\
+         fn update_then_q({col}, d: f32) -> f32 {{\n    var o = 0.0;\n{}    return o;\n}}\n",
+        rows(&|i| format!("    (*s)[{i}] = state[at + {i}u * stride];\n")),
+        rows(&|i| format!("    state[at + {i}u * stride] = (*s)[{i}];\n")),
+        rows(&|i| format!("    (*s)[{i}] *= g;\n    m += (*s)[{i}] * ks[{i}];\n")),
+        rows(&|i| format!("    (*s)[{i}] += ks[{i}] * d;\n    o += (*s)[{i}] * qs[{i}];\n")),
+    )
 }
 
 /// The checks naga compiles into every kernel: wgpu's defaults less loop

@@ -208,7 +208,7 @@ pub use kernels::{Kernel, WeightKind};
 pub use kv::GpuKv;
 pub use matrix::{GpuMatrix, MatShape};
 pub use model::{GpuModel, GpuOptions};
-pub use pass::{rope_table, AttentionShape, DeltaShape, Pass};
+pub use pass::{rope_table, AttentionShape, DeltaShape, Pass, SwigluGate};
 
 /// Why the GPU backend could not do something.
 #[derive(Debug, thiserror::Error)]

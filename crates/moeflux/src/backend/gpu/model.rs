@@ -35,10 +35,10 @@ use super::kernels::JOB_WORDS;
 use super::kv::GpuKv;
 use super::matrix::{GpuMatrix, MatShape};
 use super::pass::{
-    rope_table, AttentionShape, DeltaShape, ExpertPlace, ParamArena, Pass, RouteOut,
+    rope_table, AttentionShape, DeltaShape, ExpertPlace, ParamArena, Pass, RouteOut, SwigluGate,
 };
 use super::GpuError;
-use crate::backend::cpu::Matrix;
+use crate::backend::cpu::{Matrix, MatrixData};
 use crate::experts::{ExpertRef, ExpertStore};
 use crate::format::ModelFiles;
 use crate::model::attention::Attention;
@@ -48,6 +48,7 @@ use crate::model::timings::Lap;
 use crate::model::transformer::{Ffn, Layer};
 use crate::model::weights::WeightRef;
 use crate::model::{Logits, Mixer, Model, Timings};
+use crate::quant::GgmlType;
 use crate::state::KvType;
 use crate::tokenizer::TokenId;
 
@@ -79,7 +80,10 @@ pub struct GpuOptions {
 
 /// A layer's projections of one input into one activation row: stacked
 /// into one matrix (one dispatch) when they share a format and width, else
-/// one product each into consecutive columns of the row.
+/// each run of neighbours that do stacked, one product a run into
+/// consecutive columns of the row (a GGUF's small F32 projections beside
+/// quantized ones: Qwen3.5's b and a after q|k|v and z, a shared expert's
+/// gate logit after its gate and up).
 enum Proj {
     Stacked(GpuMatrix),
     Apart(Vec<GpuMatrix>),
@@ -87,12 +91,28 @@ enum Proj {
 
 impl Proj {
     fn upload(gpu: &Gpu, ms: &[Matrix<'_>]) -> Result<Proj, GpuError> {
-        let refs: Vec<&Matrix<'_>> = ms.iter().collect();
-        if let Some(m) = GpuMatrix::upload_stacked(gpu, &refs)? {
-            return Ok(Proj::Stacked(m));
+        let mut runs = Vec::new();
+        let mut rest = ms;
+        while let Some(first) = rest.first() {
+            let len = 1 + rest[1..]
+                .iter()
+                .take_while(|m| same_format(first, m))
+                .count();
+            let run: Vec<&Matrix<'_>> = rest[..len].iter().collect();
+            match GpuMatrix::upload_stacked(gpu, &run)? {
+                Some(m) => runs.push(m),
+                None => {
+                    for m in run {
+                        runs.push(GpuMatrix::upload(gpu, m)?);
+                    }
+                }
+            }
+            rest = &rest[len..];
         }
-        let apart = ms.iter().map(|m| GpuMatrix::upload(gpu, m));
-        Ok(Proj::Apart(apart.collect::<Result<_, _>>()?))
+        Ok(match <[GpuMatrix; 1]>::try_from(runs) {
+            Ok([m]) => Proj::Stacked(m),
+            Err(runs) => Proj::Apart(runs),
+        })
     }
 
     /// Values of the row it writes.
@@ -171,13 +191,22 @@ enum GpuMixer {
     Linear(GpuDelta),
 }
 
-/// A shared expert: gate, up and (Qwen hybrids) its sigmoid gate's row
-/// side by side, then down.
+/// A shared expert: gate and up side by side, then down.
 struct GpuShared {
     proj: Proj,
     down: GpuMatrix,
     ff: usize,
-    scaled: bool,
+    gate: SharedGate,
+}
+
+/// A shared expert's sigmoid gate (the Qwen hybrids').
+enum SharedGate {
+    None,
+    /// Its row is a third product after gate and up.
+    InRow,
+    /// An F32 row, whose dot product the SwiGLU takes (one dispatch
+    /// fewer).
+    Dot(wgpu::Buffer),
 }
 
 /// One layer's resident weights.
@@ -379,6 +408,13 @@ pub fn unsupported(model: &Model) -> Option<String> {
                     d.k_head_dim, d.v_head_dim
                 ));
             }
+            let taps = super::kernels::MAX_CONV_TAPS;
+            if d.conv_kernel > taps {
+                return Some(format!(
+                    "layer {i}: a linear-attention conv of {} taps (the GPU takes up to {taps})",
+                    d.conv_kernel
+                ));
+            }
         }
         match &l.ffn {
             Ffn::Moe(m) if m.n_experts > super::pass::MAX_ROUTED || m.routing.k() > 64 => {
@@ -398,6 +434,16 @@ pub fn unsupported(model: &Model) -> Option<String> {
         }
     }
     None
+}
+
+/// Whether `b` can be stacked under `a` (one format, one width).
+fn same_format(a: &Matrix<'_>, b: &Matrix<'_>) -> bool {
+    a.cols == b.cols
+        && match (a.data, b.data) {
+            (MatrixData::Ggml { ty: x, .. }, MatrixData::Ggml { ty: y, .. }) => x == y,
+            (MatrixData::Mlx { q: x, .. }, MatrixData::Mlx { q: y, .. }) => x == y,
+            _ => false,
+        }
 }
 
 fn shape_err(detail: String) -> GpuError {
@@ -605,12 +651,26 @@ impl GpuModel {
         let shared = match &l.shared {
             Some(s) => {
                 let mut ms = vec![view(&s.ffn.gate), view(&s.ffn.up)];
-                ms.extend(s.gate.as_ref().map(view));
+                let gate = match s.gate.as_ref().map(view) {
+                    None => SharedGate::None,
+                    Some(g) => match g.data {
+                        MatrixData::Ggml {
+                            ty: GgmlType::F32,
+                            bytes,
+                        } if g.rows == 1 => {
+                            SharedGate::Dot(gpu.storage("shared gate", bytes, 0)?)
+                        }
+                        _ => {
+                            ms.push(g);
+                            SharedGate::InRow
+                        }
+                    },
+                };
                 Some(GpuShared {
                     proj: Proj::upload(gpu, &ms)?,
                     down: up(&s.ffn.down)?,
                     ff: s.ffn.gate.rows,
-                    scaled: s.gate.is_some(),
+                    gate,
                 })
             }
             None => None,
@@ -1152,8 +1212,9 @@ impl GpuModel {
     }
 
     /// Records layer `l`'s shared expert, if it has one, for the
-    /// normalised rows in `h`: gate, up and the gate's logit in one row,
-    /// SwiGLU scaled by σ of that logit, down added to `x`.
+    /// normalised rows in `h`: gate and up (and the gate's logit, unless
+    /// the SwiGLU takes it) in one row, SwiGLU scaled by σ of that logit,
+    /// down added to `x`.
     fn shared_block(&self, pass: &mut Pass<'_>, l: usize, n: usize) -> Result<(), GpuError> {
         let Some(s) = &self.layers[l].shared else {
             return Ok(());
@@ -1161,7 +1222,16 @@ impl GpuModel {
         let a = &self.act;
         let width = s.proj.width();
         s.proj.record(pass, &a.h, None, &a.h, &a.shared, n, width)?;
-        pass.swiglu(&a.shared, &a.shared_act, n, s.ff, (width, s.scaled))?;
+        let gate = match &s.gate {
+            SharedGate::None => SwigluGate::None,
+            SharedGate::InRow => SwigluGate::InRow,
+            SharedGate::Dot(w) => SwigluGate::Dot {
+                h: &a.h,
+                w,
+                hidden: self.dims.hidden,
+            },
+        };
+        pass.swiglu(&a.shared, &a.shared_act, n, s.ff, (width, gate))?;
         pass.matmul_add(&s.down, &a.shared_act, &a.x, n)
     }
 

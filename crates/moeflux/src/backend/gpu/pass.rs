@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::device::{Gpu, Variant, ARRIVAL_COUNTS};
 use super::kernels::{
-    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_DELTA_DIM, MAX_HEAD_DIM,
-    MAX_SPANS, WG,
+    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_CONV_TAPS, MAX_DELTA_DIM,
+    MAX_HEAD_DIM, MAX_SPANS, WG,
 };
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
@@ -170,6 +170,22 @@ impl DeltaShape {
     pub fn channels(&self) -> usize {
         2 * self.n_k * self.k_dim + self.n_v * self.v_dim
     }
+}
+
+/// What scales a dense SwiGLU's outputs (see [`Pass::swiglu`]).
+#[derive(Clone, Copy, Debug)]
+pub enum SwigluGate<'a> {
+    /// Nothing.
+    None,
+    /// σ of the value after each row's gate and up.
+    InRow,
+    /// σ(h[t] · w): `h` the `hidden`-wide rows the products read, `w` an
+    /// F32 row.
+    Dot {
+        h: &'a wgpu::Buffer,
+        w: &'a wgpu::Buffer,
+        hidden: usize,
+    },
 }
 
 /// Positions of one attention span (a multiple of the kernel's chunk): a
@@ -1187,9 +1203,15 @@ impl<'g> Pass<'g> {
         const K: &str = "delta_net";
         let d = shape;
         let bad = |detail: String| GpuError::Shape { kernel: K, detail };
-        if d.n_k == 0 || d.n_v == 0 || !d.n_v.is_multiple_of(d.n_k) || d.taps == 0 || n == 0 {
+        if d.n_k == 0
+            || d.n_v == 0
+            || !d.n_v.is_multiple_of(d.n_k)
+            || d.taps == 0
+            || d.taps > MAX_CONV_TAPS
+            || n == 0
+        {
             return Err(bad(format!(
-                "{} key heads, {} value heads, {} taps, {n} tokens",
+                "{} key heads, {} value heads, {} taps (at most {MAX_CONV_TAPS}), {n} tokens",
                 d.n_k, d.n_v, d.taps
             )));
         }
@@ -1244,41 +1266,60 @@ impl<'g> Pass<'g> {
         )
     }
 
-    /// `out[t] = SiLU(gate) · up · σ(s)` for `n` tokens of `width` values
-    /// (see `swiglu.wgsl`): `a` holds each token's gate, up and (when
-    /// `scaled`) the scale's logit side by side, `stride` values a token.
+    /// `out[t] = SiLU(gate) · up · s` for `n` tokens of `width` values
+    /// (see `swiglu.wgsl`): `a` holds each token's gate and up side by
+    /// side, `stride` values a token, and `gate` says what `s` is.
     pub fn swiglu(
         &mut self,
         a: &wgpu::Buffer,
         out: &wgpu::Buffer,
         n: usize,
         width: usize,
-        (stride, scaled): (usize, bool),
+        (stride, gate): (usize, SwigluGate<'_>),
     ) -> Result<(), GpuError> {
         const K: &str = "swiglu";
+        let bad = |detail: String| GpuError::Shape { kernel: K, detail };
         if n == 0 {
             return Ok(());
         }
-        if stride < 2 * width + scaled as usize {
-            return Err(GpuError::Shape {
-                kernel: K,
-                detail: format!("rows of {stride} values for {width} outputs"),
-            });
+        let in_row = matches!(gate, SwigluGate::InRow);
+        if stride < 2 * width + in_row as usize {
+            return Err(bad(format!("rows of {stride} values for {width} outputs")));
         }
         holds(K, "a", a, n * stride)?;
         holds(K, "out", out, n * width)?;
-        let (gx, gy) = self.grid((n * width).div_ceil(WG as usize))?;
-        let params = words(&[
+        let (mode, hidden, h, w) = match gate {
+            SwigluGate::None => (0, 0, a, a),
+            SwigluGate::InRow => (1, 0, a, a),
+            SwigluGate::Dot { h, w, hidden } => {
+                if hidden == 0 || !hidden.is_multiple_of(4) {
+                    return Err(bad(format!("a gate row of {hidden} values")));
+                }
+                holds(K, "h", h, n * hidden)?;
+                holds(K, "gate row", w, hidden)?;
+                (2, hidden, h, w)
+            }
+        };
+        let wg = Kernel::Swiglu.workgroup_size() as usize;
+        let (gx, tokens) = (
+            u32_of(K, "blocks", width.div_ceil(wg))?,
             u32_of(K, "tokens", n)?,
+        );
+        let max = self.gpu.limits.max_workgroups_per_dim;
+        if gx > max || tokens > max {
+            return Err(bad(format!("{gx} blocks × {tokens} tokens")));
+        }
+        let params = words(&[
+            tokens,
             u32_of(K, "width", width)?,
             u32_of(K, "stride", stride)?,
-            scaled as u32,
-            gx,
+            mode,
+            u32_of(K, "hidden", hidden / 4)?,
             0,
             0,
             0,
         ]);
-        self.push(Kernel::Swiglu, &params, &[a, out], [gx, gy, 1])
+        self.push(Kernel::Swiglu, &params, &[a, out, h, w], [gx, tokens, 1])
     }
 
     /// `y[t][i] *= σ(g[t · stride + at + i])` for `n` tokens of `width`

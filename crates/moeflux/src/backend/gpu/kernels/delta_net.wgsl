@@ -13,15 +13,17 @@
 // o), which take the workgroup's.
 //
 // One workgroup per value head j (wg.x); thread c owns column c of the
-// head's DK × d_v state (which it keeps in registers over the chunk) and
+// head's DK × d_v state, which it keeps in registers over the chunk (the
+// host writes its walks down the column row by row: load_column,
+// store_column, decay_then_k, update_then_q), and
 // conv channel c of the head's q, k (c < DK) and v (c < d_v). The tokens
 // of a chunk run in order inside the workgroup, so a prompt gives the
 // same bits in chunks of any size (the conv reads a chunk's earlier
 // inputs from `proj` and older ones from the window, both the same
 // values).
 //
-// The conv window (the last K − 1 inputs of every channel, oldest first,
-// the CPU's layout) has two copies: this dispatch reads copy p.cur and
+// The conv window (the last K − 1 ≤ 3 inputs of every channel, oldest
+// first, the CPU's layout) has two copies: this dispatch reads copy p.cur and
 // writes the next window into the other, so no workgroup can overwrite a
 // window another still reads (the q and k channels of a key head are read
 // by every value head of its group and written by the first). The host
@@ -63,8 +65,6 @@ struct Params {
 
 var<workgroup> qs: array<f32, DK>;
 var<workgroup> ks: array<f32, DK>;
-// This thread's column of S.
-var<private> s: array<f32, DK>;
 
 // Where a value head's inputs lie in a projection row, and its conv
 // channels.
@@ -76,6 +76,7 @@ struct Head {
     b: u32,
     a: u32,
     kh: u32,
+    j: u32,
 }
 
 fn channels() -> u32 {
@@ -91,7 +92,7 @@ fn head_of(j: u32) -> Head {
     if p.packing == 2u {
         let g = kh * (2u * DK + 2u * r * p.d_v);
         let v = g + 2u * DK + i * p.d_v;
-        return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, kh);
+        return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, kh, j);
     }
     var b = ch + p.n_v * p.d_v + j;
     var a = b + p.n_v;
@@ -99,7 +100,7 @@ fn head_of(j: u32) -> Head {
         b = ba + i;
         a = ba + r + i;
     }
-    return Head(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v, ch + j * p.d_v, b, a, kh);
+    return Head(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v, ch + j * p.d_v, b, a, kh, j);
 }
 
 // Conv input of channel `chan` (at `at` in a projection row) at chunk
@@ -112,16 +113,40 @@ fn conv_in(t: i32, chan: u32, at: u32) -> f32 {
     return window[(p.cur * (p.taps - 1u) + slot) * channels() + chan];
 }
 
-// SiLU of the causal conv of channel `chan` at chunk position t.
+// SiLU of the causal conv of channel `chan` at chunk position t, taps ≤ 4
+// (`MAX_CONV_TAPS`): the taps and inputs loaded together in straight-line
+// code, then summed oldest first, as the CPU sums them.
 fn conv_at(t: u32, chan: u32, at: u32) -> f32 {
-    let kk = p.taps;
-    let last = kk - 1u;
-    var acc = 0.0;
-    for (var tap = 0u; tap < last; tap++) {
-        acc += conv_w[chan * kk + tap] * conv_in(i32(t + tap) - i32(last), chan, at);
+    let last = p.taps - 1u;
+    let w0 = chan * p.taps;
+    let t0 = i32(t) - i32(last);
+    var w = vec4<f32>(0.0);
+    var x = vec4<f32>(0.0);
+    if last > 0u {
+        w.x = conv_w[w0];
+        x.x = conv_in(t0, chan, at);
     }
-    let x = acc + conv_w[chan * kk + last] * proj[t * p.stride + at];
-    return x / (1.0 + exp(-x));
+    if last > 1u {
+        w.y = conv_w[w0 + 1u];
+        x.y = conv_in(t0 + 1, chan, at);
+    }
+    if last > 2u {
+        w.z = conv_w[w0 + 2u];
+        x.z = conv_in(t0 + 2, chan, at);
+    }
+    let now = conv_w[w0 + last] * proj[t * p.stride + at];
+    var acc = 0.0;
+    if last > 0u {
+        acc += w.x * x.x;
+    }
+    if last > 1u {
+        acc += w.y * x.y;
+    }
+    if last > 2u {
+        acc += w.z * x.z;
+    }
+    let y = acc + now;
+    return y / (1.0 + exp(-y));
 }
 
 // log(1 + e^x) without overflow (torch's threshold), and without losing
@@ -138,14 +163,64 @@ fn softplus(x: f32) -> f32 {
     return log(u) * e / (u - 1.0);
 }
 
-// Writes channel `chan`'s next window (the last taps − 1 inputs once the
-// chunk is in) into the copy not read.
-fn slide(chan: u32, at: u32) {
+// A token's inputs for this thread: its conv outputs (q and k where
+// c < DK, v where c < d_v, else 0), z, and the head's a and b.
+struct Token {
+    q: f32,
+    k: f32,
+    v: f32,
+    z: f32,
+    alpha: f32,
+    b: f32,
+}
+
+fn fetch(t: u32, h: Head, c: u32) -> Token {
+    let row = t * p.stride;
+    var tok = Token(0.0, 0.0, 0.0, 0.0, proj[row + h.a], proj[row + h.b]);
+    if c < DK {
+        tok.q = conv_at(t, h.kh * DK + c, h.q + c);
+        tok.k = conv_at(t, (p.n_k + h.kh) * DK + c, h.k + c);
+    }
+    if c < p.d_v {
+        tok.v = conv_at(t, 2u * p.n_k * DK + h.j * p.d_v + c, h.v + c);
+        tok.z = proj[row + h.z + c];
+    }
+    return tok;
+}
+
+// The next window of a channel: its last taps − 1 inputs (up to 3, the
+// unused slots 0) once the chunk is in, oldest first.
+fn window_of(chan: u32, at: u32) -> vec3<f32> {
     let last = p.taps - 1u;
-    let next = 1u - p.cur;
-    for (var slot = 0u; slot < last; slot++) {
-        let t = i32(p.n + slot) - i32(last);
-        window[(next * last + slot) * channels() + chan] = conv_in(t, chan, at);
+    let t0 = i32(p.n) - i32(last);
+    var w = vec3<f32>(0.0);
+    if last > 0u {
+        w.x = conv_in(t0, chan, at);
+    }
+    if last > 1u {
+        w.y = conv_in(t0 + 1, chan, at);
+    }
+    if last > 2u {
+        w.z = conv_in(t0 + 2, chan, at);
+    }
+    return w;
+}
+
+// Writes a channel's next window into the copy not read. Every load of the
+// windows comes before the first of these writes (the two copies are one
+// buffer, so a write would otherwise wait for each load before it, and a
+// load after a write for the write).
+fn put_window(chan: u32, w: vec3<f32>) {
+    let last = p.taps - 1u;
+    let at = (1u - p.cur) * last * channels() + chan;
+    if last > 0u {
+        window[at] = w.x;
+    }
+    if last > 1u {
+        window[at + channels()] = w.y;
+    }
+    if last > 2u {
+        window[at + 2u * channels()] = w.z;
     }
 }
 
@@ -163,10 +238,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let v_chan = 2u * p.n_k * DK + j * dv + c;
     let col = c < dv;
     let qk = c < DK;
+    // This thread's column of S (function scope: registers, where the
+    // module-scope private array it was stayed in memory).
+    var s: array<f32, DK>;
     if col {
-        for (var i = 0u; i < DK; i++) {
-            s[i] = state[(j * DK + i) * dv + c];
-        }
+        load_column(&s, j * DK * dv + c, dv);
     }
     let decay = head_w[j];
     let dt_bias = head_w[p.n_v + j];
@@ -174,17 +250,17 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if col {
         norm_w = head_w[2u * p.n_v + c];
     }
+    // A token's inputs are fetched while the token before is computed
+    // (none of them depends on the recurrence); after the last token, the
+    // last again (never used).
+    var next = fetch(0u, h, c);
     for (var t = 0u; t < p.n; t++) {
-        var qv = 0.0;
-        var kv = 0.0;
-        var vv = 0.0;
-        if qk {
-            qv = conv_at(t, q_chan, h.q + c);
-            kv = conv_at(t, k_chan, h.k + c);
-        }
-        if col {
-            vv = conv_at(t, v_chan, h.v + c);
-        }
+        let cur = next;
+        next = fetch(min(t + 1u, p.n - 1u), h, c);
+        let qv = cur.q;
+        let kv = cur.k;
+        let vv = cur.v;
+        let z = cur.z;
         let sq = wg_sum4(vec4<f32>(qv * qv, kv * kv, 0.0, 0.0), lane);
         let q_inv = 1.0 / sqrt(sq.x + p.eps) * p.q_scale;
         let k_inv = 1.0 / sqrt(sq.y + p.eps);
@@ -193,41 +269,40 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             ks[c] = kv * k_inv;
         }
         workgroupBarrier();
-        let row = t * p.stride;
-        let g = exp(decay * softplus(proj[row + h.a] + dt_bias));
-        let beta = 1.0 / (1.0 + exp(-proj[row + h.b]));
+        let g = exp(decay * softplus(cur.alpha + dt_bias));
+        let beta = 1.0 / (1.0 + exp(-cur.b));
         var o = 0.0;
         if col {
-            var mem = 0.0;
-            for (var i = 0u; i < DK; i++) {
-                s[i] *= g;
-                mem += s[i] * ks[i];
-            }
-            let d = (vv - mem) * beta;
-            for (var i = 0u; i < DK; i++) {
-                s[i] += ks[i] * d;
-                o += s[i] * qs[i];
-            }
+            let d = (vv - decay_then_k(&s, g)) * beta;
+            o = update_then_q(&s, d);
         }
         // Its closing barrier also keeps qs and ks until every thread has
         // read them.
         let ms = wg_sum4(vec4<f32>(o * o, 0.0, 0.0, 0.0), lane).x / f32(dv);
         if col {
-            let z = proj[row + h.z + c];
             let inv = 1.0 / sqrt(ms + p.eps);
             out[(t * p.n_v + j) * dv + c] = o * inv * norm_w * (z / (1.0 + exp(-z)));
         }
     }
-    if col {
-        for (var i = 0u; i < DK; i++) {
-            state[(j * DK + i) * dv + c] = s[i];
-        }
-        slide(v_chan, h.v + c);
-    }
-    // The q and k channels of a key head: by its first value head.
+    // The channels this thread writes the window of: v of its head; q and
+    // k of its key head in the key head's first value head.
     let first = select(h.kh * (p.n_v / p.n_k), h.kh, p.tiled == 1u) == j;
+    var wv = vec3<f32>(0.0);
+    var wq = vec3<f32>(0.0);
+    var wk = vec3<f32>(0.0);
+    if col {
+        wv = window_of(v_chan, h.v + c);
+    }
     if first && qk {
-        slide(q_chan, h.q + c);
-        slide(k_chan, h.k + c);
+        wq = window_of(q_chan, h.q + c);
+        wk = window_of(k_chan, h.k + c);
+    }
+    if col {
+        store_column(&s, j * DK * dv + c, dv);
+        put_window(v_chan, wv);
+    }
+    if first && qk {
+        put_window(q_chan, wq);
+        put_window(k_chan, wk);
     }
 }
