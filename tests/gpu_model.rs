@@ -55,36 +55,88 @@ fn open_gpu(rel: &str) -> Engine {
     e
 }
 
+/// A family's Hugging Face copy on the GPU against transformers (logits,
+/// greedy continuation) and the CPU (greedy).
+fn hf_matches(family: &str) {
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "hf_logits").to_f32().unwrap();
+    let want = ref_ids(family, "hf_greedy");
+    let engine = open_gpu(&format!("{family}/hf"));
+    let what = format!("{family} HF on the GPU");
+    let ours = all_logits(&engine, &tokens);
+    assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
+    let ours = greedy(&engine, &tokens, want.len());
+    assert_eq!(ours, want, "{what}: greedy vs transformers");
+    let cpu = common::open_at(
+        &format!("{family}/hf"),
+        moeflux::backend::cpu::kernels::Level::Reference,
+    );
+    assert_eq!(
+        ours,
+        greedy(&cpu, &tokens, want.len()),
+        "{what}: greedy vs CPU"
+    );
+}
+
+/// A family's GGUF of type `ty` against transformers run on its
+/// dequantized weights (tight: the GPU has f32 activations), greedy
+/// included.
+fn gguf_matches_dequantized(family: &str, ty: &str) {
+    let tokens = fixture_tokens(family);
+    let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
+        .to_f32()
+        .unwrap();
+    let engine = open_gpu(&format!("{family}/gguf/{family}-{ty}.gguf"));
+    let what = format!("{family} {ty} on the GPU vs dequantized reference");
+    let ours = all_logits(&engine, &tokens);
+    assert_logits(&what, &ours, &dequant, engine.vocab(), F32_REL, 1.0);
+    let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
+    assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+}
+
+/// A family's F32 GGUF against llama.cpp and transformers, greedy included.
+fn gguf_f32_matches(family: &str) {
+    let tokens = fixture_tokens(family);
+    let engine = open_gpu(&format!("{family}/gguf/{family}-F32.gguf"));
+    let ours = all_logits(&engine, &tokens);
+    for (who, r) in [
+        ("llama.cpp", "gguf_F32_logits"),
+        ("transformers", "hf_logits"),
+    ] {
+        let reference = fixture_ref(family, r).to_f32().unwrap();
+        let what = format!("{family} GGUF F32 on the GPU vs {who}");
+        assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
+    }
+    let want = ref_ids(family, "gguf_F32_greedy");
+    assert_eq!(
+        greedy(&engine, &tokens, want.len()),
+        want,
+        "{family} F32: greedy"
+    );
+}
+
+/// A family's MLX copy against its dequantized reference, greedy included.
+fn mlx_matches(family: &str) {
+    let tokens = fixture_tokens(family);
+    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
+    let engine = open_gpu(&format!("{family}/mlx"));
+    let what = format!("{family} MLX on the GPU");
+    let ours = all_logits(&engine, &tokens);
+    assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
+    let want = ref_ids(family, "mlx_greedy");
+    assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+}
+
 #[test]
 fn hf_checkpoint_matches_transformers_and_the_cpu() {
     if skip() {
         return;
     }
-    let family = "qwen3_moe";
-    let tokens = fixture_tokens(family);
-    let reference = fixture_ref(family, "hf_logits").to_f32().unwrap();
-    let want = ref_ids(family, "hf_greedy");
-    let engine = open_gpu(&format!("{family}/hf"));
-    eprintln!("{}", engine.backend());
-    assert_logits(
-        "qwen3_moe HF on the GPU",
-        &all_logits(&engine, &tokens),
-        &reference,
-        engine.vocab(),
-        F32_REL,
-        1.0,
-    );
-    let ours = greedy(&engine, &tokens, want.len());
-    assert_eq!(ours, want, "GPU greedy vs transformers");
-    let cpu = common::open_at(
-        &format!("{family}/hf"),
-        moeflux::backend::cpu::kernels::Level::Reference,
-    );
-    assert_eq!(ours, greedy(&cpu, &tokens, want.len()), "GPU greedy vs CPU");
+    hf_matches("qwen3_moe");
 }
 
 /// Every quantized GGUF type against transformers run on its dequantized
-/// weights (tight: the GPU has f32 activations), greedy included.
+/// weights.
 #[test]
 fn gguf_types_match_their_dequantized_references() {
     if skip() {
@@ -97,25 +149,7 @@ fn gguf_types_match_their_dequantized_references() {
         ("qwen3_moe_k", "Q4_K"),
         ("qwen3_moe_k", "Q6_K"),
     ] {
-        let tokens = fixture_tokens(family);
-        let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
-            .to_f32()
-            .unwrap();
-        let engine = open_gpu(&format!("{family}/gguf/{family}-{ty}.gguf"));
-        assert_logits(
-            &format!("{family} {ty} on the GPU vs dequantized reference"),
-            &all_logits(&engine, &tokens),
-            &dequant,
-            engine.vocab(),
-            F32_REL,
-            1.0,
-        );
-        let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
-        assert_eq!(
-            greedy(&engine, &tokens, want.len()),
-            want,
-            "{family} {ty} on the GPU: greedy"
-        );
+        gguf_matches_dequantized(family, ty);
     }
 }
 
@@ -124,26 +158,7 @@ fn gguf_f32_matches_llama_cpp_and_transformers() {
     if skip() {
         return;
     }
-    let family = "qwen3_moe";
-    let tokens = fixture_tokens(family);
-    let engine = open_gpu(&format!("{family}/gguf/{family}-F32.gguf"));
-    let ours = all_logits(&engine, &tokens);
-    for (what, r) in [
-        ("llama.cpp", "gguf_F32_logits"),
-        ("transformers", "hf_logits"),
-    ] {
-        let reference = fixture_ref(family, r).to_f32().unwrap();
-        assert_logits(
-            &format!("GGUF F32 on the GPU vs {what}"),
-            &ours,
-            &reference,
-            engine.vocab(),
-            F32_REL,
-            1.0,
-        );
-    }
-    let want = ref_ids(family, "gguf_F32_greedy");
-    assert_eq!(greedy(&engine, &tokens, want.len()), want, "greedy");
+    gguf_f32_matches("qwen3_moe");
 }
 
 #[test]
@@ -151,20 +166,7 @@ fn mlx_checkpoint_matches_its_dequantized_reference() {
     if skip() {
         return;
     }
-    let family = "qwen3_moe";
-    let tokens = fixture_tokens(family);
-    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
-    let engine = open_gpu(&format!("{family}/mlx"));
-    assert_logits(
-        "qwen3_moe MLX on the GPU",
-        &all_logits(&engine, &tokens),
-        &reference,
-        engine.vocab(),
-        F32_REL,
-        1.0,
-    );
-    let want = ref_ids(family, "mlx_greedy");
-    assert_eq!(greedy(&engine, &tokens, want.len()), want, "MLX greedy");
+    mlx_matches("qwen3_moe");
 }
 
 /// The f16 KV cache on the GPU (rounded as the CPU rounds) stays within
@@ -593,85 +595,18 @@ fn hybrids_match_their_references() {
         return;
     }
     for family in ["qwen3_5_moe", "qwen3_next"] {
-        let tokens = fixture_tokens(family);
-        let hf = fixture_ref(family, "hf_logits").to_f32().unwrap();
-        let engine = open_gpu(&format!("{family}/hf"));
-        let what = format!("{family} HF on the GPU");
-        assert_logits(
-            &what,
-            &all_logits(&engine, &tokens),
-            &hf,
-            engine.vocab(),
-            F32_REL,
-            1.0,
-        );
-        let want = ref_ids(family, "hf_greedy");
-        let ours = greedy(&engine, &tokens, want.len());
-        assert_eq!(ours, want, "{what}: greedy vs transformers");
-        let cpu = common::open_at(
-            &format!("{family}/hf"),
-            moeflux::backend::cpu::kernels::Level::Reference,
-        );
-        assert_eq!(
-            ours,
-            greedy(&cpu, &tokens, want.len()),
-            "{what}: greedy vs CPU"
-        );
-
-        let engine = open_gpu(&format!("{family}/gguf/{family}-F32.gguf"));
-        let ours = all_logits(&engine, &tokens);
-        for (who, r) in [
-            ("llama.cpp", "gguf_F32_logits"),
-            ("transformers", "hf_logits"),
-        ] {
-            let reference = fixture_ref(family, r).to_f32().unwrap();
-            let what = format!("{family} GGUF F32 on the GPU vs {who}");
-            assert_logits(&what, &ours, &reference, engine.vocab(), F32_REL, 1.0);
-        }
-        let want = ref_ids(family, "gguf_F32_greedy");
-        assert_eq!(
-            greedy(&engine, &tokens, want.len()),
-            want,
-            "{family} F32 greedy"
-        );
-
+        hf_matches(family);
+        gguf_f32_matches(family);
         for ty in ["F16", "Q8_0", "Q4_0"] {
-            let dequant = fixture_ref(family, &format!("gguf_{ty}_dequant_logits"))
-                .to_f32()
-                .unwrap();
-            let engine = open_gpu(&format!("{family}/gguf/{family}-{ty}.gguf"));
-            let what = format!("{family} {ty} on the GPU vs dequantized reference");
-            assert_logits(
-                &what,
-                &all_logits(&engine, &tokens),
-                &dequant,
-                engine.vocab(),
-                F32_REL,
-                1.0,
-            );
-            let want = ref_ids(family, &format!("gguf_{ty}_dequant_greedy"));
-            assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
+            gguf_matches_dequantized(family, ty);
         }
     }
-    let family = "qwen3_5_moe";
-    let tokens = fixture_tokens(family);
-    let reference = fixture_ref(family, "mlx_logits").to_f32().unwrap();
-    let engine = open_gpu(&format!("{family}/mlx"));
-    assert_logits(
-        "qwen3_5_moe MLX on the GPU",
-        &all_logits(&engine, &tokens),
-        &reference,
-        engine.vocab(),
-        F32_REL,
-        1.0,
-    );
-    let want = ref_ids(family, "mlx_greedy");
-    assert_eq!(greedy(&engine, &tokens, want.len()), want, "MLX greedy");
+    mlx_matches("qwen3_5_moe");
 }
 
 /// A hybrid's prompt in chunks of any size gives the bits of one chunk
 /// (the recurrent state carried between chunks in GPU memory), and so do
-/// the decode steps after it; with an f16 KV cache too.
+/// the decode steps after it.
 #[test]
 fn hybrid_prefill_chunking_changes_nothing() {
     if skip() {
@@ -763,29 +698,5 @@ fn hybrid_session_state_on_the_gpu() {
     }
 
     let e = open_gpu("qwen3_5_moe/hf");
-    let next = [11u32, 12, 13];
-    let fresh = |n: usize| -> Vec<u32> {
-        let mut s = e.new_session();
-        s.eval(&tokens[..n]).unwrap();
-        raw(&s.eval_all(&next).unwrap())
-    };
-    // Checkpoints at 10 and 25: a cut at 30 resumes from 25, one at 12
-    // from 10, one at 5 from the start (replays of more than one token:
-    // a prompt, as in the fresh session).
-    for cut in [30, 12, 5] {
-        let mut s = e.new_session();
-        s.eval(&tokens[..10]).unwrap();
-        s.checkpoint();
-        s.eval(&tokens[10..25]).unwrap();
-        s.checkpoint();
-        s.eval(&tokens[25..]).unwrap();
-        assert_eq!(s.checkpoint_positions(), vec![10, 25]);
-        s.truncate(cut).unwrap();
-        assert_eq!(s.tokens(), &tokens[..cut]);
-        assert_same_bits(
-            &raw(&s.eval_all(&next).unwrap()),
-            &fresh(cut),
-            &format!("cut at {cut}"),
-        );
-    }
+    common::truncate_resumes_from_checkpoints(&e, &tokens);
 }

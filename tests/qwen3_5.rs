@@ -127,29 +127,7 @@ fn truncate_equals_a_fresh_session() {
     assert_eq!(s.len(), 17);
     assert_eq!(bits(&s.eval_all(&next).unwrap()), fresh(17, &next));
 
-    // Checkpoints at 10 and 25: a cut at 30 resumes from 25, one at 12
-    // from 10, one at 5 from the start.
-    for cut in [30, 12, 5] {
-        let mut s = e.new_session();
-        s.eval(&tokens[..10]).unwrap();
-        s.checkpoint();
-        s.eval(&tokens[10..25]).unwrap();
-        s.checkpoint();
-        s.eval(&tokens[25..]).unwrap();
-        assert_eq!(s.checkpoint_positions(), vec![10, 25]);
-        s.truncate(cut).unwrap();
-        assert_eq!(s.tokens(), &tokens[..cut]);
-        assert!(s.checkpoint_positions().iter().all(|&p| p <= cut));
-        // The last logits are those of a fresh session at `cut`.
-        let mut f = e.new_session();
-        let want_last = f.eval(&tokens[..cut]).unwrap();
-        assert_eq!(bits(&s.eval(&[]).unwrap()), bits(&want_last), "cut {cut}");
-        assert_eq!(
-            bits(&s.eval_all(&next).unwrap()),
-            fresh(cut, &next),
-            "cut {cut}"
-        );
-    }
+    common::truncate_resumes_from_checkpoints(&e, &tokens);
 }
 
 #[test]

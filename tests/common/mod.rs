@@ -403,3 +403,33 @@ pub fn gguf_f32_matches(family: &str) {
         assert_eq!(greedy(&engine, &tokens, want.len()), want, "{what}: greedy");
     }
 }
+
+/// A hybrid model's session with checkpoints at 10 and 25 tokens of
+/// `tokens`, cut at 30 (resumes from 25), 12 (from 10) and 5 (from the
+/// start): the tokens, the last logits and what follows are those of a
+/// fresh session fed the first tokens, bit for bit. Every replay is more
+/// than one token (a prompt on either backend).
+pub fn truncate_resumes_from_checkpoints(e: &moeflux::Engine, tokens: &[u32]) {
+    let bits = |v: &[f32]| -> Vec<u32> { v.iter().map(|x| x.to_bits()).collect() };
+    let next = [11u32, 12, 13];
+    for cut in [30, 12, 5] {
+        let mut s = e.new_session();
+        s.eval(&tokens[..10]).unwrap();
+        s.checkpoint();
+        s.eval(&tokens[10..25]).unwrap();
+        s.checkpoint();
+        s.eval(&tokens[25..]).unwrap();
+        assert_eq!(s.checkpoint_positions(), vec![10, 25]);
+        s.truncate(cut).unwrap();
+        assert_eq!(s.tokens(), &tokens[..cut]);
+        assert!(s.checkpoint_positions().iter().all(|&p| p <= cut));
+        let mut f = e.new_session();
+        let want_last = f.eval(&tokens[..cut]).unwrap();
+        assert_eq!(bits(&s.eval(&[]).unwrap()), bits(&want_last), "cut {cut}");
+        assert_eq!(
+            bits(&s.eval_all(&next).unwrap()),
+            bits(&f.eval_all(&next).unwrap()),
+            "cut {cut}"
+        );
+    }
+}
