@@ -695,8 +695,10 @@ impl Session {
     /// read back, so snapshots are the same whichever backend made them.
     pub fn snapshot(&self) -> Result<Snapshot> {
         #[allow(unused_mut)]
-        let mut state = self.state.clone();
-        state.linear = self.recurrent_state()?;
+        let mut state = SessionState {
+            kv: self.state.kv.clone(),
+            linear: self.recurrent_state()?,
+        };
         #[cfg(feature = "gpu")]
         if let (Some(g), Some(kv)) = (&self.engine.inner.gpu, &self.gpu_kv) {
             let gpu = g.lock().unwrap_or_else(|p| p.into_inner()).gpu().clone();
