@@ -5,7 +5,7 @@
 //! through a budgeted cache, overlapped with compute.
 //!
 //! Module map (see `DESIGN.md`, Layout):
-//! - [`format`]: containers — GGUF and safetensors (+ MLX affine), tensor spans;
+//! - [`format`](mod@format): containers — GGUF and safetensors (+ MLX affine), tensor spans;
 //! - [`quant`]: block formats and their reference dequantizers;
 //! - [`model`]: `ModelConfig` and the architecture families;
 //! - [`experts`]: the streaming expert store and its memory plan;

@@ -6,7 +6,7 @@
 //! `1/√fan_in` (raw random bytes would bias every weight the same way and
 //! make every token's logits and routing nearly identical), with three
 //! adjustments that keep tokens distinct through depth (see
-//! [`ATTN_OUT_SCALE`]). Expert
+//! `ATTN_OUT_SCALE`). Expert
 //! popularity can be skewed to follow a Zipf law (`--skew zipf:S`): random
 //! routers otherwise pick experts almost uniformly, the worst case for any
 //! cache. The skew works through one residual dimension that every token's

@@ -27,7 +27,7 @@
 //!   nibbles) and `16 + 4k..` (high nibbles).
 //! - **Q4_K** (144-byte super-blocks): the eight `d` (`2j`), the eight
 //!   `dmin` (`16 + 2j`), the 64 six-bit scales at 32 and the 64 mins at 80
-//!   (each 48 bytes, see [`put6`]: scale of sub-block `s` of row `j` is
+//!   (each 48 bytes, see `put6`: scale of sub-block `s` of row `j` is
 //!   value `8s + j`, its min value `16(s / 2) + 2j + s % 2`, the orders the
 //!   kernel multiplies in), then for each 32-byte code chunk `c`
 //!   (sub-blocks `2c`, `2c + 1`), `k` in 0..8 and `j` in 0..8 the bytes

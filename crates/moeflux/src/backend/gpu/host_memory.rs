@@ -146,7 +146,7 @@ impl HostMemory {
     /// Imports `arena` into `gpu`'s device, in pieces of whole slots: with
     /// `storage` asked for, as storage buffers of at most one binding each
     /// where the adapter shares host memory and a slot fits a binding, else
-    /// as copy sources of up to [`CHUNK_BYTES`] (the usage a driver is
+    /// as copy sources of up to `CHUNK_BYTES` (the usage a driver is
     /// likeliest to accept). `None` when the device was not opened for it
     /// or the driver takes none of it.
     pub fn import(gpu: &Gpu, arena: Arc<Arena>, storage: bool) -> Option<HostMemory> {

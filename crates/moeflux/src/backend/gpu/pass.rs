@@ -179,7 +179,7 @@ pub enum SwigluGate<'a> {
     None,
     /// σ of the value after each row's gate and up.
     InRow,
-    /// σ(h[t] · w): `h` the `hidden`-wide rows the products read, `w` an
+    /// `σ(h[t] · w)`: `h` the `hidden`-wide rows the products read, `w` an
     /// F32 row.
     Dot {
         h: &'a wgpu::Buffer,

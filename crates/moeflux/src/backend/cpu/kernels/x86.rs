@@ -922,7 +922,7 @@ pub unsafe fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Attention scores of one query against consecutive rows of a tile:
-/// `out[j] = (q · row j) · scale`, each dot exactly as [`f_avx2`] computes
+/// `out[j] = (q · row j) · scale`, each dot exactly as `f_avx2` computes
 /// it for f32 weights `q`.
 #[target_feature(enable = "avx2,fma")]
 pub unsafe fn scores_avx2(q: &[f32], tile: &[f32], scale: f32, out: &mut [f32]) {
@@ -1028,7 +1028,7 @@ pub unsafe fn f16_to_f32_f16c(src: &[u16], dst: &mut [f32]) {
 /// (the tail one by one; the loop of [`f16_to_f32_f16c`], written out
 /// here because calling that function per row, even `#[inline]`,
 /// measured slower: attention bench, 2 threads, 22–26 ms against
-/// 16–20), then a prefetch of the next `ahead` rows ([`prefetch_rows`]).
+/// 16–20), then a prefetch of the next `ahead` rows (`prefetch_rows`).
 ///
 /// # Safety
 /// AVX2 and F16C present; `s.rows == 0`, or `s.at + (s.rows − 1) ·
@@ -1075,7 +1075,7 @@ unsafe fn prefetch_rows(base: *const u8, elem: usize, s: super::Strided, ahead: 
     }
 }
 
-/// [`super::q8_0_rows`] with AVX2: where every tile row is whole blocks
+/// `super::q8_0_rows` with AVX2: where every tile row is whole blocks
 /// (a head of 32·n values starting on a block), eight codes at a time
 /// (i8 → i32 → f32, times the block's scale); otherwise the portable body
 /// compiled for AVX2. Then a prefetch of the codes of the `ahead` rows
