@@ -246,9 +246,15 @@ fn output_does_not_depend_on_the_memory_plan() {
     if skip() {
         return;
     }
-    let tokens = fixture_tokens("qwen3_moe");
     let copy_queue = std::env::var("MOEFLUX_GPU_COPY_QUEUE").is_ok_and(|v| v == "shared");
-    for rel in ["qwen3_moe/gguf/qwen3_moe-Q8_0.gguf", "qwen3_moe/mlx"] {
+    // A hybrid too: its experts stream the same way, between the Gated
+    // DeltaNet layers' dispatches.
+    for (family, rel) in [
+        ("qwen3_moe", "qwen3_moe/gguf/qwen3_moe-Q8_0.gguf"),
+        ("qwen3_moe", "qwen3_moe/mlx"),
+        ("qwen3_5_moe", "qwen3_5_moe/gguf/qwen3_5_moe-Q8_0.gguf"),
+    ] {
+        let tokens = fixture_tokens(family);
         let base = open(rel, gpu_opts(KvType::F16));
         let want = bits(&base, &tokens);
         let st = base.gpu_stats().unwrap();
