@@ -13,10 +13,10 @@
 // o), which take the workgroup's.
 //
 // One workgroup per value head j (wg.x); thread c owns column c of the
-// head's DK × d_v state, which it keeps in registers over the chunk (the
-// host writes its walks down the column row by row: load_column,
-// store_column, decay_then_k, update_then_q), and
-// conv channel c of the head's q, k (c < DK) and v (c < d_v). The tokens
+// head's DK × d_v state, which it keeps over the chunk in an array indexed
+// with constants only (the host writes the walks down the column row by
+// row: load_column, store_column, decay_then_k, update_then_q), and conv
+// channel c of the head's q, k (c < DK) and v (c < d_v). The tokens
 // of a chunk run in order inside the workgroup, so a prompt gives the
 // same bits in chunks of any size (the conv reads a chunk's earlier
 // inputs from `proj` and older ones from the window, both the same
@@ -238,8 +238,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let v_chan = 2u * p.n_k * DK + j * dv + c;
     let col = c < dv;
     let qk = c < DK;
-    // This thread's column of S (function scope: registers, where the
-    // module-scope private array it was stayed in memory).
+    // This thread's column of S, in function scope, where a driver can
+    // keep it in registers.
     var s: array<f32, DK>;
     if col {
         load_column(&s, j * DK * dv + c, dv);
