@@ -78,16 +78,12 @@ pub struct GpuOptions {
     pub read_in_place: bool,
 }
 
-/// A layer's projections of one input into one activation row: stacked
-/// into one matrix (one dispatch) when they share a format and width, else
-/// each run of neighbours that do stacked, one product a run into
-/// consecutive columns of the row (a GGUF's small F32 projections beside
-/// quantized ones: Qwen3.5's b and a after q|k|v and z, a shared expert's
-/// gate logit after its gate and up).
-enum Proj {
-    Stacked(GpuMatrix),
-    Apart(Vec<GpuMatrix>),
-}
+/// A layer's projections of one input into one activation row: each run
+/// of neighbours that share a format and width stacked into one matrix,
+/// one product a run into consecutive columns of the row (one dispatch
+/// when all share one; a GGUF's small F32 projections beside quantized
+/// ones make two: Qwen3.5's b and a after q|k|v and z).
+struct Proj(Vec<GpuMatrix>);
 
 impl Proj {
     fn upload(gpu: &Gpu, ms: &[Matrix<'_>]) -> Result<Proj, GpuError> {
@@ -109,25 +105,16 @@ impl Proj {
             }
             rest = &rest[len..];
         }
-        Ok(match <[GpuMatrix; 1]>::try_from(runs) {
-            Ok([m]) => Proj::Stacked(m),
-            Err(runs) => Proj::Apart(runs),
-        })
+        Ok(Proj(runs))
     }
 
     /// Values of the row it writes.
     fn width(&self) -> usize {
-        match self {
-            Proj::Stacked(m) => m.shape.rows,
-            Proj::Apart(ms) => ms.iter().map(|m| m.shape.rows).sum(),
-        }
+        self.0.iter().map(|m| m.shape.rows).sum()
     }
 
     fn bytes(&self) -> u64 {
-        match self {
-            Proj::Stacked(m) => m.bytes(),
-            Proj::Apart(ms) => ms.iter().map(GpuMatrix::bytes).sum(),
-        }
+        self.0.iter().map(GpuMatrix::bytes).sum()
     }
 
     /// `y = x Wᵀ` for `n` tokens, rows of `width` (≥ its width) values;
@@ -145,12 +132,8 @@ impl Proj {
         n: usize,
         width: usize,
     ) -> Result<(), GpuError> {
-        let ms: &[GpuMatrix] = match self {
-            Proj::Stacked(m) => std::slice::from_ref(m),
-            Proj::Apart(ms) => ms,
-        };
         let mut col = 0;
-        for (i, m) in ms.iter().enumerate() {
+        for (i, m) in self.0.iter().enumerate() {
             match norm {
                 Some(norm) if i == 0 => pass.matmul_normed(m, x, norm, h, y, n, (col, width))?,
                 Some(_) => pass.matmul_into(m, h, y, n, (col, width))?,
@@ -742,24 +725,9 @@ impl GpuModel {
             for h in 0..a.n_heads {
                 ms.push(rows(2 * h * hd + hd)?);
             }
-            // Apart, the heads' rows would be a product each: stack the
-            // q and gate rows (one format) and keep k and v apart.
-            match GpuMatrix::upload_stacked(gpu, &ms.iter().collect::<Vec<_>>())? {
-                Some(m) => Proj::Stacked(m),
-                None => {
-                    let n = a.n_heads;
-                    let stack = |part: &[Matrix<'_>]| {
-                        GpuMatrix::upload_stacked(gpu, &part.iter().collect::<Vec<_>>())?
-                            .ok_or_else(|| shape_err(format!("layer {i}: q rows of two formats")))
-                    };
-                    Proj::Apart(vec![
-                        stack(&ms[..n])?,
-                        GpuMatrix::upload(gpu, &k)?,
-                        GpuMatrix::upload(gpu, &v)?,
-                        stack(&ms[n + 2..])?,
-                    ])
-                }
-            }
+            // Where k and v differ in format from q, the q rows, k and v,
+            // and the gate rows are three runs (not a product a head).
+            Proj::upload(gpu, &ms)?
         } else {
             Proj::upload(gpu, &[q, k, v])?
         };
