@@ -1,7 +1,7 @@
 //! GPU kernels on the first adapter wgpu finds, reported as GB/s of weights
 //! read (criterion's throughput), the cost of a dependent dispatch by
-//! product size, whether independent dispatches run side by side, and the
-//! cost of a dispatch. Run with
+//! product size, whether independent dispatches run side by side, the
+//! cost of a dispatch, and a Gated DeltaNet layer's step. Run with
 //! `cargo bench -p moeflux-bench --features gpu --bench gpu`.
 //!
 //! Each iteration records several products into one pass, submits it and
@@ -12,7 +12,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use moeflux::backend::cpu::Matrix;
 use moeflux::backend::gpu::pass::ParamArena;
-use moeflux::backend::gpu::{Gpu, GpuMatrix, Pass};
+use moeflux::backend::gpu::{DeltaShape, Gpu, GpuMatrix, Pass};
 use moeflux::quant::GgmlType;
 use moeflux::synth::{fill_blocks, Rng};
 
@@ -184,6 +184,72 @@ fn bench(c: &mut Criterion) {
                 let mut pass = Pass::with_arena(&gpu, &mut arena);
                 for _ in 0..count {
                     pass.matmul(&w, &xb, &yb, 1).unwrap();
+                }
+                pass.submit().unwrap();
+                gpu.wait().unwrap();
+            })
+        });
+    }
+    group.finish();
+    // Gated DeltaNet (delta_net.wgsl) at a Qwen3.5-35B-A3B linear layer's
+    // shape (16 key heads, 32 value heads of 128, 4 taps, a GGUF's tiled
+    // heads): `decode` is 30 dependent one-token steps, each a layer of
+    // its own (its own 4 MiB state and window, as a model's 30 linear
+    // layers: 120 MiB, more than the L2 cache), writing the same output,
+    // so each waits for the one before; criterion's time less a
+    // one-dispatch pass's, ÷ 30, is one layer's step. `prompt` is one
+    // layer's 512-token chunk (÷ 512: a prompt token's share). `decode,
+    // 1 tap` leaves out the conv window (what the window's reads and
+    // writes cost).
+    let mut group = c.benchmark_group("gpu/delta_net");
+    group.sample_size(10);
+    for (name, taps, n, layers) in [
+        ("decode", 4usize, 1usize, 30usize),
+        ("decode, 1 tap", 1, 1, 30),
+        ("one decode step", 4, 1, 1),
+        ("prompt 512", 4, 512, 1),
+    ] {
+        let mut shape = DeltaShape {
+            n_k: 16,
+            n_v: 32,
+            k_dim: 128,
+            v_dim: 128,
+            taps,
+            layout: 0,
+            tiled: true,
+            stride: 0,
+            eps: 1e-6,
+        };
+        shape.stride = shape.channels() + shape.n_v * shape.v_dim + 2 * shape.n_v;
+        let mut r = Rng::new(4);
+        let mut normals =
+            |len: usize, f: f32| -> Vec<f32> { (0..len).map(|_| r.normal() as f32 * f).collect() };
+        let proj = gpu
+            .upload_f32("proj", &normals(n * shape.stride, 1.0))
+            .unwrap();
+        let conv_w = gpu
+            .upload_f32("conv", &normals(shape.channels() * taps, 0.5))
+            .unwrap();
+        let mut head: Vec<f32> = normals(shape.n_v, 0.5).iter().map(|v| -v.exp()).collect();
+        head.extend(normals(shape.n_v + shape.v_dim, 1.0));
+        let head_w = gpu.upload_f32("heads", &head).unwrap();
+        let window = (taps - 1) * shape.channels();
+        let states: Vec<_> = (0..layers)
+            .map(|_| {
+                let w = gpu.zeros_f32("window", 2 * window).unwrap();
+                let st = gpu
+                    .zeros_f32("state", shape.n_v * shape.k_dim * shape.v_dim)
+                    .unwrap();
+                (w, st)
+            })
+            .collect();
+        let out = gpu.zeros_f32("out", n * shape.n_v * shape.v_dim).unwrap();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let mut pass = Pass::with_arena(&gpu, &mut arena);
+                for (w, st) in &states {
+                    pass.delta_net(&proj, (&conv_w, &head_w), (w, st), &out, shape, n, false)
+                        .unwrap();
                 }
                 pass.submit().unwrap();
                 gpu.wait().unwrap();
