@@ -66,8 +66,10 @@ struct Params {
 var<workgroup> qs: array<f32, DK>;
 var<workgroup> ks: array<f32, DK>;
 
-// Where a value head's inputs lie in a projection row, and its conv
-// channels.
+// Where a value head's inputs lie in a projection row; the first of its
+// q, k and v conv channels (column c's are these + c); whether it is the
+// first value head reading its key head (the one that writes the key
+// head's q and k window).
 struct Head {
     q: u32,
     k: u32,
@@ -75,8 +77,8 @@ struct Head {
     z: u32,
     b: u32,
     a: u32,
-    kh: u32,
-    j: u32,
+    chan: vec3<u32>,
+    first: bool,
 }
 
 fn channels() -> u32 {
@@ -87,12 +89,14 @@ fn head_of(j: u32) -> Head {
     let r = p.n_v / p.n_k;
     let ch = channels();
     let kh = select(j / r, j % p.n_k, p.tiled == 1u);
+    let first = select(kh * r, kh, p.tiled == 1u) == j;
+    let chan = vec3<u32>(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v);
     let i = j % r;
     let ba = ch + p.n_v * p.d_v + kh * 2u * r;
     if p.packing == 2u {
         let g = kh * (2u * DK + 2u * r * p.d_v);
         let v = g + 2u * DK + i * p.d_v;
-        return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, kh, j);
+        return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, chan, first);
     }
     var b = ch + p.n_v * p.d_v + j;
     var a = b + p.n_v;
@@ -100,7 +104,8 @@ fn head_of(j: u32) -> Head {
         b = ba + i;
         a = ba + r + i;
     }
-    return Head(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v, ch + j * p.d_v, b, a, kh, j);
+    // Layouts 0 and 1 start their rows with q|k|v in conv-channel order.
+    return Head(chan.x, chan.y, chan.z, ch + j * p.d_v, b, a, chan, first);
 }
 
 // Conv input of channel `chan` (at `at` in a projection row) at chunk
@@ -178,11 +183,11 @@ fn fetch(t: u32, h: Head, c: u32) -> Token {
     let row = t * p.stride;
     var tok = Token(0.0, 0.0, 0.0, 0.0, proj[row + h.a], proj[row + h.b]);
     if c < DK {
-        tok.q = conv_at(t, h.kh * DK + c, h.q + c);
-        tok.k = conv_at(t, (p.n_k + h.kh) * DK + c, h.k + c);
+        tok.q = conv_at(t, h.chan.x + c, h.q + c);
+        tok.k = conv_at(t, h.chan.y + c, h.k + c);
     }
     if c < p.d_v {
-        tok.v = conv_at(t, 2u * p.n_k * DK + h.j * p.d_v + c, h.v + c);
+        tok.v = conv_at(t, h.chan.z + c, h.v + c);
         tok.z = proj[row + h.z + c];
     }
     return tok;
@@ -233,9 +238,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let c = lane.lid;
     let dv = p.d_v;
     let h = head_of(j);
-    let q_chan = h.kh * DK + c;
-    let k_chan = (p.n_k + h.kh) * DK + c;
-    let v_chan = 2u * p.n_k * DK + j * dv + c;
     let col = c < dv;
     let qk = c < DK;
     // This thread's column of S, in function scope, where a driver can
@@ -259,8 +261,6 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         next = fetch(min(t + 1u, p.n - 1u), h, c);
         let qv = cur.q;
         let kv = cur.k;
-        let vv = cur.v;
-        let z = cur.z;
         let sq = wg_sum4(vec4<f32>(qv * qv, kv * kv, 0.0, 0.0), lane);
         let q_inv = 1.0 / sqrt(sq.x + p.eps) * p.q_scale;
         let k_inv = 1.0 / sqrt(sq.y + p.eps);
@@ -273,7 +273,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         let beta = 1.0 / (1.0 + exp(-cur.b));
         var o = 0.0;
         if col {
-            let d = (vv - decay_then_k(&s, g)) * beta;
+            let d = (cur.v - decay_then_k(&s, g)) * beta;
             o = update_then_q(&s, d);
         }
         // Its closing barrier also keeps qs and ks until every thread has
@@ -281,28 +281,29 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         let ms = wg_sum4(vec4<f32>(o * o, 0.0, 0.0, 0.0), lane).x / f32(dv);
         if col {
             let inv = 1.0 / sqrt(ms + p.eps);
-            out[(t * p.n_v + j) * dv + c] = o * inv * norm_w * (z / (1.0 + exp(-z)));
+            out[(t * p.n_v + j) * dv + c] = o * inv * norm_w * (cur.z / (1.0 + exp(-cur.z)));
         }
     }
     // The channels this thread writes the window of: v of its head; q and
     // k of its key head in the key head's first value head.
-    let first = select(h.kh * (p.n_v / p.n_k), h.kh, p.tiled == 1u) == j;
+    let chan = h.chan + vec3<u32>(c);
+    let first = h.first;
     var wv = vec3<f32>(0.0);
     var wq = vec3<f32>(0.0);
     var wk = vec3<f32>(0.0);
     if col {
-        wv = window_of(v_chan, h.v + c);
+        wv = window_of(chan.z, h.v + c);
     }
     if first && qk {
-        wq = window_of(q_chan, h.q + c);
-        wk = window_of(k_chan, h.k + c);
+        wq = window_of(chan.x, h.q + c);
+        wk = window_of(chan.y, h.k + c);
     }
     if col {
         store_column(&s, j * DK * dv + c, dv);
-        put_window(v_chan, wv);
+        put_window(chan.z, wv);
     }
     if first && qk {
-        put_window(q_chan, wq);
-        put_window(k_chan, wk);
+        put_window(chan.x, wq);
+        put_window(chan.y, wk);
     }
 }
