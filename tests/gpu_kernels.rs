@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 
 use half::f16;
 use moeflux::backend::cpu::matrix::dot;
-use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, silu, softmax};
+use moeflux::backend::cpu::ops::{rms_norm, rope_inv_freq, rope_neox, sigmoid, silu, softmax};
 use moeflux::backend::cpu::Matrix;
 use moeflux::backend::gpu::host_memory::HostMemory;
 use moeflux::backend::gpu::kernels::JOB_WORDS;
@@ -2338,7 +2338,6 @@ impl DeltaCase {
         let ch = s.channels();
         let (mut window, mut state) = (self.window.clone(), self.state.clone());
         let mut out = vec![0f32; self.n * nv * dv];
-        let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
         let softplus = |x: f32| if x > 20.0 { x } else { x.exp().ln_1p() };
         for t in 0..self.n {
             let x = &self.x[t * ch..(t + 1) * ch];
@@ -2524,7 +2523,6 @@ fn delta_net_matches_the_formulas() {
 fn swiglu_and_output_gate_match_cpu() {
     let Some(gpu) = gpu() else { return };
     let (n, width, hidden) = (5, 300, 520);
-    let sigmoid = |x: f32| 1.0 / (1.0 + (-x).exp());
     let stride = 2 * width + 3;
     let a = normals(n * stride, 21);
     let hs = normals(n * hidden, 24);
