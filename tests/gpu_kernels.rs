@@ -2427,6 +2427,9 @@ fn delta_net_matches_the_formulas() {
         shape(1, 3, 32, 24, 2, 0, false),
         shape(1, 2, 16, 16, 1, 0, true),
         shape(2, 2, 128, 128, 4, 2, false),
+        // Rows split over two threads a column, and not split.
+        shape(1, 2, 18, 20, 3, 0, false),
+        shape(2, 2, 15, 12, 4, 1, false),
     ];
     let n = 8;
     for (i, s) in cases.into_iter().enumerate() {

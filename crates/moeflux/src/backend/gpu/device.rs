@@ -61,6 +61,8 @@ pub struct GpuLimits {
     pub uniform_align: u32,
     /// Storage buffers one kernel may bind (WebGPU guarantees 8).
     pub max_storage_buffers: u32,
+    /// Threads of one workgroup (WebGPU guarantees 256).
+    pub max_invocations: u32,
 }
 
 /// The GPU: an adapter's device and queue, and what it supports.
@@ -227,6 +229,7 @@ impl Gpu {
                 .then_some((info.subgroup_min_size, info.subgroup_max_size)),
             uniform_align: required_limits.min_uniform_buffer_offset_alignment.max(16),
             max_storage_buffers: required_limits.max_storage_buffers_per_shader_stage,
+            max_invocations: required_limits.max_compute_invocations_per_workgroup,
         };
         let reduce = if has_subgroups {
             Reduce::Subgroup

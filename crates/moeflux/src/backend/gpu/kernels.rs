@@ -322,9 +322,11 @@ pub enum Kernel {
     MoeRoute,
     /// A chunk of tokens through a Gated DeltaNet layer, from its input
     /// projections to the gated RMSNorm (the Qwen hybrids' linear
-    /// attention), for key heads of `k_dim` values.
+    /// attention), for key heads of `k_dim` values, each column of a
+    /// head's state split over `split` threads (see [`delta_net_split`]).
     DeltaNet {
         k_dim: u32,
+        split: u32,
     },
     /// A dense SwiGLU, optionally scaled by a sigmoid gate whose logit it
     /// may take itself (shared experts).
@@ -357,8 +359,14 @@ impl Kernel {
             Kernel::MoeCombine,
             Kernel::MoeRoute,
             // Qwen3.5's and Qwen3-Next's key heads, and a small one.
-            Kernel::DeltaNet { k_dim: 128 },
-            Kernel::DeltaNet { k_dim: 16 },
+            Kernel::DeltaNet {
+                k_dim: 128,
+                split: 4,
+            },
+            Kernel::DeltaNet {
+                k_dim: 15,
+                split: 1,
+            },
             Kernel::Swiglu,
             Kernel::OutputGate,
         ]);
@@ -434,7 +442,7 @@ impl Kernel {
             Kernel::Gather => "gather".into(),
             Kernel::MoeCombine => "moe_combine".into(),
             Kernel::MoeRoute => "moe_route".into(),
-            Kernel::DeltaNet { k_dim } => format!("delta_net k_dim {k_dim}"),
+            Kernel::DeltaNet { k_dim, split } => format!("delta_net k_dim {k_dim} split {split}"),
             Kernel::Swiglu => "swiglu".into(),
             Kernel::OutputGate => "output_gate".into(),
         }
@@ -466,9 +474,9 @@ impl Kernel {
             // A thread an output value of a 128-wide head: one round of
             // loads, not two.
             Kernel::AttentionMerge => 2 * WG,
-            // A thread a column of a head's state: value heads of up to
-            // MAX_DELTA_DIM.
-            Kernel::DeltaNet { .. } => MAX_DELTA_DIM as u32,
+            // `split` threads a column of a head's state: value heads of
+            // up to MAX_DELTA_DIM.
+            Kernel::DeltaNet { split, .. } => split * MAX_DELTA_DIM as u32,
             // Its gate's dot product: 2048 values in four rounds of vec4s.
             Kernel::Swiglu => 2 * WG,
             _ => WG,
@@ -631,9 +639,13 @@ impl Kernel {
                 s.push_str(&format!("const JOB_WORDS: u32 = {JOB_WORDS}u;\n"));
                 &[ROUTE, MOE_ROUTE]
             }
-            Kernel::DeltaNet { k_dim } => {
-                s.push_str(&format!("const DK: u32 = {k_dim}u;\n"));
-                s.push_str(&delta_net_rows(k_dim));
+            Kernel::DeltaNet { k_dim, split } => {
+                let rows = k_dim / split;
+                s.push_str(&format!(
+                    "const DK: u32 = {k_dim}u;\nconst SPLIT: u32 = {split}u;\n\
+                     const RW: u32 = {rows}u;\nconst MAX_DV: u32 = {MAX_DELTA_DIM}u;\n"
+                ));
+                s.push_str(&delta_net_rows(rows));
                 &[DELTA_NET]
             }
             Kernel::Swiglu => &[SWIGLU],
@@ -655,27 +667,42 @@ impl Kernel {
     }
 }
 
-/// `delta_net.wgsl`'s walks down a thread's column of the state (a
-/// function-scope array of the kernel's main, passed by pointer), written
-/// out row by row for `k_dim` rows: indexed with constants only, the column
-/// can stay in registers and its loads are issued together (an NVIDIA
-/// driver issued a loop's loads one wait at a time; see attention.wgsl's
-/// chunk loads). Each sum is taken row by row, as the CPU takes it.
-fn delta_net_rows(k_dim: u32) -> String {
-    let rows = |line: &dyn Fn(u32) -> String| -> String { (0..k_dim).map(line).collect() };
-    let col = "s: ptr<function, array<f32, DK>>";
+/// `delta_net.wgsl`'s walks down a thread's rows of a column of the state
+/// (a function-scope array of the kernel's main, passed by pointer), written
+/// out row by row for `rows` rows: indexed with constants only, they can
+/// stay in registers and their loads are issued together (an NVIDIA driver
+/// issued a loop's loads one wait at a time; see attention.wgsl's chunk
+/// loads). Each partial sum is taken row by row; `row0` is the thread's
+/// first row (of q and k in shared memory).
+fn delta_net_rows(rows: u32) -> String {
+    let each = |line: &dyn Fn(u32) -> String| -> String { (0..rows).map(line).collect() };
+    let col = "s: ptr<function, array<f32, RW>>";
     format!(
-        "fn load_column({col}, at: u32, stride: u32) {{\n{}}}\n\
-         fn store_column({col}, at: u32, stride: u32) {{\n{}}}\n\
-         // S ← g·S; returns Sᵀk (this column's).\n\
-         fn decay_then_k({col}, g: f32) -> f32 {{\n    var m = 0.0;\n{}    return m;\n}}\n\
-         // S ← S + k·d; returns Sᵀq (this column's).\n\
-         fn update_then_q({col}, d: f32) -> f32 {{\n    var o = 0.0;\n{}    return o;\n}}\n",
-        rows(&|i| format!("    (*s)[{i}] = state[at + {i}u * stride];\n")),
-        rows(&|i| format!("    state[at + {i}u * stride] = (*s)[{i}];\n")),
-        rows(&|i| format!("    (*s)[{i}] *= g;\n    m += (*s)[{i}] * ks[{i}];\n")),
-        rows(&|i| format!("    (*s)[{i}] += ks[{i}] * d;\n    o += (*s)[{i}] * qs[{i}];\n")),
+        "fn load_rows({col}, at: u32, stride: u32) {{\n{}}}\n\
+         fn store_rows({col}, at: u32, stride: u32) {{\n{}}}\n\
+         // S ← g·S; returns these rows' part of Sᵀk (this column's).\n\
+         fn decay_then_k({col}, g: f32, row0: u32) -> f32 {{\n    var m = 0.0;\n{}    return m;\n}}\n\
+         // S ← S + k·d; returns these rows' part of Sᵀq (this column's).\n\
+         fn update_then_q({col}, d: f32, row0: u32) -> f32 {{\n    var o = 0.0;\n{}    return o;\n}}\n",
+        each(&|i| format!("    (*s)[{i}] = state[at + {i}u * stride];\n")),
+        each(&|i| format!("    state[at + {i}u * stride] = (*s)[{i}];\n")),
+        each(&|i| format!("    (*s)[{i}] *= g;\n    m += (*s)[{i}] * ks[row0 + {i}u];\n")),
+        each(&|i| format!("    (*s)[{i}] += ks[row0 + {i}u] * d;\n    o += (*s)[{i}] * qs[row0 + {i}u];\n")),
     )
+}
+
+/// How many threads share each column of a Gated DeltaNet head's state
+/// (`delta_net.wgsl`'s SPLIT): four where the rows divide by four and the
+/// adapter runs workgroups of 4 · MAX_DELTA_DIM threads, else two, else
+/// one. On an H200 (with the conv's history kept in registers), a decode
+/// step of a Qwen3.5-35B-A3B linear layer went from 19.2 to 14.2 µs
+/// (`gpu/delta_net`), 31.9 to 18.3 µs in a model's step (profile), and
+/// that model's decode from 187–189 to 201–206 tok/s.
+pub fn delta_net_split(k_dim: usize, max_invocations: u32) -> u32 {
+    [4u32, 2]
+        .into_iter()
+        .find(|&s| k_dim.is_multiple_of(s as usize) && max_invocations >= s * MAX_DELTA_DIM as u32)
+        .unwrap_or(1)
 }
 
 /// The checks naga compiles into every kernel: wgpu's defaults less loop

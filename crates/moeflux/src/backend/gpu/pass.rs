@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use super::device::{Gpu, Variant, ARRIVAL_COUNTS};
 use super::kernels::{
-    Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_CONV_TAPS, MAX_DELTA_DIM,
-    MAX_HEAD_DIM, MAX_SPANS, WG,
+    delta_net_split, Batch, Kernel, KernelPipeline, Product, WeightKind, JOB_WORDS, MAX_CONV_TAPS,
+    MAX_DELTA_DIM, MAX_HEAD_DIM, MAX_SPANS, WG,
 };
 use super::matrix::{GpuMatrix, MatShape};
 use super::profile::MAX_STAMPS;
@@ -1259,6 +1259,7 @@ impl<'g> Pass<'g> {
         self.push(
             Kernel::DeltaNet {
                 k_dim: d.k_dim as u32,
+                split: delta_net_split(d.k_dim, self.gpu.limits.max_invocations),
             },
             &params,
             &[proj, conv_w, head_w, window, state, out],

@@ -8,19 +8,28 @@
 //
 //     S ← g·S;  δ = β·(v − Sᵀk);  S ← S + k δᵀ;  o = Sᵀq
 //
-// and RMSNorm(o) · w · SiLU(z). Every sum is taken in the CPU's order
-// except the three reductions over a head (the squares of q, of k and of
-// o), which take the workgroup's.
+// and RMSNorm(o) · w · SiLU(z). The conv's sums are taken in the CPU's
+// order; Sᵀk and Sᵀq in row blocks (below), and the three reductions over
+// a head (the squares of q, of k and of o) in the workgroup's.
 //
-// One workgroup per value head j (wg.x); thread c owns column c of the
-// head's DK × d_v state, which it keeps over the chunk in an array indexed
-// with constants only (the host writes the walks down the column row by
-// row: load_column, store_column, decay_then_k, update_then_q), and conv
-// channel c of the head's q, k (c < DK) and v (c < d_v). The tokens
-// of a chunk run in order inside the workgroup, so a prompt gives the
-// same bits in chunks of any size (the conv reads a chunk's earlier
-// inputs from `proj` and older ones from the window, both the same
-// values).
+// One workgroup per value head j (wg.x), of SPLIT × MAX_DV threads:
+// thread (g, c) = (lid / MAX_DV, lid % MAX_DV) owns rows g·RW .. g·RW + RW
+// (RW = DK / SPLIT) of column c of the head's DK × d_v state, which it
+// keeps over the chunk in an array indexed with constants only (the host
+// writes the walks down those rows: load_rows, store_rows, decay_then_k,
+// update_then_q). A column's SPLIT partial sums (Sᵀk, then Sᵀq) meet in
+// shared memory and are added in g order: each is a sum of SPLIT row
+// blocks, each block in row order (so not the CPU's order, but the same
+// for every chunk size). Splitting the rows shortens each token's chain
+// of dependent additions SPLIT times and keeps the state in registers.
+//
+// Conv channel c of the head's q (c < DK), k (c < DK) and v (c < d_v),
+// and z, each go to one row group (`ROLE_*` below; all to g = 0 when
+// SPLIT is 1); the thread keeps its channels' last K − 1 inputs as it
+// goes (`History`), so the conv reads each input once and the next window
+// is at hand when the chunk ends. The tokens of a chunk run in order
+// inside the workgroup, so a prompt gives the same bits in chunks of any
+// size.
 //
 // The conv window (the last K − 1 ≤ 3 inputs of every channel, oldest
 // first, the CPU's layout) has two copies: this dispatch reads copy p.cur and
@@ -63,8 +72,20 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
+// A token's normalised q and k, and its v, for every row group.
 var<workgroup> qs: array<f32, DK>;
 var<workgroup> ks: array<f32, DK>;
+var<workgroup> vs: array<f32, MAX_DV>;
+// Each row group's partial sums of a column: Sᵀk, then Sᵀq.
+var<workgroup> part_k: array<f32, WG>;
+var<workgroup> part_q: array<f32, WG>;
+
+// The row group that convolves a head's q, k and v channels, and reads
+// its z and writes its output.
+const ROLE_Q: u32 = 0u;
+const ROLE_K: u32 = 1u % SPLIT;
+const ROLE_V: u32 = 2u % SPLIT;
+const ROLE_Z: u32 = 3u % SPLIT;
 
 // Where a value head's inputs lie in a projection row; the first of its
 // q, k and v conv channels (column c's are these + c); whether it is the
@@ -108,50 +129,101 @@ fn head_of(j: u32) -> Head {
     return Head(chan.x, chan.y, chan.z, ch + j * p.d_v, b, a, chan, first);
 }
 
-// Conv input of channel `chan` (at `at` in a projection row) at chunk
-// position t: a row of this chunk, or a slot of the window for t < 0.
-fn conv_in(t: i32, chan: u32, at: u32) -> f32 {
-    if t >= 0 {
-        return proj[u32(t) * p.stride + at];
+// SiLU of the causal conv of one channel, taps ≤ 4 (`MAX_CONV_TAPS`):
+// weights `w` (the last tap's in w.w), the last taps − 1 inputs `h`
+// (oldest first, see `History`) and the token's input `now`, summed
+// oldest first, as the CPU sums them.
+fn conv(w: vec4<f32>, h: vec3<f32>, now: f32) -> f32 {
+    let last = p.taps - 1u;
+    var acc = 0.0;
+    if last > 0u {
+        acc += w.x * h.x;
     }
-    let slot = u32(t + i32(p.taps) - 1);
-    return window[(p.cur * (p.taps - 1u) + slot) * channels() + chan];
+    if last > 1u {
+        acc += w.y * h.y;
+    }
+    if last > 2u {
+        acc += w.z * h.z;
+    }
+    let y = acc + w.w * now;
+    return y / (1.0 + exp(-y));
 }
 
-// SiLU of the causal conv of channel `chan` at chunk position t, taps ≤ 4
-// (`MAX_CONV_TAPS`): the taps and inputs loaded together in straight-line
-// code, then summed oldest first, as the CPU sums them.
-fn conv_at(t: u32, chan: u32, at: u32) -> f32 {
+// A channel's conv weights: its taps − 1 older ones in .xyz (unused ones
+// 0), its last in .w.
+fn conv_weights(chan: u32) -> vec4<f32> {
     let last = p.taps - 1u;
     let w0 = chan * p.taps;
-    let t0 = i32(t) - i32(last);
-    var w = vec4<f32>(0.0);
-    var x = vec4<f32>(0.0);
+    var w = vec4<f32>(0.0, 0.0, 0.0, conv_w[w0 + last]);
     if last > 0u {
         w.x = conv_w[w0];
-        x.x = conv_in(t0, chan, at);
     }
     if last > 1u {
         w.y = conv_w[w0 + 1u];
-        x.y = conv_in(t0 + 1, chan, at);
     }
     if last > 2u {
         w.z = conv_w[w0 + 2u];
-        x.z = conv_in(t0 + 2, chan, at);
     }
-    let now = conv_w[w0 + last] * proj[t * p.stride + at];
-    var acc = 0.0;
+    return w;
+}
+
+// The last taps − 1 inputs of a thread's q, k and v channels, oldest
+// first (the unused slots 0): from the window before the first token,
+// shifted as each token comes in, the next window after the last.
+struct History {
+    q: vec3<f32>,
+    k: vec3<f32>,
+    v: vec3<f32>,
+}
+
+// A channel's window slots (copy p.cur).
+fn window_in(chan: u32) -> vec3<f32> {
+    let last = p.taps - 1u;
+    let at = p.cur * last * channels() + chan;
+    var h = vec3<f32>(0.0);
     if last > 0u {
-        acc += w.x * x.x;
+        h.x = window[at];
     }
     if last > 1u {
-        acc += w.y * x.y;
+        h.y = window[at + channels()];
     }
     if last > 2u {
-        acc += w.z * x.z;
+        h.z = window[at + 2u * channels()];
     }
-    let y = acc + now;
-    return y / (1.0 + exp(-y));
+    return h;
+}
+
+// `h` with the input `now` come in.
+fn shifted(h: vec3<f32>, now: f32) -> vec3<f32> {
+    switch p.taps - 1u {
+        case 3u: {
+            return vec3<f32>(h.y, h.z, now);
+        }
+        case 2u: {
+            return vec3<f32>(h.y, now, 0.0);
+        }
+        case 1u: {
+            return vec3<f32>(now, 0.0, 0.0);
+        }
+        default: {
+            return h;
+        }
+    }
+}
+
+// Writes a channel's next window into the copy not read.
+fn put_window(chan: u32, h: vec3<f32>) {
+    let last = p.taps - 1u;
+    let at = (1u - p.cur) * last * channels() + chan;
+    if last > 0u {
+        window[at] = h.x;
+    }
+    if last > 1u {
+        window[at + channels()] = h.y;
+    }
+    if last > 2u {
+        window[at + 2u * channels()] = h.z;
+    }
 }
 
 // log(1 + e^x) without overflow (torch's threshold), and without losing
@@ -168,8 +240,8 @@ fn softplus(x: f32) -> f32 {
     return log(u) * e / (u - 1.0);
 }
 
-// A token's inputs for this thread: its conv outputs (q and k where
-// c < DK, v where c < d_v, else 0), z, and the head's a and b.
+// A token's inputs for this thread, before the conv: those of its roles'
+// channels (0 elsewhere), and the head's a and b.
 struct Token {
     q: f32,
     k: f32,
@@ -179,54 +251,30 @@ struct Token {
     b: f32,
 }
 
-fn fetch(t: u32, h: Head, c: u32) -> Token {
+// Which of a head's inputs a thread reads.
+struct Roles {
+    q: bool,
+    k: bool,
+    v: bool,
+    z: bool,
+}
+
+fn fetch(t: u32, h: Head, c: u32, r: Roles) -> Token {
     let row = t * p.stride;
     var tok = Token(0.0, 0.0, 0.0, 0.0, proj[row + h.a], proj[row + h.b]);
-    if c < DK {
-        tok.q = conv_at(t, h.chan.x + c, h.q + c);
-        tok.k = conv_at(t, h.chan.y + c, h.k + c);
+    if r.q {
+        tok.q = proj[row + h.q + c];
     }
-    if c < p.d_v {
-        tok.v = conv_at(t, h.chan.z + c, h.v + c);
+    if r.k {
+        tok.k = proj[row + h.k + c];
+    }
+    if r.v {
+        tok.v = proj[row + h.v + c];
+    }
+    if r.z {
         tok.z = proj[row + h.z + c];
     }
     return tok;
-}
-
-// The next window of a channel: its last taps − 1 inputs (up to 3, the
-// unused slots 0) once the chunk is in, oldest first.
-fn window_of(chan: u32, at: u32) -> vec3<f32> {
-    let last = p.taps - 1u;
-    let t0 = i32(p.n) - i32(last);
-    var w = vec3<f32>(0.0);
-    if last > 0u {
-        w.x = conv_in(t0, chan, at);
-    }
-    if last > 1u {
-        w.y = conv_in(t0 + 1, chan, at);
-    }
-    if last > 2u {
-        w.z = conv_in(t0 + 2, chan, at);
-    }
-    return w;
-}
-
-// Writes a channel's next window into the copy not read. Every load of the
-// windows comes before the first of these writes (the two copies are one
-// buffer, so a write would otherwise wait for each load before it, and a
-// load after a write for the write).
-fn put_window(chan: u32, w: vec3<f32>) {
-    let last = p.taps - 1u;
-    let at = (1u - p.cur) * last * channels() + chan;
-    if last > 0u {
-        window[at] = w.x;
-    }
-    if last > 1u {
-        window[at + channels()] = w.y;
-    }
-    if last > 2u {
-        window[at + 2u * channels()] = w.z;
-    }
 }
 
 @compute @workgroup_size(WG)
@@ -235,75 +283,113 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if j >= p.n_v {
         return;
     }
-    let c = lane.lid;
+    let c = lane.lid % MAX_DV;
+    let g = lane.lid / MAX_DV;
     let dv = p.d_v;
     let h = head_of(j);
     let col = c < dv;
     let qk = c < DK;
-    // This thread's column of S, in function scope, where a driver can
-    // keep it in registers.
-    var s: array<f32, DK>;
+    let roles = Roles(qk && g == ROLE_Q, qk && g == ROLE_K, col && g == ROLE_V, col && g == ROLE_Z);
+    // This thread's rows of its column of S, in function scope, where a
+    // driver can keep them in registers.
+    var s: array<f32, RW>;
+    let row0 = g * RW;
+    let at = (j * DK + row0) * dv + c;
     if col {
-        load_column(&s, j * DK * dv + c, dv);
+        load_rows(&s, at, dv);
+    }
+    let chan = h.chan + vec3<u32>(c);
+    var wq = vec4<f32>(0.0);
+    var wk = vec4<f32>(0.0);
+    var wv = vec4<f32>(0.0);
+    var hist = History(vec3<f32>(0.0), vec3<f32>(0.0), vec3<f32>(0.0));
+    if roles.q {
+        wq = conv_weights(chan.x);
+        hist.q = window_in(chan.x);
+    }
+    if roles.k {
+        wk = conv_weights(chan.y);
+        hist.k = window_in(chan.y);
+    }
+    if roles.v {
+        wv = conv_weights(chan.z);
+        hist.v = window_in(chan.z);
     }
     let decay = head_w[j];
     let dt_bias = head_w[p.n_v + j];
     var norm_w = 0.0;
-    if col {
+    if roles.z {
         norm_w = head_w[2u * p.n_v + c];
     }
     // A token's inputs are fetched while the token before is computed
     // (none of them depends on the recurrence); after the last token, the
     // last again (never used).
-    var next = fetch(0u, h, c);
+    var next = fetch(0u, h, c, roles);
     for (var t = 0u; t < p.n; t++) {
         let cur = next;
-        next = fetch(min(t + 1u, p.n - 1u), h, c);
-        let qv = cur.q;
-        let kv = cur.k;
+        next = fetch(min(t + 1u, p.n - 1u), h, c, roles);
+        var qv = 0.0;
+        var kv = 0.0;
+        if roles.q {
+            qv = conv(wq, hist.q, cur.q);
+            hist.q = shifted(hist.q, cur.q);
+        }
+        if roles.k {
+            kv = conv(wk, hist.k, cur.k);
+            hist.k = shifted(hist.k, cur.k);
+        }
+        if roles.v {
+            vs[c] = conv(wv, hist.v, cur.v);
+            hist.v = shifted(hist.v, cur.v);
+        }
         let sq = wg_sum4(vec4<f32>(qv * qv, kv * kv, 0.0, 0.0), lane);
-        let q_inv = 1.0 / sqrt(sq.x + p.eps) * p.q_scale;
-        let k_inv = 1.0 / sqrt(sq.y + p.eps);
-        if qk {
-            qs[c] = qv * q_inv;
-            ks[c] = kv * k_inv;
+        if roles.q {
+            qs[c] = qv * (1.0 / sqrt(sq.x + p.eps) * p.q_scale);
+        }
+        if roles.k {
+            ks[c] = kv * (1.0 / sqrt(sq.y + p.eps));
         }
         workgroupBarrier();
-        let g = exp(decay * softplus(cur.alpha + dt_bias));
+        let gk = exp(decay * softplus(cur.alpha + dt_bias));
         let beta = 1.0 / (1.0 + exp(-cur.b));
+        if col {
+            part_k[lane.lid] = decay_then_k(&s, gk, row0);
+        }
+        workgroupBarrier();
         var o = 0.0;
         if col {
-            let d = (cur.v - decay_then_k(&s, g)) * beta;
-            o = update_then_q(&s, d);
+            var m = 0.0;
+            for (var i = 0u; i < SPLIT; i++) {
+                m += part_k[i * MAX_DV + c];
+            }
+            part_q[lane.lid] = update_then_q(&s, (vs[c] - m) * beta, row0);
         }
-        // Its closing barrier also keeps qs and ks until every thread has
-        // read them.
+        workgroupBarrier();
+        if roles.z {
+            for (var i = 0u; i < SPLIT; i++) {
+                o += part_q[i * MAX_DV + c];
+            }
+        }
+        // Its closing barrier also keeps qs, ks, vs and the partial sums
+        // until every thread has read them.
         let ms = wg_sum4(vec4<f32>(o * o, 0.0, 0.0, 0.0), lane).x / f32(dv);
-        if col {
+        if roles.z {
             let inv = 1.0 / sqrt(ms + p.eps);
             out[(t * p.n_v + j) * dv + c] = o * inv * norm_w * (cur.z / (1.0 + exp(-cur.z)));
         }
     }
-    // The channels this thread writes the window of: v of its head; q and
-    // k of its key head in the key head's first value head.
-    let chan = h.chan + vec3<u32>(c);
-    let first = h.first;
-    var wv = vec3<f32>(0.0);
-    var wq = vec3<f32>(0.0);
-    var wk = vec3<f32>(0.0);
+    // The next window: v of this head's; q and k of its key head's in the
+    // key head's first value head.
     if col {
-        wv = window_of(chan.z, h.v + c);
+        store_rows(&s, at, dv);
     }
-    if first && qk {
-        wq = window_of(chan.x, h.q + c);
-        wk = window_of(chan.y, h.k + c);
+    if roles.v {
+        put_window(chan.z, hist.v);
     }
-    if col {
-        store_column(&s, j * DK * dv + c, dv);
-        put_window(chan.z, wv);
+    if h.first && roles.q {
+        put_window(chan.x, hist.q);
     }
-    if first && qk {
-        put_window(chan.x, wq);
-        put_window(chan.y, wk);
+    if h.first && roles.k {
+        put_window(chan.y, hist.k);
     }
 }
