@@ -180,6 +180,11 @@ struct GpuShared {
     down: GpuMatrix,
     ff: usize,
     gate: SharedGate,
+    /// A decode step's gate | up | scale row: a buffer of each layer's
+    /// own, which no other dispatch of a step writes, so that the product
+    /// needs no barrier before it and runs beside the routed experts'
+    /// gate/up (see [`GpuModel::experts_routed_on_gpu`]).
+    row: wgpu::Buffer,
 }
 
 /// A shared expert's sigmoid gate (the Qwen hybrids').
@@ -649,8 +654,10 @@ impl GpuModel {
                         }
                     },
                 };
+                let proj = Proj::upload(gpu, &ms)?;
                 Some(GpuShared {
-                    proj: Proj::upload(gpu, &ms)?,
+                    row: gpu.zeros_f32("shared expert row", proj.width())?,
+                    proj,
                     down: up(&s.ffn.down)?,
                     ff: s.ffn.gate.rows,
                     gate,
@@ -804,7 +811,7 @@ impl GpuModel {
                 let shared = l
                     .shared
                     .as_ref()
-                    .map_or(0, |s| s.proj.bytes() + s.down.bytes());
+                    .map_or(0, |s| s.proj.bytes() + s.down.bytes() + s.row.size());
                 l.attn_norm.size() + l.ffn_norm.size() + mixer + l.router.bytes() + shared
             })
             .sum();
@@ -985,7 +992,6 @@ impl GpuModel {
             lap.charge(&mut t.full_attn);
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
-                self.shared_block(&mut pass, l, n)?;
                 lap.charge(&mut t.moe);
                 // Submitted in pieces, so the GPU runs the first layers
                 // while the host encodes the rest (encoding a token's
@@ -1184,12 +1190,37 @@ impl GpuModel {
     /// the SwiGLU takes it) in one row, SwiGLU scaled by σ of that logit,
     /// down added to `x`.
     fn shared_block(&self, pass: &mut Pass<'_>, l: usize, n: usize) -> Result<(), GpuError> {
+        self.shared_gate_up(pass, l, n)?;
+        self.shared_down(pass, l, n)
+    }
+
+    /// The rows a shared expert's gate and up go to: for one token, the
+    /// layer's own buffer (see [`GpuShared::row`]).
+    fn shared_rows<'a>(&'a self, s: &'a GpuShared, n: usize) -> &'a wgpu::Buffer {
+        if n == 1 {
+            &s.row
+        } else {
+            &self.act.shared
+        }
+    }
+
+    /// [`GpuModel::shared_block`]'s gate and up product.
+    fn shared_gate_up(&self, pass: &mut Pass<'_>, l: usize, n: usize) -> Result<(), GpuError> {
         let Some(s) = &self.layers[l].shared else {
             return Ok(());
         };
         let a = &self.act;
-        let width = s.proj.width();
-        s.proj.record(pass, &a.h, None, &a.h, &a.shared, n, width)?;
+        let rows = self.shared_rows(s, n);
+        s.proj
+            .record(pass, &a.h, None, &a.h, rows, n, s.proj.width())
+    }
+
+    /// [`GpuModel::shared_block`]'s SwiGLU and down product.
+    fn shared_down(&self, pass: &mut Pass<'_>, l: usize, n: usize) -> Result<(), GpuError> {
+        let Some(s) = &self.layers[l].shared else {
+            return Ok(());
+        };
+        let a = &self.act;
         let gate = match &s.gate {
             SharedGate::None => SwigluGate::None,
             SharedGate::InRow => SwigluGate::InRow,
@@ -1199,7 +1230,8 @@ impl GpuModel {
                 hidden: self.dims.hidden,
             },
         };
-        pass.swiglu(&a.shared, &a.shared_act, n, s.ff, (width, gate))?;
+        let rows = self.shared_rows(s, n);
+        pass.swiglu(rows, &a.shared_act, n, s.ff, (s.proj.width(), gate))?;
         pass.matmul_add(&s.down, &a.shared_act, &a.x, n)
     }
 
@@ -1210,7 +1242,11 @@ impl GpuModel {
     /// writes the expert jobs — one dispatch where the last workgroup may
     /// finish ([`Pass::router_route`]) — then one dispatch computes the k
     /// experts' gate/up with SwiGLU, one their down projections weighted
-    /// and added to `x` (the combine). No host round trip.
+    /// and added to `x` (the combine). No host round trip. A shared
+    /// expert's gate and up are recorded between the two: they read what
+    /// the routed experts' gate/up reads and write the layer's own row
+    /// buffer, so wgpu puts no barrier before them and the GPU runs the two
+    /// products side by side.
     fn experts_routed_on_gpu(&mut self, pass: &mut Pass<'_>, l: usize) -> Result<(), GpuError> {
         let (d, a) = (self.dims, &self.act);
         let ex = &self.experts;
@@ -1231,7 +1267,9 @@ impl GpuModel {
         pass.router_route(&layer.router, &a.x, norm, &a.h, &a.router, out, topk, place)?;
         let p = ex.pool(pool);
         pass.expert_matmul(&g, true, p, &a.h, &a.act, &a.jobs, (0, k), (1, k), 1)?;
+        self.shared_gate_up(pass, l, 1)?;
         pass.expert_matmul_combine(&dn, p, &a.act, &a.x, &a.jobs, (k, k), &a.combine_w)?;
+        self.shared_down(pass, l, 1)?;
         self.experts.count_hits(k);
         Ok(())
     }
