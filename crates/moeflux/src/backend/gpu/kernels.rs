@@ -156,8 +156,9 @@ pub const MAX_HEAD_DIM: usize = 4 * WG as usize;
 pub const JOB_WORDS: usize = 12;
 
 /// The largest key and value head of a Gated DeltaNet layer on the GPU
-/// (`delta_net.wgsl` gives a thread each column of a head's state, and
-/// keeps it in registers: 128 in every Qwen hybrid released).
+/// (`delta_net.wgsl` gives each column of a head's state one to four
+/// threads of a workgroup, which keep it in registers: 128 in every Qwen
+/// hybrid released).
 pub const MAX_DELTA_DIM: usize = 128;
 
 /// The most conv taps of a Gated DeltaNet layer on the GPU (`delta_net.wgsl`
