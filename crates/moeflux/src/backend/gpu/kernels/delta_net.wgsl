@@ -26,7 +26,7 @@
 // Conv channel c of the head's q (c < DK), k (c < DK) and v (c < d_v),
 // and z, each go to one row group (`ROLE_*` below; all to g = 0 when
 // SPLIT is 1); the thread keeps its channels' last K − 1 inputs as it
-// goes (`History`), so the conv reads each input once and the next window
+// goes (`Channel`), so the conv reads each input once and the next window
 // is at hand when the chunk ends. The tokens of a chunk run in order
 // inside the workgroup, so a prompt gives the same bits in chunks of any
 // size.
@@ -131,7 +131,7 @@ fn head_of(j: u32) -> Head {
 
 // SiLU of the causal conv of one channel, taps ≤ 4 (`MAX_CONV_TAPS`):
 // weights `w` (the last tap's in w.w), the last taps − 1 inputs `h`
-// (oldest first, see `History`) and the token's input `now`, summed
+// (oldest first, see `Channel`) and the token's input `now`, summed
 // oldest first, as the CPU sums them.
 fn conv(w: vec4<f32>, h: vec3<f32>, now: f32) -> f32 {
     let last = p.taps - 1u;
@@ -167,13 +167,25 @@ fn conv_weights(chan: u32) -> vec4<f32> {
     return w;
 }
 
-// The last taps − 1 inputs of a thread's q, k and v channels, oldest
-// first (the unused slots 0): from the window before the first token,
-// shifted as each token comes in, the next window after the last.
-struct History {
-    q: vec3<f32>,
-    k: vec3<f32>,
-    v: vec3<f32>,
+// One conv channel of a thread: its weights (`conv_weights`) and its last
+// taps − 1 inputs, oldest first (the unused slots 0): from the window
+// before the first token, shifted as each token comes in, the next window
+// after the last.
+struct Channel {
+    w: vec4<f32>,
+    h: vec3<f32>,
+}
+
+fn channel_of(chan: u32) -> Channel {
+    return Channel(conv_weights(chan), window_in(chan));
+}
+
+// The channel's conv output for the token's input `now`, which then
+// comes into its history.
+fn conv_next(ch: ptr<function, Channel>, now: f32) -> f32 {
+    let y = conv((*ch).w, (*ch).h, now);
+    (*ch).h = shifted((*ch).h, now);
+    return y;
 }
 
 // A channel's window slots (copy p.cur).
@@ -299,21 +311,18 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         load_rows(&s, at, dv);
     }
     let chan = h.chan + vec3<u32>(c);
-    var wq = vec4<f32>(0.0);
-    var wk = vec4<f32>(0.0);
-    var wv = vec4<f32>(0.0);
-    var hist = History(vec3<f32>(0.0), vec3<f32>(0.0), vec3<f32>(0.0));
+    let none = Channel(vec4<f32>(0.0), vec3<f32>(0.0));
+    var cq = none;
+    var ck = none;
+    var cv = none;
     if roles.q {
-        wq = conv_weights(chan.x);
-        hist.q = window_in(chan.x);
+        cq = channel_of(chan.x);
     }
     if roles.k {
-        wk = conv_weights(chan.y);
-        hist.k = window_in(chan.y);
+        ck = channel_of(chan.y);
     }
     if roles.v {
-        wv = conv_weights(chan.z);
-        hist.v = window_in(chan.z);
+        cv = channel_of(chan.z);
     }
     let decay = head_w[j];
     let dt_bias = head_w[p.n_v + j];
@@ -331,16 +340,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         var qv = 0.0;
         var kv = 0.0;
         if roles.q {
-            qv = conv(wq, hist.q, cur.q);
-            hist.q = shifted(hist.q, cur.q);
+            qv = conv_next(&cq, cur.q);
         }
         if roles.k {
-            kv = conv(wk, hist.k, cur.k);
-            hist.k = shifted(hist.k, cur.k);
+            kv = conv_next(&ck, cur.k);
         }
         if roles.v {
-            vs[c] = conv(wv, hist.v, cur.v);
-            hist.v = shifted(hist.v, cur.v);
+            vs[c] = conv_next(&cv, cur.v);
         }
         let sq = wg_sum4(vec4<f32>(qv * qv, kv * kv, 0.0, 0.0), lane);
         if roles.q {
@@ -384,12 +390,12 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         store_rows(&s, at, dv);
     }
     if roles.v {
-        put_window(chan.z, hist.v);
+        put_window(chan.z, cv.h);
     }
     if h.first && roles.q {
-        put_window(chan.x, hist.q);
+        put_window(chan.x, cq.h);
     }
     if h.first && roles.k {
-        put_window(chan.y, hist.k);
+        put_window(chan.y, ck.h);
     }
 }
