@@ -829,6 +829,7 @@ impl RouteBufs {
 fn route_shape_matches_cpu(gpu: &moeflux::backend::gpu::Gpu, n: usize, ne: usize, k: usize) {
     let mut logits = normals(n * ne, 31 + ne as u64);
     logits[(n - 1) * ne..].iter_mut().for_each(|v| *v = 0.5);
+
     let lb = gpu.upload_f32("logits", &logits).unwrap();
     let bufs = RouteBufs::new(gpu, n, k);
     let (out, choice) = (bufs.out(), &bufs.choice);
@@ -2442,7 +2443,11 @@ fn delta_net_matches_the_formulas() {
         for variant in gpu.variants() {
             let what = format!("{s:?} {variant:?}");
             let mut got_bits: Vec<Vec<u32>> = Vec::new();
+            // One chunk reads b|a from the projection rows; three read
+            // them from a buffer of their own (as a decode step does where
+            // b|a is a product of its own), with the same bits.
             for chunks in [&[8][..], &[1, 2, 5]] {
+                let own_ba = chunks.len() > 1;
                 let mut window = case.window.clone();
                 window.extend(vec![0.0; window_len]);
                 let window = gpu.upload_f32("window", &window).unwrap();
@@ -2455,9 +2460,15 @@ fn delta_net_matches_the_formulas() {
                     let part = gpu
                         .upload_f32("part", &rows[t0 * s.stride..(t0 + len) * s.stride])
                         .unwrap();
+                    let ba_at = s.channels() + s.n_v * s.v_dim;
+                    let ba: Vec<f32> = (t0..t0 + len)
+                        .flat_map(|t| &rows[t * s.stride + ba_at..t * s.stride + ba_at + 2 * s.n_v])
+                        .copied()
+                        .collect();
+                    let ba = gpu.upload_f32("b|a", &ba).unwrap();
                     let mut pass = Pass::with_variant(gpu, variant);
                     pass.delta_net(
-                        &part,
+                        (&part, own_ba.then_some(&ba)),
                         (&conv_w, &head_w),
                         (&window, &state),
                         &out,
@@ -2514,7 +2525,7 @@ fn delta_net_matches_the_formulas() {
         DeltaShape { stride: 10, ..s },
     ] {
         let mut pass = Pass::new(gpu);
-        let r = pass.delta_net(&b, (&b, &b), (&b, &b), &b, bad, 1, false);
+        let r = pass.delta_net((&b, None), (&b, &b), (&b, &b), &b, bad, 1, false);
         assert!(matches!(r, Err(GpuError::Shape { .. })), "{bad:?}: {r:?}");
     }
 }

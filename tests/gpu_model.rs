@@ -706,3 +706,60 @@ fn hybrid_session_state_on_the_gpu() {
     let e = open_gpu("qwen3_5_moe/hf");
     common::truncate_resumes_from_checkpoints(&e, &tokens);
 }
+
+/// A hybrid whose b|a projections are F32 beside quantized q|k|v|z, as
+/// GGUFs keep them and `moeflux synth` writes them: a decode step computes
+/// b|a in a product of its own, beside the q|k|v|z product, and a prompt's
+/// chunk after it (the same arithmetic). The GPU gives the CPU's logits,
+/// and a prompt in chunks of one token (each a decode-shaped step) gives
+/// the bits of one chunk.
+#[test]
+fn hybrid_with_a_b_a_product_of_its_own() {
+    if skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = moeflux::synth::SynthSpec {
+        preset: moeflux::synth::preset("tiny-qwen35moe").unwrap(),
+        layers: None,
+        quant: moeflux::quant::GgmlType::Q4_0,
+        skew: None,
+        seed: 5,
+    };
+    let path = dir.path().join("tiny-qwen35moe.gguf");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
+    std::io::Write::flush(&mut f).unwrap();
+    drop(f);
+    let tokens: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 1000).collect();
+    let gpu = Engine::open(&path, gpu_opts(KvType::F32)).unwrap();
+    assert!(gpu.on_gpu(), "{}", gpu.backend());
+    let cpu = Engine::open(
+        &path,
+        EngineOptions {
+            cpu_level: Some(moeflux::backend::cpu::kernels::Level::Reference),
+            threads: 2,
+            kv_type: KvType::F32,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_logits(
+        "tiny-qwen35moe Q4_0 with F32 b|a: GPU against the CPU",
+        &all_logits(&gpu, &tokens),
+        &all_logits(&cpu, &tokens),
+        cpu.vocab(),
+        F32_REL,
+        1.0,
+    );
+    let whole = bits(&gpu, &tokens);
+    let one = Engine::open(
+        &path,
+        EngineOptions {
+            ubatch: 1,
+            ..gpu_opts(KvType::F32)
+        },
+    )
+    .unwrap();
+    assert_same_bits(&bits(&one, &tokens), &whole, "chunks of one token");
+}

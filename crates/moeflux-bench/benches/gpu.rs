@@ -248,8 +248,16 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let mut pass = Pass::with_arena(&gpu, &mut arena);
                 for (w, st) in &states {
-                    pass.delta_net(&proj, (&conv_w, &head_w), (w, st), &out, shape, n, false)
-                        .unwrap();
+                    pass.delta_net(
+                        (&proj, None),
+                        (&conv_w, &head_w),
+                        (w, st),
+                        &out,
+                        shape,
+                        n,
+                        false,
+                    )
+                    .unwrap();
                 }
                 pass.submit().unwrap();
                 gpu.wait().unwrap();

@@ -116,33 +116,35 @@ impl Proj {
     fn bytes(&self) -> u64 {
         self.0.iter().map(GpuMatrix::bytes).sum()
     }
+}
 
-    /// `y = x Wᵀ` for `n` tokens, rows of `width` (≥ its width) values;
-    /// with `norm`, `x` is RMS-normalised first (the first product leaves
-    /// the normalised rows in `h`, which the others read: the same values
-    /// as the first's, scaled after its sum, up to f32 rounding).
-    #[allow(clippy::too_many_arguments)]
-    fn record(
-        &self,
-        pass: &mut Pass<'_>,
-        x: &wgpu::Buffer,
-        norm: Option<(&wgpu::Buffer, f32)>,
-        h: &wgpu::Buffer,
-        y: &wgpu::Buffer,
-        n: usize,
-        width: usize,
-    ) -> Result<(), GpuError> {
-        let mut col = 0;
-        for (i, m) in self.0.iter().enumerate() {
-            match norm {
-                Some(norm) if i == 0 => pass.matmul_normed(m, x, norm, h, y, n, (col, width))?,
-                Some(_) => pass.matmul_into(m, h, y, n, (col, width))?,
-                None => pass.matmul_into(m, x, y, n, (col, width))?,
-            }
-            col += m.shape.rows;
+/// Records `y = x Wᵀ` for `n` tokens with a [`Proj`]'s runs (`runs`: all
+/// of them, or the first few), into rows of `width` (≥ their width)
+/// values from column 0; with `norm`, `x` is RMS-normalised first (the
+/// first product leaves the normalised rows in `h`, which the others
+/// read: the same values as the first's, scaled after its sum, up to f32
+/// rounding).
+#[allow(clippy::too_many_arguments)]
+fn record_proj(
+    runs: &[GpuMatrix],
+    pass: &mut Pass<'_>,
+    x: &wgpu::Buffer,
+    norm: Option<(&wgpu::Buffer, f32)>,
+    h: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    n: usize,
+    width: usize,
+) -> Result<(), GpuError> {
+    let mut col = 0;
+    for (i, m) in runs.iter().enumerate() {
+        match norm {
+            Some(norm) if i == 0 => pass.matmul_normed(m, x, norm, h, y, n, (col, width))?,
+            Some(_) => pass.matmul_into(m, h, y, n, (col, width))?,
+            None => pass.matmul_into(m, x, y, n, (col, width))?,
         }
-        Ok(())
+        col += m.shape.rows;
     }
+    Ok(())
 }
 
 /// A softmax-attention layer's resident weights.
@@ -161,12 +163,29 @@ struct GpuAttention {
 struct GpuDelta {
     /// Its input projections, in the layout `shape.layout` says.
     proj: Proj,
+    /// Where b|a is a run of `proj` of its own (the last; GGUFs keep
+    /// them F32 or Q8_0 beside quantized q|k|v|z): a decode step's b|a
+    /// row. That product RMS-normalises the layer's input itself rather
+    /// than reading the normalised row the q|k|v|z product stores, and
+    /// writes buffers of this layer's own, so wgpu puts no barrier
+    /// before it and the two run side by side (a prompt's chunk computes
+    /// it the same way, after q|k|v|z, into its columns of the row).
+    ba: Option<DeltaBa>,
     /// Conv taps, `channels × taps`.
     conv_w: wgpu::Buffer,
     /// `[a | dt_bias | norm]`.
     head_w: wgpu::Buffer,
     out: GpuMatrix,
     shape: DeltaShape,
+}
+
+/// A decode step's b|a product's outputs (see [`GpuDelta::ba`]).
+struct DeltaBa {
+    /// b|a, `2 n_v` values.
+    row: wgpu::Buffer,
+    /// The normalised input row the product stores (`hidden` values; read
+    /// by nothing).
+    normed: wgpu::Buffer,
 }
 
 enum GpuMixer {
@@ -627,8 +646,23 @@ impl GpuModel {
                 let mut head_w = g.a.clone();
                 head_w.extend_from_slice(&g.dt_bias);
                 head_w.extend_from_slice(&g.norm);
+                let ba_width = 2 * shape.n_v;
+                let ba = match proj.0.split_last() {
+                    Some((last, rest))
+                        if !rest.is_empty()
+                            && last.shape.rows == ba_width
+                            && shape.stride == proj.width() =>
+                    {
+                        Some(DeltaBa {
+                            row: gpu.zeros_f32("b|a row", ba_width)?,
+                            normed: gpu.zeros_f32("b|a normed input", d.hidden)?,
+                        })
+                    }
+                    _ => None,
+                };
                 GpuMixer::Linear(GpuDelta {
                     proj,
+                    ba,
                     conv_w: gpu.upload_f32("conv taps", &g.conv)?,
                     head_w: gpu.upload_f32("linear heads", &head_w)?,
                     out: up(&g.out)?,
@@ -805,7 +839,8 @@ impl GpuModel {
                 let mixer = match &l.mixer {
                     GpuMixer::Attention(a) => a.qk_norms.size() + a.qkv.bytes() + a.wo.bytes(),
                     GpuMixer::Linear(g) => {
-                        g.proj.bytes() + g.conv_w.size() + g.head_w.size() + g.out.bytes()
+                        let ba = g.ba.as_ref().map_or(0, |b| b.row.size() + b.normed.size());
+                        g.proj.bytes() + g.conv_w.size() + g.head_w.size() + g.out.bytes() + ba
                     }
                 };
                 let shared = l
@@ -1101,11 +1136,28 @@ impl GpuModel {
             .get_mut(l)
             .and_then(Option::as_mut)
             .ok_or_else(|| shape_err(format!("layer {l} has no recurrent state")))?;
-        let norm = Some((&layer.attn_norm, d.eps));
-        g.proj
-            .record(pass, &a.x, norm, &a.h, &a.lin, n, g.shape.stride)?;
+        let norm = (&layer.attn_norm, d.eps);
+        let stride = g.shape.stride;
+        let runs = &g.proj.0;
+        let ba = match (&g.ba, runs.split_last()) {
+            (Some(own), Some((m, rest))) => {
+                record_proj(rest, pass, &a.x, Some(norm), &a.h, &a.lin, n, stride)?;
+                if n == 1 {
+                    pass.matmul_normed(m, &a.x, norm, &own.normed, &own.row, 1, (0, m.shape.rows))?;
+                    Some(&own.row)
+                } else {
+                    let col = stride - m.shape.rows;
+                    pass.matmul_normed(m, &a.x, norm, &a.h, &a.lin, n, (col, stride))?;
+                    None
+                }
+            }
+            _ => {
+                record_proj(runs, pass, &a.x, Some(norm), &a.h, &a.lin, n, stride)?;
+                None
+            }
+        };
         pass.delta_net(
-            &a.lin,
+            (&a.lin, ba),
             (&g.conv_w, &g.head_w),
             (&st.window, &st.state),
             &a.attn,
@@ -1147,7 +1199,7 @@ impl GpuModel {
         // dispatch (for one token, inside the attention dispatch).
         let width = shape.qkv_width();
         let norm = Some((&layer.attn_norm, d.eps));
-        at.qkv.record(pass, &a.x, norm, &a.h, &a.qkv, n, width)?;
+        record_proj(&at.qkv.0, pass, &a.x, norm, &a.h, &a.qkv, n, width)?;
         let norm = (at.qk_norm, at.qk_eps);
         if one {
             // One dispatch fewer: the attention workgroups prepare their
@@ -1211,8 +1263,7 @@ impl GpuModel {
         };
         let a = &self.act;
         let rows = self.shared_rows(s, n);
-        s.proj
-            .record(pass, &a.h, None, &a.h, rows, n, s.proj.width())
+        record_proj(&s.proj.0, pass, &a.h, None, &a.h, rows, n, s.proj.width())
     }
 
     /// [`GpuModel::shared_block`]'s SwiGLU and down product.

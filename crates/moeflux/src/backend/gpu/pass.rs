@@ -1185,14 +1185,16 @@ impl<'g> Pass<'g> {
 
     /// A chunk of `n` tokens through a Gated DeltaNet layer (see
     /// `delta_net.wgsl`): `proj` holds each token's input projections
-    /// (`shape.stride` values, laid out as `shape.layout` says), `conv_w`
-    /// the conv taps, `head_w` `[a | dt_bias | norm]`; `window` (two
-    /// copies, `cur` the one read) and `state` are the layer's recurrent
-    /// state; `out` gets `n × n_v × d_v`.
+    /// (`shape.stride` values, laid out as `shape.layout` says) — their
+    /// b|a part there, or, where `ba` is given, in `ba` instead (rows of
+    /// `2 n_v` values: a b|a product of its own) — `conv_w` the conv taps,
+    /// `head_w` `[a | dt_bias | norm]`; `window` (two copies, `cur` the
+    /// one read) and `state` are the layer's recurrent state; `out` gets
+    /// `n × n_v × d_v`.
     #[allow(clippy::too_many_arguments)]
     pub fn delta_net(
         &mut self,
-        proj: &wgpu::Buffer,
+        (proj, ba): (&wgpu::Buffer, Option<&wgpu::Buffer>),
         (conv_w, head_w): (&wgpu::Buffer, &wgpu::Buffer),
         (window, state): (&wgpu::Buffer, &wgpu::Buffer),
         out: &wgpu::Buffer,
@@ -1228,11 +1230,19 @@ impl<'g> Pass<'g> {
             )));
         }
         let ch = d.channels();
-        let row = ch + d.n_v * d.v_dim + 2 * d.n_v;
+        // b|a's first column and row length.
+        let (ba_at, ba_stride) = match ba {
+            Some(_) => (0, 2 * d.n_v),
+            None => (ch + d.n_v * d.v_dim, d.stride),
+        };
+        let row = ch + d.n_v * d.v_dim + if ba.is_some() { 0 } else { 2 * d.n_v };
         if d.stride < row {
             return Err(bad(format!("rows of {} values for {row} inputs", d.stride)));
         }
         holds(K, "proj", proj, n * d.stride)?;
+        if let Some(ba) = ba {
+            holds(K, "ba", ba, n * ba_stride)?;
+        }
         holds(K, "conv_w", conv_w, ch * d.taps)?;
         holds(K, "head_w", head_w, 2 * d.n_v + d.v_dim)?;
         holds(K, "window", window, 2 * (d.taps - 1) * ch)?;
@@ -1250,6 +1260,10 @@ impl<'g> Pass<'g> {
             cur as u32,
             d.eps.to_bits(),
             (1.0 / (d.k_dim as f32).sqrt()).to_bits(),
+            u32_of(K, "b|a stride", ba_stride)?,
+            u32_of(K, "b|a column", ba_at)?,
+            0,
+            0,
             0,
         ]);
         let heads = u32_of(K, "value heads", d.n_v)?;
@@ -1262,7 +1276,7 @@ impl<'g> Pass<'g> {
                 split: delta_net_split(d.k_dim, self.gpu.limits.max_invocations),
             },
             &params,
-            &[proj, conv_w, head_w, window, state, out],
+            &[proj, conv_w, head_w, window, state, out, ba.unwrap_or(proj)],
             [heads, 1, 1],
         )
     }

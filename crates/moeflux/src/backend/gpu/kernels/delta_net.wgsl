@@ -42,6 +42,11 @@
 // 0: [q (n_k·DK) | k (n_k·DK) | v (n_v·d_v) | z (n_v·d_v) | b (n_v) | a (n_v)]
 // 1: the same with b and a grouped per key head: [b (r) | a (r)] × n_k
 // 2: [q | k | v (r heads) | z (r heads)] per key head, then b|a as 1
+// The b|a part of a row is read from `ba` (binding 7), a row of
+// p.ba_stride values a token starting at p.ba_at: the projection buffer
+// itself (p.ba_at = q|k|v|z's width, p.ba_stride = p.stride), or a
+// buffer of its own where b|a is a product of its own (a decode step's
+// b|a then runs beside q|k|v|z; see `GpuDelta` in model.rs).
 // Value head j reads key head j % n_k when p.tiled, else j / r (layouts
 // 1 and 2 are always grouped).
 
@@ -57,7 +62,11 @@ struct Params {
     cur: u32,
     eps: f32,
     q_scale: f32,
+    ba_stride: u32,
+    ba_at: u32,
     _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -71,6 +80,8 @@ struct Params {
 // n_v × DK × d_v: head j's S[i][c] at (j · DK + i) · d_v + c.
 @group(0) @binding(5) var<storage, read_write> state: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
+// b|a rows (see the layouts above).
+@group(0) @binding(7) var<storage, read> ba_in: array<f32>;
 
 // A token's normalised q and k, and its v, for every row group.
 var<workgroup> qs: array<f32, DK>;
@@ -87,7 +98,8 @@ const ROLE_K: u32 = 1u % SPLIT;
 const ROLE_V: u32 = 2u % SPLIT;
 const ROLE_Z: u32 = 3u % SPLIT;
 
-// Where a value head's inputs lie in a projection row; the first of its
+// Where a value head's inputs lie in a projection row (b and a: in a b|a
+// row, see `ba_in`); the first of its
 // q, k and v conv channels (column c's are these + c); whether it is the
 // first value head reading its key head (the one that writes the key
 // head's q and k window).
@@ -113,13 +125,13 @@ fn head_of(j: u32) -> Head {
     let first = select(kh * r, kh, p.tiled == 1u) == j;
     let chan = vec3<u32>(kh * DK, (p.n_k + kh) * DK, 2u * p.n_k * DK + j * p.d_v);
     let i = j % r;
-    let ba = ch + p.n_v * p.d_v + kh * 2u * r;
+    let ba = p.ba_at + kh * 2u * r;
     if p.packing == 2u {
         let g = kh * (2u * DK + 2u * r * p.d_v);
         let v = g + 2u * DK + i * p.d_v;
         return Head(g, g + DK, v, v + r * p.d_v, ba + i, ba + r + i, chan, first);
     }
-    var b = ch + p.n_v * p.d_v + j;
+    var b = p.ba_at + j;
     var a = b + p.n_v;
     if p.packing == 1u {
         b = ba + i;
@@ -273,7 +285,8 @@ struct Roles {
 
 fn fetch(t: u32, h: Head, c: u32, r: Roles) -> Token {
     let row = t * p.stride;
-    var tok = Token(0.0, 0.0, 0.0, 0.0, proj[row + h.a], proj[row + h.b]);
+    let bar = t * p.ba_stride;
+    var tok = Token(0.0, 0.0, 0.0, 0.0, ba_in[bar + h.a], ba_in[bar + h.b]);
     if r.q {
         tok.q = proj[row + h.q + c];
     }
