@@ -294,7 +294,7 @@ pub fn run(mut args: Args) -> anyhow::Result<()> {
         if let Some(p) = guess_precision(&g) {
             let ranks: Vec<String> = p.iter().map(|v| format!("{:.0}", 100.0 * v)).collect();
             println!(
-                "guess   next layer's experts guessed right by rank: {} % in these steps (a rank is copied ahead while ≥ {:.0} % of its recent guesses are right)",
+                "guess   next layer's experts guessed right by rank: {} % in these steps (a rank is copied ahead while ≥ {:.0} % of its recent guesses are right; the others while the copy queue idles)",
                 ranks.join(" "),
                 100.0 * moeflux::experts::GUESS_MIN_PRECISION
             );

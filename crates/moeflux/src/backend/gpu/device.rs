@@ -505,6 +505,18 @@ impl Gpu {
     /// of the readback buffer `staging` (a copy into it must have been
     /// submitted).
     pub fn map_f32(&self, staging: &wgpu::Buffer, len: usize) -> Result<Vec<f32>, GpuError> {
+        self.map_f32_meanwhile(staging, len, &mut || false)
+    }
+
+    /// [`Gpu::map_f32`], calling `meanwhile` between polls of the GPU for
+    /// as long as it returns true and the GPU is not done (the host's own
+    /// work that fits the wait); once it returns false, the wait blocks.
+    pub fn map_f32_meanwhile(
+        &self,
+        staging: &wgpu::Buffer,
+        len: usize,
+        meanwhile: &mut dyn FnMut() -> bool,
+    ) -> Result<Vec<f32>, GpuError> {
         let bytes = 4 * len as u64;
         if bytes > staging.size() {
             return Err(GpuError::TooLarge {
@@ -519,10 +531,22 @@ impl Gpu {
             // nobody listens any more.
             let _ = tx.send(r);
         });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| GpuError::Wgpu("readback: the map callback never ran".into()))?
-            .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
+        let never = || GpuError::Wgpu("readback: the map callback never ran".into());
+        let mapped = loop {
+            if !meanwhile() {
+                self.wait()?;
+                break rx.recv().map_err(|_| never())?;
+            }
+            self.device
+                .poll(wgpu::PollType::Poll)
+                .map_err(|e| GpuError::Wgpu(format!("polling the GPU: {e}")))?;
+            match rx.try_recv() {
+                Ok(r) => break r,
+                Err(mpsc::TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(mpsc::TryRecvError::Disconnected) => return Err(never()),
+            }
+        };
+        mapped.map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;
         let view = staging
             .get_mapped_range(..bytes)
             .map_err(|e| GpuError::Wgpu(format!("readback: {e}")))?;

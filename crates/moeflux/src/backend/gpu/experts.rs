@@ -825,6 +825,16 @@ impl GpuExperts {
         self.copy_queue.is_some() && self.host.is_some()
     }
 
+    /// Whether the copy queue has finished everything submitted to it (no
+    /// copy queue: false).
+    pub fn copy_queue_idle(&mut self) -> Result<bool, GpuError> {
+        let Some(q) = &self.copy_queue else {
+            return Ok(false);
+        };
+        self.copy_done = lock(q).done()?;
+        Ok(self.copy_done >= self.copy_last)
+    }
+
     /// A slot for a missing expert: its own when every expert has one,
     /// else a free one, else the least recently used unpinned one
     /// (evicted); pinned; never one the copy queue is still filling (if those

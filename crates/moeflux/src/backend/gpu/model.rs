@@ -598,7 +598,7 @@ impl GpuModel {
             routing: Routing_::default(),
             params,
             per_layer,
-            guesses: GuessPrecision::default(),
+            guesses: GuessPrecision::new(),
         })
     }
 
@@ -1022,6 +1022,9 @@ impl GpuModel {
         pass.set_prompt(!one);
         // A guess left by a step that ended early is not this step's.
         self.guesses.drop_pending();
+        // The guessed experts of this layer not worth copying ahead (see
+        // `spare` below), left by the layer before.
+        let mut doubtful: Vec<u32> = Vec::new();
         for l in 0..self.layers.len() {
             self.mixer_block(&mut pass, kv, l, n, one, pos0)?;
             lap.charge(&mut t.full_attn);
@@ -1074,7 +1077,33 @@ impl GpuModel {
             let len = 2 * routed * d.k;
             pass.flush_with_copy(&a.choice, len, &a.readback)?;
             lap.charge(&mut t.gpu_submit);
-            let choice = gpu.map_f32(&a.readback, len)?;
+            // While the routing is computed: the copy queue, once idle
+            // until this layer's misses are known, copies the guesses
+            // too doubtful to copy ahead of them, one expert at a time,
+            // so that a layer's misses wait behind at most one (a wrong
+            // one then costs a slot and that wait; a right one is a miss
+            // less after the routing).
+            let (experts, mut failed) = (&mut self.experts, None);
+            let mut spare = |experts: &mut GpuExperts| -> Result<bool, crate::Error> {
+                if doubtful.is_empty() {
+                    return Ok(false);
+                }
+                if experts.copy_queue_idle()? {
+                    let e = doubtful.remove(0);
+                    experts.prefetch(gpu, store, l, &[e])?;
+                }
+                Ok(true)
+            };
+            let choice = gpu.map_f32_meanwhile(&self.act.readback, len, &mut || {
+                spare(experts).unwrap_or_else(|e| {
+                    failed = Some(e);
+                    false
+                })
+            })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            doubtful.clear();
             lap.charge(&mut t.gpu_wait);
             self.route(&choice, n)?;
             if one {
@@ -1090,6 +1119,8 @@ impl GpuModel {
                     .map(|c| c[0].to_bits());
                 ahead = self.guesses.guess(l + 1, guess.collect());
                 ahead.retain(|&e| (e as usize) < d.n_experts);
+                doubtful = self.guesses.doubtful();
+                doubtful.retain(|&e| (e as usize) < d.n_experts);
             }
             self.experts_block(gpu, &mut pass, store, l, n)?;
             self.shared_block(&mut pass, l, n)?;
