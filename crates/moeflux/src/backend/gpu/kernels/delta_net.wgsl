@@ -42,7 +42,7 @@
 // 0: [q (n_k·DK) | k (n_k·DK) | v (n_v·d_v) | z (n_v·d_v) | b (n_v) | a (n_v)]
 // 1: the same with b and a grouped per key head: [b (r) | a (r)] × n_k
 // 2: [q | k | v (r heads) | z (r heads)] per key head, then b|a as 1
-// The b|a part of a row is read from `ba` (binding 7), a row of
+// The b|a part of a row is read from `ba_in` (binding 7), a row of
 // p.ba_stride values a token starting at p.ba_at: the projection buffer
 // itself (p.ba_at = q|k|v|z's width, p.ba_stride = p.stride), or a
 // buffer of its own where b|a is a product of its own (a decode step's
