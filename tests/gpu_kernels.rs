@@ -829,7 +829,6 @@ impl RouteBufs {
 fn route_shape_matches_cpu(gpu: &moeflux::backend::gpu::Gpu, n: usize, ne: usize, k: usize) {
     let mut logits = normals(n * ne, 31 + ne as u64);
     logits[(n - 1) * ne..].iter_mut().for_each(|v| *v = 0.5);
-
     let lb = gpu.upload_f32("logits", &logits).unwrap();
     let bufs = RouteBufs::new(gpu, n, k);
     let (out, choice) = (bufs.out(), &bufs.choice);
