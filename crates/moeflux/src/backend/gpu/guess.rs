@@ -27,7 +27,9 @@
 //! wait behind at most one of them (`GpuModel::forward`). On an H200 with
 //! Qwen3.5-397B-A17B's shape (512 experts, top 10; ranks right 96, 96, 93,
 //! 79, 67, 67, 51, 51, 51 and 38 % of the time), `--gpu-mem 8G`, streamed
-//! decode went from 79.4 and 77.8 to 84.1 and 84.4 tok/s (run 19).
+//! decode went from 79.4 and 77.8 to 84.1 and 84.4 tok/s (run 19; that
+//! build also ran a hybrid's b|a product beside q|k|v|z, under 1 % of
+//! this step).
 
 use crate::experts::{GpuTierStats, GUESS_MIN_PRECISION, GUESS_RANKS};
 
