@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{fixture, fixture_tokens};
+use common::{fixture, fixture_tokens, synth_preset};
 use moeflux::experts::{Budget, IoMode};
 use moeflux::model::Prefetch;
 use moeflux::quant::GgmlType;
@@ -236,26 +236,6 @@ fn preloading_makes_the_model_resident_and_changes_nothing() {
 /// layers to read ahead for), written by `moeflux synth`'s library code.
 fn synth_model(dir: &std::path::Path, skew: Option<f64>) -> std::path::PathBuf {
     synth_preset(dir, "tiny-qwen3moe", skew, GgmlType::Q4_K)
-}
-
-fn synth_preset(
-    dir: &std::path::Path,
-    preset: &str,
-    skew: Option<f64>,
-    quant: GgmlType,
-) -> std::path::PathBuf {
-    let spec = moeflux::synth::SynthSpec {
-        preset: moeflux::synth::preset(preset).unwrap(),
-        layers: None,
-        quant,
-        skew,
-        seed: 3,
-    };
-    let path = dir.join(format!("{preset}.gguf"));
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
-    std::io::Write::flush(&mut f).unwrap();
-    path
 }
 
 #[test]

@@ -719,18 +719,8 @@ fn hybrid_with_a_b_a_product_of_its_own() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let spec = moeflux::synth::SynthSpec {
-        preset: moeflux::synth::preset("tiny-qwen35moe").unwrap(),
-        layers: None,
-        quant: moeflux::quant::GgmlType::Q4_0,
-        skew: None,
-        seed: 5,
-    };
-    let path = dir.path().join("tiny-qwen35moe.gguf");
-    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-    moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
-    std::io::Write::flush(&mut f).unwrap();
-    drop(f);
+    let q4_0 = moeflux::quant::GgmlType::Q4_0;
+    let path = common::synth_preset(dir.path(), "tiny-qwen35moe", None, q4_0);
     let tokens: Vec<u32> = (0..20u32).map(|i| (i * 37 + 11) % 1000).collect();
     let gpu = Engine::open(&path, gpu_opts(KvType::F32)).unwrap();
     assert!(gpu.on_gpu(), "{}", gpu.backend());

@@ -433,3 +433,25 @@ pub fn truncate_resumes_from_checkpoints(e: &moeflux::Engine, tokens: &[u32]) {
         );
     }
 }
+
+/// `moeflux synth`'s `preset` (its library code, seed 3) in `dir`, with
+/// `quant` weights and `skew`ed expert popularity: the file's path.
+pub fn synth_preset(
+    dir: &Path,
+    preset: &str,
+    skew: Option<f64>,
+    quant: moeflux::quant::GgmlType,
+) -> PathBuf {
+    let spec = moeflux::synth::SynthSpec {
+        preset: moeflux::synth::preset(preset).unwrap(),
+        layers: None,
+        quant,
+        skew,
+        seed: 3,
+    };
+    let path = dir.join(format!("{preset}.gguf"));
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+    moeflux::synth::write(&spec, &mut f, &mut |_, _| {}).unwrap();
+    std::io::Write::flush(&mut f).unwrap();
+    path
+}
