@@ -286,6 +286,10 @@ struct Activations {
     rope: wgpu::Buffer,
     /// Router logits, `n × n_experts`.
     router: wgpu::Buffer,
+    /// A streamed layer's guess of the next layer's logits (`n_experts`):
+    /// a buffer apart from `router`, so that no barrier orders the two
+    /// products.
+    guess: wgpu::Buffer,
     /// The experts' inputs, SwiGLU outputs and down projections, one row
     /// per (token, rank) pair grouped by expert: `n·k × hidden`, `n·k ×
     /// ff`, `n·k × hidden`.
@@ -317,7 +321,7 @@ struct Activations {
 }
 
 /// Buffers in [`Activations`]: all of its fields.
-const ACTIVATION_BUFFERS: usize = 24;
+const ACTIVATION_BUFFERS: usize = 25;
 
 // A field added to `Activations` changes its size: it then does not
 // compile until `Activations::bytes` counts it (the memory plan of a GPU
@@ -339,6 +343,7 @@ impl Activations {
             &self.attn_parts,
             &self.rope,
             &self.router,
+            &self.guess,
             &self.moe_in,
             &self.act,
             &self.down,
@@ -805,6 +810,7 @@ impl GpuModel {
             )?,
             rope: z("rope", 2 * u * d.half.max(1))?,
             router: z("router", u * d.n_experts)?,
+            guess: z("guess", d.n_experts)?,
             moe_in: z("moe_in", rows * d.hidden)?,
             act: z("act", rows * d.ff)?,
             down: z("down", rows * d.hidden)?,
@@ -1052,27 +1058,25 @@ impl GpuModel {
             // state after attention guesses which experts it will pick, so
             // that they are copied while this layer computes (79 % of the
             // picks on a qwen3-235b-a22b-shaped synthetic model). Its logits
-            // go where a second token's would, so one routing dispatch and
-            // one read-back serve both; its normalised row goes to `moe_in`,
-            // scratch until this layer's gather.
+            // are routed as a second token's, so one routing dispatch and
+            // one read-back serve both. They and its normalised row (to
+            // `moe_in`, scratch until this layer's gather) go to buffers
+            // the router product does not write, so the two products run
+            // side by side.
             let guessing = one && d.ubatch >= 2 && self.experts.can_prefetch();
             let next = (self.layers.get(l + 1)).filter(|nx| guessing && nx.router.shape.rows == ne);
             if let Some(next) = next {
                 let norm = (&next.ffn_norm, d.eps);
-                pass.matmul_normed(
-                    &next.router,
-                    &a.x,
-                    norm,
-                    &a.moe_in,
-                    &a.router,
-                    1,
-                    (ne, 2 * ne),
-                )?;
+                pass.matmul_normed(&next.router, &a.x, norm, &a.moe_in, &a.guess, 1, (0, ne))?;
             }
             let guessed = next.is_some();
             let routed = n + usize::from(guessed);
             let dims = (routed, d.n_experts, d.k, self.norm_topk(l));
-            pass.moe_route(&a.router, self.route_out(), dims, None)?;
+            if guessed {
+                pass.moe_route_with_guess((&a.router, &a.guess), self.route_out(), dims)?;
+            } else {
+                pass.moe_route(&a.router, self.route_out(), dims, None)?;
+            }
             lap.charge(&mut t.moe);
             let len = 2 * routed * d.k;
             pass.flush_with_copy(&a.choice, len, &a.readback)?;

@@ -1442,24 +1442,56 @@ impl<'g> Pass<'g> {
         (n, n_experts, k, norm): (usize, usize, usize, bool),
         place: Option<ExpertPlace>,
     ) -> Result<(), GpuError> {
+        self.moe_route_split((logits, None), out, (n, n_experts, k, norm), place)
+    }
+
+    /// [`Pass::moe_route`] of `n` tokens whose last one's logits are in a
+    /// buffer of their own, `guess` (a streamed layer's guess of the next
+    /// layer's routing): the product writing them then needs no barrier
+    /// after the one writing `logits`, and runs beside it.
+    pub fn moe_route_with_guess(
+        &mut self,
+        (logits, guess): (&wgpu::Buffer, &wgpu::Buffer),
+        out: RouteOut<'_>,
+        dims: (usize, usize, usize, bool),
+    ) -> Result<(), GpuError> {
+        self.moe_route_split((logits, Some(guess)), out, dims, None)
+    }
+
+    fn moe_route_split(
+        &mut self,
+        (logits, guess): (&wgpu::Buffer, Option<&wgpu::Buffer>),
+        out: RouteOut<'_>,
+        (n, n_experts, k, norm): (usize, usize, usize, bool),
+        place: Option<ExpertPlace>,
+    ) -> Result<(), GpuError> {
         const K: &str = "moe_route";
         route_checks(K, &out, (n, n_experts, k), place.is_some())?;
         let place = place
             .map(|pl| place_words(K, &out, (n_experts, k), pl))
             .transpose()?;
-        holds(K, "logits", logits, n * n_experts)?;
-        // n_experts, k, norm, first, stride, jobs, two unused, gate, up,
-        // down (see moe_route.wgsl).
+        // Tokens whose logits are in `logits`; the rest in `guess`.
+        let split = n - usize::from(guess.is_some());
+        holds(K, "logits", logits, split * n_experts)?;
+        if let Some(g) = guess {
+            holds(K, "guess", g, n_experts)?;
+        }
+        // n_experts, k, norm, first, stride, jobs, split, one unused,
+        // gate, up, down (see moe_route.wgsl).
         let mut v = vec![n_experts as u32, k as u32, norm as u32];
         match place {
             Some(w) => {
-                v.extend([w[0], w[1], 1, 0, 0]);
+                v.extend([w[0], w[1], 1, split as u32, 0]);
                 v.extend(&w[2..]);
             }
-            None => v.extend([0; 17]),
+            None => {
+                v.extend([0, 0, 0, split as u32, 0]);
+                v.extend([0; 12]);
+            }
         }
         let groups = u32_of(K, "tokens", n)?;
-        let bufs = [logits, out.choice, out.jobs, out.rows, out.weights];
+        let second = guess.unwrap_or(logits);
+        let bufs = [logits, out.choice, out.jobs, out.rows, out.weights, second];
         self.push(Kernel::MoeRoute, &words(&v), &bufs, [groups, 1, 1])
     }
 

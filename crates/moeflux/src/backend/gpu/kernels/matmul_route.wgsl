@@ -8,6 +8,13 @@ fn logit_at(i: u32) -> f32 {
     return y_at(i);
 }
 
+// Every expert ranked against every other (route.wgsl). The candidates'
+// way (moe_route.wgsl) needs 2.5 KiB more shared memory, which made this
+// module, and the products beside it, slower on an H200.
+fn rank_top_k(k: u32, ne: u32, lane: Lane) {
+    rank_all(k, ne, lane);
+}
+
 // Called by every workgroup that computed rows, after its stores. Its
 // last reduction left shared slots to be read (`wg_sum4x2_last`, the
 // product's sums beside the norm's squares):
@@ -20,7 +27,7 @@ fn logit_at(i: u32) -> f32 {
 // pipeline).
 fn route_after(lane: Lane) {
     if last_to_arrive(0u, (p.rows + R - 1u) / R, lane.lid) {
-        let r = Route(p.rows, p.k, p.norm, p.first, p.stride, 1u, p.gate, p.up, p.down);
+        let r = Route(p.rows, p.k, p.norm, p.first, p.stride, 1u, 1u, p.gate, p.up, p.down);
         route_token(r, 0u, lane);
     }
 }

@@ -19,10 +19,10 @@
 // (r.first + e) · r.stride; r.gate, r.up and r.down give the byte offsets
 // of each matrix's arrays (weights, MLX scales, MLX biases) in a slot.
 //
-// The includer declares `logit_at` (logit i of the token rows) and the
-// outputs `choice`, `jobs`, `rows` and `weights`; the whole workgroup
-// calls `route_token` from uniform control flow. moe_route.wgsl binds a
-// `Route` as its parameters.
+// The includer declares `logit_at` (logit i of the token rows),
+// `rank_top_k` and the outputs `choice`, `jobs`, `rows` and `weights`;
+// the whole workgroup calls `route_token` from uniform control flow.
+// moe_route.wgsl binds a `Route` as its parameters.
 
 struct Route {
     n_experts: u32,
@@ -31,6 +31,8 @@ struct Route {
     first: u32,
     stride: u32,
     jobs: u32,
+    // moe_route.wgsl: tokens whose logits are in its first buffer.
+    split: u32,
     gate: vec4<u32>,
     up: vec4<u32>,
     down: vec4<u32>,
@@ -57,6 +59,26 @@ fn put(r: Route, at: u32, e: u32, o: vec4<u32>) {
     jobs[at] = base + o.x;
     jobs[at + 1u] = (base + o.y) / 4u;
     jobs[at + 2u] = (base + o.z) / 4u;
+}
+
+// Each expert's rank: how many experts rank before it (see `before`, a
+// total order on (probability, id), so ranks are distinct); those of rank
+// < k are the top k, in order. One pass of comparisons in shared memory
+// instead of k rounds of reductions: ne comparisons an expert.
+fn rank_all(k: u32, ne: u32, lane: Lane) {
+    for (var e = lane.lid; e < ne; e += WG) {
+        let v = prob[e];
+        var rank = 0u;
+        for (var f = 0u; f < ne; f++) {
+            if before(prob[f], f, v, e) {
+                rank++;
+            }
+        }
+        if rank < k {
+            chosen[rank] = e;
+            chosen_p[rank] = v;
+        }
+    }
 }
 
 fn route_token(ro: Route, t: u32, lane: Lane) {
@@ -87,23 +109,10 @@ fn route_token(ro: Route, t: u32, lane: Lane) {
         prob[e] = v;
     }
     workgroupBarrier();
-    // Each expert's rank: how many experts rank before it (see `before`, a
-    // total order on (probability, id), so ranks are distinct); those of
-    // rank < k are the top k, in order. One pass of comparisons in shared
-    // memory instead of k rounds of reductions.
-    for (var e = lane.lid; e < ne; e += WG) {
-        let v = prob[e];
-        var rank = 0u;
-        for (var f = 0u; f < ne; f++) {
-            if before(prob[f], f, v, e) {
-                rank++;
-            }
-        }
-        if rank < ro.k {
-            chosen[rank] = e;
-            chosen_p[rank] = v;
-        }
-    }
+    // The top k into `chosen` and `chosen_p`, in rank order: the
+    // includer's `rank_top_k` (`rank_all` below, or moe_route.wgsl's).
+    // Ranks are exact comparisons, so every way gives the same choice.
+    rank_top_k(ro.k, ne, lane);
     workgroupBarrier();
     if lane.lid == 0u {
         // In rank order, as the CPU sums them.
