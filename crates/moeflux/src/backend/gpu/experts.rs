@@ -841,6 +841,22 @@ impl GpuExperts {
         std::mem::take(&mut self.after)
     }
 
+    /// The copy queue's progress, read now (the host slots of the copies
+    /// it finished go back to the store): copies up to this value have
+    /// landed. No copy queue: `u64::MAX`.
+    pub fn copies_landed(&mut self, store: &mut ExpertStore) -> Result<u64, GpuError> {
+        if self.copy_queue.is_none() {
+            return Ok(u64::MAX);
+        }
+        self.poll_copy_queue(store)?;
+        Ok(self.copy_done)
+    }
+
+    /// The copy-queue value at which `slot`'s last copy lands (0: none).
+    pub fn ready_at(&self, slot: u32) -> u64 {
+        self.slots[slot as usize].ready_at
+    }
+
     /// Whether [`GpuExperts::prefetch`] can copy anything: the device has
     /// a copy queue and the host arena is imported (both are set up at the
     /// first upload).

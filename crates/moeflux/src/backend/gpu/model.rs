@@ -1461,6 +1461,11 @@ impl GpuModel {
         let mut misses: Vec<(u32, u32)> = Vec::new();
         let mut read: Vec<u32> = Vec::new();
         let mut copy: Vec<u32> = Vec::new();
+        // Experts of the wave whose bytes may still be on their way (the
+        // misses, and hits whose prefetch has not landed): the others'
+        // products go first, in a submission of their own, so the GPU
+        // computes them while the misses are copied.
+        let mut late: Vec<u32> = Vec::new();
         self.experts.import_host(gpu, store);
         while !todo.is_empty() {
             self.experts.unpin_all();
@@ -1468,8 +1473,20 @@ impl GpuModel {
             misses.clear();
             read.clear();
             copy.clear();
+            late.clear();
+            // The copy queue's progress, and the latest copy of the slots
+            // hit that landed (waited for all the same: the wait makes its
+            // writes visible to the compute, see `GpuExperts::hit`).
+            let landed = self.experts.copies_landed(store)?;
+            let mut early_after = 0;
             for &e in &todo {
                 if let Some(s) = self.experts.hit(l, e) {
+                    let ready = self.experts.ready_at(s);
+                    if ready <= landed {
+                        early_after = early_after.max(ready);
+                    } else {
+                        late.push(e);
+                    }
                     wave.push((e, self.experts.located(s)?));
                 } else if self.experts.reads_in_place() {
                     read.push(e);
@@ -1493,14 +1510,12 @@ impl GpuModel {
             self.experts.upload(gpu, store, l, &misses)?;
             for &(e, s) in &misses {
                 wave.push((e, self.experts.located(s)?));
+                late.push(e);
             }
-            // Prefetched experts among the hits, and misses the upload
-            // copied on the copy queue (not already waited for by its
-            // copies on wgpu's queue): the wave's compute waits for them.
-            pass.after_copies(self.experts.take_after());
             // Batches: experts of one buffer and one shape, in the
-            // buffer's order.
-            wave.sort_by_key(|(_, at)| (at.source, at.offsets[0][0]));
+            // buffer's order, those ready first.
+            wave.sort_by_key(|(e, at)| (late.contains(e), at.source, at.offsets[0][0]));
+            let early = wave.len() - late.len();
             let mut batches: Vec<(Source, [MatShape; 3], usize, usize, usize)> = Vec::new();
             jobs.clear();
             let start = &self.routing.start;
@@ -1519,7 +1534,12 @@ impl GpuModel {
                 let (source, shapes) = (wave[i].1.source, wave[i].1.shapes);
                 let mut j = i;
                 let mut most = 0;
-                while j < wave.len() && wave[j].1.source == source && wave[j].1.shapes == shapes {
+                let group = j < early;
+                while j < wave.len()
+                    && wave[j].1.source == source
+                    && wave[j].1.shapes == shapes
+                    && (j < early) == group
+                {
                     let e = wave[j].0 as usize;
                     most = most.max(start[e + 1] - start[e]);
                     j += 1;
@@ -1536,24 +1556,45 @@ impl GpuModel {
                 }
             }
             gpu.write_padded(&self.act.jobs, bytemuck::cast_slice(&jobs))?;
-            let (a, ex) = (&self.act, &self.experts);
-            let mut j0 = 0;
-            // Gate and up with SwiGLU into the activations, then down.
-            for (glu, m, x, y) in [(true, 0, &a.moe_in, &a.act), (false, 2, &a.act, &a.down)] {
-                for &(source, shapes, _, count, most) in &batches {
-                    let (p, jobs) = (ex.source(source)?, (j0, count));
-                    pass.expert_matmul(
-                        &shapes[m],
-                        glu,
-                        p,
-                        x,
-                        y,
-                        &a.jobs,
-                        jobs,
-                        (rows, rows),
-                        most,
-                    )?;
-                    j0 += count;
+            // The ready experts' products, submitted at once where others
+            // wait for copies (each job writes rows of its own, and the
+            // combine sums them in rank order: the same bits either way);
+            // then the others', after their copies (prefetched experts
+            // among the hits, and misses the upload copied on the copy
+            // queue, not already waited for by its copies on wgpu's queue).
+            let split = early > 0 && early < wave.len();
+            for late_group in [false, true] {
+                if split && late_group {
+                    pass.flush()?;
+                }
+                let after = match (split, late_group) {
+                    (true, false) => early_after,
+                    (false, false) => continue,
+                    (_, true) => self.experts.take_after(),
+                };
+                pass.after_copies(after);
+                let (a, ex) = (&self.act, &self.experts);
+                let group = batches
+                    .iter()
+                    .filter(|b| !split || (b.2 >= early) == late_group);
+                // Gate and up with SwiGLU into the activations, then down.
+                // Job w of the wave's gate/up jobs is wave entry w, its
+                // down job wave.len() + w.
+                for (glu, m, x, y) in [(true, 0, &a.moe_in, &a.act), (false, 2, &a.act, &a.down)] {
+                    for &(source, shapes, i, count, most) in group.clone() {
+                        let j0 = if glu { i } else { wave.len() + i };
+                        pass.expert_matmul(
+                            &shapes[m],
+                            glu,
+                            ex.source(source)?,
+                            x,
+                            y,
+                            &a.jobs,
+                            (j0, count),
+                            (rows, rows),
+                            most,
+                        )?;
+                    }
                 }
             }
             todo.retain(|e| !wave.iter().any(|w| w.0 == *e));
