@@ -16,9 +16,11 @@
 //! 16, ...) without waiting, so the GPU starts while the host encodes the
 //! rest. Otherwise, per layer, one submission carries the previous layer's
 //! experts and combine (in a decode step those go alone, as soon as they
-//! are recorded), this layer's attention block, router and routing
-//! (`moe_route.wgsl`); the choices are read back (the one host round trip
-//! of a layer) so the host can bring the experts in. Both ways use the
+//! are recorded, the experts already in GPU memory in a submission before
+//! the others, so that they are computed while the misses are copied),
+//! this layer's attention block, router and routing (`moe_route.wgsl`);
+//! the choices are read back (the one host round trip of a layer) so the
+//! host can bring the experts in. Both ways use the
 //! same routing code and the same product kernels, so the output does not
 //! depend on the memory plan.
 //!
@@ -1437,7 +1439,8 @@ impl GpuModel {
     /// submitted, so the next may reuse its slots) and the weighted
     /// combine + residual add. A wave is two products per pool its experts
     /// lie in (gate and up with SwiGLU, then down), each over all those
-    /// experts at once.
+    /// experts at once; where some of the wave's experts wait for copies,
+    /// the products of the others go first, submitted at once.
     fn experts_block<'g>(
         &mut self,
         gpu: &'g Gpu,
