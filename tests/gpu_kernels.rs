@@ -1469,6 +1469,44 @@ fn expert_with_mixed_gate_and_up_formats_is_a_typed_error() {
     assert!(arena.shapes(slot).is_ok());
 }
 
+/// The GPU arena takes empty slots first (lowest first), then the least
+/// recently used (lowest slot on ties), never one pinned by the current
+/// wave: the eviction order it keeps beside the slots gives what a scan
+/// of every slot gave.
+#[test]
+fn arena_evicts_the_least_recently_used_unpinned_slot() {
+    use moeflux::backend::gpu::experts::SlotCount;
+    let Some(gpu) = gpu() else { return };
+    let mut arena = GpuExperts::new(gpu, 1, vec![256; 3], SlotCount::Exactly(4), &[16]).unwrap();
+    assert_eq!(arena.n_slots(), 4);
+    arena.tick();
+    let first: Vec<u32> = (0..4)
+        .map(|e| arena.claim(0, e).expect("an empty slot"))
+        .collect();
+    assert_eq!(first, [0, 1, 2, 3], "empty slots first, lowest first");
+    // All four pinned by this wave: nothing to evict.
+    assert_eq!(arena.claim(0, 4), None);
+    arena.unpin_all();
+    arena.tick();
+    // Experts 2 and 0 used again: 1 and 3 are the least recent, 1's slot
+    // the lower.
+    assert_eq!(arena.hit(0, 2), Some(2));
+    assert_eq!(arena.hit(0, 0), Some(0));
+    arena.unpin_all();
+    arena.tick();
+    assert_eq!(arena.claim(0, 5), Some(1));
+    assert_eq!(arena.hit(0, 1), None, "expert 1 was evicted");
+    assert_eq!(arena.claim(0, 6), Some(3));
+    // 0 and 2 were used at the same step, 0's slot the lower; both pinned
+    // by a hit in this wave are passed over.
+    assert_eq!(arena.hit(0, 0), Some(0));
+    assert_eq!(arena.claim(0, 7), Some(2));
+    assert_eq!(arena.claim(0, 8), None, "every slot pinned");
+    arena.unpin_all();
+    arena.tick();
+    assert_eq!(arena.claim(0, 9), Some(0));
+}
+
 /// Every loop of every kernel ends by construction, which is what lets
 /// the pipelines leave out naga's loop bounding (see `RUNTIME_CHECKS` in
 /// `backend/gpu/kernels.rs`): no `loop` or `while`, and each `for` is
