@@ -9,8 +9,9 @@ fn logit_at(i: u32) -> f32 {
 }
 
 // Every expert ranked against every other (route.wgsl). The candidates'
-// way (moe_route.wgsl) needs 2.5 KiB more shared memory, which made this
-// module, and the products beside it, slower on an H200.
+// way (moe_route.wgsl) needs ~5 KiB more shared memory; a variant with 2
+// KiB more made this module, and the products beside it, slower on an
+// H200 (bench/BENCHMARKS.md, nineteenth GPU session).
 fn rank_top_k(k: u32, ne: u32, lane: Lane) {
     rank_all(k, ne, lane);
 }
