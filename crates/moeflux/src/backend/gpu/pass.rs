@@ -1470,9 +1470,11 @@ impl<'g> Pass<'g> {
         let place = place
             .map(|pl| place_words(K, &out, (n_experts, k), pl))
             .transpose()?;
-        // Tokens whose logits are in `logits`; the rest in `guess`.
-        let split = n - usize::from(guess.is_some());
-        holds(K, "logits", logits, split * n_experts)?;
+        let groups = u32_of(K, "tokens", n)?;
+        // Tokens whose logits are in `logits` (n ≥ 1: `route_checks`);
+        // the rest in `guess`.
+        let split = groups - u32::from(guess.is_some());
+        holds(K, "logits", logits, split as usize * n_experts)?;
         if let Some(g) = guess {
             holds(K, "guess", g, n_experts)?;
         }
@@ -1481,15 +1483,14 @@ impl<'g> Pass<'g> {
         let mut v = vec![n_experts as u32, k as u32, norm as u32];
         match place {
             Some(w) => {
-                v.extend([w[0], w[1], 1, split as u32, 0]);
+                v.extend([w[0], w[1], 1, split, 0]);
                 v.extend(&w[2..]);
             }
             None => {
-                v.extend([0, 0, 0, split as u32, 0]);
+                v.extend([0, 0, 0, split, 0]);
                 v.extend([0; 12]);
             }
         }
-        let groups = u32_of(K, "tokens", n)?;
         let second = guess.unwrap_or(logits);
         let bufs = [logits, out.choice, out.jobs, out.rows, out.weights, second];
         self.push(Kernel::MoeRoute, &words(&v), &bufs, [groups, 1, 1])
