@@ -199,11 +199,19 @@ fn matmul_q8_0() {
 #[test]
 fn matmul_q4_0() {
     check_ggml(GgmlType::Q4_0, 37, 32 * 9);
+    // More blocks a row than a one-token product's threads; blocks on a
+    // word and halfway alternate (an odd number of 18-byte blocks a row).
+    check_ggml(GgmlType::Q4_0, 6, 32 * 133);
 }
 
 #[test]
 fn matmul_q4_k() {
+    // One-token products read Q4_K in 16-byte chunks, one row a thread
+    // (WIDE in matmul.wgsl): fewer chunks a row than a row's threads, and
+    // (72 chunks, 32 threads a row on a 128-thread workgroup) rounds of
+    // them that leave threads idle.
     check_ggml(GgmlType::Q4_K, 21, 256 * 3);
+    check_ggml(GgmlType::Q4_K, 7, 256 * 9);
 }
 
 #[test]
@@ -216,6 +224,8 @@ fn matmul_floats() {
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
         check_ggml(ty, 19, 224);
     }
+    // More columns than a one-token product's 128 threads take at once.
+    check_ggml(GgmlType::F32, 9, 1056);
 }
 
 fn check_mlx(bits: u8, group: u32, cols: usize, scale_type: ScaleType) {
@@ -417,6 +427,10 @@ fn normalising_product_matches_cpu() {
     // order) two parts a thread.
     check_normalising(GgmlType::Q8_0, 40, 320, 6);
     check_normalising(GgmlType::Q4_0, 12, 2048, 5);
+    // WIDE: the squares are summed by one row's threads only.
+    check_normalising(GgmlType::Q4_K, 9, 4096, 3);
+    // An F32 router's format.
+    check_normalising(GgmlType::F32, 6, 320, 2);
 }
 
 fn check_normalising(ty: GgmlType, rows: usize, cols: usize, n: usize) {
@@ -1518,7 +1532,7 @@ fn arena_evicts_the_least_recently_used_unpinned_slot() {
 /// body assigns the counter or a variable of the bound.
 #[test]
 fn every_loop_is_counted() {
-    const STEPS: [&str; 5] = ["WG", "PWG", "2u * WG", "LOADS", "1u"];
+    const STEPS: [&str; 6] = ["WG", "PWG", "2u * WG", "LOADS", "ROW_THREADS", "1u"];
     let mut loops = 0;
     for kernel in Kernel::all() {
         for variant in Variant::all() {

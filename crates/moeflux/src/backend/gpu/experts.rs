@@ -60,10 +60,12 @@ use std::sync::{Arc, Mutex};
 use super::copy_queue::{self, CopyQueue};
 use super::device::{lock, Gpu};
 use super::host_memory::HostMemory;
+use super::kernels::WeightKind;
 use super::matrix::{Copies, GpuMatrix, MatShape, MAX_PART_BYTES};
 use super::GpuError;
 use crate::experts::store::{ExpertRef, ExpertView};
 use crate::experts::{ExpertStore, StoreError};
+use crate::quant::TensorType;
 
 /// Counters of the GPU tier (defined with the store's other counters).
 pub use crate::experts::GpuTierStats as GpuExpertStats;
@@ -241,16 +243,20 @@ impl GpuExperts {
     }
 
     /// Whether kernels can address every expert of `layers` where the
-    /// host store reads it: every array must start on a word, and an array
-    /// lands in its host slot at its file offset modulo the slot alignment
-    /// (a page), so its file offset must be a multiple of 4. (A safetensors
-    /// file with an unpadded header fails this for every tensor.)
+    /// host store reads it: every array must start on a word (on 16 bytes
+    /// for formats the products read in 16-byte loads, see
+    /// [`WeightKind::wide`]), and an array lands in its host slot at its
+    /// file offset modulo the slot alignment (a page), so its file offset
+    /// must be a multiple of that. (A safetensors file with an unpadded
+    /// header fails this for every tensor; a GGUF's data is aligned to 32
+    /// bytes unless it says otherwise.)
     pub fn addressable_in_place(layers: &[Vec<ExpertRef>]) -> bool {
         layers.iter().flatten().all(|x| {
-            [&x.gate, &x.up, &x.down]
-                .into_iter()
-                .flat_map(|w| &w.parts)
-                .all(|s| s.offset.is_multiple_of(4))
+            [&x.gate, &x.up, &x.down].into_iter().all(|w| {
+                let wide = matches!(w.ty, TensorType::Ggml(t) if WeightKind::Ggml(t).wide());
+                let align = if wide { ARRAY_ALIGN } else { 4 };
+                w.parts.iter().all(|s| s.offset.is_multiple_of(align))
+            })
         })
     }
 

@@ -98,6 +98,15 @@ impl WeightKind {
         })
     }
 
+    /// Whether one-token products read this format a chunk of 32 weights
+    /// a thread in 16-byte loads (`WIDE` in `matmul.wgsl`; the format's
+    /// file has `wide_col` and `wide_dot`, and its weights are bound as
+    /// `w4`, see `matmul_common.wgsl`). Its matrices must start on 16
+    /// bytes.
+    pub fn wide(self) -> bool {
+        self == WeightKind::Ggml(GgmlType::Q4_K)
+    }
+
     /// Whether a GPU kernel decodes this format.
     pub fn supported(self) -> bool {
         self.source().is_some()
@@ -120,6 +129,26 @@ impl WeightKind {
 /// attention kernel's 1024-value shared array `sp`.
 pub const MAX_SPANS: usize = 512;
 const _: () = assert!(2 * MAX_SPANS <= 1024);
+
+/// A product's weights (binding 3; see `matmul_common.wgsl`), read a word
+/// at a time with `wd(i)`: as words, or as 16-byte vectors where the
+/// format is WIDE (see `WeightKind::wide`). Formats that are not get
+/// `matmul.wgsl`'s WIDE functions as stubs that are never called.
+fn weight_binding(wide: bool) -> String {
+    if wide {
+        "const WIDE: bool = true;\n\
+         @group(0) @binding(3) var<storage, read> w4: array<vec4<u32>>;\n\
+         fn wd(i: u32) -> u32 {\n    return w4[i >> 2u][i & 3u];\n}\n"
+            .into()
+    } else {
+        "const WIDE: bool = false;\n\
+         @group(0) @binding(3) var<storage, read> w: array<u32>;\n\
+         fn wd(i: u32) -> u32 {\n    return w[i];\n}\n\
+         fn wide_col(c: u32, i: u32) -> u32 {\n    return 0u;\n}\n\
+         fn wide_dot(r: u32, c: u32, xs: array<vec4<f32>, 8>) -> f32 {\n    return 0.0;\n}\n"
+            .into()
+    }
+}
 
 /// An f32 array at `binding` written with `put(i, v)` and read with
 /// `at(i)`: through atomics where another workgroup of the dispatch reads
@@ -500,6 +529,7 @@ impl Kernel {
                     .source()
                     .ok_or_else(|| GpuError::Unsupported(p.kind.name()))?;
                 s.push_str(&consts);
+                s.push_str(&weight_binding(p.kind.wide()));
                 let route = p.batch == Batch::Router;
                 s.push_str(&format!(
                     "const BATCH: bool = {};\nconst GLU: bool = {};\n\

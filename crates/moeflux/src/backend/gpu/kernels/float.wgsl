@@ -6,7 +6,7 @@ fn part_cols(q: u32) -> vec2<u32> {
 
 fn weight(b: u32) -> f32 {
     if FLOAT_BYTES == 4u {
-        return bitcast<f32>(w[b >> 2u]);
+        return bitcast<f32>(wd(b >> 2u));
     }
     if BF16 {
         // bfloat16 is the top half of an f32: widening is exact.

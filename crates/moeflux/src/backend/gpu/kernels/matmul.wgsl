@@ -5,6 +5,7 @@
 // (coalesced loads: reading x with a stride of a whole unit per thread
 // made every load touch as many cache lines as there are threads). The
 // four rows' sums are one vec4, reduced across the workgroup at the end.
+// Q4_K (WIDE, below) goes a chunk of 32 weights and one row a thread.
 // Row groups are numbered as `work_of` says (matmul_common.wgsl).
 // Prompts take matmul_tiled.wgsl.
 //
@@ -115,6 +116,85 @@ fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
     );
 }
 
+// WIDE (a constant of the module: formats whose `wide_dot` decodes a
+// chunk of 32 weights in 16-byte loads, see q4_k.wgsl): a thread takes
+// one row of the workgroup's four, lid % R, and its chunks lid / R,
+// + ROW_THREADS (= WG / R), ..., so that the threads of a warp read
+// neighbouring chunks of the four rows (whole cache lines) and a row of
+// fewer chunks than threads still keeps most of them busy (768 columns:
+// 96 of 128). Each thread's sum goes into its row's component of the vec4
+// the reductions take. Measured on an H200 (bench/BENCHMARKS.md, 21st
+// GPU session): a thread's chunks taken two or four at a time (their
+// loads in flight together) read a large matrix 4 % faster but decoded
+// no faster; Q4_0 blocks read so (five words a block) and F32 rows in
+// 16-byte loads were slower than their eight-weight parts.
+const_assert WG % R == 0u;
+const ROW_THREADS: u32 = WG / R;
+
+// `wide_x`: the eight vec4s of activations chunk c multiplies (the
+// format's `wide_col` says where), of the token row at (vec4) index xr,
+// in `wide_dot`'s order.
+fn wide_x(xr: u32, c: u32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(
+        x[xr + wide_col(c, 0u)], x[xr + wide_col(c, 1u)],
+        x[xr + wide_col(c, 2u)], x[xr + wide_col(c, 3u)],
+        x[xr + wide_col(c, 4u)], x[xr + wide_col(c, 5u)],
+        x[xr + wide_col(c, 6u)], x[xr + wide_col(c, 7u)],
+    );
+}
+
+// Chunk c of row `row` against the token row at xr: A's sum, B's (GLU),
+// and the squares of the chunk's activations where `squares` (NORM; 0
+// otherwise). Matrix offsets `o` as `use_matrix` takes them.
+fn wide_chunk(o: array<vec3<u32>, 2>, row: u32, xr: u32, c: u32, squares: bool) -> vec3<f32> {
+    var xs = wide_x(xr, c);
+    var sq = 0.0;
+    if NORM {
+        sq = select(0.0, wide_squares(xs), squares);
+        xs = wide_normed(xs, c);
+    }
+    use_matrix(o, 0u);
+    let a = wide_dot(row, c, xs);
+    var b = 0.0;
+    if GLU {
+        use_matrix(o, 1u);
+        b = wide_dot(row, c, xs);
+    }
+    return vec3<f32>(a, b, sq);
+}
+
+// Every chunk of one row a thread takes (see WIDE above): the sums of
+// `wide_chunk`, for thread `lid` (its row is `row`).
+fn wide_row(o: array<vec3<u32>, 2>, row: u32, xr: u32, lid: u32) -> vec3<f32> {
+    let squares = NORM && lid % R == 0u;
+    var s = vec3<f32>(0.0);
+    for (var c = lid / R; c < p.units; c += ROW_THREADS) {
+        s += wide_chunk(o, row, xr, c, squares);
+    }
+    return s;
+}
+
+// NORM: `xs` (chunk c's activations) times the norm's weights.
+fn wide_normed(xs: array<vec4<f32>, 8>, c: u32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(
+        xs[0] * norm_w[wide_col(c, 0u)], xs[1] * norm_w[wide_col(c, 1u)],
+        xs[2] * norm_w[wide_col(c, 2u)], xs[3] * norm_w[wide_col(c, 3u)],
+        xs[4] * norm_w[wide_col(c, 4u)], xs[5] * norm_w[wide_col(c, 5u)],
+        xs[6] * norm_w[wide_col(c, 6u)], xs[7] * norm_w[wide_col(c, 7u)],
+    );
+}
+
+// NORM: the squares of a chunk's activations.
+fn wide_squares(xs: array<vec4<f32>, 8>) -> f32 {
+    return dot(xs[0], xs[0]) + dot(xs[1], xs[1]) + dot(xs[2], xs[2]) + dot(xs[3], xs[3])
+        + dot(xs[4], xs[4]) + dot(xs[5], xs[5]) + dot(xs[6], xs[6]) + dot(xs[7], xs[7]);
+}
+
+// 1 in component k, 0 elsewhere.
+fn one_hot(k: u32) -> vec4<f32> {
+    return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(k));
+}
+
 @compute @workgroup_size(WG)
 fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let c4 = p.cols / 4u;
@@ -138,8 +218,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
             use_matrix(o, 0u);
             let xr = job_word(j + 8u) * c4;
             var acc = vec4<f32>(0.0);
-            for (var i = lane.lid; i < parts; i += WG) {
-                acc += rows_part(rr, xr, i);
+            if WIDE {
+                let k = lane.lid % R;
+                acc = wide_row(o, rr[k], xr, lane.lid).x * one_hot(k);
+            } else {
+                for (var i = lane.lid; i < parts; i += WG) {
+                    acc += rows_part(rr, xr, i);
+                }
             }
             total += combine_w[r] * wg_sum4(acc, lane);
         }
@@ -166,15 +251,23 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
     // The token row's first (vec4) index in X.
     let xr = (w.x_base + t0) * c4;
-    for (var i = lane.lid; i < parts; i += WG) {
-        use_matrix(w.o, 0u);
-        acc += rows_part(rr, xr, i);
-        if NORM {
-            squares.x += part_squares(xr, i);
-        }
-        if GLU {
-            use_matrix(w.o, 1u);
-            acc2 += rows_part(rr, xr, i);
+    if WIDE {
+        let k = lane.lid % R;
+        let sums = wide_row(w.o, rr[k], xr, lane.lid);
+        acc = sums.x * one_hot(k);
+        acc2 = sums.y * one_hot(k);
+        squares.x = sums.z;
+    } else {
+        for (var i = lane.lid; i < parts; i += WG) {
+            use_matrix(w.o, 0u);
+            acc += rows_part(rr, xr, i);
+            if NORM {
+                squares.x += part_squares(xr, i);
+            }
+            if GLU {
+                use_matrix(w.o, 1u);
+                acc2 += rows_part(rr, xr, i);
+            }
         }
     }
     // The workgroup's sums, two at a time where two are wanted, without a

@@ -55,9 +55,11 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> x: array<vec4<f32>>;
-// The part's weight bytes, little-endian, packed into words; blocks need
-// not start on a word boundary (Q4_0 blocks are 18 bytes, Q6_K 210).
-@group(0) @binding(3) var<storage, read> w: array<u32>;
+// The part's weight bytes, little-endian, packed into words (binding 3,
+// declared by the host: `w`, an array<u32>, or for formats whose products
+// load 16 bytes at once (WIDE) `w4`, an array<vec4<u32>>), read a word at a
+// time with `wd(i)`; blocks need not start on a word boundary (Q4_0
+// blocks are 18 bytes, Q6_K 210).
 
 const UNIT: u32 = 32u;
 
@@ -76,7 +78,7 @@ struct Part {
 
 // Byte b of the weights.
 fn byte_at(b: u32) -> u32 {
-    return (w[b >> 2u] >> ((b & 3u) * 8u)) & 0xffu;
+    return (wd(b >> 2u) >> ((b & 3u) * 8u)) & 0xffu;
 }
 
 // The four bytes from byte b (any alignment), little-endian.
@@ -84,14 +86,14 @@ fn word_at(b: u32) -> u32 {
     let i = b >> 2u;
     let s = (b & 3u) * 8u;
     if s == 0u {
-        return w[i];
+        return wd(i);
     }
-    return (w[i] >> s) | (w[i + 1u] << (32u - s));
+    return (wd(i) >> s) | (wd(i + 1u) << (32u - s));
 }
 
 // The little-endian u16 at an even byte offset b.
 fn half_at(b: u32) -> u32 {
-    return (w[b >> 2u] >> ((b & 2u) * 8u)) & 0xffffu;
+    return (wd(b >> 2u) >> ((b & 2u) * 8u)) & 0xffffu;
 }
 
 // The f16 at an even byte offset b, widened exactly.

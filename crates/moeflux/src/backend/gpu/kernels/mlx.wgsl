@@ -30,13 +30,13 @@ fn part(r: u32, u: u32, q: u32) -> Part {
     var lo: vec4<f32>;
     var hi: vec4<f32>;
     if BITS == 4u {
-        let v = w[(wb >> 2u) + e / 8u];
+        let v = wd((wb >> 2u) + e / 8u);
         lo = vec4<f32>(f32(v & 15u), f32((v >> 4u) & 15u), f32((v >> 8u) & 15u), f32((v >> 12u) & 15u));
         hi = vec4<f32>(f32((v >> 16u) & 15u), f32((v >> 20u) & 15u), f32((v >> 24u) & 15u), f32(v >> 28u));
     } else {
         let i = (wb >> 2u) + e / 4u;
-        lo = vec4<f32>(unpack4xU8(w[i]));
-        hi = vec4<f32>(unpack4xU8(w[i + 1u]));
+        lo = vec4<f32>(unpack4xU8(wd(i)));
+        hi = vec4<f32>(unpack4xU8(wd(i + 1u)));
     }
     return Part(lo * sc + bi, hi * sc + bi);
 }
