@@ -1369,3 +1369,41 @@ fn release_pairs(store: &mut ExpertStore, pairs: &mut Vec<(usize, u32)>) {
     }
     pairs.clear();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::Span;
+    use crate::model::weights::WeightRef;
+    use crate::quant::GgmlType;
+
+    /// An expert whose three matrices are `ty` at file offset `at` each.
+    fn expert(ty: GgmlType, at: u64) -> ExpertRef {
+        let m = |offset| WeightRef {
+            ty: TensorType::Ggml(ty),
+            rows: 4,
+            cols: 256,
+            parts: vec![Span {
+                file: 0,
+                offset,
+                len: 4 * ty.row_bytes(256).unwrap_or(0),
+            }],
+        };
+        ExpertRef {
+            gate: m(at),
+            up: m(at),
+            down: m(at),
+        }
+    }
+
+    /// Q4_K is read in 16-byte loads, so read in place only from 16-byte
+    /// offsets; other formats from any word.
+    #[test]
+    fn in_place_reads_need_the_formats_alignment() {
+        let ok = |ty, at| GpuExperts::addressable_in_place(&[vec![expert(ty, at)]]);
+        assert!(ok(GgmlType::Q4_K, 64));
+        assert!(!ok(GgmlType::Q4_K, 36), "a word, not 16 bytes");
+        assert!(ok(GgmlType::Q4_0, 36));
+        assert!(!ok(GgmlType::Q4_0, 34), "not a word");
+    }
+}
