@@ -1035,7 +1035,10 @@ impl GpuModel {
         let mut doubtful: Vec<u32> = Vec::new();
         for l in 0..self.layers.len() {
             self.mixer_block(&mut pass, kv, l, n, one, pos0)?;
-            lap.charge(&mut t.full_attn);
+            match self.layers[l].mixer {
+                GpuMixer::Attention(_) => lap.charge(&mut t.full_attn),
+                GpuMixer::Linear(_) => lap.charge(&mut t.linear_attn),
+            }
             if on_gpu {
                 self.experts_routed_on_gpu(&mut pass, l)?;
                 lap.charge(&mut t.moe);
@@ -1129,8 +1132,9 @@ impl GpuModel {
                 doubtful.retain(|&e| (e as usize) < d.n_experts);
             }
             self.experts_block(gpu, &mut pass, store, l, n)?;
-            self.shared_block(&mut pass, l, n)?;
             lap.charge(&mut t.moe);
+            self.shared_block(&mut pass, l, n)?;
+            lap.charge(&mut t.dense_ffn);
             if one && l + 1 < self.layers.len() {
                 // The layer's products go now, so the GPU computes them
                 // while the host records the next attention block (one
@@ -1145,7 +1149,7 @@ impl GpuModel {
                 // same.
                 self.experts.prefetch(gpu, store, l + 1, &ahead)?;
             }
-            lap.charge(&mut t.moe);
+            lap.charge(&mut t.prefetch);
         }
         self.logits(&mut pass, which, n, &mut lap, t)
     }
