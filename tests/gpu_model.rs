@@ -503,7 +503,9 @@ fn a_gpu_in_host_memory_is_in_the_plan() {
 /// bytes, unpadded), which the kernels cannot address: it keeps the GPU's
 /// own copies, with the same bits; with `MOEFLUX_GPU_IN_PLACE=always` (a
 /// run of CI) it is read in place anyway, and each of its experts is
-/// copied into the arena's top-k slots instead, with the same bits.
+/// copied into the arena's top-k slots instead, with the same bits. The
+/// GGUFs (Q8_0, and Q4_K, whose products load 16 bytes at once) are read
+/// in place.
 #[test]
 fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
     if skip() {
@@ -517,8 +519,13 @@ fn experts_are_read_in_place_on_a_gpu_in_host_memory() {
         );
         return;
     }
-    let tokens = fixture_tokens("qwen3_moe");
-    for rel in ["qwen3_moe/gguf/qwen3_moe-Q8_0.gguf", "qwen3_moe/mlx"] {
+    // Q4_K: its products read 16 bytes at once, from 16-byte offsets.
+    for rel in [
+        "qwen3_moe/gguf/qwen3_moe-Q8_0.gguf",
+        "qwen3_moe/mlx",
+        "qwen3_moe_k/gguf/qwen3_moe_k-Q4_K.gguf",
+    ] {
+        let tokens = fixture_tokens(rel.split('/').next().unwrap_or_default());
         let base = open(rel, gpu_opts(KvType::F16));
         let want = bits(&base, &tokens);
         let p = base.plan().input;

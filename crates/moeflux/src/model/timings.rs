@@ -16,7 +16,8 @@ pub struct Timings {
     pub moe: Duration,
     /// Shared experts and dense FFNs.
     pub dense_ffn: Duration,
-    /// Router lookahead for the next layer.
+    /// Router lookahead for the next layer (GPU backend: submitting the
+    /// copies of the guessed experts; the guess's product is in `moe`).
     pub prefetch: Duration,
     /// Embedding, norms, residual adds and the LM head.
     pub other: Duration,

@@ -70,7 +70,8 @@ use crate::quant::TensorType;
 /// Counters of the GPU tier (defined with the store's other counters).
 pub use crate::experts::GpuTierStats as GpuExpertStats;
 
-/// Alignment of an array inside a slot, and of a slot in its pool (bytes).
+/// Alignment of an array inside a slot, and of a slot in its pool (bytes):
+/// at least every format's [`WeightKind::alignment`].
 const ARRAY_ALIGN: u64 = 16;
 const SLOT_ALIGN: u64 = 256;
 
@@ -245,7 +246,7 @@ impl GpuExperts {
     /// Whether kernels can address every expert of `layers` where the
     /// host store reads it: every array must start on a word (on 16 bytes
     /// for formats the products read in 16-byte loads, see
-    /// [`WeightKind::wide`]), and an array lands in its host slot at its
+    /// [`WeightKind::alignment`]), and an array lands in its host slot at its
     /// file offset modulo the slot alignment (a page), so its file offset
     /// must be a multiple of that. (A safetensors file with an unpadded
     /// header fails this for every tensor; a GGUF's data is aligned to 32
@@ -253,8 +254,10 @@ impl GpuExperts {
     pub fn addressable_in_place(layers: &[Vec<ExpertRef>]) -> bool {
         layers.iter().flatten().all(|x| {
             [&x.gate, &x.up, &x.down].into_iter().all(|w| {
-                let wide = matches!(w.ty, TensorType::Ggml(t) if WeightKind::Ggml(t).wide());
-                let align = if wide { ARRAY_ALIGN } else { 4 };
+                let align = match w.ty {
+                    TensorType::Ggml(t) => WeightKind::Ggml(t).alignment(),
+                    _ => 4,
+                };
                 w.parts.iter().all(|s| s.offset.is_multiple_of(align))
             })
         })
@@ -549,6 +552,16 @@ impl GpuExperts {
         let Some((chunk, at)) = host.in_place(&arrays) else {
             return Ok(None);
         };
+        // A matrix's first array (its weights) on the format's alignment:
+        // `in_place` checks words only (MLX's scales and biases need no
+        // more). Under `MOEFLUX_GPU_IN_PLACE=always` this is the only check.
+        let mut first = 0;
+        for (shape, &n) in shapes.iter().zip(&counts) {
+            if !at[first].is_multiple_of(shape.kind.alignment()) {
+                return Ok(None);
+            }
+            first += n;
+        }
         // Gate's arrays, then up's, then down's (1 each for GGML, 3 for MLX).
         let mut offsets = [[0u64; 3]; 3];
         let mut at = at.into_iter();
@@ -1405,5 +1418,9 @@ mod tests {
         assert!(!ok(GgmlType::Q4_K, 36), "a word, not 16 bytes");
         assert!(ok(GgmlType::Q4_0, 36));
         assert!(!ok(GgmlType::Q4_0, 34), "not a word");
+        // A slot's arrays start where every format may.
+        for kind in WeightKind::all() {
+            assert!(ARRAY_ALIGN.is_multiple_of(kind.alignment()), "{kind:?}");
+        }
     }
 }

@@ -107,6 +107,16 @@ impl WeightKind {
         self == WeightKind::Ggml(GgmlType::Q4_K)
     }
 
+    /// Bytes a matrix of this format must start on for the kernels to
+    /// address it: 16 where WIDE, else a word.
+    pub fn alignment(self) -> u64 {
+        if self.wide() {
+            16
+        } else {
+            4
+        }
+    }
+
     /// Whether a GPU kernel decodes this format.
     pub fn supported(self) -> bool {
         self.source().is_some()
@@ -133,7 +143,8 @@ const _: () = assert!(2 * MAX_SPANS <= 1024);
 /// A product's weights (binding 3; see `matmul_common.wgsl`), read a word
 /// at a time with `wd(i)`: as words, or as 16-byte vectors where the
 /// format is WIDE (see `WeightKind::wide`). Formats that are not get
-/// `matmul.wgsl`'s WIDE functions as stubs that are never called.
+/// stubs of the WIDE format's `wide_col` and `wide_dot` (see q4_k.wgsl),
+/// which `matmul.wgsl` then never calls.
 fn weight_binding(wide: bool) -> String {
     if wide {
         "const WIDE: bool = true;\n\

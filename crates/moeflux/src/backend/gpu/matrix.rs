@@ -180,7 +180,8 @@ impl GpuMatrix {
     }
 
     /// Writes `m`'s arrays into `buf` at byte offsets `at` (weights, then
-    /// MLX scales and biases; each a multiple of 4 with room for its array
+    /// MLX scales and biases; each a multiple of 4, the weights of the
+    /// format's [`WeightKind::alignment`], with room for its array
     /// rounded up to whole words: see [`GpuMatrix::array_bytes`]) — an
     /// expert slot of a pool. The write is queued (`Queue::write_buffer`):
     /// it lands before the next submission, so no submitted-but-unfinished

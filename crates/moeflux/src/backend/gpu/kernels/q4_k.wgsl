@@ -54,8 +54,9 @@ fn wide_col(c: u32, i: u32) -> u32 {
 }
 
 // Σ w · x over chunk c of row r, xs[i] the activations at
-// `wide_col(c, i)`: xs[0..4] its low nibbles', xs[4..8] its high nibbles'. Each sub-block's sum is
-// d · sc · Σ q · x − dmin · m · Σ x (the weights' formula, factored).
+// `wide_col(c, i)`: xs[0..4] its low nibbles', xs[4..8] its high
+// nibbles'. Each sub-block's sum is d · sc · Σ q · x − dmin · m · Σ x
+// (the weights' formula, factored).
 fn wide_dot(r: u32, c: u32, xs: array<vec4<f32>, 8>) -> f32 {
     let b = (wb + r * p.row_bytes + (c / 8u) * 144u) >> 4u;
     let cc = c % 8u;
@@ -73,8 +74,8 @@ fn wide_dot(r: u32, c: u32, xs: array<vec4<f32>, 8>) -> f32 {
     let mn = select(((s2 >> 4u) & 0x0f0fu) | ((s1 >> 2u) & 0x3030u), s1 & 0x3f3fu, lo);
     let dm = f16x2(head.x);
     let m4 = vec4<u32>(0x0f0f0f0fu);
-    let ql = vec4<u32>(q.x, q.y, q.z, q.w) & m4;
-    let qh = (vec4<u32>(q.x, q.y, q.z, q.w) >> vec4<u32>(4u)) & m4;
+    let ql = q & m4;
+    let qh = (q >> vec4<u32>(4u)) & m4;
     let dl = dot(vec4<f32>(unpack4xU8(ql.x)), xs[0]) + dot(vec4<f32>(unpack4xU8(ql.y)), xs[1])
         + dot(vec4<f32>(unpack4xU8(ql.z)), xs[2]) + dot(vec4<f32>(unpack4xU8(ql.w)), xs[3]);
     let dh = dot(vec4<f32>(unpack4xU8(qh.x)), xs[4]) + dot(vec4<f32>(unpack4xU8(qh.y)), xs[5])
