@@ -557,7 +557,10 @@ impl GpuExperts {
         // more). Under `MOEFLUX_GPU_IN_PLACE=always` this is the only check.
         let mut first = 0;
         for (shape, &n) in shapes.iter().zip(&counts) {
-            if !at[first].is_multiple_of(shape.kind.alignment()) {
+            if at
+                .get(first)
+                .is_some_and(|o| !o.is_multiple_of(shape.kind.alignment()))
+            {
                 return Ok(None);
             }
             first += n;
