@@ -1532,7 +1532,7 @@ fn arena_evicts_the_least_recently_used_unpinned_slot() {
 /// body assigns the counter or a variable of the bound.
 #[test]
 fn every_loop_is_counted() {
-    const STEPS: [&str; 6] = ["WG", "PWG", "2u * WG", "LOADS", "ROW_THREADS", "1u"];
+    const STEPS: [&str; 7] = ["WG", "PWG", "2u * WG", "LOADS", "ROW_THREADS", "1u", "2u"];
     let mut loops = 0;
     for kernel in Kernel::all() {
         for variant in Variant::all() {

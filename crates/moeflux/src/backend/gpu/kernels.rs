@@ -209,7 +209,8 @@ pub const MAX_CONV_TAPS: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Product {
     pub kind: WeightKind,
-    /// One token, four rows per workgroup (decode, `matmul.wgsl`); else
+    /// One token, four rows per workgroup (a router's: one; decode,
+    /// `matmul.wgsl`); else
     /// tiles of rows and tokens (prompts, `matmul_tiled.wgsl`).
     pub one_token: bool,
     pub batch: Batch,
@@ -276,13 +277,16 @@ impl Product {
         v
     }
 
-    /// Rows one workgroup computes (`R` of `matmul.wgsl`, or `TR` of
+    /// Rows one workgroup computes (`GROUP_ROWS` of `matmul.wgsl`, or `TR` of
     /// `matmul_tiled.wgsl`). A prompt tile's shared memory is 16 · TR
     /// (GLU: 32 · TR) plus 16 · TT bytes a column of the unit, 32 columns:
     /// every shape stays within 16 KiB (WebGPU's guaranteed minimum), so
     /// SwiGLU, with two matrices' tiles, takes half the rows.
     pub fn rows_per_group(self) -> usize {
         match (self.one_token, self.batch) {
+            // One row a workgroup for the router product that routes (see
+            // ROUTE in matmul.wgsl).
+            (true, Batch::Router) => 1,
             (true, _) => 4,
             (false, Batch::ExpertsGlu) => 32,
             (false, _) => 64,
@@ -555,6 +559,12 @@ impl Kernel {
                 s.push_str(&f32_array(2, "y", ("put_y", "y_at"), route));
                 if !route && p.one_token {
                     s.push_str("fn route_after(lane: Lane) {}\n");
+                }
+                if p.one_token {
+                    s.push_str(&format!(
+                        "const GROUP_ROWS: u32 = {}u;\n",
+                        p.rows_per_group()
+                    ));
                 }
                 if !p.one_token {
                     s.push_str(&format!(

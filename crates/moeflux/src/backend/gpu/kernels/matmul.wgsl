@@ -6,8 +6,9 @@
 // made every load touch as many cache lines as there are threads). The
 // four rows' sums are one vec4, reduced across the workgroup at the end.
 // Q4_K (WIDE, below) goes a chunk of 32 weights and one row a thread.
-// Row groups are numbered as `work_of` says (matmul_common.wgsl).
-// Prompts take matmul_tiled.wgsl.
+// Routers take one row a workgroup (ROUTE, below). Row groups are
+// numbered as `work_of` says (matmul_common.wgsl). Prompts take
+// matmul_tiled.wgsl.
 //
 // COMBINE: the job loop runs inside each workgroup, and the weighted sum
 // of the jobs' rows is added to Y (see below).
@@ -28,6 +29,16 @@
 // experts are all resident): the last workgroup to finish routes the
 // token (`route_after`, matmul_route.wgsl), so no routing dispatch
 // follows. Y is then stored through atomics.
+//
+// A router is small (128 F32 rows of 2048 columns for Qwen3-30B-A3B): at
+// four rows a workgroup it was 32 workgroups on an H200's 132 SMs. So
+// ROUTE takes one row a workgroup (GROUP_ROWS = 1), each row summed in the
+// order of the four-row layout, so its bits are those of the streamed
+// path's router product (NORM, four rows). Router + route went 0.79 →
+// 0.48 ms a token on an H200 (Qwen3-30B-A3B; bench/BENCHMARKS.md,
+// twenty-second GPU session). One row a workgroup for every F32 NORM
+// product (the streamed path's routers, a hybrid's b|a) made a hybrid's
+// decode differ from run to run on lavapipe (not understood; not kept).
 
 // The squares of NORM are reduced only beside a product's own sums.
 const_assert !(NORM && GLU);
@@ -55,8 +66,11 @@ fn footprint(lane: Lane) {
         put_y(0u, footprint_slots[(lane.lid + 1u) % FOOTPRINT].x);
     }
 }
-// Rows of one workgroup.
+// Rows of one workgroup (the reductions' vec4 holds them). GROUP_ROWS
+// (a constant of the module, `rows_per_group` in kernels.rs) is the rows
+// a workgroup computes: R, or one for a router (see ROUTE).
 const R: u32 = 4u;
+const_assert GROUP_ROWS == R || GROUP_ROWS == 1u;
 
 // NORM: 1 / sqrt(mean(x²) + eps) from summed squares.
 fn inv_rms(squares: vec4<f32>) -> vec4<f32> {
@@ -96,6 +110,11 @@ fn x_at(row: u32, c: u32) -> vec4<f32> {
     return x[row + c];
 }
 
+// Eight decoded weights against their activations.
+fn part_dot(a: Part, xl: vec4<f32>, xh: vec4<f32>) -> f32 {
+    return dot(a.lo, xl) + dot(a.hi, xh);
+}
+
 // Part i (of 4 · units) of rows rr against one token's activations (row
 // `xr`): the four rows' partial sums.
 fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
@@ -104,16 +123,18 @@ fn rows_part(rr: vec4<u32>, xr: u32, i: u32) -> vec4<f32> {
     let pc = part_x(i);
     let xl = x_at(xr, pc.x);
     let xh = x_at(xr, pc.y);
-    let a = part(rr.x, u, q);
-    let b = part(rr.y, u, q);
-    let c = part(rr.z, u, q);
-    let d = part(rr.w, u, q);
     return vec4<f32>(
-        dot(a.lo, xl) + dot(a.hi, xh),
-        dot(b.lo, xl) + dot(b.hi, xh),
-        dot(c.lo, xl) + dot(c.hi, xh),
-        dot(d.lo, xl) + dot(d.hi, xh),
+        part_dot(part(rr.x, u, q), xl, xh),
+        part_dot(part(rr.y, u, q), xl, xh),
+        part_dot(part(rr.z, u, q), xl, xh),
+        part_dot(part(rr.w, u, q), xl, xh),
     );
+}
+
+// Part i of row r alone (`rows_part`'s sum for that row).
+fn row_part(r: u32, xr: u32, i: u32) -> f32 {
+    let pc = part_x(i);
+    return part_dot(part(r, i >> 2u, i & 3u), x_at(xr, pc.x), x_at(xr, pc.y));
 }
 
 // WIDE (a constant of the module: formats whose `wide_dot` decodes a
@@ -190,6 +211,40 @@ fn wide_squares(xs: array<vec4<f32>, 8>) -> f32 {
         + dot(xs[4], xs[4]) + dot(xs[5], xs[5]) + dot(xs[6], xs[6]) + dot(xs[7], xs[7]);
 }
 
+// COMBINE: the matrix offsets of job r of the dispatch (as `use_matrix`
+// takes them; jobs past the last are the last).
+fn job_matrix(r: u32) -> array<vec3<u32>, 2> {
+    let j = (p.job0 + min(r, p.n - 1u)) * JOB_WORDS;
+    let a = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
+    return array<vec3<u32>, 2>(a, vec3<u32>(0u));
+}
+
+// COMBINE: the (vec4) index in X of job r's row (jobs past the last are
+// the last), rows of c4 vec4s.
+fn job_x(r: u32, c4: u32) -> u32 {
+    return job_word((p.job0 + min(r, p.n - 1u)) * JOB_WORDS + 8u) * c4;
+}
+
+// COMBINE, WIDE: `wide_row`'s sums of row `row` for jobs r and r + 1 (the
+// last job twice when r is the last), their chunks in one loop: the two
+// jobs' loads are in flight together, where one job after the other
+// waited on memory for each (a down row of 768 columns is one round of a
+// row's threads). Measured on an H200 (bench/BENCHMARKS.md, twenty-second
+// GPU session): the combine 0.99 → 0.90 ms a token on Qwen3-30B-A3B
+// Q4_K; four jobs at a time were slower than two.
+fn wide_pair(r: u32, row: u32, c4: u32, lid: u32) -> vec2<f32> {
+    let oa = job_matrix(r);
+    let ob = job_matrix(r + 1u);
+    let xa = job_x(r, c4);
+    let xb = job_x(r + 1u, c4);
+    var s = vec2<f32>(0.0);
+    for (var c = lid / R; c < p.units; c += ROW_THREADS) {
+        s.x += wide_chunk(oa, row, xa, c, false).x;
+        s.y += wide_chunk(ob, row, xb, c, false).x;
+    }
+    return s;
+}
+
 // 1 in component k, 0 elsewhere.
 fn one_hot(k: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), vec4<f32>(1.0), vec4<u32>(0u, 1u, 2u, 3u) == vec4<u32>(k));
@@ -204,29 +259,41 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         // Rows r0.. of every job's product in turn (jobs p.job0 .. p.job0
         // + p.n, one token's experts in rank order), weighted and summed in
         // that order and added to Y: the down products and moe_combine.wgsl
-        // in one dispatch, with the same arithmetic as the two.
+        // in one dispatch, with the same arithmetic as the two. (WIDE: two
+        // jobs at a time.)
         let r0 = wg.x * R;
         if r0 >= p.rows {
             return;
         }
         let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
         var total = vec4<f32>(0.0);
-        var o = array<vec3<u32>, 2>(vec3<u32>(0u), vec3<u32>(0u));
-        for (var r = 0u; r < p.n; r++) {
-            let j = (p.job0 + r) * JOB_WORDS;
-            o[0] = vec3<u32>(job_word(j), job_word(j + 1u), job_word(j + 2u));
-            use_matrix(o, 0u);
-            let xr = job_word(j + 8u) * c4;
-            var acc = vec4<f32>(0.0);
-            if WIDE {
-                let k = lane.lid % R;
-                acc = wide_row(o, rr[k], xr, lane.lid).x * one_hot(k);
-            } else {
+        if WIDE {
+            // Two jobs at a time (see `wide_pair`), reduced in the barrier
+            // rounds of one; each job's sums and their weighting as one at
+            // a time, so the same bits.
+            let k = lane.lid % R;
+            let oh = one_hot(k);
+            for (var r = 0u; r < p.n; r += 2u) {
+                let s = wide_pair(r, rr[k], c4, lane.lid);
+                let ab = wg_sum4x2_last(s.x * oh, s.y * oh, lane);
+                // Nobody may overwrite a slot before every thread has read them all.
+                workgroupBarrier();
+                total += combine_w[r] * ab.a;
+                if r + 1u < p.n {
+                    total += combine_w[r + 1u] * ab.b;
+                }
+            }
+        } else {
+            for (var r = 0u; r < p.n; r++) {
+                let o = job_matrix(r);
+                use_matrix(o, 0u);
+                let xr = job_x(r, c4);
+                var acc = vec4<f32>(0.0);
                 for (var i = lane.lid; i < parts; i += WG) {
                     acc += rows_part(rr, xr, i);
                 }
+                total += combine_w[r] * wg_sum4(acc, lane);
             }
-            total += combine_w[r] * wg_sum4(acc, lane);
         }
         if lane.lid < 4u && r0 + lane.lid < p.rows {
             let at = p.row0 + r0 + lane.lid;
@@ -235,7 +302,7 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
         return;
     }
     let w = work_of(wg);
-    let r0 = w.g * R;
+    let r0 = w.g * GROUP_ROWS;
     // One token a workgroup z (dense products: the token's row of X and Y).
     let t0 = wg.z;
     // Uniform over the workgroup, so the barriers below stay uniform.
@@ -247,8 +314,13 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     var acc2 = vec4<f32>(0.0);
     // NORM: the token's summed squares (in .x).
     var squares = vec4<f32>(0.0);
-    // Rows past the end repeat the last one; their sums are dropped.
-    let rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
+    // Rows past the end (or the group's one row) repeat the last one;
+    // their sums are dropped. (WIDE with one row: each thread of the row's
+    // component 0 sums the chunks it sums in the four-row layout.)
+    var rr = min(vec4<u32>(r0, r0 + 1u, r0 + 2u, r0 + 3u), vec4<u32>(p.rows - 1u));
+    if GROUP_ROWS == 1u {
+        rr = vec4<u32>(r0);
+    }
     // The token row's first (vec4) index in X.
     let xr = (w.x_base + t0) * c4;
     if WIDE {
@@ -260,7 +332,11 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     } else {
         for (var i = lane.lid; i < parts; i += WG) {
             use_matrix(w.o, 0u);
-            acc += rows_part(rr, xr, i);
+            if GROUP_ROWS == 1u {
+                acc.x += row_part(r0, xr, i);
+            } else {
+                acc += rows_part(rr, xr, i);
+            }
             if NORM {
                 squares.x += part_squares(xr, i);
             }
@@ -292,8 +368,8 @@ fn main(@builtin(workgroup_id) wg: vec3<u32>, lane: Lane) {
     if GLU {
         s = s / (1.0 + exp(-s)) * up;
     }
-    // Lanes 0..4 write rows r0..r0 + 4.
-    if lane.lid < 4u && r0 + lane.lid < p.rows {
+    // Lanes 0..GROUP_ROWS write rows r0..r0 + GROUP_ROWS.
+    if lane.lid < GROUP_ROWS && r0 + lane.lid < p.rows {
         let at = (w.y_base + t0) * p.y_stride + p.row0 + r0 + lane.lid;
         let v = s[lane.lid];
         if p.acc == 1u {
