@@ -209,9 +209,9 @@ pub const MAX_CONV_TAPS: usize = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Product {
     pub kind: WeightKind,
-    /// One token, four rows per workgroup (a router's: one; decode,
-    /// `matmul.wgsl`); else
-    /// tiles of rows and tokens (prompts, `matmul_tiled.wgsl`).
+    /// One token (decode, `matmul.wgsl`): four rows per workgroup, one for
+    /// the router product that routes; else tiles of rows and tokens
+    /// (prompts, `matmul_tiled.wgsl`).
     pub one_token: bool,
     pub batch: Batch,
 }

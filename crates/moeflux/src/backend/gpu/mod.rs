@@ -179,9 +179,9 @@
 //! (the layer's one round trip), the host writes the jobs of the experts
 //! it brought in, and step 7 is a down product and a separate
 //! `moe_combine` (they give the same bits as the fused one). A decode
-//! product's workgroup (128 threads) handles four rows of one token (a
-//! router's: one row), with neighbouring threads on neighbouring weights
-//! (`matmul.wgsl`; Q4_K a 16-byte chunk of quants and one row a thread,
+//! product's workgroup (128 threads) handles four rows of one token
+//! (`Batch::Router`: one row), with neighbouring threads on neighbouring
+//! weights (`matmul.wgsl`; Q4_K a 16-byte chunk of quants and one row a thread,
 //! the others eight weights of all the workgroup's rows); a
 //! prompt's products run in tiles of up to 64 rows × 64 tokens that decode
 //! each weight once for the tile's tokens (`matmul_tiled.wgsl`). The two
