@@ -27,7 +27,7 @@ fn rank_top_k(k: u32, ne: u32, lane: Lane) {
 // says for its prep: NVIDIA and lavapipe do; AMD and Intel may choose per
 // pipeline).
 fn route_after(lane: Lane) {
-    if last_to_arrive(0u, (p.rows + R - 1u) / R, lane.lid) {
+    if last_to_arrive(0u, (p.rows + GROUP_ROWS - 1u) / GROUP_ROWS, lane.lid) {
         let r = Route(p.rows, p.k, p.norm, p.first, p.stride, 1u, 1u, p.gate, p.up, p.down);
         route_token(r, 0u, lane);
     }
